@@ -1,0 +1,42 @@
+"""One registry for every mixing method: ``available()`` lists names, ``create(name, ...)`` builds one.
+
+Each method lives in a module named after it; importing this package registers them all.
+"""
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+from .base import Objective, StepOutput, mixed_targets, smooth_one_hot, soft_cross_entropy, unwrap
+
+_REGISTRY: dict[str, type[Objective]] = {}
+T = TypeVar("T", bound=type[Objective])
+
+
+def register(cls: T) -> T:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"bad or duplicate method name {cls.name!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Names accepted by ``create`` and by the CLI's ``--mix``."""
+    return sorted(_REGISTRY)
+
+
+def get_class(name: str) -> type[Objective]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown mixing method {name!r}; choose one of: {', '.join(available())}")
+    return _REGISTRY[name]
+
+
+def create(name: str, num_classes: int, **options) -> Objective:
+    """Build the training objective of method ``name``; unknown options raise ``TypeError``."""
+    return get_class(name)(num_classes=num_classes, **options)
+
+
+from . import plain  # noqa: E402,F401  (registers "none")
+
+__all__ = ["Objective", "StepOutput", "available", "create", "get_class", "register",
+           "mixed_targets", "smooth_one_hot", "soft_cross_entropy", "unwrap"]

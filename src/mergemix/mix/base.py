@@ -1,0 +1,105 @@
+"""The training-objective contract every mixing method follows.
+
+The training loop calls ``objective(model, x, y)`` once per step and back-propagates
+``StepOutput.loss``; it never asks which method it is running.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class StepOutput:
+    """What one training step produced.
+
+    loss: scalar fp32 loss to back-propagate.
+    logits: (B, C) logits of the training forward whose accuracy is worth logging.
+    x_mixed: (B, C, H, W) the images the mixed forward saw (None when nothing was mixed).
+    mask: (B, 1, H, W) 1 where a pixel comes from the sample itself, 0 where from its partner.
+    lam: (B,) the mixing ratio drawn (share of the sample kept).
+    lam_hat: (B,) the label weight given to the sample's own class.
+    partner: (B,) index of each sample's partner in the batch.
+    scores: (B, L) per-patch attention scores used to place the mask, if any.
+    extras: anything else worth logging or plotting (e.g. the read-out).
+    """
+
+    loss: Tensor
+    logits: Tensor
+    x_mixed: Tensor | None = None
+    mask: Tensor | None = None
+    lam: Tensor | None = None
+    lam_hat: Tensor | None = None
+    partner: Tensor | None = None
+    scores: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def smooth_one_hot(y: Tensor, num_classes: int, smoothing: float) -> Tensor:
+    """(B,) class indices -> (B, C) label-smoothed targets, as timm's ``mixup_target`` does."""
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+    return torch.full((y.shape[0], num_classes), off, device=y.device).scatter_(1, y[:, None], on)
+
+
+def mixed_targets(y: Tensor, partner: Tensor, lam: Tensor | float, num_classes: int, smoothing: float) -> Tensor:
+    """Soft targets lam * smooth(y) + (1 - lam) * smooth(y[partner]); lam scalar or (B,). Rows sum to 1."""
+    t = smooth_one_hot(y, num_classes, smoothing)
+    lam = torch.as_tensor(lam, dtype=t.dtype, device=t.device).reshape(-1, 1)
+    return t * lam + t[partner] * (1.0 - lam)
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy against (B, C) soft targets, computed in fp32 even under autocast."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+class Objective:
+    """Base class: one instance per run, called once per training step.
+
+    Subclasses set ``name``, ``description`` and ``passes`` (the cost of a step, e.g.
+    "1 fwd + 1 bwd"), and implement ``__call__``. ``prepare(model)`` is called once, before the
+    model is wrapped in DDP or compiled, so attention-based methods can patch it.
+    ``mixup_enabled`` switches mixing off (then a step is plain label-smoothed CE).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    passes: ClassVar[str] = "1 fwd + 1 bwd"
+    needs_attention: ClassVar[bool] = False
+
+    def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None):
+        self.num_classes = num_classes
+        self.smoothing = smoothing
+        self.generator = generator
+        self.mixup_enabled = True
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def clean_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+        """Plain label-smoothed CE: the step when mixing is switched off."""
+        logits = model(x)
+        return StepOutput(soft_cross_entropy(logits, smooth_one_hot(y, self.num_classes, self.smoothing)), logits)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def defaults(self) -> dict[str, Any]:
+        """Options of this instance worth printing (``mergemix methods``)."""
+        return {}
