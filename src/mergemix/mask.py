@@ -1,0 +1,84 @@
+"""Pure tensor functions for attention-guided masks: recovery, top-k, upsampling, pairing, mixing.
+
+Shapes: B batch, K tokens at the read-out block (prefix tokens included), L original patch
+tokens, (gh, gw) the patch grid with gh * gw = L, (H, W) pixels.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def recover(attn: Tensor, source: Tensor) -> Tensor:
+    """Spread token scores back to the original patches: Â = Sᵀ·A.
+
+    attn: (B, K) score of each token at the read-out block.
+    source: (B, K, L) 0/1 source matrix, or the equivalent (B, L) long index map giving, for
+        each original patch, the token (0..K-1) that holds it. The index form is one gather.
+    returns: (B, L) per-patch scores.
+    """
+    if source.dtype in (torch.int32, torch.int64):
+        return attn.gather(1, source.long())
+    return torch.bmm(source.transpose(1, 2).to(attn.dtype), attn.unsqueeze(-1)).squeeze(-1)
+
+
+def keep_count(lam: Tensor | float, num_patches: int, batch_size: int, device: torch.device | None = None) -> Tensor:
+    """(B,) long: ⌊λ·L⌋ patches to keep, λ scalar or (B,), clamped to [0, L]."""
+    lam = torch.as_tensor(lam, dtype=torch.float64, device=device).expand(batch_size)
+    return torch.floor(lam * num_patches).long().clamp_(0, num_patches)
+
+
+def topk_mask(scores: Tensor, lam: Tensor | float) -> Tensor:
+    """Keep the ⌊λ·L⌋ highest-scoring patches of each row.
+
+    scores: (B, L); lam: scalar or (B,) in [0, 1].
+    returns: (B, L) float mask with exactly ⌊λ_b·L⌋ ones in row b (ties broken by sort order).
+    """
+    B, L = scores.shape
+    keep = keep_count(lam, L, B, scores.device)
+    order = scores.argsort(dim=1, descending=True)
+    ranks_kept = (torch.arange(L, device=scores.device)[None, :] < keep[:, None]).to(scores.dtype)
+    return torch.zeros_like(scores).scatter_(1, order, ranks_kept)
+
+
+def upsample_mask(mask: Tensor, grid: tuple[int, int], patch: tuple[int, int]) -> Tensor:
+    """Patch mask to pixels by nearest repetition.
+
+    mask: (B, L) with L = gh * gw; grid: (gh, gw); patch: (ph, pw).
+    returns: (B, 1, gh * ph, gw * pw).
+    """
+    B = mask.shape[0]
+    m = mask.reshape(B, 1, grid[0], grid[1])
+    return m.repeat_interleave(patch[0], dim=2).repeat_interleave(patch[1], dim=3)
+
+
+def patch_fraction(mask: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Pixel mask (B, 1, H, W) -> (B, L) share of each patch's pixels that are 1 (area pooling)."""
+    pooled = torch.nn.functional.adaptive_avg_pool2d(mask.float(), grid)
+    return pooled.flatten(1)
+
+
+def derangement(batch_size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
+    """A random partner for every sample, never itself.
+
+    A random permutation followed by a random non-zero cyclic shift along it, so every sample
+    gets a different partner and no sample is its own. Needs batch_size >= 2.
+    returns: (B,) long, partner[i] != i.
+    """
+    if batch_size < 2:
+        raise ValueError(f"mixing needs a batch of at least 2 samples to pair them, got {batch_size}")
+    perm = torch.randperm(batch_size, generator=generator)
+    shift = int(torch.randint(1, batch_size, (1,), generator=generator))
+    partner = torch.empty_like(perm)
+    partner[perm] = perm.roll(-shift)
+    return partner.to(device)
+
+
+def mix_images(x: Tensor, partner: Tensor, mask: Tensor) -> Tensor:
+    """x̂ = M ⊙ x + (1 − M) ⊙ x[partner].
+
+    x: (B, C, H, W); partner: (B,) long; mask: (B, 1, H, W), 1 keeps the sample's own pixel.
+    A 0/1 mask selects pixels exactly; a soft mask blends them.
+    """
+    mask = mask.to(x.dtype)
+    return torch.lerp(x[partner], x, mask)
