@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
-from .base import Objective, StepOutput, mixed_targets, smooth_one_hot, soft_cross_entropy, unwrap
+from .base import Objective, StepOutput, mixed_targets, sample_lam, smooth_one_hot, soft_cross_entropy, unwrap
 
 _REGISTRY: dict[str, type[Objective]] = {}
 T = TypeVar("T", bound=type[Objective])
@@ -39,4 +39,4 @@ def create(name: str, num_classes: int, **options) -> Objective:
 from . import plain  # noqa: E402,F401  (registers "none")
 
 __all__ = ["Objective", "StepOutput", "available", "create", "get_class", "register",
-           "mixed_targets", "smooth_one_hot", "soft_cross_entropy", "unwrap"]
+           "mixed_targets", "sample_lam", "smooth_one_hot", "soft_cross_entropy", "unwrap"]

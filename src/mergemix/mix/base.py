@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -56,6 +57,15 @@ def mixed_targets(y: Tensor, partner: Tensor, lam: Tensor | float, num_classes: 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy against (B, C) soft targets, computed in fp32 even under autocast."""
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def sample_lam(alpha: float, generator: torch.Generator | None = None) -> float:
+    """λ ~ Beta(α, α), reproducible from ``generator`` (the global torch RNG when None).
+
+    torch's Beta sampler takes no generator, so a numpy one is seeded from ours.
+    """
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,0 +1,299 @@
+"""Token merging for timm VisionTransformers, with a CLS-attention read-out at one block.
+
+``patch_tome(model, ...)`` swaps the model's class for a subclass whose forward runs the same
+blocks, with the same parameters, but merges r tokens per block (after the attention residual,
+before the MLP), keeps token sizes for proportional attention, and at the read-out block leaves
+``model.tome_readout``: the CLS attention over the tokens entering that block and which original
+patches each of those tokens holds. Every block but the read-out one stays on
+``F.scaled_dot_product_attention``; log(size) enters it as a (B, 1, 1, N) additive float mask.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from .merge import bipartite_matching, decreasing_schedule, merge_tokens, merged_positions
+
+SCORES = ("cls_row", "cls_col")
+
+
+@dataclass
+class Readout:
+    """What the read-out block saw.
+
+    attn: (B, K) score of each of the K tokens entering the block (prefix tokens included, in
+        sequence order), head-averaged, proportional attention applied, detached.
+    index: (B, L) long, the token (0..K-1) holding each original patch.
+    size: (B, K) number of original patches in each token (1 for prefix tokens).
+    """
+
+    attn: Tensor
+    index: Tensor
+    size: Tensor
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+
+    @property
+    def source(self) -> Tensor:
+        """(B, K, L) 0/1 source matrix: row k marks the patches token k holds (prefix rows are 0)."""
+        K = self.attn.shape[1]
+        return F.one_hot(self.index, K).transpose(1, 2).to(self.attn.dtype)
+
+
+@dataclass
+class ToMeConfig:
+    """Per-model merging settings; plain Python state, so it never reaches the state_dict."""
+
+    r: list[int]
+    prop_attn: bool = True
+    readout_block: int | None = None
+    score: str = "cls_row"
+    merge: bool = True  # merging switched on (off: every r counts as 0)
+    readout: bool = True  # compute the read-out at ``readout_block``
+
+
+def patch_grid(model: nn.Module) -> tuple[int, int]:
+    """(gh, gw) patch grid of a timm ViT at its configured image size."""
+    return tuple(model.patch_embed.grid_size)
+
+
+def patch_size(model: nn.Module) -> tuple[int, int]:
+    """(ph, pw) pixel size of one patch."""
+    return tuple(model.patch_embed.patch_size)
+
+
+def _check_vit(model: nn.Module) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"token merging and attention read-out need a timm VisionTransformer, got {type(model).__name__}")
+    for i, blk in enumerate(model.blocks):
+        if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
+            raise ValueError(f"block {i} is a {type(blk).__name__} with {type(blk.attn).__name__}; "
+                             "only timm's standard Block with Attention is supported")
+
+
+def resolve_schedule(num_patches: int, depth: int, r: int | Sequence[int] | None = None,
+                     merge_num: int | None = None) -> list[int]:
+    """Per-block merge counts from an int r, a per-block list, or a total ``merge_num``.
+
+    Raises ValueError when a block would merge more than half of the patch tokens it receives.
+    """
+    if r is not None and merge_num is not None:
+        raise ValueError("give either r or merge_num, not both")
+    if merge_num is not None:
+        schedule = decreasing_schedule(int(merge_num), depth)
+    elif r is None:
+        schedule = [0] * depth
+    elif isinstance(r, int):
+        schedule = [r] * depth
+    else:
+        schedule = [int(v) for v in r]
+        if len(schedule) != depth:
+            raise ValueError(f"r has {len(schedule)} entries but the model has {depth} blocks")
+    left = num_patches
+    for i, ri in enumerate(schedule):
+        if ri < 0 or ri > left // 2:
+            what = f"merge_num={merge_num}" if merge_num is not None else f"r={ri}"
+            raise ValueError(f"{what} is too large: block {i} would merge {ri} of the {left} patch tokens "
+                             f"left (at most {left // 2} per block, {num_patches - 1} in all)")
+        left -= ri
+    return schedule
+
+
+def patch_tome(model: nn.Module, r: int | Sequence[int] | None = None, *, merge_num: int | None = None,
+               prop_attn: bool = True, readout_block: int | None = None, score: str = "cls_row") -> nn.Module:
+    """Patch a timm VisionTransformer in place for token merging and attention read-out.
+
+    r: tokens merged per block (int) or a per-block list; merge_num: total tokens merged, spread
+    as a decreasing schedule. readout_block: 0-based index of the block whose CLS attention is
+    read out (None: no read-out). score: "cls_row" (the CLS query's attention over the tokens)
+    or "cls_col" (each token's attention to CLS). Adds no parameters; calling it again
+    reconfigures. Returns the model.
+    """
+    _check_vit(model)
+    depth = len(model.blocks)
+    num_patches = model.patch_embed.num_patches
+    schedule = resolve_schedule(num_patches, depth, r, merge_num)
+    if readout_block is not None and not 0 <= readout_block < depth:
+        raise ValueError(f"read-out block {readout_block} is out of range for a model with {depth} blocks (0..{depth - 1})")
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+    if readout_block is not None and model.cls_token is None:
+        raise ValueError("the attention read-out needs a class token; this model has none (class_token=False)")
+    if any(schedule):
+        if model.global_pool not in ("token", "avg") or model.attn_pool is not None:
+            raise ValueError(f"token merging supports global_pool 'token' or 'avg', not {model.global_pool!r}")
+        if model.patch_drop.__class__ is not nn.Identity:
+            raise ValueError("token merging cannot be combined with patch dropout (patch_drop_rate > 0)")
+    model.tome = ToMeConfig(schedule, prop_attn, readout_block, score)
+    if not isinstance(model, ToMeMixin):
+        model.__class__ = _tome_class(type(model))
+    return model
+
+
+def set_merging(model: nn.Module, enabled: bool) -> None:
+    """Switch merging off (every r counts as 0) or back on, without re-creating the model."""
+    _config(model).merge = enabled
+
+
+@contextlib.contextmanager
+def tome_options(model: nn.Module, merge: bool | None = None, readout: bool | None = None) -> Iterator[None]:
+    """Temporarily switch merging and/or the read-out on or off."""
+    cfg = _config(model)
+    saved = (cfg.merge, cfg.readout)
+    cfg.merge = cfg.merge if merge is None else merge
+    cfg.readout = cfg.readout if readout is None else readout
+    try:
+        yield
+    finally:
+        cfg.merge, cfg.readout = saved
+
+
+def tokens_per_block(model: nn.Module) -> list[int]:
+    """Number of tokens (prefix included) entering each block under the current settings."""
+    cfg = _config(model)
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    out = []
+    for ri in cfg.r:
+        out.append(n)
+        n -= ri if cfg.merge else 0
+    return out
+
+
+def forward_readout(model: nn.Module, x: Tensor) -> Readout:
+    """Run the model only up to its read-out block and return the read-out (B, ...).
+
+    The cheap mask pass: blocks after the read-out block are never run. Use under no_grad.
+    """
+    model = _unwrap(model)
+    if _config(model).readout_block is None:
+        raise ValueError("forward_readout needs a read-out block: patch_tome(..., readout_block=l)")
+    return _run_blocks(model, x, stop_at_readout=True)[2]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from .mix.base import unwrap
+    return unwrap(model)
+
+
+def _config(model: nn.Module) -> ToMeConfig:
+    cfg = getattr(_unwrap(model), "tome", None)
+    if not isinstance(cfg, ToMeConfig):
+        raise ValueError("the model is not patched for token merging: call mergemix.tome.patch_tome(model) first")
+    return cfg
+
+
+def _attention(attn: Attention, x: Tensor, bias: Tensor | None, score: str | None,
+               need_output: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """timm Attention forward with an additive key bias and an optional CLS score read-out.
+
+    x: (B, N, C); bias: (B, 1, 1, N) or None. Returns (output (B, N, C) or None, scores (B, N)
+    or None, keys (B, heads, N, head_dim), whose head average is ToMe's similarity metric).
+    """
+    B, N, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    scores = out = None
+    if score == "cls_col":
+        # every query's attention to CLS needs the full matrix, so this block runs unfused
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        probs = (logits if bias is None else logits + bias).softmax(dim=-1)
+        scores = probs[..., 0].mean(dim=1).detach()
+        out = attn.attn_drop(probs) @ v if need_output else None
+    else:
+        if score == "cls_row":
+            with torch.no_grad():  # only the CLS query row: one (B, H, 1, N) product
+                logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
+                scores = (logits if bias is None else logits + bias).softmax(dim=-1)[:, :, 0].mean(dim=1)
+        if need_output:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                 dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    if out is not None:
+        out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
+        if gate is not None:
+            out = out * gate
+        out = attn.proj_drop(attn.proj(out))
+    return out, scores, k
+
+
+def _run_blocks(model: VisionTransformer, x: Tensor, stop_at_readout: bool = False
+                ) -> tuple[Tensor | None, Tensor | None, Readout | None]:
+    """Embed and run the blocks with merging. Returns (tokens (B, K_out, C) after the final norm,
+    patch-token sizes (B, K_out - prefix) or None if nothing merged, read-out or None)."""
+    cfg: ToMeConfig = model.tome
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    npt = model.num_prefix_tokens
+    B, L = x.shape[0], x.shape[1] - npt
+    readout_at = cfg.readout_block if cfg.readout else None
+    size = index = readout = None  # None: nothing merged yet (all sizes 1, identity index)
+    for i, blk in enumerate(model.blocks):
+        r = cfg.r[i] if cfg.merge else 0
+        bias = None
+        if cfg.prop_attn and size is not None:
+            bias = F.pad(size.log(), (npt, 0))[:, None, None, :]
+        at_readout = i == readout_at
+        h, scores, keys = _attention(blk.attn, blk.norm1(x), bias, cfg.score if at_readout else None,
+                                       need_output=not (at_readout and stop_at_readout))
+        if at_readout:
+            readout = _make_readout(scores, index, size, npt, L, model)
+            if stop_at_readout:
+                return None, None, readout
+        x = x + blk.drop_path1(blk.ls1(h))
+        if r > 0:
+            if size is None:
+                size = x.new_ones(B, L)
+            m = bipartite_matching(keys[:, :, npt:].mean(dim=1), r)
+            if readout_at is not None and i < readout_at:  # the source is only needed up to the read-out
+                pos = merged_positions(x.shape[1] - npt, m)
+                index = pos if index is None else pos.gather(1, index)
+            patches, size = merge_tokens(x[:, npt:], size, m)
+            x = torch.cat([x[:, :npt], patches], dim=1)
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return model.norm(x), size, readout
+
+
+def _make_readout(scores: Tensor, index: Tensor | None, size: Tensor | None, npt: int, L: int,
+                  model: VisionTransformer) -> Readout:
+    B = scores.shape[0]
+    if index is None:
+        index = torch.arange(L, device=scores.device).expand(B, L)
+    full_size = scores.new_ones(B, npt + L) if size is None else F.pad(size, (npt, 0), value=1.0)
+    return Readout(scores.float(), index + npt, full_size.detach(), npt, patch_grid(model))
+
+
+class ToMeMixin:
+    """Forward of a token-merging VisionTransformer; mixed into the model's own class."""
+
+    tome: ToMeConfig
+    tome_readout: Readout | None
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return _run_blocks(self, x)[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, size, readout = _run_blocks(self, x)
+        self.tome_readout = readout
+        if size is not None and self.global_pool == "avg":
+            # a merged token stands for `size` patches: the size-weighted mean is the plain mean
+            pooled = (x[:, self.num_prefix_tokens:] * size[..., None]).sum(1) / size.sum(1, keepdim=True)
+            return self.head(self.head_drop(self.fc_norm(pooled)))
+        return self.forward_head(x)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _tome_class(base: type) -> type:
+    """One cached subclass per model class, so isinstance checks and repr stay meaningful."""
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"ToMe{base.__name__}", (ToMeMixin, base), {})
+    return _CLASSES[base]
