@@ -1,0 +1,224 @@
+"""Metrics against independent facts: torchmetrics, scikit-learn and a hand-computed example."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from sklearn.metrics import log_loss, top_k_accuracy_score
+from torchmetrics.classification import MulticlassCalibrationError
+
+from mergemix.metrics import (
+    EvalMetrics,
+    classification_metrics,
+    expected_calibration_error,
+    maximum_calibration_error,
+)
+
+# Hand-computed example, 2 classes, 5 bins of width 0.2. Probability of class 0 and the target:
+#   conf 0.95 right, 0.85 wrong, 0.90 right -> bin [0.8, 1): mean conf 0.9, acc 2/3, gap 7/30
+#   conf 0.65 right                         -> bin [0.6, 0.8): gap 0.35
+#   conf 0.55 wrong                         -> bin [0.4, 0.6): gap 0.55
+# ECE = (3 * 7/30 + 0.35 + 0.55) / 5 = 0.32; MCE = 0.55.
+# p(true class) = 0.95, 0.15, 0.90, 0.65, 0.45; Brier (2 classes) = mean of 2 * (1 - p_true)^2.
+HAND_P0 = [0.95, 0.15, 0.90, 0.35, 0.45]
+HAND_TARGET = [0, 0, 0, 1, 0]
+HAND_P_TRUE = [0.95, 0.15, 0.90, 0.65, 0.45]
+
+
+def hand_example() -> tuple[torch.Tensor, torch.Tensor]:
+    p = torch.tensor(HAND_P0, dtype=torch.float64)
+    logits = torch.stack([p.log(), (1 - p).log()], dim=1).float()
+    return logits, torch.tensor(HAND_TARGET)
+
+
+def random_logits(n: int, c: int, scale: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, generator=g) * scale
+    # make about half the predictions right so every bin sees both outcomes
+    target = torch.where(torch.rand(n, generator=g) < 0.5, logits.argmax(1), torch.randint(0, c, (n,), generator=g))
+    return logits, target
+
+
+def torchmetrics_ce(logits: torch.Tensor, target: torch.Tensor, n_bins: int, norm: str) -> float:
+    # pass probabilities: torchmetrics only applies softmax when its input leaves [0, 1]
+    metric = MulticlassCalibrationError(num_classes=logits.shape[1], n_bins=n_bins, norm=norm)
+    return float(metric(torch.softmax(logits.float(), dim=1), target))
+
+
+def test_hand_computed_example():
+    logits, target = hand_example()
+    m = classification_metrics(logits, target, n_bins=5)
+    assert m["ece"] == pytest.approx(0.32, abs=1e-6)
+    assert m["mce"] == pytest.approx(0.55, abs=1e-6)
+    assert expected_calibration_error(logits, target, n_bins=5) == pytest.approx(0.32, abs=1e-6)
+    assert maximum_calibration_error(logits, target, n_bins=5) == pytest.approx(0.55, abs=1e-6)
+    assert m["top1"] == pytest.approx(60.0)
+    assert m["top5"] == pytest.approx(100.0)  # top-min(5, C) = top-2 of 2 classes
+    assert m["nll"] == pytest.approx(-sum(math.log(p) for p in HAND_P_TRUE) / 5, abs=1e-6)
+    assert m["brier"] == pytest.approx(sum(2 * (1 - p) ** 2 for p in HAND_P_TRUE) / 5, abs=1e-6)
+    assert m["brier"] == pytest.approx(0.464, abs=1e-6)
+
+
+@pytest.mark.parametrize("n_bins", [1, 5, 10, 15, 20])
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+def test_calibration_errors_match_torchmetrics(n_bins: int, scale: float):
+    logits, target = random_logits(1000, 7, scale, seed=n_bins)
+    assert expected_calibration_error(logits, target, n_bins) == pytest.approx(
+        torchmetrics_ce(logits, target, n_bins, "l1"), abs=1e-6)
+    assert maximum_calibration_error(logits, target, n_bins) == pytest.approx(
+        torchmetrics_ce(logits, target, n_bins, "max"), abs=1e-6)
+
+
+def numpy_ece_mce(logits: torch.Tensor, target: torch.Tensor, n_bins: int) -> tuple[float, float]:
+    """Independent fp64 reference: bins [k/n, (k+1)/n) and a bin for confidence exactly 1."""
+    probs = torch.softmax(logits.float(), 1).numpy()
+    conf, correct = probs.max(1).astype(np.float64), probs.argmax(1) == target.numpy()
+    index = np.where(conf == 1.0, n_bins, np.floor(conf * n_bins)).astype(int)
+    gaps, weights = [], []
+    for k in range(n_bins + 1):
+        sel = index == k
+        if sel.any():
+            gaps.append(abs(correct[sel].mean() - conf[sel].mean()))
+            weights.append(sel.mean())
+    return float(np.dot(gaps, weights)), float(max(gaps))
+
+
+def test_large_sample_is_exact_in_fp64_where_torchmetrics_rounds_in_fp32():
+    # torchmetrics sums confidences in fp32, so on 20k samples it drifts by ~1e-6; we sum in fp64
+    logits, target = random_logits(20000, 7, 3.0, seed=10)
+    for n_bins in (10, 15):
+        ece, mce = numpy_ece_mce(logits, target, n_bins)
+        assert expected_calibration_error(logits, target, n_bins) == pytest.approx(ece, abs=1e-9)
+        assert maximum_calibration_error(logits, target, n_bins) == pytest.approx(mce, abs=1e-9)
+        assert ece == pytest.approx(torchmetrics_ce(logits, target, n_bins, "l1"), abs=1e-5)
+
+
+@pytest.mark.parametrize("n_bins", [2, 4, 10, 15])
+def test_bin_edges_and_saturated_confidences_match_torchmetrics(n_bins: int):
+    # confidences exactly 0.5 (a bin edge for even n_bins) and exactly 1.0 (fp32 softmax of a
+    # 200-logit gap), which torchmetrics puts in a bin of its own
+    edge = torch.zeros(6, 2)
+    saturated = torch.tensor([[200.0, 0.0]] * 9)
+    logits = torch.cat([edge, saturated, random_logits(300, 2, 2.0, seed=0)[0]])
+    target = torch.cat([torch.tensor([0, 1, 1, 0, 0, 0]), torch.tensor([0] * 6 + [1] * 3),
+                        torch.randint(0, 2, (300,), generator=torch.Generator().manual_seed(1))])
+    assert (torch.softmax(logits, 1).max(1).values == 1.0).sum() >= 9
+    assert expected_calibration_error(logits, target, n_bins) == pytest.approx(
+        torchmetrics_ce(logits, target, n_bins, "l1"), abs=1e-6)
+    assert maximum_calibration_error(logits, target, n_bins) == pytest.approx(
+        torchmetrics_ce(logits, target, n_bins, "max"), abs=1e-6)
+
+
+def test_classification_metrics_match_sklearn_and_torchmetrics():
+    logits, target = random_logits(1500, 12, 2.0, seed=3)
+    m = classification_metrics(logits, target)
+    probs = torch.softmax(logits.double(), 1).numpy()
+    y = target.numpy()
+    assert m["top1"] == pytest.approx(100 * top_k_accuracy_score(y, probs, k=1, labels=range(12)), abs=1e-9)
+    assert m["top5"] == pytest.approx(100 * top_k_accuracy_score(y, probs, k=5, labels=range(12)), abs=1e-9)
+    assert m["nll"] == pytest.approx(log_loss(y, probs, labels=range(12)), abs=1e-5)
+    onehot = np.eye(12)[y]
+    assert m["brier"] == pytest.approx(((probs - onehot) ** 2).sum(1).mean(), abs=1e-5)
+    assert m["ece"] == pytest.approx(torchmetrics_ce(logits, target, 15, "l1"), abs=1e-6)
+    assert m["ece10"] == pytest.approx(torchmetrics_ce(logits, target, 10, "l1"), abs=1e-6)
+    assert m["mce"] == pytest.approx(torchmetrics_ce(logits, target, 15, "max"), abs=1e-6)
+    assert set(m) == {"top1", "top5", "nll", "brier", "ece", "ece10", "mce"}
+
+
+def test_top5_with_fewer_than_five_classes_is_top_c():
+    logits, target = random_logits(50, 3, 1.0, seed=4)
+    assert classification_metrics(logits, target)["top5"] == 100.0
+
+
+def assert_same(a: dict, b: dict) -> None:
+    for key in b:
+        assert a[key] == pytest.approx(b[key], abs=1e-9), key
+
+
+@pytest.mark.parametrize("n_bins", [10, 15])
+def test_eval_metrics_in_chunks_equals_whole(n_bins: int):
+    logits, target = random_logits(1000, 10, 2.5, seed=5)
+    metric = EvalMetrics(num_classes=10, n_bins=n_bins)
+    for chunk in (slice(0, 1), slice(1, 300), slice(300, 777), slice(777, 1000)):
+        metric.update(logits[chunk], target[chunk])
+    out = metric.compute()
+    assert_same(out, classification_metrics(logits, target, n_bins=n_bins))
+    assert out["ece"] == pytest.approx(torchmetrics_ce(logits, target, n_bins, "l1"), abs=1e-6)
+    assert out["ece10"] == pytest.approx(torchmetrics_ce(logits, target, 10, "l1"), abs=1e-6)
+
+    bins = out["bins"]
+    assert all(len(bins[k]) == n_bins + 1 for k in ("lower", "upper", "count", "confidence", "accuracy"))
+    assert sum(bins["count"]) == 1000
+    assert bins["lower"][0] == 0.0 and bins["upper"][n_bins - 1] == pytest.approx(1.0)
+    # the per-bin lists reproduce the ECE
+    ece = sum(c * abs(a - p) for c, a, p in zip(bins["count"], bins["accuracy"], bins["confidence"]) if c) / 1000
+    assert ece == pytest.approx(out["ece"], abs=1e-9)
+    assert all((c == 0) == (a is None) for c, a in zip(bins["count"], bins["accuracy"]))
+
+    metric.reset()
+    metric.update(logits[:10], target[:10])
+    assert_same(metric.compute(), classification_metrics(logits[:10], target[:10], n_bins=n_bins))
+
+
+def test_eval_metrics_bf16_logits_are_scored_in_fp32():
+    logits, target = random_logits(400, 10, 2.0, seed=6)
+    logits = logits.bfloat16()
+    metric = EvalMetrics(num_classes=10)
+    metric.update(logits, target)
+    assert_same(metric.compute(), classification_metrics(logits.float(), target))
+    assert metric.bins.dtype == torch.float64
+
+
+def test_eval_metrics_states_merge_like_ddp():
+    logits, target = random_logits(600, 10, 2.0, seed=7)
+    a, b = EvalMetrics(10), EvalMetrics(10)
+    a.update(logits[:250], target[:250])
+    b.update(logits[250:], target[250:])
+    a.merge_state(b)  # applies each state's dist_reduce_fx, as a DDP sync does
+    assert_same(a.compute(), classification_metrics(logits, target))
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, queue) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    logits, target = random_logits(500, 10, 2.0, seed=8)
+    metric = EvalMetrics(10)
+    metric.update(logits[rank::world], target[rank::world])
+    out = metric.compute()
+    if rank == 0:
+        queue.put({k: v for k, v in out.items() if k != "bins"})
+    dist.destroy_process_group()
+
+
+def test_eval_metrics_sync_across_two_gloo_ranks(tmp_path):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "init"), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = queue.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    logits, target = random_logits(500, 10, 2.0, seed=8)
+    assert_same(out, classification_metrics(logits, target))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_eval_metrics_on_cuda():
+    logits, target = random_logits(800, 10, 2.0, seed=9)
+    metric = EvalMetrics(10).to("cuda")
+    metric.update(logits.cuda().half(), target.cuda())
+    assert_same(metric.compute(), classification_metrics(logits.half().float(), target))
+    assert expected_calibration_error(logits.cuda(), target.cuda()) == pytest.approx(
+        expected_calibration_error(logits, target), abs=1e-6)
+
+
+def test_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        classification_metrics(torch.zeros(4, 3), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError):
+        EvalMetrics(10).update(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
