@@ -36,7 +36,7 @@ def create(name: str, num_classes: int, **options) -> Objective:
     return get_class(name)(num_classes=num_classes, **options)
 
 
-from . import plain  # noqa: E402,F401  (registers "none")
+from . import mergemix, plain  # noqa: E402,F401  (importing a method module registers it)
 
 __all__ = ["Objective", "StepOutput", "available", "create", "get_class", "register",
            "mixed_targets", "sample_lam", "smooth_one_hot", "soft_cross_entropy", "unwrap"]

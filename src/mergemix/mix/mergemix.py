@@ -1,0 +1,123 @@
+"""``mergemix``: keep the patches the model attends to on its token-merged sequence.
+
+One step (aux_loss="clean", the method's Step 4):
+1. clean forward with ToMe merging; it yields the CLS attention over the K tokens entering the
+   read-out block and which patches each token holds;
+2. recover the attention to the L patches (Â = Sᵀ·A), keep the top ⌊λL⌋ patches of each image,
+   fill the rest from a partner (a derangement of the batch);
+3. label weight λ̂ per sample ("area": kept fraction; "gaussian": the reference's Step 3);
+4. loss = CE(f(x̂), λ̂·y + (1−λ̂)·y_partner) + CE(f(x), y), both label-smoothed, fp32.
+aux_loss="none" takes the mask from a no-grad pass that stops after the read-out block and
+trains on the mixed batch only; aux_loss="mixup" adds a plain MixUp loss instead of the clean one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import mask as M
+from ..tome import forward_readout, patch_grid, patch_size, patch_tome, tome_options
+from . import register
+from .base import Objective, StepOutput, mixed_targets, sample_lam, smooth_one_hot, soft_cross_entropy, unwrap
+
+LAM_POLICIES = ("area", "gaussian")
+AUX_LOSSES = ("clean", "mixup", "none")
+PASSES = {
+    "clean": "2 fwd + 2 bwd (clean pass gives the mask)",
+    "mixup": "1 no-grad partial fwd + 2 fwd + 2 bwd (batched)",
+    "none": "1 no-grad partial fwd (up to the read-out block) + 1 fwd + 1 bwd",
+}
+
+
+def default_readout_block(depth: int) -> int:
+    """⌊0.75·depth⌋ − 1, 0-based: index 8 (the 9th block) of 12, as the reference reads CIFAR-100."""
+    return max(int(0.75 * depth) - 1, 0)
+
+
+@register
+class MergeMix(Objective):
+    name = "mergemix"
+    description = "attention on the ToMe-merged sequence, recovered to patches, keeps the top ⌊λL⌋ patches"
+    passes = PASSES["clean"]
+    needs_attention = True
+
+    def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None,
+                 alpha: float = 1.0, merge_num: int | None = None, r: int | list[int] | None = None,
+                 readout_block: int | None = None, lam_policy: str = "area", aux_loss: str = "clean",
+                 score: str = "cls_row", merge_train: bool = True, mixup_alpha: float = 0.8,
+                 prop_attn: bool = True):
+        super().__init__(num_classes, smoothing, generator)
+        if lam_policy not in LAM_POLICIES:
+            raise ValueError(f"unknown lam_policy {lam_policy!r}; choose one of {', '.join(LAM_POLICIES)}")
+        if aux_loss not in AUX_LOSSES:
+            raise ValueError(f"unknown aux_loss {aux_loss!r}; choose one of {', '.join(AUX_LOSSES)}")
+        self.alpha, self.mixup_alpha = alpha, mixup_alpha
+        self.merge_num, self.r, self.readout_block = merge_num, r, readout_block
+        self.lam_policy, self.aux_loss, self.score = lam_policy, aux_loss, score
+        self.merge_train, self.prop_attn = merge_train, prop_attn
+        self.passes = PASSES[aux_loss]
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Patch ``model`` for merging with a read-out; merge_num defaults to half the patches."""
+        net = unwrap(model)
+        depth = len(getattr(net, "blocks", ()))
+        if self.readout_block is None:
+            self.readout_block = default_readout_block(depth)
+        if self.merge_num is None and self.r is None:
+            self.merge_num = getattr(getattr(net, "patch_embed", None), "num_patches", 0) // 2
+        patch_tome(net, self.r, merge_num=None if self.r is not None else self.merge_num,
+                   prop_attn=self.prop_attn, readout_block=self.readout_block, score=self.score)
+        return model
+
+    def defaults(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "merge_num": self.merge_num, "r": self.r, "readout_block": self.readout_block,
+                "lam_policy": self.lam_policy, "aux_loss": self.aux_loss, "score": self.score,
+                "merge_train": self.merge_train, "smoothing": self.smoothing}
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+        if not self.mixup_enabled:
+            with tome_options(model, merge=self.merge_train, readout=False):
+                return self.clean_step(model, x, y)
+        net = unwrap(model)
+        clean_logits = None
+        if self.aux_loss == "clean":
+            with tome_options(model, merge=True, readout=True):
+                clean_logits = model(x)
+            readout = net.tome_readout
+        else:
+            with torch.no_grad(), tome_options(model, merge=True, readout=True):
+                readout = forward_readout(net, x)
+
+        B, L = readout.index.shape
+        partner = M.derangement(B, self.generator, x.device)
+        lam = torch.full((B,), sample_lam(self.alpha, self.generator), device=x.device)
+        scores = M.recover(readout.attn, readout.index)
+        patch_mask = M.topk_mask(scores, lam)
+        mask = M.upsample_mask(patch_mask, patch_grid(net), patch_size(net))
+        x_mixed = M.mix_images(x, partner, mask)
+        if self.lam_policy == "area":
+            lam_hat = M.lam_hat_area(patch_mask)
+        else:
+            keep = M.keep_count(lam, L, B, x.device)
+            lam_hat = M.lam_hat_gaussian(keep, readout.attn.shape[1] - readout.num_prefix_tokens, L, self.generator)
+        targets = mixed_targets(y, partner, lam_hat, self.num_classes, self.smoothing)
+
+        extras: dict[str, Any] = {"readout": readout}
+        with tome_options(model, merge=self.merge_train, readout=False):
+            if self.aux_loss == "mixup":
+                mix_partner = M.derangement(B, self.generator, x.device)
+                mix_lam = sample_lam(self.mixup_alpha, self.generator)
+                x_mixup = torch.lerp(x[mix_partner], x, mix_lam)
+                logits, mixup_logits = model(torch.cat([x_mixed, x_mixup])).split(B)
+                aux = soft_cross_entropy(mixup_logits, mixed_targets(y, mix_partner, mix_lam, self.num_classes, self.smoothing))
+                extras.update(mixup_lam=mix_lam, mixup_partner=mix_partner)
+            else:
+                logits = model(x_mixed)
+                aux = 0.0
+        loss = soft_cross_entropy(logits, targets)
+        if clean_logits is not None:
+            aux = soft_cross_entropy(clean_logits, smooth_one_hot(y, self.num_classes, self.smoothing))
+        return StepOutput(loss + aux, clean_logits if clean_logits is not None else logits, x_mixed=x_mixed,
+                          mask=mask, lam=lam, lam_hat=lam_hat, partner=partner, scores=scores, extras=extras)
