@@ -1,0 +1,77 @@
+"""Mask math on hand-built examples and invariants."""
+import pytest
+import torch
+
+from mergemix import mask as M
+
+
+def test_recover_hand_example():
+    attn = torch.tensor([[0.1, 0.5, 0.4]])  # CLS, token a, token b
+    source = torch.tensor([[[0, 0, 0, 0], [1, 0, 1, 0], [0, 1, 0, 1]]]).float()
+    assert torch.allclose(M.recover(attn, source), torch.tensor([[0.5, 0.4, 0.5, 0.4]]))
+    index = torch.tensor([[1, 2, 1, 2]])
+    assert torch.allclose(M.recover(attn, index), torch.tensor([[0.5, 0.4, 0.5, 0.4]]))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.29, 0.5, 0.7, 1.0])
+def test_topk_mask_count_and_choice(lam):
+    scores = torch.randn(5, 100)
+    m = M.topk_mask(scores, lam)
+    k = int(torch.floor(torch.tensor(lam, dtype=torch.float64) * 100))
+    assert torch.equal(m.sum(1), torch.full((5,), float(k)))
+    if 0 < k < 100:  # the kept ones are the highest scores
+        assert (scores[m.bool()].view(5, k).min(1).values > scores[~m.bool()].view(5, -1).max(1).values).all()
+
+
+def test_topk_mask_per_sample_lambda():
+    lam = torch.tensor([0.0, 0.25, 0.5, 0.99])
+    m = M.topk_mask(torch.randn(4, 16), lam)
+    assert m.sum(1).tolist() == [0, 4, 8, 15]
+
+
+def test_upsample_any_grid():
+    mask = torch.tensor([[1.0, 0, 0, 1, 1, 0]])
+    up = M.upsample_mask(mask, (2, 3), (4, 5))
+    assert up.shape == (1, 1, 8, 15)
+    assert torch.equal(up[0, 0, ::4, ::5].flatten(), mask[0])
+    assert up.sum() == mask.sum() * 20
+    assert torch.allclose(M.patch_fraction(up, (2, 3)), mask)
+
+
+@pytest.mark.parametrize("B", [2, 3, 5, 64])
+def test_derangement_no_self_pairs(B):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        p = M.derangement(B, g)
+        assert (p != torch.arange(B)).all()
+        assert sorted(p.tolist()) == list(range(B))
+    assert torch.equal(M.derangement(B, torch.Generator().manual_seed(3)), M.derangement(B, torch.Generator().manual_seed(3)))
+
+
+def test_derangement_needs_two():
+    with pytest.raises(ValueError, match="at least 2"):
+        M.derangement(1)
+
+
+def test_mix_pixel_exact():
+    x = torch.randn(4, 3, 8, 8)
+    partner = torch.tensor([2, 0, 3, 1])
+    mask = M.upsample_mask(M.topk_mask(torch.randn(4, 4), 0.5), (2, 2), (4, 4))
+    mixed = M.mix_images(x, partner, mask)
+    keep = mask.bool().expand_as(x)
+    assert torch.equal(mixed[keep], x[keep])
+    assert torch.equal(mixed[~keep], x[partner][~keep])
+
+
+def test_lam_hat_policies():
+    mask = torch.tensor([[1.0, 1, 0, 0], [1, 0, 0, 0]])
+    assert torch.allclose(M.lam_hat_area(mask), torch.tensor([0.5, 0.25]))
+    keep = torch.tensor([3, 10, 50, 90])
+    g = torch.Generator().manual_seed(0)
+    lh = M.lam_hat_gaussian(keep, num_tokens=98, num_patches=196, generator=g)
+    assert lh.shape == (4,) and lh.min() == 0 and torch.isclose(lh.max(), torch.tensor(1.0))
+    # batch-normalised noise: identical draws for the same seed, whatever the keep counts' scale
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a = M.lam_hat_gaussian(keep, 98, 196, g1)
+    b = M.lam_hat_gaussian(keep * 2, 10, 196, g2)
+    assert torch.allclose(a, b, atol=1e-5)

@@ -1,0 +1,138 @@
+"""The MergeMix training objective: losses, gradients, passes, state_dict compatibility."""
+import pytest
+import timm
+import torch
+
+import mergemix.mix as mix
+from mergemix.mix import mixed_targets, smooth_one_hot, soft_cross_entropy
+from mergemix.tome import tome_options
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=48,
+                             num_heads=3, num_classes=10)
+
+
+def batch(B=6):
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(B, 3, 32, 32, generator=g), torch.randint(0, 10, (B,), generator=g)
+
+
+@pytest.mark.parametrize("aux", ["clean", "mixup", "none"])
+@pytest.mark.parametrize("policy", ["area", "gaussian"])
+def test_finite_loss_and_outputs(aux, policy):
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10, aux_loss=aux, lam_policy=policy, generator=torch.Generator().manual_seed(0))
+    obj.prepare(model)
+    x, y = batch()
+    out = obj(model, x, y)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert out.x_mixed.shape == x.shape and out.mask.shape == (6, 1, 32, 32)
+    assert out.lam_hat.shape == (6,) and out.scores.shape == (6, 16)
+    L = 16
+    assert torch.equal(out.mask[:, 0, ::8, ::8].flatten(1).sum(1), torch.floor(out.lam * L))
+    if policy == "area":
+        assert torch.allclose(out.lam_hat, out.mask.mean((1, 2, 3)))
+    assert (out.partner != torch.arange(6)).all()
+
+
+def test_gradients_only_through_training_forwards():
+    """Recomputing the loss from the step's own mixed images and labels gives the same gradients,
+    so nothing flows back through the mask construction."""
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10, aux_loss="clean", generator=torch.Generator().manual_seed(0))
+    obj.prepare(model)
+    x, y = batch()
+    out = obj(model, x, y)
+    assert not out.scores.requires_grad and not out.mask.requires_grad and not out.x_mixed.requires_grad
+    out.loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with tome_options(model, merge=True):
+        clean = model(x)
+        mixed = model(out.x_mixed)
+    ref = (soft_cross_entropy(mixed, mixed_targets(y, out.partner, out.lam_hat, 10, 0.1))
+           + soft_cross_entropy(clean, smooth_one_hot(y, 10, 0.1)))
+    assert torch.allclose(ref, out.loss, atol=1e-6)
+    ref.backward()
+    for a, p in zip(got, model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-6)
+
+
+def test_none_mode_mask_pass_has_no_graph_and_stops_early():
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10, aux_loss="none", readout_block=1)
+    obj.prepare(model)
+    calls = {i: [] for i in range(4)}
+    for i, blk in enumerate(model.blocks):
+        blk.norm1.register_forward_pre_hook(lambda mod, args, i=i: calls[i].append(torch.is_grad_enabled()))
+    mlp_calls = []
+    model.blocks[1].mlp.register_forward_pre_hook(lambda mod, args: mlp_calls.append(torch.is_grad_enabled()))
+    x, y = batch()
+    out = obj(model, x, y)
+    # mask pass: blocks 0 and 1 without grad, stopping after block 1's attention;
+    # the mixed pass runs every block with grad
+    assert calls[0] == [False, True] and calls[1] == [False, True]
+    assert calls[2] == [True] and calls[3] == [True]
+    assert mlp_calls == [True]
+    assert out.extras["readout"].attn.grad_fn is None
+    out.loss.backward()
+    # the only loss is the mixed one
+    ref = soft_cross_entropy(out.logits, mixed_targets(y, out.partner, out.lam_hat, 10, 0.1))
+    assert torch.allclose(ref, out.loss)
+
+
+def test_merge_train_off_runs_full_length_mixed_forward():
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10, aux_loss="none", merge_train=False)
+    obj.prepare(model)
+    seen = []
+    model.blocks[-1].norm1.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    obj(model, *batch())
+    assert seen == [17]  # 16 patches + CLS: no merging in the training forward
+
+
+def test_state_dict_keys_unchanged_and_loadable():
+    plain = tiny_vit()
+    model = tiny_vit()
+    mix.create("mergemix", 10).prepare(model)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(model.state_dict())
+    model.load_state_dict(plain.state_dict())
+
+
+def test_same_seed_same_step():
+    outs = []
+    for _ in range(2):
+        model = tiny_vit()
+        obj = mix.create("mergemix", 10, lam_policy="gaussian", generator=torch.Generator().manual_seed(7))
+        obj.prepare(model)
+        outs.append(obj(model, *batch()))
+    assert torch.equal(outs[0].x_mixed, outs[1].x_mixed) and torch.equal(outs[0].lam_hat, outs[1].lam_hat)
+
+
+def test_mixing_off_is_plain_ce():
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10)
+    obj.prepare(model)
+    obj.mixup_enabled = False
+    x, y = batch()
+    out = obj(model, x, y)
+    assert out.x_mixed is None
+    assert torch.allclose(out.loss, soft_cross_entropy(out.logits, smooth_one_hot(y, 10, 0.1)))
+
+
+def test_rejects_bad_options():
+    with pytest.raises(ValueError, match="lam_policy"):
+        mix.create("mergemix", 10, lam_policy="linear")
+    with pytest.raises(ValueError, match="aux_loss"):
+        mix.create("mergemix", 10, aux_loss="both")
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        mix.create("mergemix", 10).prepare(torch.nn.Linear(4, 4))
+    obj = mix.create("mergemix", 10)
+    model = tiny_vit()
+    obj.prepare(model)
+    with pytest.raises(ValueError, match="at least 2"):
+        obj(model, *batch(1))
