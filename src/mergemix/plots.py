@@ -1,0 +1,330 @@
+"""PNG figures: reliability diagrams, training curves, and the grid of mixed samples.
+
+Figures are drawn with matplotlib's object API on an Agg canvas, never through ``pyplot``, so
+importing this module changes no global backend and works headless and from worker threads.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from torch import Tensor
+
+__all__ = ["bins_ece", "mix_grid", "overlay_reliability", "reliability_diagram", "training_curves"]
+
+DPI = 100
+ACCURACY_COLOR = "#3b6fb6"
+GAP_COLOR = "#d9534f"
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as PNG at ``path`` (parent folders created) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=DPI)
+    return path
+
+
+def bins_ece(bins: Mapping[str, Sequence]) -> float:
+    """ECE (fraction) of per-bin lists as ``metrics.reliability_bins`` writes them."""
+    total = sum(bins["count"])
+    return sum(c * abs(a - p) for c, a, p in zip(bins["count"], bins["accuracy"], bins["confidence"]) if c) / max(total, 1)
+
+
+def _display_bins(bins: Mapping[str, Sequence]) -> dict[str, np.ndarray]:
+    """Per-bin arrays for drawing: a zero-width bin (confidence exactly 1.0) is pooled into the bin
+    that ends where it lies, so the diagram shows ``n_bins`` bars; ``metrics`` scores it separately.
+
+    Returns float arrays ``lower``, ``width``, ``count``, ``confidence``, ``accuracy`` (NaN where a
+    bin is empty).
+    """
+    lower, width, count, conf_sum, acc_sum = [], [], [], [], []
+    for lo, hi, c, p, a in zip(bins["lower"], bins["upper"], bins["count"], bins["confidence"], bins["accuracy"]):
+        p_sum, a_sum = (p * c, a * c) if c else (0.0, 0.0)
+        if hi <= lo and lower:
+            count[-1] += c
+            conf_sum[-1] += p_sum
+            acc_sum[-1] += a_sum
+            continue
+        lower.append(lo)
+        width.append(hi - lo)
+        count.append(c)
+        conf_sum.append(p_sum)
+        acc_sum.append(a_sum)
+    n = np.asarray(count, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"lower": np.asarray(lower), "width": np.asarray(width), "count": n,
+                "confidence": np.where(n > 0, np.asarray(conf_sum) / n, np.nan),
+                "accuracy": np.where(n > 0, np.asarray(acc_sum) / n, np.nan)}
+
+
+def _accuracy_axes(ax: Axes) -> None:
+    ax.plot([0, 1], [0, 1], ls="--", color="0.4", lw=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+
+
+def reliability_diagram(bins: Mapping[str, Sequence], path: str | Path, title: str = "") -> Path:
+    """Reliability diagram of one evaluation, written as PNG (600 x 700 px).
+
+    bins: per-bin lists ``lower``, ``upper``, ``count``, ``confidence``, ``accuracy`` (as in
+    ``EvalMetrics.compute()['bins']``). Top: accuracy per bin as bars, the diagonal, and the gap
+    between accuracy and mean confidence shaded; bottom: share of samples per confidence bin, with
+    the overall accuracy and mean confidence marked. The title carries ``title`` and the ECE.
+    """
+    d = _display_bins(bins)
+    filled = d["count"] > 0
+    total = max(d["count"].sum(), 1.0)
+    fig = Figure(figsize=(6, 7))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    _accuracy_axes(top)
+    x, w = d["lower"][filled], d["width"][filled]
+    acc, conf = d["accuracy"][filled], d["confidence"][filled]
+    top.bar(x, acc, width=w, align="edge", color=ACCURACY_COLOR, edgecolor="black", lw=0.5, label="accuracy")
+    top.bar(x, conf - acc, bottom=acc, width=w, align="edge", color=GAP_COLOR, alpha=0.35,
+            edgecolor=GAP_COLOR, hatch="//", lw=0.5, label="gap to mean confidence")
+    top.legend(loc="upper left", fontsize=9)
+    ece = bins_ece(bins)
+    top.set_title(f"{title}{'  ' if title else ''}ECE {100 * ece:.2f}%  ({len(d['count'])} bins, n={int(total)})")
+
+    bottom.bar(d["lower"], d["count"] / total, width=d["width"], align="edge", color="0.6", edgecolor="black", lw=0.5)
+    overall_acc = float(np.nansum(d["accuracy"] * d["count"]) / total)
+    overall_conf = float(np.nansum(d["confidence"] * d["count"]) / total)
+    bottom.axvline(overall_acc, color=ACCURACY_COLOR, lw=1.5, label=f"accuracy {100 * overall_acc:.1f}%")
+    bottom.axvline(overall_conf, color=GAP_COLOR, lw=1.5, ls="--", label=f"mean confidence {100 * overall_conf:.1f}%")
+    bottom.legend(loc="upper left", fontsize=8)
+    bottom.set_xlabel("confidence (top softmax probability)")
+    bottom.set_ylabel("share of samples")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def overlay_reliability(named_bins: Mapping[str, Mapping[str, Sequence]], path: str | Path) -> Path:
+    """Reliability curves of several runs on one figure, written as PNG (700 x 700 px).
+
+    named_bins: run label -> per-bin lists (as for ``reliability_diagram``). Top: accuracy against
+    mean confidence of each non-empty bin, one line per run, ECE in the legend; bottom: each run's
+    confidence histogram as a step line.
+    """
+    if not named_bins:
+        raise ValueError("overlay_reliability needs at least one run")
+    fig = Figure(figsize=(7, 7))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    _accuracy_axes(top)
+    for name, bins in named_bins.items():
+        d = _display_bins(bins)
+        filled = d["count"] > 0
+        line, = top.plot(d["confidence"][filled], d["accuracy"][filled], marker="o", ms=4,
+                         label=f"{name} (ECE {100 * bins_ece(bins):.2f}%)")
+        edges = np.append(d["lower"], d["lower"][-1] + d["width"][-1])
+        bottom.stairs(d["count"] / max(d["count"].sum(), 1.0), edges, color=line.get_color(), lw=1.5)
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title("reliability")
+    bottom.set_xlabel("confidence (top softmax probability)")
+    bottom.set_ylabel("share of samples")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _read_summary(summary_csv: str | Path) -> dict[str, np.ndarray]:
+    """Columns of a summary.csv as float arrays (NaN where a cell is empty or not a number)."""
+    with open(summary_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{summary_csv} has no rows")
+
+    def number(cell: str | None) -> float:
+        try:
+            return float(cell)
+        except (TypeError, ValueError):
+            return math.nan
+
+    return {key: np.array([number(row.get(key)) for row in rows]) for key in rows[0]}
+
+
+def training_curves(summary_csv: str | Path, path: str | Path) -> Path:
+    """Loss, top-1 and ECE per epoch from a run's summary.csv, written as PNG (1500 x 450 px).
+
+    summary_csv: columns epoch, train_loss, eval_loss, eval_top1, eval_top5, eval_ece, lr,
+    epoch_time (missing columns or cells are skipped). ECE is plotted in percent.
+    """
+    cols = _read_summary(summary_csv)
+    epoch = cols.get("epoch", np.arange(len(next(iter(cols.values())))))
+    fig = Figure(figsize=(15, 4.5))
+    panels = fig.subplots(1, 3)
+    spec = [("loss", [("train_loss", "train"), ("eval_loss", "eval")], 1.0),
+            ("top-1 (%)", [("eval_top1", "eval top-1"), ("eval_top5", "eval top-5")], 1.0),
+            ("ECE (%)", [("eval_ece", "eval ECE")], 100.0)]
+    for ax, (label, series, scale) in zip(panels, spec):
+        for key, name in series:
+            if key in cols and np.isfinite(cols[key]).any():
+                ok = np.isfinite(cols[key])
+                ax.plot(epoch[ok], scale * cols[key][ok], marker="o", ms=3, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _display_map(x: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None
+                 ) -> Callable[[Tensor], np.ndarray]:
+    """A function taking (N, C, H, W) images normalised like ``x`` to (N, H, W, C) floats in [0, 1].
+
+    With ``mean``/``std`` (per channel) the normalisation is undone and the result clipped; without,
+    the range of ``x`` is mapped onto [0, 1], the same map for every panel drawn with it.
+    """
+    if mean is not None and std is not None:
+        scale, shift = torch.as_tensor(std, dtype=torch.float32), torch.as_tensor(mean, dtype=torch.float32)
+    else:
+        lo, hi = float(x.min()), float(x.max())
+        scale = torch.tensor([1.0 / max(hi - lo, 1e-12)])
+        shift = -lo * scale
+
+    def convert(images: Tensor) -> np.ndarray:
+        images = images.detach().float().cpu() * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+        return images.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+    return convert
+
+
+def _patch_grid(num_patches: int, height: int, width: int, patch_size: int | Sequence[int] | None,
+                grid: Sequence[int] | None) -> tuple[int, int]:
+    """(gh, gw) grid of ``num_patches`` patches over an image of height x width pixels.
+
+    From ``patch_size`` if given, else from ``grid`` (e.g. the read-out's), else the grid with the
+    image's aspect ratio.
+    """
+    if patch_size is not None:
+        ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        gh, gw = height // ph, width // pw
+    elif grid is not None:
+        gh, gw = grid
+    else:
+        gh = max(1, round(math.sqrt(num_patches * height / width)))
+        gw = num_patches // gh
+    if gh * gw != num_patches:
+        raise ValueError(f"{num_patches} patch scores do not fill a {gh} x {gw} grid over {height} x {width} pixels; "
+                         "pass patch_size")
+    return gh, gw
+
+
+def _cluster_boundaries(index: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(gh, gw) cluster id per patch -> (S, 2, 2) pixel line segments between patches of different ids."""
+    gh, gw = index.shape
+    ph, pw = height / gh, width / gw
+    segments = []
+    for i, j in zip(*np.nonzero(index[:, 1:] != index[:, :-1])):  # vertical edge right of (i, j)
+        x = (j + 1) * pw - 0.5
+        segments.append([[x, i * ph - 0.5], [x, (i + 1) * ph - 0.5]])
+    for i, j in zip(*np.nonzero(index[1:, :] != index[:-1, :])):  # horizontal edge below (i, j)
+        y = (i + 1) * ph - 0.5
+        segments.append([[j * pw - 0.5, y], [(j + 1) * pw - 0.5, y]])
+    return np.asarray(segments, dtype=float).reshape(-1, 2, 2)
+
+
+def _per_sample(value: Tensor | float | None, n: int) -> list[float] | None:
+    """A (B,) or scalar ratio -> n Python floats, or None."""
+    if value is None:
+        return None
+    value = torch.as_tensor(value).detach().float().cpu().flatten()
+    return (value.expand(n) if value.numel() == 1 else value[:n]).tolist()
+
+
+def _show(ax: Axes, image: np.ndarray, title: str, **kwargs: Any) -> None:
+    """One panel: image (H, W, C) with C in {1, 3}, or (H, W) with a colour map in kwargs."""
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+        kwargs.setdefault("cmap", "gray")
+        kwargs.setdefault("vmin", 0.0)
+        kwargs.setdefault("vmax", 1.0)
+    ax.imshow(image, interpolation="nearest", **kwargs)
+    ax.set_title(title, fontsize=8)
+
+
+def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float] | None = None,
+             std: Sequence[float] | None = None, patch_size: int | Sequence[int] | None = None,
+             max_samples: int = 8) -> Path:
+    """Grid of what one mixing step did, one row per sample, written as PNG.
+
+    x: (B, C, H, W) the clean batch, normalised with ``mean``/``std`` (per channel) if given.
+    step_output: a ``mix.StepOutput``; its fields used, when present: ``partner`` (B,) long,
+    ``scores`` (B, L) per-patch attention, ``extras['readout'].index`` (B, L) long token of each
+    patch at the read-out block, ``mask`` (B, 1, H, W), ``x_mixed`` (B, C, H, W), ``lam`` and
+    ``lam_hat`` (B,) or scalars. patch_size: pixels per patch (int or (ph, pw)); by default the
+    read-out's grid, or a grid with the image's aspect ratio.
+
+    Columns: original, partner, attention heat-map, merge clusters (boundaries between patches held
+    by different tokens, over the dimmed original), mask, mixed image. A column whose field is
+    absent for this method (e.g. CutMix has no scores or read-out) is left out. Each panel is
+    200 x 200 px.
+    """
+    n = min(x.shape[0], max_samples)
+    H, W = x.shape[-2:]
+    out = step_output
+    readout = out.extras.get("readout") if out.extras else None
+    grid = getattr(readout, "grid", None)
+    lam, lam_hat = _per_sample(out.lam, n), _per_sample(out.lam_hat, n)
+    display = _display_map(x, mean, std)
+    images = display(x[:n])
+
+    columns: list[str] = ["original"]
+    if out.partner is not None:
+        columns.append("partner")
+    if out.scores is not None:
+        columns.append("attention")
+    if readout is not None and getattr(readout, "index", None) is not None:
+        columns.append("clusters")
+    if out.mask is not None:
+        columns.append("mask")
+    if out.x_mixed is not None:
+        columns.append("mixed")
+        mixed = display(out.x_mixed[:n])
+
+    fig = Figure(figsize=(2 * len(columns), 2 * n))
+    axes = np.asarray(fig.subplots(n, len(columns), squeeze=False))
+    for b in range(n):
+        ratios = "".join([f" λ={lam[b]:.2f}" if lam else "", f" λ̂={lam_hat[b]:.2f}" if lam_hat else ""])
+        for ax, column in zip(axes[b], columns):
+            ax.set_axis_off()
+            if column == "original":
+                _show(ax, images[b], f"#{b}")
+            elif column == "partner":
+                j = int(out.partner[b])
+                _show(ax, display(x[j:j + 1])[0], f"partner #{j}")
+            elif column == "attention":
+                scores = out.scores[b].detach().float().cpu()
+                gh, gw = _patch_grid(scores.numel(), H, W, patch_size, grid)
+                _show(ax, images[b], "attention", alpha=0.5)
+                ax.imshow(scores.reshape(gh, gw).numpy(), cmap="inferno", alpha=0.6, interpolation="nearest",
+                          extent=(-0.5, W - 0.5, H - 0.5, -0.5))
+            elif column == "clusters":
+                index = readout.index[b].detach().cpu()
+                gh, gw = _patch_grid(index.numel(), H, W, patch_size, grid)
+                _show(ax, images[b] * 0.6 + 0.4, f"{index.unique().numel()} tokens")
+                ax.add_collection(LineCollection(_cluster_boundaries(index.reshape(gh, gw).numpy(), H, W),
+                                                 colors="#ff2d2d", linewidths=1.2))
+            elif column == "mask":
+                keep = float(out.mask[b].float().mean())
+                _show(ax, out.mask[b, 0].detach().float().cpu().numpy(), f"mask (kept {keep:.2f})",
+                      cmap="gray", vmin=0.0, vmax=1.0)
+            else:
+                _show(ax, mixed[b], f"mixed{ratios}")
+    fig.tight_layout(pad=0.3)
+    return _save(fig, path)

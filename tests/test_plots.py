@@ -1,0 +1,151 @@
+"""Figures are written as PNGs of the expected size and are not blank; drawing helpers on hand examples."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import torch
+
+from mergemix.metrics import EvalMetrics
+from mergemix.mix import StepOutput
+from mergemix.plots import (
+    _cluster_boundaries,
+    _display_bins,
+    bins_ece,
+    mix_grid,
+    overlay_reliability,
+    reliability_diagram,
+    training_curves,
+)
+
+
+def read_png(path) -> np.ndarray:
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    return mpimg.imread(path)
+
+
+def assert_picture(path, height: int, width: int) -> None:
+    image = read_png(path)
+    assert image.shape[:2] == (height, width)
+    assert image[..., :3].std() > 0.05  # not blank
+
+
+def eval_bins(seed: int, scale: float, saturated: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(500, 10, generator=g) * scale
+    logits[:saturated, 0] = 200.0  # confidence exactly 1.0: the extra bin
+    target = torch.where(torch.rand(500, generator=g) < 0.6, logits.argmax(1), torch.randint(0, 10, (500,), generator=g))
+    metric = EvalMetrics(10)
+    metric.update(logits, target)
+    return metric.compute()
+
+
+def test_reliability_diagram(tmp_path):
+    out = eval_bins(0, 3.0, saturated=20)
+    path = reliability_diagram(out["bins"], tmp_path / "sub" / "reliability.png", title="test run")
+    assert path == tmp_path / "sub" / "reliability.png"
+    assert_picture(path, 700, 600)
+    assert bins_ece(out["bins"]) == pytest.approx(out["ece"], abs=1e-9)
+
+
+def test_display_bins_pool_saturated_bin_into_top_bar():
+    out = eval_bins(1, 3.0, saturated=20)
+    bins, d = out["bins"], _display_bins(out["bins"])
+    assert len(bins["count"]) == 16 and bins["count"][-1] >= 20
+    assert len(d["count"]) == 15 and d["count"].sum() == 500
+    assert d["count"][-1] == bins["count"][-2] + bins["count"][-1]
+    top = [k for k in (-2, -1) if bins["count"][k]]
+    expected = sum(bins["accuracy"][k] * bins["count"][k] for k in top) / d["count"][-1]
+    assert d["accuracy"][-1] == pytest.approx(expected)
+    assert np.isnan(d["accuracy"][d["count"] == 0]).all()
+
+
+def test_overlay_reliability(tmp_path):
+    runs = {"cutmix": eval_bins(2, 1.0)["bins"], "mergemix": eval_bins(3, 4.0)["bins"]}
+    assert_picture(overlay_reliability(runs, tmp_path / "overlay.png"), 700, 700)
+    with pytest.raises(ValueError):
+        overlay_reliability({}, tmp_path / "empty.png")
+
+
+def test_training_curves(tmp_path):
+    csv_path = tmp_path / "summary.csv"
+    header = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "eval_ece", "lr", "epoch_time"]
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for e in range(6):
+            w.writerow([e, 2.0 / (e + 1), 2.2 / (e + 1), 40 + 8 * e, 70 + 4 * e, 0.2 - 0.02 * e, 1e-3, 3.5])
+        w.writerow([6, 0.3, "", "", "", "", 1e-3, 3.5])  # an epoch without evaluation
+    assert_picture(training_curves(csv_path, tmp_path / "curves.png"), 450, 1500)
+
+    (tmp_path / "empty.csv").write_text(",".join(header) + "\n")
+    with pytest.raises(ValueError):
+        training_curves(tmp_path / "empty.csv", tmp_path / "none.png")
+
+
+def test_cluster_boundaries_on_hand_example():
+    # 2 x 3 patch grid over a 4 x 6 image (2 px patches): top row token 0, bottom row tokens 1, 1, 2
+    index = np.array([[0, 0, 0], [1, 1, 2]])
+    seg = {tuple(map(tuple, s)) for s in _cluster_boundaries(index, 4, 6).tolist()}
+    horizontal = {((j * 2 - 0.5, 1.5), ((j + 1) * 2 - 0.5, 1.5)) for j in range(3)}
+    vertical = {((3.5, 1.5), (3.5, 3.5))}
+    assert seg == horizontal | vertical
+    assert _cluster_boundaries(np.zeros((3, 3), int), 6, 6).shape == (0, 2, 2)
+
+
+class FakeReadout:
+    def __init__(self, index: torch.Tensor, grid: tuple[int, int]):
+        self.index, self.grid = index, grid
+
+
+def fake_step(B: int, C: int, H: int, W: int, patch: int, attention: bool) -> tuple[torch.Tensor, StepOutput]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, C, H, W, generator=g)
+    gh, gw = H // patch, W // patch
+    partner = torch.roll(torch.arange(B), 1)
+    mask = torch.zeros(B, 1, H, W)
+    mask[..., : H // 2, : W // 2] = 1
+    out = StepOutput(loss=torch.tensor(1.0), logits=torch.zeros(B, 10), x_mixed=mask * x + (1 - mask) * x[partner],
+                     mask=mask, lam=torch.rand(B, generator=g), lam_hat=torch.rand(B, generator=g), partner=partner)
+    if attention:
+        out.scores = torch.rand(B, gh * gw, generator=g)
+        index = torch.arange(gh * gw).reshape(gh, gw) // 2  # horizontal pairs of patches merged
+        out.extras["readout"] = FakeReadout(index.flatten().expand(B, -1), (gh, gw))
+    return x, out
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_mix_grid_with_attention_columns(tmp_path, C: int):
+    x, out = fake_step(B=5, C=C, H=32, W=32, patch=4, attention=True)
+    path = mix_grid(x, out, tmp_path / "grid.png", mean=[0.5] * C, std=[0.25] * C, max_samples=3)
+    assert_picture(path, 3 * 200, 6 * 200)  # original, partner, attention, clusters, mask, mixed
+
+
+def test_mix_grid_box_method_omits_attention_columns(tmp_path):
+    x, out = fake_step(B=4, C=3, H=24, W=32, patch=8, attention=False)
+    assert_picture(mix_grid(x, out, tmp_path / "grid.png"), 4 * 200, 4 * 200)  # original, partner, mask, mixed
+    plain = StepOutput(loss=torch.tensor(0.0), logits=torch.zeros(4, 10))
+    assert_picture(mix_grid(x, plain, tmp_path / "plain.png", max_samples=2), 2 * 200, 200)
+
+
+def test_mix_grid_rejects_scores_that_do_not_fit_the_patch_size(tmp_path):
+    x, out = fake_step(B=2, C=3, H=32, W=32, patch=4, attention=True)
+    with pytest.raises(ValueError, match="patch_size"):
+        mix_grid(x, out, tmp_path / "grid.png", patch_size=8)
+
+
+def test_plots_draw_with_agg_and_leave_the_global_backend_alone(tmp_path):
+    # the user's backend (here svg, via MPLBACKEND) is neither needed nor changed
+    code = ("import matplotlib, torch; from mergemix.plots import overlay_reliability; "
+            "from mergemix.metrics import reliability_bins; "
+            "overlay_reliability({'a': reliability_bins(torch.tensor([[1., 2.], [.5, 1.8], [1., 1.]]))}, "
+            f"{str(tmp_path / 'x.png')!r}); assert matplotlib.get_backend().lower() == 'svg', matplotlib.get_backend()")
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"} | {"MPLBACKEND": "svg"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    assert read_png(tmp_path / "x.png").shape[:2] == (700, 700)
