@@ -97,7 +97,7 @@ def reliability_diagram(bins: Mapping[str, Sequence], path: str | Path, title: s
             edgecolor=GAP_COLOR, hatch="//", lw=0.5, label="gap to mean confidence")
     top.legend(loc="upper left", fontsize=9)
     ece = bins_ece(bins)
-    top.set_title(f"{title}{'  ' if title else ''}ECE {100 * ece:.2f}%  ({len(d['count'])} bins, n={int(total)})")
+    top.set_title(f"{title}{'  ' if title else ''}ECE {ece:.4f}  ({len(d['count'])} bins, n={int(total)})")
 
     bottom.bar(d["lower"], d["count"] / total, width=d["width"], align="edge", color="0.6", edgecolor="black", lw=0.5)
     overall_acc = float(np.nansum(d["accuracy"] * d["count"]) / total)
@@ -128,7 +128,7 @@ def overlay_reliability(named_bins: Mapping[str, Mapping[str, Sequence]], path: 
         d = _display_bins(bins)
         filled = d["count"] > 0
         line, = top.plot(d["confidence"][filled], d["accuracy"][filled], marker="o", ms=4,
-                         label=f"{name} (ECE {100 * bins_ece(bins):.2f}%)")
+                         label=f"{name} (ECE {bins_ece(bins):.4f})")
         edges = np.append(d["lower"], d["lower"][-1] + d["width"][-1])
         bottom.stairs(d["count"] / max(d["count"].sum(), 1.0), edges, color=line.get_color(), lw=1.5)
     top.legend(loc="upper left", fontsize=8)
@@ -160,20 +160,20 @@ def training_curves(summary_csv: str | Path, path: str | Path) -> Path:
     """Loss, top-1 and ECE per epoch from a run's summary.csv, written as PNG (1500 x 450 px).
 
     summary_csv: columns epoch, train_loss, eval_loss, eval_top1, eval_top5, eval_ece, lr,
-    epoch_time (missing columns or cells are skipped). ECE is plotted in percent.
+    epoch_time (missing columns or cells are skipped). ECE is a fraction, as in results.json.
     """
     cols = _read_summary(summary_csv)
     epoch = cols.get("epoch", np.arange(len(next(iter(cols.values())))))
     fig = Figure(figsize=(15, 4.5))
     panels = fig.subplots(1, 3)
-    spec = [("loss", [("train_loss", "train"), ("eval_loss", "eval")], 1.0),
-            ("top-1 (%)", [("eval_top1", "eval top-1"), ("eval_top5", "eval top-5")], 1.0),
-            ("ECE (%)", [("eval_ece", "eval ECE")], 100.0)]
-    for ax, (label, series, scale) in zip(panels, spec):
+    spec = [("loss", [("train_loss", "train"), ("eval_loss", "eval")]),
+            ("top-1 (%)", [("eval_top1", "eval top-1"), ("eval_top5", "eval top-5")]),
+            ("ECE", [("eval_ece", "eval ECE")])]
+    for ax, (label, series) in zip(panels, spec):
         for key, name in series:
             if key in cols and np.isfinite(cols[key]).any():
                 ok = np.isfinite(cols[key])
-                ax.plot(epoch[ok], scale * cols[key][ok], marker="o", ms=3, label=name)
+                ax.plot(epoch[ok], cols[key][ok], marker="o", ms=3, label=name)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
