@@ -1,0 +1,248 @@
+"""Training-step cost of every mixing method, as ratios to CutMix measured in the same run.
+
+    python benchmarks/step_time.py                       # CPU, small ViT
+    python benchmarks/step_time.py --device cuda --model deit_small_patch16_224 --img-size 224 \
+        --batch-size 256 --amp bfloat16 [--compile]
+
+Steps of all configurations are interleaved (round-robin), so drift of the machine hits every
+configuration alike; the median over the timed rounds is reported. Also measured: the mask work
+alone (recover, top-k, upsample, mix) as a share of a MergeMix step, and evaluation throughput
+of the ToMe-merged model against the plain timm model, in the same mode.
+Writes benchmarks/results/step_time_<device>[_compiled].json and a markdown table next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torchmetrics
+from tqdm import tqdm
+
+import mergemix
+import mergemix.mix as mix
+from mergemix import mask as M
+from mergemix.tome import patch_grid, patch_size, patch_tome
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="vit_tiny_patch16_224")
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--model-kwargs", nargs="*", default=None,
+                   help="key=value overrides (CPU default: patch_size=4 depth=6 embed_dim=128 num_heads=4)")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--amp", default=None, choices=[None, "bfloat16", "float16"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--merge-num", type=int, default=None, help="default: half the patches")
+    p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    items = args.model_kwargs
+    if items is None:
+        items = [] if args.device.startswith("cuda") else ["patch_size=4", "depth=6", "embed_dim=128", "num_heads=4"]
+    out = {}
+    for item in items:
+        k, v = item.split("=", 1)
+        out[k] = int(v) if v.lstrip("-").isdigit() else float(v) if v.replace(".", "", 1).isdigit() else v
+    return out
+
+
+def configurations(methods: list[str], merge_num: int | None) -> list[tuple[str, str, dict]]:
+    """(label, method, options): each method with defaults, MergeMix in every aux mode, merging on/off."""
+    configs = []
+    for name in methods:
+        if name != "mergemix":
+            configs.append((name, name, {}))
+            continue
+        for aux in ("clean", "mixup", "none"):
+            for merge_train in (True, False):
+                label = f"mergemix[{aux},{'merge' if merge_train else 'nomerge'}]"
+                configs.append((label, name, {"aux_loss": aux, "merge_train": merge_train, "merge_num": merge_num}))
+    return configs
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Runner:
+    """One configuration: its own model copy, optimizer and objective."""
+
+    def __init__(self, label, method, options, base_model, args, device):
+        self.label = label
+        self.model = copy.deepcopy(base_model).to(device).train()
+        gen = torch.Generator().manual_seed(args.seed)
+        self.objective = mix.create(method, args.num_classes, generator=gen, **options)
+        self.objective.prepare(self.model)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.forward_model = self.model
+        self.compile_s = None
+        if args.compile:
+            self.forward_model = torch.compile(self.model)
+        self.times: list[float] = []
+        self.peak: int | None = None
+
+    def step(self, x, y, autocast, device) -> float:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        t = time.perf_counter()
+        with autocast():
+            out = self.objective(self.forward_model, x, y)
+        out.loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        sync(device)
+        dt = time.perf_counter() - t
+        if device.type == "cuda":
+            self.peak = max(self.peak or 0, torch.cuda.max_memory_allocated(device))
+        return dt
+
+
+def time_fn(fn, device, reps: int) -> float:
+    """Median seconds of ``fn()`` over ``reps`` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def mask_work_seconds(runner: Runner, x, device, reps: int) -> float:
+    """Recover, top-k, upsample and mix on a real read-out, without the forwards."""
+    net = runner.model
+    with torch.no_grad():
+        net(x)
+    ro = net.tome_readout
+    partner = M.derangement(x.shape[0], device=device)
+    grid, patch = patch_grid(net), patch_size(net)
+
+    def work():
+        scores = M.recover(ro.attn, ro.index)
+        m = M.upsample_mask(M.topk_mask(scores, 0.6), grid, patch)
+        return M.mix_images(x, partner, m)
+
+    return time_fn(work, device, reps)
+
+
+def eval_throughput(base_model, x, merge_num, args, device, autocast) -> dict:
+    """Images/s of a no-grad forward: plain timm model vs the same weights merged."""
+    plain = copy.deepcopy(base_model).to(device).eval()
+    merged = patch_tome(copy.deepcopy(base_model).to(device).eval(), merge_num=merge_num)
+    out = {}
+    for name, net in (("plain", plain), ("merged", merged)):
+        fwd = net
+        t0 = time.perf_counter()
+        if args.compile:
+            fwd = torch.compile(net)
+        with torch.no_grad(), autocast():
+            fwd(x)
+            sync(device)
+            out[f"{name}_first_call_s"] = time.perf_counter() - t0
+            sec = time_fn(lambda: fwd(x), device, max(args.steps, 5))
+        out[f"{name}_images_per_s"] = x.shape[0] / sec
+    out["merged_speedup"] = out["merged_images_per_s"] / out["plain_images_per_s"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    base = timm.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size, **model_kwargs(args))
+    L = base.patch_embed.num_patches
+    merge_num = args.merge_num if args.merge_num is not None else L // 2
+    methods = args.methods or mix.available()
+    if "cutmix" not in methods:
+        methods = ["cutmix", *methods]
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.amp)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
+
+    runners = [Runner(label, m, opts, base, args, device) for label, m, opts in configurations(methods, merge_num)]
+    for r in tqdm(runners, desc="warm-up", file=sys.stderr):
+        t = time.perf_counter()
+        for _ in range(args.warmup):
+            r.step(x, y, autocast, device)
+        r.compile_s = time.perf_counter() - t if args.compile else None
+    for _ in tqdm(range(args.steps), desc="timed rounds", file=sys.stderr):
+        for r in runners:
+            r.times.append(r.step(x, y, autocast, device))
+
+    cutmix = statistics.median(next(r for r in runners if r.label == "cutmix").times)
+    rows = {}
+    for r in runners:
+        med = statistics.median(r.times)
+        rows[r.label] = {"method": r.objective.name, "passes": r.objective.passes, "median_step_ms": med * 1e3,
+                         "ratio_to_cutmix": med / cutmix, "peak_memory_mb": r.peak / 2**20 if r.peak else None,
+                         "warmup_incl_compile_s": r.compile_s}
+    mm = next(r for r in runners if r.label == "mergemix[clean,merge]")
+    mask_s = mask_work_seconds(mm, x, device, max(args.steps, 5))
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "torchmetrics": torchmetrics.__version__,
+                     "mergemix": mergemix.__version__, "python": platform.python_version()},
+        "settings": {"model": args.model, "model_kwargs": model_kwargs(args), "img_size": args.img_size,
+                     "num_patches": L, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
+                     "merge_num": merge_num, "warmup": args.warmup, "steps": args.steps},
+        "configs": rows,
+        "mask_work": {"ms": mask_s * 1e3, "share_of_mergemix_step": mask_s / statistics.median(mm.times)},
+        "eval_throughput": eval_throughput(base, x, merge_num, args, device, autocast),
+    }
+    tag = "cuda" if device.type == "cuda" else "cpu"
+    out = args.out or RESULTS / f"step_time_{tag}{'_compiled' if args.compile else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    table = markdown(result)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"Device: {result['device']}; model {s['model']} {s['model_kwargs']} at {s['img_size']} px, "
+             f"{s['num_patches']} patches, batch {s['batch_size']}, amp {s['amp']}, compile {s['compile']}, "
+             f"merge_num {s['merge_num']}; median of {s['steps']} interleaved steps.", "",
+             "| configuration | passes per step | step (ms) | × CutMix | peak memory (MB) |",
+             "|---|---|---:|---:|---:|"]
+    for label, r in sorted(result["configs"].items(), key=lambda kv: kv[1]["ratio_to_cutmix"]):
+        mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] else "–"
+        lines.append(f"| {label} | {r['passes']} | {r['median_step_ms']:.1f} | {r['ratio_to_cutmix']:.2f} | {mem} |")
+    mw, ev = result["mask_work"], result["eval_throughput"]
+    lines += ["", f"Mask work (recover + top-k + upsample + mix): {mw['ms']:.2f} ms, "
+                  f"{100 * mw['share_of_mergemix_step']:.1f} % of a MergeMix (clean) step.",
+              f"Evaluation throughput: plain {ev['plain_images_per_s']:.0f} img/s, merged "
+              f"{ev['merged_images_per_s']:.0f} img/s ({ev['merged_speedup']:.2f}×)."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
