@@ -65,6 +65,8 @@ class MergeMix(Objective):
         depth = len(getattr(net, "blocks", ()))
         if self.readout_block is None:
             self.readout_block = default_readout_block(depth)
+        elif self.readout_block < 0:  # counted from the end, as Python indexes
+            self.readout_block += depth
         if self.merge_num is None and self.r is None:
             self.merge_num = getattr(getattr(net, "patch_embed", None), "num_patches", 0) // 2
         patch_tome(net, self.r, merge_num=None if self.r is not None else self.merge_num,
