@@ -1,0 +1,133 @@
+"""Checkpoints in timm's layout, written atomically, plus RNG state capture.
+
+A checkpoint is a dict with timm's keys (``epoch``, ``arch``, ``state_dict``, ``optimizer``,
+``version``, ``args``, ``metric``, ``state_dict_ema``, ``amp_scaler``) and ours (``scheduler``,
+``step``: updates done in the epoch after ``epoch`` when a run was stopped mid-epoch, ``global_step``,
+``partial``: that epoch's loss so far, ``rng``: one RNG state per process). Everything in it is a
+tensor or a plain Python value, so ``torch.load(weights_only=True)`` and timm's
+``load_checkpoint`` read it, and the ``state_dict`` loads into the plain timm model.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+LAST = "last.pth.tar"
+BEST = "model_best.pth.tar"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success fsync it and rename it over ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never a partial one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save(obj: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder (-> its last.pth.tar); error if there is nothing to load."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LAST
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: give a .pth.tar file or a run folder that holds {LAST}")
+    return path
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU; a truncated or corrupt file is a one-line error."""
+    path = resolve(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt: {reason[:120]}); "
+                              f"use {BEST} or an earlier copy") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a training checkpoint (no state_dict in it)")
+    return ckpt
+
+
+def saved_args(path: str | Path) -> dict[str, Any]:
+    """The ``args`` dict a checkpoint was written with ({} if it has none)."""
+    args = load(path).get("args") or {}
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{path}: its args are not a mapping; pass the flags explicitly")
+    return args
+
+
+def rng_state(generator: torch.Generator | None) -> dict[str, Any]:
+    """Every RNG this process draws from: torch (CPU and CUDA), numpy, random, the objective's generator."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+        "generator": generator.get_state() if generator is not None else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> None:
+    """Restore what ``rng_state`` captured."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate(state["python"])
+    if generator is not None and state["generator"] is not None:
+        generator.set_state(state["generator"])
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` strictly, with a one-line error that names what does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    problems = []
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{k} is {tuple(state_dict[k].shape)} in the checkpoint but {tuple(own[k].shape)} in the model"
+                        + (f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    if missing:
+        problems.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})")
+    if problems:
+        raise CheckpointError(f"{source} does not fit this model: {'; '.join(problems)}; "
+                              f"build the architecture it was trained with (--model, --model-kwargs, --img-size, --num-classes)")
+    model.load_state_dict(state_dict)

@@ -1,0 +1,104 @@
+"""``mergemix`` command line: train, eval, methods, viz, compare.
+
+Input errors (``mergemix.errors``) print one ``error: ...`` line on stderr and exit with code 2
+(a non-finite loss: 1); ``--debug`` shows the traceback instead. A run stopped by SIGINT/SIGTERM
+exits with 128 + the signal number after writing a resumable checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+from .errors import Interrupted, MergeMixError
+
+USAGE = """usage: mergemix {train,eval,methods,viz,compare} [flags]
+
+  train     train a model (no flags: MergeMix on digits, the embedded default)
+  eval      evaluate a checkpoint: mergemix eval --checkpoint RUN_DIR/model_best.pth.tar
+  methods   list the mixing methods and their options
+  viz       draw what a mixing method does to a batch
+  compare   tabulate and plot several runs
+
+`mergemix COMMAND --help` shows each command's flags."""
+
+
+def _train(argv: Sequence[str]) -> int:
+    from .config import parse_train_args
+    from .train import train
+
+    train(parse_train_args(argv))
+    return 0
+
+
+def _eval(argv: Sequence[str]) -> int:
+    from .evaluate import run_eval
+
+    run_eval(argv)
+    return 0
+
+
+def _methods(argv: Sequence[str]) -> int:
+    from . import mix
+
+    if argv:
+        print("usage: mergemix methods   (takes no flags)", file=sys.stderr)
+        return 2
+    for name in mix.available():
+        objective = mix.create(name, num_classes=10)
+        print(f"{name:<12} {objective.passes:<16} {objective.description}")
+        for key, value in objective.defaults().items():
+            print(f"{'':<14}{key} = {value}")
+    return 0
+
+
+def _viz(argv: Sequence[str]) -> int:
+    from .viz import main as viz_main
+
+    return viz_main(list(argv)) or 0
+
+
+def _compare(argv: Sequence[str]) -> int:
+    from .compare import main as compare_main
+
+    return compare_main(list(argv)) or 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "train": _train, "eval": _eval, "methods": _methods, "viz": _viz, "compare": _compare,
+}
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (a DataLoader worker wraps it in a traceback: keep its last line)."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].removeprefix(f"{type(err).__module__}.{type(err).__name__}: ")
+    return " ".join(text.split()) or type(err).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mergemix`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    rank = int(os.environ.get("RANK", "0"))
+    tag = f"[rank {rank}] " if rank else ""
+    try:
+        return COMMANDS[command](rest)
+    except MergeMixError as e:
+        if "--debug" in rest:
+            raise
+        print(f"{tag}error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except Interrupted as e:
+        print(f"{tag}{e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print(f"{tag}interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,276 @@
+"""Command-line flags for ``mergemix train``, after timm's ``train.py``, with YAML recipes.
+
+Precedence, lowest first: the built-in defaults (which are the digits recipe, ``configs/digits.yaml``),
+the arguments saved in the checkpoint given to ``--resume``, the YAML file given to ``-c``, and
+the flags on the command line. A recipe's keys are the flags' names with ``_`` or ``-``
+(``batch_size: 64``); an unknown key is an error. ``args.yaml`` of a run is itself a recipe.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .errors import ConfigError
+
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
+
+# Named flags that become options of the mixing method (``mergemix.mix.create(name, **options)``).
+# Only the options the chosen method's ``__init__`` accepts are passed; ``--mix-opt`` adds any other.
+METHOD_OPTION_FLAGS = {
+    "mix_alpha": "alpha",
+    "mixup": "mixup_alpha",
+    "cutmix": "cutmix_alpha",
+    "mixup_prob": "prob",
+    "mixup_switch_prob": "switch_prob",
+    "smoothing": "smoothing",
+    "merge_num": "merge_num",
+    "readout_block": "readout_block",
+    "lam_policy": "lam_policy",
+    "aux_loss": "aux_loss",
+    "score": "score",
+    "merge_train": "merge_train",
+}
+
+# Keys of a saved run that describe where it ran, not what it trains: not inherited on --resume.
+_NOT_INHERITED = ("config", "resume")
+
+
+def parse_value(text: str) -> Any:
+    """'4' -> 4, '0.5' / '1e-3' -> float, 'true' -> True, '[1, 2]' -> list, 'none' -> None, else the string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """argparse type for ``key=value`` items."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key.replace("-", "_"), parse_value(value)
+
+
+def as_dict(value: Any, what: str) -> dict[str, Any]:
+    """A ``key=value`` list (from flags) or a mapping (from YAML) -> dict."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return {str(k).replace("-", "_"): v for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [key_value(v) if isinstance(v, str) else tuple(v) for v in value]
+        return dict(items)
+    raise ConfigError(f"{what} must be a mapping or a list of key=value, got {value!r}")
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    """The ``mergemix train`` parser; defaults are the digits recipe."""
+    p = argparse.ArgumentParser(
+        prog="mergemix train", description="Train a timm ViT with a mixing method (default: MergeMix on digits).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-c", "--config", default=None, help="YAML recipe whose keys are these flags' names")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="digits", choices=DATASETS)
+    g.add_argument("--data-dir", default=None, help="data root (dataset-specific layout, see README)")
+    g.add_argument("--download", action="store_true", help="let torchvision download the data set if missing")
+    g.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of N images")
+    g.add_argument("--workers", type=int, default=None, help="loader processes (default: 0 for in-memory data, else 4)")
+    g.add_argument("--img-size", type=int, default=None, help="input size (default: the data set's native size)")
+    g.add_argument("--aa", default=None, help="RandAugment policy for RGB data, e.g. rand-m7-mstd0.5-inc1")
+    g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability (RGB data)")
+    g.add_argument("--remode", default="pixel", help="random erasing mode")
+    g.add_argument("--recount", type=int, default=1, help="random erasing count")
+    g.add_argument("--color-jitter", type=float, default=0.4, help="colour jitter (RGB data without --aa)")
+    g.add_argument("--interpolation", default="bicubic", help="resize interpolation (RGB data)")
+    g.add_argument("--crop-pct", type=float, default=None, help="eval centre-crop fraction (RGB data)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_tiny_patch16_224", help="any timm model name")
+    g.add_argument("--model-kwargs", nargs="*", type=key_value, default={},
+                   help="extra timm.create_model kwargs, e.g. patch_size=4 depth=6 embed_dim=96 num_heads=3")
+    g.add_argument("--num-classes", type=int, default=None, help="default: the data set's")
+    g.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs the hub)")
+    g.add_argument("--initial-checkpoint", default=None, help="start from a local weights file (head reset if sizes differ)")
+    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=40)
+    g.add_argument("--batch-size", "-b", type=int, default=64, help="per process")
+    g.add_argument("--eval-batch-size", type=int, default=None, help="default: 2 x --batch-size")
+    g.add_argument("--opt", default="adamw", help="timm optimizer name")
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--momentum", type=float, default=0.9, help="for SGD-like optimizers")
+    g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
+    g.add_argument("--sched", default="cosine", help="timm scheduler name")
+    g.add_argument("--warmup-epochs", type=int, default=3)
+    g.add_argument("--warmup-lr", type=float, default=1e-6)
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--sched-on-epochs", action="store_true", help="step the schedule per epoch, not per update")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+
+    g = p.add_argument_group("mixing")
+    g.add_argument("--mix", default="mergemix", help="mixing method (see `mergemix methods`)")
+    g.add_argument("--mix-alpha", type=float, default=None, help="Beta(alpha, alpha) of the method (option alpha)")
+    g.add_argument("--mixup", type=float, default=None, help="MixUp alpha (option mixup_alpha)")
+    g.add_argument("--cutmix", type=float, default=None, help="CutMix alpha (option cutmix_alpha)")
+    g.add_argument("--mixup-prob", type=float, default=None, help="probability of mixing a batch (option prob)")
+    g.add_argument("--mixup-switch-prob", type=float, default=None, help="MixUp/CutMix switch probability (option switch_prob)")
+    g.add_argument("--mixup-off-epoch", type=int, default=0, help="stop mixing from this epoch on (0: never)")
+    g.add_argument("--merge-num", type=int, default=None, help="tokens merged in all (MergeMix)")
+    g.add_argument("--readout-block", type=int, default=None, help="0-based index of the read-out block (MergeMix)")
+    g.add_argument("--lam-policy", default=None, choices=("gaussian", "area"), help="label ratio policy (MergeMix)")
+    g.add_argument("--aux-loss", default=None, choices=("clean", "mixup", "none"), help="second loss term (MergeMix)")
+    g.add_argument("--score", default=None, choices=("cls_row", "cls_col"), help="attention score (MergeMix)")
+    g.add_argument("--merge-train", action=argparse.BooleanOptionalAction, default=None,
+                   help="merge tokens in the training forward (MergeMix)")
+    g.add_argument("--mix-opt", action="append", type=key_value, default=[],
+                   help="any other method option, key=value (repeatable)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output", default="output", help="parent folder of the run folder")
+    g.add_argument("--experiment", default=None, help="run folder name (default: date-dataset-model-mix)")
+    g.add_argument("--resume", default=None, help="checkpoint (or run folder) to continue from")
+    g.add_argument("--seed", type=int, default=42, help="seed; process r uses seed + r")
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    g.add_argument("--amp", action="store_true", help="mixed precision")
+    g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (timm ModelEmaV3)")
+    g.add_argument("--model-ema-decay", type=float, default=0.9998)
+    g.add_argument("--ece-bins", type=int, default=15)
+    g.add_argument("--log-interval", type=int, default=10, help="steps between loss checks and progress updates")
+    g.add_argument("--save-mix-samples", type=int, default=0, metavar="N",
+                   help="save N mixed images of each epoch's first step as a PNG grid")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.dest != "help"}
+
+
+def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
+    """Check and convert one recipe value the way argparse would convert the flag's text."""
+    if value is None or key in ("model_kwargs", "mix_opt"):
+        return value
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if action.type is not None:
+        bad_int = action.type is int and isinstance(value, float) and not value.is_integer()
+        try:
+            if isinstance(value, bool) or bad_int:
+                raise ValueError
+            value = action.type(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: {key} must be a {action.type.__name__}, got {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
+
+
+def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Read a YAML recipe into flag defaults; unknown keys and ill-typed values are errors."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"invalid YAML in {path}{where}: {getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of flag names to values, got {type(data).__name__}")
+    return _check_keys({str(k).replace("-", "_"): v for k, v in data.items()}, parser, str(path))
+
+
+def _check_keys(values: dict[str, Any], parser: argparse.ArgumentParser, source: str) -> dict[str, Any]:
+    actions = _actions(parser)
+    unknown = [k for k in values if k not in actions or k == "config"]
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, actions, 1)) else k for k in unknown]
+        raise ConfigError(f"unknown key(s) in {source}: {', '.join(hints)}; keys are `mergemix train` flag names")
+    return {k: _coerce(actions[k], k, v, source) for k, v in values.items()}
+
+
+def _explicit(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """Names of the flags given on the command line."""
+    bare = copy.deepcopy(parser)
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(bare.parse_args(argv)))
+
+
+def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``mergemix train`` flags with recipe and checkpoint layers (see module docstring)."""
+    from . import checkpoint  # torch import deferred until needed
+
+    parser = build_train_parser()
+    argv = list(argv) if argv is not None else None
+    explicit = _explicit(parser, argv)
+    pre = parser.parse_args(argv)
+    layers: dict[str, Any] = {}
+    resume_path = None
+    if pre.resume:
+        resume_path = checkpoint.resolve(pre.resume)
+        saved = checkpoint.saved_args(resume_path)
+        layers.update(_check_keys({k: v for k, v in saved.items() if k not in _NOT_INHERITED},
+                                  parser, f"checkpoint {resume_path}"))
+    recipe = load_recipe(pre.config, parser) if pre.config else {}
+    layers.update(recipe)
+    parser.set_defaults(**layers)
+    args = parser.parse_args(argv)
+    args.model_kwargs = as_dict(args.model_kwargs, "model_kwargs")
+    args.mix_opt = as_dict(args.mix_opt, "mix_opt")
+    if resume_path is not None:
+        args.resume = str(resume_path)
+        if not ({"output", "experiment"} & (explicit | set(recipe))):
+            # continue in the folder the checkpoint lives in
+            args.output, args.experiment = str(resume_path.parent.parent), resume_path.parent.name
+    if args.experiment is None:
+        args.experiment = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.dataset}-{args.model}-{args.mix}"
+    _validate(args)
+    return args
+
+
+def _validate(args: argparse.Namespace) -> None:
+    positive = ("epochs", "batch_size", "ece_bins", "log_interval")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {args.lr}")
+
+
+def method_options(args: argparse.Namespace, accepted: set[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(options to pass, named-flag options the method does not take).
+
+    ``accepted`` is the set of keyword names of the method's ``__init__`` (None: it takes ``**kwargs``).
+    Named flags left at None mean "the method's default" and are not passed. ``--mix-opt`` items
+    are always passed, so a misspelt one fails loudly.
+    """
+    named = {opt: getattr(args, flag) for flag, opt in METHOD_OPTION_FLAGS.items() if getattr(args, flag) is not None}
+    used = {k: v for k, v in named.items() if accepted is None or k in accepted}
+    unused = {k: v for k, v in named.items() if k not in used}
+    return {**used, **args.mix_opt}, unused

@@ -1,0 +1,147 @@
+"""Evaluation: one pass over the evaluation set into ``EvalMetrics``, results.json and the reliability diagram.
+
+``mergemix eval --checkpoint PATH`` rebuilds the model a checkpoint was trained with (from the
+``args`` saved in it), loads its weights and evaluates it on that run's data set or another one.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import checkpoint, data, models
+from .config import DATASETS, as_dict, build_train_parser, key_value
+from .distributed import setup
+from .errors import CheckpointError, ConfigError
+
+RESULT_KEYS = ("top1", "top5", "nll", "brier", "ece", "ece10", "mce")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision when ``dtype`` is given, else nothing."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes: int, n_bins: int,
+             device: torch.device, amp_dtype: torch.dtype | None = None, show: bool = True,
+             desc: str = "eval") -> dict[str, Any]:
+    """Top-1/5, NLL, Brier, ECE, MCE and reliability bins over ``loader``, synced over processes."""
+    from .metrics import EvalMetrics
+
+    was_training = model.training
+    model.eval()
+    metrics = EvalMetrics(num_classes, n_bins=n_bins).to(device)
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=None if show else True):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        metrics.update(logits, y)
+    model.train(was_training)
+    return metrics.compute()
+
+
+def write_results(run_dir: Path, metrics: dict[str, Any], extra: dict[str, Any], title: str) -> dict[str, Any]:
+    """results.json (figures, then ``extra``, then the reliability bins) and reliability.png, atomically."""
+    from .plots import reliability_diagram
+
+    results = {**{k: metrics[k] for k in RESULT_KEYS}, **extra, "bins": metrics["bins"]}
+    checkpoint.write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    with checkpoint.atomic_path(run_dir / "reliability.png") as tmp:
+        reliability_diagram(metrics["bins"], tmp, title=title)
+    return results
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    return (f"top-1 {metrics['top1']:.2f} %  top-5 {metrics['top5']:.2f} %  ECE {metrics['ece']:.4f}  "
+            f"NLL {metrics['nll']:.4f}  Brier {metrics['brier']:.4f}")
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mergemix eval", description="Evaluate a checkpoint; writes results.json and reliability.png.")
+    p.add_argument("--checkpoint", required=True, help="a .pth.tar file or a run folder (uses its model_best.pth.tar)")
+    p.add_argument("--dataset", default=None, choices=DATASETS,
+                   help="default: the data set the checkpoint was trained on")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--model", default=None, help="only for checkpoints without saved args")
+    p.add_argument("--model-kwargs", nargs="*", type=key_value, default=None, help="only for checkpoints without saved args")
+    p.add_argument("--img-size", type=int, default=None, help="only for checkpoints without saved args")
+    p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights (state_dict_ema)")
+    p.add_argument("--batch-size", "-b", type=int, default=256)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    p.add_argument("--ece-bins", type=int, default=15)
+    p.add_argument("--output", default=None, help="folder for results (default: <checkpoint folder>/eval-<dataset>)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _run_args(ckpt: dict[str, Any], cli: argparse.Namespace) -> argparse.Namespace:
+    """The training arguments of the checkpoint, with this command's data and model flags on top."""
+    args = build_train_parser().parse_args([])
+    saved = ckpt.get("args") or {}
+    vars(args).update({k: v for k, v in saved.items() if k in vars(args)})
+    if not saved:
+        if cli.model is None:
+            raise CheckpointError("this checkpoint holds no training args: pass --model (and --model-kwargs, --img-size)")
+        args.num_classes = None
+    for key in ("dataset", "data_dir", "model", "img_size"):
+        if getattr(cli, key) is not None:
+            setattr(args, key, getattr(cli, key))
+    if cli.model_kwargs is not None:
+        args.model_kwargs = cli.model_kwargs
+    args.model_kwargs = as_dict(args.model_kwargs, "model_kwargs")
+    args.download = cli.download
+    args.train_subset = None
+    arch = ckpt.get("arch")
+    if arch and cli.model and cli.model != arch:
+        raise CheckpointError(f"the checkpoint holds a {arch}, not a {cli.model}: drop --model or pick its checkpoint")
+    return args
+
+
+def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``mergemix eval``: rebuild, load, evaluate, write results."""
+    cli = build_eval_parser().parse_args(argv)
+    path = Path(cli.checkpoint)
+    if path.is_dir():
+        path = path / checkpoint.BEST if (path / checkpoint.BEST).is_file() else path / checkpoint.LAST
+    ckpt = checkpoint.load(path)
+    args = _run_args(ckpt, cli)
+    ctx = setup(cli.device)
+    bundle = data.build(args)
+    num_classes = args.num_classes or bundle.num_classes
+    if num_classes != bundle.num_classes:
+        raise CheckpointError(f"the checkpoint classifies {num_classes} classes but {args.dataset} has "
+                              f"{bundle.num_classes}: evaluate it on the data set it was trained for")
+    model = models.create(args.model, num_classes=num_classes, img_size=args.img_size or bundle.img_size,
+                          in_chans=bundle.in_chans, model_kwargs=args.model_kwargs)
+    key = "state_dict_ema" if cli.use_ema else "state_dict"
+    if ckpt.get(key) is None:
+        raise CheckpointError(f"{path} holds no {key}" + (" (trained without --model-ema)" if cli.use_ema else ""))
+    checkpoint.load_weights(model, ckpt[key], str(path))
+    model.to(ctx.device)
+    workers = cli.workers if cli.workers is not None else (0 if bundle.in_memory else 4)
+    loader = data.eval_loader(bundle, cli.batch_size, workers, 0, 1, ctx.device)
+    amp_dtype = getattr(torch, cli.amp_dtype) if cli.amp else None
+    metrics = evaluate(model, loader, num_classes, cli.ece_bins, ctx.device, amp_dtype)
+    out = Path(cli.output) if cli.output else path.parent / f"eval-{args.dataset}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot write to {out}: {e.strerror or e}; choose another --output") from None
+    extra = {"checkpoint": str(path), "epoch": ckpt.get("epoch"), "weights": key, "model": args.model,
+             "dataset": args.dataset, "num_images": len(bundle.eval)}
+    results = write_results(out, metrics, extra, title=f"{args.model} on {args.dataset}")
+    print(f"{summary_line(metrics)}  ({len(bundle.eval)} images) -> {out}/results.json")
+    return results

@@ -1,0 +1,78 @@
+"""Build any timm model by name, sized for the data, with clear errors for what does not fit."""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+
+
+def _unknown_model(name: str) -> ConfigError:
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ConfigError(f"unknown model {name!r}{hint}; list them with: python -c \"import timm; print(timm.list_models('vit*'))\"")
+
+
+def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_path_rate: float = 0.0,
+           model_kwargs: dict[str, Any] | None = None, pretrained: bool = False,
+           initial_checkpoint: str | None = None) -> nn.Module:
+    """``timm.create_model`` with the data's size and class count.
+
+    ``img_size`` is passed to models that take it (ViTs); ``initial_checkpoint`` loads a local
+    weights file through timm's pretrained path, which drops a classifier of another size and
+    resamples position embeddings for another image size.
+    """
+    if not timm.is_model(name):
+        raise _unknown_model(name)
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate,
+                                  img_size=img_size, **(model_kwargs or {}))
+    if initial_checkpoint:
+        path = Path(initial_checkpoint)
+        if not path.is_file():
+            raise CheckpointError(f"--initial-checkpoint {path} does not exist")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+        pretrained = True
+    try:
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except TypeError as e:
+            if "img_size" not in str(e) or "img_size" in (model_kwargs or {}):
+                raise
+            kwargs.pop("img_size")  # a model without an image size (e.g. a CNN)
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model {name} does not take these --model-kwargs ({e})") from None
+    except (OSError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if pretrained:
+            source = initial_checkpoint or "the hub (needs a network)"
+            raise CheckpointError(f"could not load pretrained weights for {name} from {source}: {first}") from None
+        raise ConfigError(f"cannot build model {name} with {kwargs}: {first}") from None
+    _check_patches(model, name)
+    return model
+
+
+def _check_patches(model: nn.Module, name: str) -> None:
+    """A ViT's image size must be a multiple of its patch size."""
+    pe = getattr(model, "patch_embed", None)
+    img, patch = getattr(pe, "img_size", None), getattr(pe, "patch_size", None)
+    if img is None or patch is None or getattr(pe, "dynamic_img_pad", False):
+        return
+    if img[0] % patch[0] or img[1] % patch[1]:
+        fit = max(patch[0], (img[0] // patch[0]) * patch[0])
+        raise ConfigError(f"image size {img[0]}x{img[1]} is not divisible by the patch size {patch[0]}x{patch[1]} "
+                          f"of {name}: use --img-size {fit} or another --model-kwargs patch_size=")
+
+
+def describe(model: nn.Module) -> str:
+    """One line: parameter count and, for ViTs, tokens, depth and width."""
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    pe, blocks = getattr(model, "patch_embed", None), getattr(model, "blocks", None)
+    if pe is not None and blocks is not None and hasattr(pe, "num_patches"):
+        return (f"{params:.2f}M params, {pe.num_patches} patches of {pe.patch_size[0]}x{pe.patch_size[1]}, "
+                f"depth {len(blocks)}, width {getattr(model, 'embed_dim', '?')}")
+    return f"{params:.2f}M params"

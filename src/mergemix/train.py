@@ -1,0 +1,456 @@
+"""The training loop: one ``objective(model, x, y)`` call per step, whatever the mixing method.
+
+Order of work: data -> model -> objective (``prepare`` patches the model) -> optimizer, schedule,
+EMA -> resume -> run folder -> compile / DDP -> epochs. Every check that can fail on bad input
+runs before the run folder is created, so a rejected run leaves nothing behind.
+
+Per epoch: train (loss checked every ``--log-interval`` steps: a non-finite loss stops the run
+and names the step; SIGINT/SIGTERM stop after the current step with a resumable checkpoint),
+evaluate (``EvalMetrics``, synced over processes), then on rank 0 append to summary.csv and
+write last.pth.tar (and model_best.pth.tar when top-1 improves), each atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import inspect
+import io
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from . import checkpoint, config, data, distributed, models
+from .errors import ConfigError, Interrupted, TrainingError
+from .evaluate import autocast, evaluate, summary_line, write_results
+
+SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "eval_ece", "lr", "epoch_time"]
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint."""
+
+    epoch: int = 0  # the epoch in progress (or next to run)
+    step: int = 0  # updates done in that epoch
+    global_step: int = 0
+    loss_sum: float = 0.0  # this process's loss sum and count in the epoch so far
+    loss_count: int = 0
+    epoch_time: float = 0.0  # seconds spent in the epoch so far (before a stop)
+    best_top1: float = float("-inf")
+    best_epoch: int = -1
+    rows: list[dict[str, float]] = field(default_factory=list)
+
+
+class StopSignal:
+    """Turns the first SIGINT/SIGTERM into a flag the loop checks; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def accepted_options(cls: type) -> set[str] | None:
+    """Keyword names a class's ``__init__`` chain accepts (None if it takes arbitrary ``**kwargs``)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def build_objective(args: argparse.Namespace, num_classes: int, generator: torch.Generator):
+    """The method's objective with the options its ``__init__`` takes; returns (objective, ignored options)."""
+    from . import mix
+
+    if args.mix not in mix.available():
+        raise ConfigError(f"unknown method --mix {args.mix!r}; choose one of: {', '.join(mix.available())}")
+    options, unused = config.method_options(args, accepted_options(mix.get_class(args.mix)))
+    try:
+        return mix.create(args.mix, num_classes, generator=generator, **options), unused
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--mix {args.mix}: {e}") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rows_csv(rows: list[dict[str, float]]) -> str:
+    fields = SUMMARY_FIELDS + [k for k in (rows[0] if rows else {}) if k not in SUMMARY_FIELDS]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _save_mix_samples(out: Any, x: torch.Tensor, n: int, mean: tuple, std: tuple, path: Path) -> None:
+    """Rows of the first ``n`` samples: image, partner, mixed image, mask."""
+    from torchvision.utils import save_image
+
+    if out.x_mixed is None:
+        return
+    n = min(n, x.shape[0])
+    std_t = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    rows = [x[:n]]
+    if out.partner is not None:
+        rows.append(x[out.partner[:n]])
+    rows.append(out.x_mixed[:n].to(x.dtype))
+    images = torch.cat(rows) * std_t + mean_t
+    if out.mask is not None:
+        images = torch.cat([images, out.mask[:n].to(x.dtype).expand(-1, x.shape[1], -1, -1)])
+    scale = max(1, 64 // x.shape[-1])
+    images = nn.functional.interpolate(images.float().clamp(0, 1), scale_factor=scale, mode="nearest")
+    path.parent.mkdir(exist_ok=True)
+    save_image(images, path, nrow=n, padding=2, pad_value=1.0)
+
+
+class Trainer:
+    """Holds the run's objects; ``fit()`` runs the epochs. Build with ``Trainer(args, ctx)``."""
+
+    def __init__(self, args: argparse.Namespace, ctx: distributed.Context):
+        self.args, self.ctx = args, ctx
+        self.log = print if ctx.is_main else (lambda *a, **k: None)
+        seed_everything(args.seed + ctx.rank)
+        if args.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+
+        self.data = data.build(args)
+        if args.num_classes is not None and args.num_classes != self.data.num_classes:
+            raise ConfigError(f"--num-classes {args.num_classes} but {args.dataset} has {self.data.num_classes} classes")
+        args.num_classes, args.img_size = self.data.num_classes, self.data.img_size
+        self.model = models.create(args.model, num_classes=args.num_classes, img_size=args.img_size,
+                                   in_chans=self.data.in_chans, drop_path_rate=args.drop_path,
+                                   model_kwargs=args.model_kwargs, pretrained=args.pretrained,
+                                   initial_checkpoint=args.initial_checkpoint)
+
+        self.generator = torch.Generator().manual_seed(args.seed + ctx.rank)
+        self.objective, self.unused_options = build_objective(args, args.num_classes, self.generator)
+        if getattr(self.objective, "needs_attention", False) and not isinstance(self.model, VisionTransformer):
+            raise ConfigError(f"--mix {args.mix} reads the attention of a timm VisionTransformer; "
+                              f"{args.model} is a {type(self.model).__name__}: pick a ViT or another --mix")
+        try:
+            self.model = self.objective.prepare(self.model)
+        except ValueError as e:
+            raise ConfigError(f"--mix {args.mix} does not fit {args.model}: {e}") from None
+        self.model.to(ctx.device)
+
+        workers = args.workers if args.workers is not None else (0 if self.data.in_memory else 4)
+        self.train_loader = data.train_loader(self.data, args.batch_size, workers, ctx.rank, ctx.world_size,
+                                              args.seed, ctx.device)
+        self.steps_per_epoch = len(self.train_loader)
+        self.eval_loader = data.eval_loader(self.data, args.eval_batch_size or 2 * args.batch_size, workers,
+                                            ctx.rank, ctx.world_size, ctx.device)
+        try:
+            self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr,
+                                                 weight_decay=args.weight_decay, momentum=args.momentum)
+            self.scheduler, _ = create_scheduler_v2(
+                self.optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+                warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=args.sched_on_epochs,
+                updates_per_epoch=self.steps_per_epoch)
+        except ValueError as e:
+            raise ConfigError(f"{e} (see timm's optimizer and scheduler names)") from None
+        self.amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
+        fp16 = self.amp_dtype is torch.float16
+        self.scaler = torch.amp.GradScaler(ctx.device.type) if fp16 else None
+        self.ema = ModelEmaV3(self.model, decay=args.model_ema_decay) if args.model_ema else None
+
+        self.progress = Progress()
+        if args.resume:
+            self._restore(checkpoint.load(args.resume))
+        self.run_dir = Path(args.output) / args.experiment
+        if ctx.is_main:
+            self._open_run_dir()
+
+        compiled = torch.compile(self.model) if args.compile else self.model
+        self.eval_model = compiled
+        self.train_model = compiled
+        if ctx.distributed:
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(compiled, device_ids=ids)
+
+    # -- run folder and checkpoints ------------------------------------------------------------
+
+    def _open_run_dir(self) -> None:
+        args = self.args
+        if not args.resume and (self.run_dir / checkpoint.LAST).exists():
+            raise ConfigError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir}, "
+                              f"or pick another --experiment")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_text(self.run_dir / "args.yaml", yaml.safe_dump(vars(args), sort_keys=False))
+        except OSError as e:
+            raise ConfigError(f"cannot write to {self.run_dir}: {e.strerror or e}; choose another --output") from None
+
+    def _state(self, completed_epoch: int, metric: float | None) -> dict[str, Any] | None:
+        """The checkpoint dict (on rank 0; None elsewhere). Collective: every process must call it."""
+        rng = distributed.gather(checkpoint.rng_state(self.generator), self.ctx)
+        if not self.ctx.is_main:
+            return None
+        p = self.progress
+        return {
+            "epoch": completed_epoch,
+            "arch": self.args.model,
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "amp_scaler": self.scaler.state_dict() if self.scaler else None,
+            "state_dict_ema": self.ema.module.state_dict() if self.ema else None,
+            "version": 2,
+            "args": dict(vars(self.args)),
+            "metric": metric,
+            "step": p.step,
+            "global_step": p.global_step,
+            "partial": {"loss_sum": p.loss_sum, "loss_count": p.loss_count, "epoch_time": p.epoch_time},
+            "best": {"top1": p.best_top1, "epoch": p.best_epoch},
+            "rows": p.rows,
+            "rng": rng,
+        }
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        args, p = self.args, self.progress
+        checkpoint.load_weights(self.model, ckpt["state_dict"], f"--resume {args.resume}")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scheduler"):
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler and ckpt.get("amp_scaler"):
+            self.scaler.load_state_dict(ckpt["amp_scaler"])
+        if self.ema and ckpt.get("state_dict_ema"):
+            self.ema.module.load_state_dict(ckpt["state_dict_ema"])
+        p.epoch, p.step = ckpt["epoch"] + 1, ckpt.get("step", 0)
+        p.global_step = ckpt.get("global_step", p.epoch * self.steps_per_epoch + p.step)
+        partial = ckpt.get("partial") or {}
+        p.loss_sum, p.loss_count = partial.get("loss_sum", 0.0), partial.get("loss_count", 0)
+        p.epoch_time = partial.get("epoch_time", 0.0)
+        best = ckpt.get("best") or {}
+        p.best_top1, p.best_epoch = best.get("top1", float("-inf")), best.get("epoch", -1)
+        p.rows = [r for r in ckpt.get("rows", []) if r["epoch"] < p.epoch]
+        if p.epoch >= args.epochs:
+            raise ConfigError(f"{args.resume} already finished its {args.epochs} epochs: raise --epochs to train on")
+        rng = ckpt.get("rng") or []
+        if len(rng) == self.ctx.world_size:
+            checkpoint.set_rng_state(rng[self.ctx.rank], self.generator)
+        else:
+            self.log(f"note: the checkpoint was written by {len(rng)} process(es), this run has "
+                     f"{self.ctx.world_size}; random streams restart from the seed")
+            seed_everything(args.seed + self.ctx.rank + p.global_step)
+        self.scheduler.step_update(p.global_step)
+        self.log(f"resumed {args.resume}: epoch {p.epoch}" + (f", step {p.step}" if p.step else ""))
+
+    def _save(self, completed_epoch: int, metric: float | None, best: bool) -> None:
+        state = self._state(completed_epoch, metric)
+        if state is None:
+            return
+        checkpoint.write_text(self.run_dir / "summary.csv", _rows_csv(self.progress.rows))
+        checkpoint.save(state, self.run_dir / checkpoint.LAST)
+        if best:
+            checkpoint.save(state, self.run_dir / checkpoint.BEST)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _check(self, losses: list[torch.Tensor], stop: StopSignal) -> bool:
+        """Fold the losses since the last check into the epoch mean; True if a stop was asked for."""
+        p = self.progress
+        values = torch.stack(losses).float().cpu()
+        finite = torch.isfinite(values)
+        nonfinite, stopping = distributed.any_true([not bool(finite.all()), stop.signum != 0], self.ctx)
+        if nonfinite:
+            first = p.step - len(values) + 1
+            where = (f"at epoch {p.epoch} step {first + int((~finite).nonzero()[0])}" if not finite.all()
+                     else f"on another process between epoch {p.epoch} steps {first} and {p.step}")
+            kept = f"{self.run_dir / checkpoint.LAST} keeps epoch {p.epoch - 1}" if p.epoch else "no checkpoint was written"
+            raise TrainingError(f"non-finite loss {where}; stopped, {kept}. Try a lower --lr, "
+                                f"--clip-grad, or --amp-dtype bfloat16")
+        p.loss_sum += float(values.sum())
+        p.loss_count += len(values)
+        return stopping
+
+    def train_epoch(self, stop: StopSignal) -> bool:
+        """One epoch (or its remainder after a resume); True if a signal asked to stop (every process agrees).
+
+        A stop leaves the epoch early, unless it came at the epoch's last step.
+        """
+        args, p, ctx = self.args, self.progress, self.ctx
+        sampler = self.train_loader.sampler
+        sampler.set_epoch(p.epoch)
+        sampler.skip = p.step * args.batch_size
+        self.train_loader.generator.manual_seed((args.seed + ctx.rank) * 100_003 + p.epoch)
+        self.objective.mixup_enabled = not (args.mixup_off_epoch and p.epoch >= args.mixup_off_epoch)
+        self.train_model.train()
+        total = p.step + len(self.train_loader)
+        bar = tqdm(total=total, initial=p.step, desc=f"epoch {p.epoch}", leave=False,
+                   disable=None if ctx.is_main else True)
+        losses: list[torch.Tensor] = []
+        stopping = False
+        start = time.perf_counter() - p.epoch_time
+        for x, y in self.train_loader:
+            x = x.to(ctx.device, non_blocking=True)
+            y = y.to(ctx.device, non_blocking=True)
+            try:
+                with autocast(ctx.device, self.amp_dtype):
+                    out = self.objective(self.train_model, x, y)
+            except ValueError as e:
+                raise ConfigError(f"--mix {args.mix} failed at epoch {p.epoch} step {p.step}: {e}") from None
+            if args.save_mix_samples and p.step == 0 and ctx.is_main:
+                _save_mix_samples(out, x, args.save_mix_samples, self.data.mean, self.data.std,
+                                  self.run_dir / "mix_samples" / f"epoch{p.epoch:03d}.png")
+            self._update(out.loss)
+            p.step += 1
+            p.global_step += 1
+            self.scheduler.step_update(num_updates=p.global_step)
+            losses.append(out.loss.detach())
+            bar.update(1)
+            if p.step % args.log_interval == 0 or p.step == total:
+                stopping = self._check(losses, stop)
+                losses = []
+                bar.set_postfix(loss=f"{p.loss_sum / max(p.loss_count, 1):.4f}",
+                                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                if stopping:
+                    break
+        bar.close()
+        p.epoch_time = time.perf_counter() - start
+        return stopping
+
+    def _update(self, loss: torch.Tensor) -> None:
+        """Backward, clip, step (through the grad scaler under fp16), EMA."""
+        args = self.args
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if args.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if args.clip_grad:
+                nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.progress.global_step)
+
+    def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs; write results.json and the plots; return the results."""
+        args, ctx, p = self.args, self.ctx, self.progress
+        self._announce()
+        metrics: dict[str, Any] = {}
+        ema_metrics: dict[str, Any] | None = None
+        with StopSignal() as stop:
+            while p.epoch < args.epochs:
+                stopping = self.train_epoch(stop)
+                if stopping and p.step < self.steps_per_epoch:
+                    self._save(p.epoch - 1, None, best=False)
+                    raise Interrupted(stop.signum or signal.SIGTERM, self.run_dir / checkpoint.LAST)
+                eval_start = time.perf_counter()
+                metrics = evaluate(self.eval_model, self.eval_loader, args.num_classes, args.ece_bins, ctx.device,
+                                   self.amp_dtype, show=ctx.is_main)
+                row = {
+                    "epoch": p.epoch,
+                    "train_loss": distributed.mean(p.loss_sum / max(p.loss_count, 1), ctx),
+                    "eval_loss": metrics["nll"], "eval_top1": metrics["top1"], "eval_top5": metrics["top5"],
+                    "eval_ece": metrics["ece"], "lr": self.optimizer.param_groups[0]["lr"],
+                    "epoch_time": p.epoch_time + time.perf_counter() - eval_start,
+                }
+                if self.ema is not None:
+                    ema_metrics = evaluate(self.ema.module, self.eval_loader, args.num_classes, args.ece_bins,
+                                           ctx.device, self.amp_dtype, show=ctx.is_main, desc="eval ema")
+                    row.update(ema_eval_top1=ema_metrics["top1"], ema_eval_ece=ema_metrics["ece"])
+                p.rows.append(row)
+                best = metrics["top1"] > p.best_top1
+                if best:
+                    p.best_top1, p.best_epoch = metrics["top1"], p.epoch
+                self.scheduler.step(p.epoch + 1, metrics["top1"])
+                self.log(f"epoch {p.epoch + 1:>3}/{args.epochs}  train_loss {row['train_loss']:.4f}  "
+                         f"eval_loss {row['eval_loss']:.4f}  top-1 {row['eval_top1']:6.2f}  "
+                         f"top-5 {row['eval_top5']:6.2f}  ECE {row['eval_ece']:.4f}  "
+                         f"lr {row['lr']:.2e}  {row['epoch_time']:.1f}s")
+                completed = p.epoch
+                p.epoch, p.step, p.loss_sum, p.loss_count, p.epoch_time = p.epoch + 1, 0, 0.0, 0, 0.0
+                self._save(completed, metrics["top1"], best)
+                if stopping:
+                    raise Interrupted(stop.signum or signal.SIGTERM, self.run_dir / checkpoint.LAST)
+        return self._finish(metrics, ema_metrics)
+
+    def _announce(self) -> None:
+        args, ctx, d = self.args, self.ctx, self.data
+        self.log(f"data   {args.dataset}: {len(d.train)} train / {len(d.eval)} eval images, "
+                 f"{d.img_size}x{d.img_size}x{d.in_chans}, {d.num_classes} classes")
+        self.log(f"model  {args.model}: {models.describe(self.model)}")
+        defaults = self.objective.defaults() if hasattr(self.objective, "defaults") else {}
+        self.log(f"mix    {args.mix} ({self.objective.passes}) {defaults or ''}")
+        if self.unused_options:
+            self.log(f"note   --mix {args.mix} takes no {', '.join(f'{k}={v}' for k, v in self.unused_options.items())}: ignored")
+        self.log(f"train  {args.epochs} epochs x {self.steps_per_epoch} steps, batch {args.batch_size} x "
+                 f"{ctx.world_size} process(es), {args.opt} lr {args.lr:g}, {ctx.device}"
+                 + (f", amp {args.amp_dtype}" if args.amp else "") + (", compiled" if args.compile else ""))
+        self.log(f"output {self.run_dir}")
+
+    def _finish(self, metrics: dict[str, Any], ema_metrics: dict[str, Any] | None) -> dict[str, Any]:
+        args, p = self.args, self.progress
+        if not self.ctx.is_main:
+            return {}
+        from .plots import training_curves
+
+        extra: dict[str, Any] = {
+            "epochs": args.epochs, "best_top1": p.best_top1, "best_epoch": p.best_epoch,
+            "train_time_s": sum(r["epoch_time"] for r in p.rows), "method": args.mix, "model": args.model,
+            "dataset": args.dataset, "num_images": len(self.data.eval), "seed": args.seed,
+            "world_size": self.ctx.world_size,
+        }
+        if ema_metrics is not None:
+            extra["ema"] = {k: ema_metrics[k] for k in ("top1", "top5", "nll", "brier", "ece", "ece10", "mce")}
+        results = write_results(self.run_dir, metrics, extra, title=f"{args.model}, {args.mix}, {args.dataset}")
+        with checkpoint.atomic_path(self.run_dir / "curves.png") as tmp:
+            training_curves(self.run_dir / "summary.csv", tmp)
+        self.log(f"final  {summary_line(metrics)}  on {len(self.data.eval)} held-out images, "
+                 f"{extra['train_time_s']:.0f}s -> {self.run_dir}")
+        return results
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``mergemix train`` with parsed arguments (under torchrun: one call per process)."""
+    ctx = distributed.setup(args.device)
+    try:
+        return Trainer(args, ctx).fit()
+    finally:
+        distributed.cleanup()
