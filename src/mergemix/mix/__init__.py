@@ -37,6 +37,7 @@ def create(name: str, num_classes: int, **options) -> Objective:
 
 
 from . import mergemix, plain  # noqa: E402,F401  (importing a method module registers it)
+from . import fmix, gridmix, mixup, resizemix, saliencymix, smmix, smoothmix, tokenmix, transmix  # noqa: E402,F401,E501
 
 __all__ = ["Objective", "StepOutput", "available", "create", "get_class", "register",
            "mixed_targets", "sample_lam", "smooth_one_hot", "soft_cross_entropy", "unwrap"]

@@ -1,0 +1,75 @@
+"""CLS attention for the attention-based baselines (TransMix, TokenMix, SMMix).
+
+They read attention through the same read-out MergeMix uses (``mergemix.tome``, with no merging:
+r = 0), never through a second mechanism. By default the read-out block is the last one, as
+TransMix reads "the attention map of the last Transformer block".
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..mask import patch_fraction, recover
+from ..tome import patch_tome
+from .base import unwrap
+from .mixer import Mixed
+
+
+def attention_mass(scores: Tensor, keep: Tensor, eps: float = 1e-12) -> Tensor:
+    """Share of the CLS attention that falls on the kept part of each image.
+
+    scores: (B, L) CLS attention over the L patch tokens (prefix tokens left out).
+    keep: (B, L) how much of each patch is the sample's own (0/1, or a fraction for patches a
+        pixel-level box cuts through).
+    returns: (B,) Σ_l a_l·keep_l / Σ_l a_l, in [0, 1]. Normalising over the patches leaves out the
+    attention CLS pays to itself and to other prefix tokens, so own and partner shares sum to 1.
+    """
+    scores = scores.float()
+    return (scores * keep.float()).sum(dim=1) / scores.sum(dim=1).clamp_min(eps)
+
+
+def attach_readout(model: nn.Module, readout_block: int) -> nn.Module:
+    """Patch a timm VisionTransformer (no merging) to leave its CLS attention at ``readout_block``.
+
+    readout_block: 0-based, negative counts from the end (-1: the last block).
+    Raises ValueError if the model is not a timm VisionTransformer or has no class token.
+    """
+    net = unwrap(model)
+    depth = len(getattr(net, "blocks", ()))
+    block = readout_block + depth if readout_block < 0 else readout_block
+    patch_tome(net, r=0, readout_block=block)
+    return model
+
+
+def patch_attention(model: nn.Module) -> Tensor:
+    """(B, L) CLS attention over the patches, from the model's last training forward (detached)."""
+    readout = getattr(unwrap(model), "tome_readout", None)
+    if readout is None:
+        raise RuntimeError("the model left no attention read-out: call objective.prepare(model) before training")
+    return recover(readout.attn, readout.index)
+
+
+def attention_lam_hat(model: nn.Module, mixed: Mixed) -> Tensor:
+    """(B,) label weight of the own class = attention mass on the own pixels (TransMix's λ).
+
+    The pixel mask is pooled to the patch grid by area, so a box that cuts a patch counts the
+    kept fraction of that patch.
+    """
+    grid = unwrap(model).tome_readout.grid
+    return attention_mass(patch_attention(model), patch_fraction(mixed.mask, grid))
+
+
+class ReadsAttention:
+    """Mixin for objectives that read CLS attention: ``prepare`` patches the model for a read-out
+    at ``readout_block``. Use before the objective base class: ``class X(ReadsAttention, PairMixer)``.
+    """
+
+    needs_attention = True
+    readout_block: int
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return attach_readout(model, self.readout_block)
+
+    def defaults(self) -> dict[str, Any]:
+        return {**super().defaults(), "readout_block": self.readout_block}  # type: ignore[misc]

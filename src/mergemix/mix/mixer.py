@@ -1,0 +1,147 @@
+"""Shared step of the pairwise mixing baselines: pair, mix, forward, label, loss.
+
+Every baseline mixes image i with a partner j (a derangement of the batch, never itself) and
+trains on soft targets λ̂·y_i + (1 − λ̂)·y_j, label-smoothed as timm does. A method only says how to
+mix (``paste``) and, if it reads the model, how to relabel after the forward (``relabel``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..mask import derangement, mix_images
+from .base import Objective, StepOutput, mixed_targets, smooth_one_hot, soft_cross_entropy
+
+
+@dataclass
+class Mixed:
+    """One mixed batch.
+
+    x: (B, C, H, W) mixed images.
+    mask: (B, 1, H, W) share of each pixel that is the sample's own (1 own, 0 partner, blends between).
+    lam: (B,) the mixing ratio the method drew (share of the sample meant to be kept).
+    lam_hat: (B,) label weight of the sample's own class before any relabelling (usually the kept area).
+    partner: (B,) long index of each sample's partner.
+    kind: which mixing produced the batch (e.g. "mixup", "cutmix"; "none" when mixing was skipped).
+    """
+
+    x: Tensor
+    mask: Tensor
+    lam: Tensor
+    lam_hat: Tensor
+    partner: Tensor
+    kind: str
+
+
+def kept_area(mask: Tensor) -> Tensor:
+    """(B, 1, H, W) mask -> (B,) share of the image that is the sample's own (mask mean)."""
+    return mask.flatten(1).float().mean(dim=1)
+
+
+def masked_batch(x: Tensor, partner: Tensor, mask: Tensor, lam: float | None, kind: str) -> Mixed:
+    """Mix x with x[partner] through a (B, 1, H, W) pixel mask; label by the kept area (CutMix's labelling).
+
+    lam: the ratio the method drew, or None for methods that draw none (then it is the kept area).
+    """
+    area = kept_area(mask)
+    lam_t = area if lam is None else torch.full_like(area, lam)
+    return Mixed(mix_images(x, partner, mask), mask, lam_t, area, partner, kind)
+
+
+def unmixed(x: Tensor, partner: Tensor) -> Mixed:
+    """The batch left as it is: mask 1, λ = λ̂ = 1 (targets are the smoothed one-hot labels)."""
+    ones = torch.ones(x.shape[0], device=x.device)
+    return Mixed(x, torch.ones_like(x[:, :1]), ones, ones, partner, "none")
+
+
+def check_positive(**values: float) -> None:
+    """Raise ValueError naming the first option that is not > 0 (e.g. ``check_positive(alpha=alpha)``)."""
+    for key, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{key} must be > 0, got {value}")
+
+
+def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """A generator on ``device`` seeded from ``generator``, for bulk draws that should not run on the CPU.
+
+    None when ``generator`` is None (then the device's global RNG is used).
+    """
+    if generator is None:
+        return None
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class PairMixer(Objective):
+    """Base of every method that mixes each image with a partner from the same batch.
+
+    Subclasses implement ``paste(x, partner) -> Mixed``; model-aware ones override ``relabel``.
+    prob: probability that a batch is mixed at all (timm's ``prob``); an unmixed batch keeps its
+    one-hot (smoothed) labels.
+    alpha: the Beta(α, α) parameter of methods that draw λ; None takes the class's ``default_alpha``
+    (methods whose ``default_alpha`` is None draw no λ and refuse the option).
+    """
+
+    default_alpha: ClassVar[float | None] = None
+
+    def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None,
+                 prob: float = 1.0, alpha: float | None = None):
+        super().__init__(num_classes, smoothing, generator)
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {prob}")
+        if alpha is not None and self.default_alpha is None:
+            raise TypeError(f"{self.name} draws no Beta(α, α) ratio; it takes no alpha option")
+        self.prob = prob
+        self.alpha = self.default_alpha if alpha is None else alpha
+        if self.alpha is not None:
+            check_positive(alpha=self.alpha)
+
+    def paste(self, x: Tensor, partner: Tensor) -> Mixed:  # pragma: no cover - abstract
+        """Mix x (B, C, H, W) with x[partner] (methods whose mask needs a forward override ``__call__``)."""
+        raise NotImplementedError
+
+    def pair(self, x: Tensor) -> tuple[Tensor, bool]:
+        """(B,) partners (B >= 2, else ValueError) and whether to mix this batch (probability ``prob``)."""
+        partner = derangement(x.shape[0], self.generator, x.device)
+        return partner, self.prob >= 1.0 or float(torch.rand(1, generator=self.generator)) < self.prob
+
+    def mix(self, x: Tensor) -> Mixed:
+        """Pair and paste, or leave the batch as it is (kind "none") when this batch is not mixed."""
+        partner, apply = self.pair(x)
+        return self.paste(x, partner) if apply else unmixed(x, partner)
+
+    def relabel(self, model: nn.Module, mixed: Mixed) -> Tensor:
+        """(B,) label weight of the own class, read after the forward of ``mixed.x``; default: unchanged."""
+        return mixed.lam_hat
+
+    def step(self, model: nn.Module, y: Tensor, mixed: Mixed) -> StepOutput:
+        """Forward the mixed batch, label it, and return the loss against the soft targets."""
+        logits = model(mixed.x)
+        lam_hat = self.relabel(model, mixed)
+        targets = mixed_targets(y, mixed.partner, lam_hat, self.num_classes, self.smoothing)
+        return StepOutput(soft_cross_entropy(logits, targets), logits, x_mixed=mixed.x, mask=mixed.mask,
+                          lam=mixed.lam, lam_hat=lam_hat, partner=mixed.partner, extras={"kind": mixed.kind})
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+        if not self.mixup_enabled:
+            return self.clean_step(model, x, y)
+        return self.step(model, y, self.mix(x))
+
+    def defaults(self) -> dict[str, Any]:
+        alpha = {} if self.alpha is None else {"alpha": self.alpha}
+        return {**alpha, "prob": self.prob, "smoothing": self.smoothing}
+
+
+class ImageMixer(PairMixer):
+    """A method that needs no model; it also follows timm's ``mixer(x, y)`` contract."""
+
+    def mixer(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """timm's Mixup contract: (B, C, H, W) images, (B,) labels -> mixed images, (B, num_classes) soft
+        targets (rows sum to 1, label smoothing folded in). Unmixed when ``mixup_enabled`` is False."""
+        if not self.mixup_enabled:
+            return x, smooth_one_hot(y, self.num_classes, self.smoothing)
+        mixed = self.mix(x)
+        return mixed.x, mixed_targets(y, mixed.partner, mixed.lam_hat, self.num_classes, self.smoothing)

@@ -1,0 +1,55 @@
+"""``resizemix``: ResizeMix (Qin et al., 2020, "ResizeMix: Mixing Data with Preserved Object Information
+and True Labels").
+
+The whole partner image is shrunk by a scale τ ∈ [scope] and pasted at a random place where it
+fits whole; the label weight of the own class is the area left uncovered (≈ 1 − τ²). The paper
+draws τ ~ U(scope), scope (0.1, 0.8); here τ = lo + (hi − lo)·u with u ~ Beta(α, α), so the
+default α = 1 is the paper's uniform draw. One τ per batch (so the shrinking is one batched
+resize, antialiased); the place is drawn per sample.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import register
+from .base import sample_lam
+from .boxes import box_mask, boxes_at, paste_windows, random_corners
+from .mixer import ImageMixer, Mixed, kept_area
+
+
+def resizemix_batch(x: Tensor, partner: Tensor, tau: float, generator: torch.Generator | None) -> Mixed:
+    """Paste x[partner] resized to round(τ·H) x round(τ·W) pixels (at least 1) into x at a random place per sample."""
+    B, size = x.shape[0], tuple(x.shape[-2:])
+    box = (max(round(tau * size[0]), 1), max(round(tau * size[1]), 1))
+    small = F.interpolate(x[partner], size=box, mode="bilinear", align_corners=False, antialias=True)
+    corners = random_corners(B, box, size, generator, x.device)
+    mask = box_mask(boxes_at(corners, box), size)
+    lam = torch.full((B,), 1.0 - tau * tau, device=x.device)
+    return Mixed(paste_windows(x, small, corners), mask, lam, kept_area(mask), partner, "resizemix")
+
+
+@register
+class ResizeMix(ImageMixer):
+    name = "resizemix"
+    description = "ResizeMix: paste the whole partner shrunk by τ ∈ scope at a random place, label by kept area"
+    passes = "1 fwd + 1 bwd"
+    default_alpha = 1.0
+
+    def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None,
+                 prob: float = 1.0, alpha: float | None = None, scope: tuple[float, float] = (0.1, 0.8)):
+        super().__init__(num_classes, smoothing, generator, prob, alpha)
+        lo, hi = (float(v) for v in scope)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"scope must satisfy 0 < lo <= hi <= 1, got {scope}")
+        self.scope = (lo, hi)
+
+    def paste(self, x: Tensor, partner: Tensor) -> Mixed:
+        lo, hi = self.scope
+        return resizemix_batch(x, partner, lo + (hi - lo) * sample_lam(self.alpha, self.generator), self.generator)
+
+    def defaults(self) -> dict[str, Any]:
+        return {**super().defaults(), "scope": self.scope}

@@ -1,0 +1,258 @@
+"""Pure functions of the baselines against independent facts: timm's Mixup, hand-built maps, pixel counts."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.data.mixup import cutmix_bbox_and_lam, rand_bbox
+from torch import nn
+
+import mergemix.mix.mixer as mixer_mod
+import mergemix.mix.mixup as mixup_mod
+from mergemix.mix import create
+from mergemix.mix.attention import attention_lam_hat, attention_mass
+from mergemix.mix.boxes import (
+    box_mask,
+    boxes_at,
+    centred_boxes,
+    crop_windows,
+    cut_size,
+    paste_windows,
+    random_corners,
+)
+from mergemix.mix.fmix import fourier_masks, fourier_noise
+from mergemix.mix.gridmix import grid_masks
+from mergemix.mix.mixer import Mixed
+from mergemix.mix.saliencymix import saliency_peaks, spectral_residual
+from mergemix.mix.smmix import attention_swap, extreme_windows
+from mergemix.mix.smoothmix import gaussian_blob_masks
+from mergemix.mix.tokenmix import block_token_mask
+from mergemix.tome import Readout
+
+NUM_CLASSES = 10
+
+
+def flip_partner(batch_size: int, generator=None, device=None) -> torch.Tensor:
+    """timm pairs sample i with B-1-i (x.flip(0)); a derangement when B is even."""
+    return torch.arange(batch_size - 1, -1, -1, device=device)
+
+
+def timm_mixup(monkeypatch, lam: float, use_cutmix: bool) -> Mixup:
+    mixer = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=NUM_CLASSES)
+    monkeypatch.setattr(mixer, "_params_per_batch", lambda: (lam, use_cutmix))
+    return mixer
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.77])
+def test_mixup_equals_timm(monkeypatch, lam):
+    x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 3, 3, 9, 1, 2])
+    monkeypatch.setattr(mixer_mod, "derangement", flip_partner)
+    monkeypatch.setattr(mixup_mod, "sample_lam", lambda alpha, generator=None: lam)
+    x_ours, t_ours = create("mixup", NUM_CLASSES).mixer(x.clone(), y)
+    x_timm, t_timm = timm_mixup(monkeypatch, lam, False)(x.clone(), y)
+    torch.testing.assert_close(x_ours, x_timm, atol=1e-6, rtol=0)
+    torch.testing.assert_close(t_ours, t_timm, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("lam, seed", [(0.2, 0), (0.5, 1), (0.9, 2), (0.05, 3)])
+def test_cutmix_equals_timm(monkeypatch, lam, seed):
+    x, y = torch.randn(4, 3, 20, 24), torch.tensor([5, 0, 7, 7])
+    np.random.seed(seed)
+    (yl, yh, xl, xh), _ = cutmix_bbox_and_lam(x.shape, lam)
+    box = torch.tensor([[yl, yh, xl, xh]] * 4)
+    monkeypatch.setattr(mixer_mod, "derangement", flip_partner)
+    monkeypatch.setattr(mixup_mod, "sample_lam", lambda alpha, generator=None: lam)
+    monkeypatch.setattr(mixup_mod, "cutmix_boxes", lambda lam, B, size, generator=None, device=None: box)
+    x_ours, t_ours = create("cutmix", NUM_CLASSES).mixer(x.clone(), y)
+    np.random.seed(seed)  # timm redraws the same box
+    x_timm, t_timm = timm_mixup(monkeypatch, lam, True)(x.clone(), y)
+    torch.testing.assert_close(x_ours, x_timm, atol=0, rtol=0)
+    torch.testing.assert_close(t_ours, t_timm, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cutmix_box_geometry_equals_timm(seed):
+    """Same centre and λ -> the same clipped box as timm's rand_bbox."""
+    size = (20, 24)
+    lam = [0.1, 0.4, 0.63, 0.9, 0.0, 0.999][seed]
+    np.random.seed(seed)
+    cy, cx = np.random.randint(0, size[0]), np.random.randint(0, size[1])
+    np.random.seed(seed)
+    expected = rand_bbox((1, 3, *size), lam)
+    ours = centred_boxes(torch.tensor([cy]), torch.tensor([cx]), cut_size(lam, size), size)
+    assert ours[0].tolist() == [int(v) for v in expected]
+
+
+def test_box_mask_marks_the_box():
+    mask = box_mask(torch.tensor([[1, 3, 2, 5], [0, 0, 0, 4]]), (4, 6))
+    assert mask.shape == (2, 1, 4, 6)
+    assert mask[0, 0, 1:3, 2:5].sum() == 0 and mask[0].sum() == 24 - 6
+    assert mask[1].sum() == 24  # an empty box keeps everything
+
+
+def test_crop_and_paste_windows_move_pixels_per_sample():
+    x = torch.arange(2 * 1 * 5 * 6, dtype=torch.float32).view(2, 1, 5, 6)
+    corners = torch.tensor([[0, 1], [3, 4]])
+    crop = crop_windows(x, corners, (2, 2))
+    assert torch.equal(crop[0, 0], x[0, 0, 0:2, 1:3]) and torch.equal(crop[1, 0], x[1, 0, 3:5, 4:6])
+    out = paste_windows(x, crop.flip(0), torch.tensor([[1, 1], [0, 0]]))
+    assert torch.equal(out[0, 0, 1:3, 1:3], x[1, 0, 3:5, 4:6]) and torch.equal(out[1, 0, 0:2, 0:2], x[0, 0, 0:2, 1:3])
+    assert (out != x).sum() <= 8 and not torch.equal(out, x)
+
+
+def test_random_corners_keep_the_box_inside():
+    g = torch.Generator().manual_seed(0)
+    corners = random_corners(500, (3, 5), (8, 9), g)
+    boxes = boxes_at(corners, (3, 5))
+    assert boxes.min() >= 0 and (boxes[:, 1] <= 8).all() and (boxes[:, 3] <= 9).all()
+    assert corners[:, 0].max() == 5 and corners[:, 1].max() == 4  # every place is reachable
+
+
+def _hand_readout_model(attn: list[float]) -> nn.Module:
+    """A stand-in model whose last forward left a hand-built read-out on a 2x2 grid, CLS first."""
+    model = nn.Identity()
+    model.tome_readout = Readout(torch.tensor([attn]), torch.arange(4)[None] + 1, torch.ones(1, 5), 1, (2, 2))
+    return model
+
+
+def test_attention_mass_hand_example():
+    scores = torch.tensor([[0.05, 0.10, 0.15, 0.20]])  # CLS kept 0.5 for itself
+    assert attention_mass(scores, torch.tensor([[1.0, 0, 1, 0]])).item() == pytest.approx(0.4)
+    assert attention_mass(scores, torch.tensor([[0.5, 1, 0, 0]])).item() == pytest.approx(0.025 / 0.5 + 0.2)
+
+
+def test_transmix_and_tokenmix_labels_are_attention_mass_of_kept_pixels():
+    """2x2 grid of 2x2-pixel patches, CLS attention (0.2 | 0.1, 0.2, 0.3, 0.2) -> patch shares 1/8, 2/8, 3/8, 2/8."""
+    model = _hand_readout_model([0.2, 0.1, 0.2, 0.3, 0.2])
+    token_mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    token_mask[0, :2] = 1.0
+    token_mask[0, 2:] = 0.0  # top row kept (TokenMix-style, whole patches)
+    token_mask = token_mask.view(2, 1, 2, 2).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    token_mask[1, :, :, 3:] = 0.0  # right pixel column cut away: half of patches 1 and 3 (TransMix-style box)
+    mixed = Mixed(token_mask, token_mask, torch.ones(2), torch.ones(2), torch.tensor([1, 0]), "cutmix")
+    expected = torch.tensor([(1 + 2) / 8, 1 - 0.5 * (2 + 2) / 8])
+    torch.testing.assert_close(attention_lam_hat(model, mixed), expected)
+    transmix = create("transmix", NUM_CLASSES)
+    torch.testing.assert_close(transmix.relabel(model, mixed), expected)
+    mixed.kind = "mixup"  # MixUp batches keep λ, as in the paper
+    torch.testing.assert_close(transmix.relabel(model, mixed), mixed.lam_hat)
+    torch.testing.assert_close(create("tokenmix", NUM_CLASSES).relabel(model, mixed), expected)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.37, 1.0])
+def test_fourier_masks_keep_exactly_floor_lam_pixels(lam):
+    g = torch.Generator().manual_seed(0)
+    noise = fourier_noise(3, (12, 10), 3.0, g)
+    assert noise.shape == (3, 12, 10) and torch.isfinite(noise).all()
+    mask = fourier_masks(noise, lam)
+    assert mask.shape == (3, 1, 12, 10) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert (mask.flatten(1).sum(1) == math.floor(lam * 120)).all()
+
+
+def test_fourier_noise_is_low_frequency():
+    """The decay 1/f^3 makes neighbouring pixels far more alike than white noise's."""
+    noise = fourier_noise(8, (32, 32), 3.0, torch.Generator().manual_seed(1))
+    neighbour_corr = torch.corrcoef(torch.stack([noise[:, :, :-1].flatten(), noise[:, :, 1:].flatten()]))[0, 1]
+    assert neighbour_corr > 0.9
+
+
+def test_grid_masks_are_constant_per_cell():
+    g = torch.Generator().manual_seed(0)
+    mask = grid_masks(0.5, 3, 4, (9, 12), g)
+    assert mask.shape == (4, 1, 9, 12)
+    cells = mask.view(4, 3, 3, 3, 4)  # (B, row cell, row in cell, col cell, col in cell)
+    assert (cells.amax(dim=(2, 4)) == cells.amin(dim=(2, 4))).all()
+    assert grid_masks(1.0, 4, 2, (8, 8), g).min() == 1 and grid_masks(0.0, 4, 2, (8, 8), g).max() == 0
+
+
+def test_gaussian_blobs_are_soft_and_centred_per_sample():
+    mask = gaussian_blob_masks(6, (16, 16), (0.25, 0.5), torch.Generator().manual_seed(0))
+    assert mask.shape == (6, 1, 16, 16) and mask.min() >= 0 and mask.max() < 1
+    assert len({int(m.argmin()) for m in mask}) > 1  # centres differ
+    assert ((mask > 0.01) & (mask < 0.99)).any()  # soft edges, not a box
+
+
+def test_spectral_residual_finds_the_odd_spot():
+    """A bright and a dark square on a smooth textured background (a flat one has exact spectral zeros)."""
+    background = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    x = 0.3 * F.interpolate(background, size=(48, 48), mode="bilinear").repeat(1, 3, 1, 1)
+    x[0, :, 30:36, 8:14] += 3.0
+    x[1, :, 5:9, 38:42] -= 3.0
+    saliency = spectral_residual(x)
+    assert saliency.shape == (2, 64, 64)
+    cy, cx = saliency_peaks(saliency, (48, 48))
+    assert 28 <= cy[0] < 38 and 6 <= cx[0] < 16
+    assert 3 <= cy[1] < 11 and 36 <= cx[1] < 44
+
+
+def test_saliency_peak_maps_cells_to_pixel_centres():
+    sal = torch.zeros(1, 4, 4)
+    sal[0, 3, 1] = 1
+    cy, cx = saliency_peaks(sal, (8, 16))
+    assert (cy.item(), cx.item()) == (7, 6)
+
+
+def test_block_token_mask_never_overshoots_and_nearly_fills():
+    g = torch.Generator().manual_seed(0)
+    count = torch.randint(0, 197, (400,), generator=g)
+    taken = block_token_mask(count, (14, 14), g)
+    assert taken.shape == (400, 196)
+    got = taken.sum(1)
+    assert (got <= count).all()
+    assert ((count - got) / 196).mean() < 0.05
+    assert block_token_mask(torch.zeros(3, dtype=torch.long), (4, 4), g).sum() == 0
+
+
+def test_block_token_mask_is_made_of_blocks():
+    """A single round can only add one rectangle: its tokens form a filled box."""
+    g = torch.Generator().manual_seed(3)
+    taken = block_token_mask(torch.full((50,), 12), (8, 8), g, rounds=1).view(50, 8, 8)
+    for m in taken:
+        if m.sum() == 0:
+            continue
+        rows, cols = m.nonzero(as_tuple=True)
+        assert m[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+
+
+def test_extreme_windows_hand_map():
+    scores = torch.zeros(1, 16)
+    scores[0, [6, 7, 10, 11]] = 1.0  # hot 2x2 at (1, 2)
+    scores[0, 0] = -1.0  # the coldest patch is the top-left one
+    assert extreme_windows(scores, (4, 4), (2, 2), largest=True).tolist() == [[1, 2]]
+    assert extreme_windows(scores, (4, 4), (2, 2), largest=False).tolist() == [[0, 0]]
+
+
+def test_attention_swap_moves_partner_hot_window_onto_own_cold_window():
+    B, grid = 2, (4, 4)
+    x = torch.arange(B * 16 * 16, dtype=torch.float32).view(B, 1, 16, 16)  # every pixel unique
+    scores = torch.rand(B, 16, generator=torch.Generator().manual_seed(0))
+    partner = torch.tensor([1, 0])
+    lam = 0.75  # window: floor(4 * sqrt(0.25)) = 2 patches = 8 pixels
+    mixed = attention_swap(x, partner, scores, grid, lam)
+    for b in range(B):
+        src = extreme_windows(scores[partner[b]][None], grid, (2, 2), True)[0] * 4
+        dst = extreme_windows(scores[b][None], grid, (2, 2), False)[0] * 4
+        pasted = mixed.x[b, 0, dst[0]:dst[0] + 8, dst[1]:dst[1] + 8]
+        assert torch.equal(pasted, x[partner[b], 0, src[0]:src[0] + 8, src[1]:src[1] + 8])
+        assert mixed.mask[b, 0, dst[0]:dst[0] + 8, dst[1]:dst[1] + 8].sum() == 0
+    torch.testing.assert_close(mixed.lam_hat, torch.full((B,), 0.75))
+    nothing = attention_swap(x, partner, scores, grid, 1.0)  # zero-size window pastes nothing
+    assert torch.equal(nothing.x, x) and nothing.lam_hat.eq(1).all()
+
+
+def test_resizemix_pastes_the_resized_partner():
+    from mergemix.mix.resizemix import resizemix_batch
+
+    x = torch.randn(3, 3, 20, 20)
+    partner = torch.tensor([2, 0, 1])
+    mixed = resizemix_batch(x, partner, 0.5, torch.Generator().manual_seed(0))
+    small = F.interpolate(x[partner], size=(10, 10), mode="bilinear", align_corners=False, antialias=True)
+    for b in range(3):
+        ys, xs = (mixed.mask[b, 0] == 0).nonzero(as_tuple=True)
+        assert len(ys) == 100
+        torch.testing.assert_close(mixed.x[b, :, ys.min():ys.max() + 1, xs.min():xs.max() + 1], small[b])
+    torch.testing.assert_close(mixed.lam_hat, torch.full((3,), 0.75))
