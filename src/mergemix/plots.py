@@ -270,8 +270,8 @@ def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float
     ``lam_hat`` (B,) or scalars. patch_size: pixels per patch (int or (ph, pw)); by default the
     read-out's grid, or a grid with the image's aspect ratio.
 
-    Columns: original, partner, attention heat-map, merge clusters (boundaries between patches held
-    by different tokens, over the dimmed original), mask, mixed image. A column whose field is
+    Columns: original, partner, attention heat-map over the patch grid, merge clusters (boundaries
+    between patches held by different tokens, over the dimmed original), mask, mixed image. A column whose field is
     absent for this method (e.g. CutMix has no scores or read-out) is left out. Each panel is
     200 x 200 px.
     """
@@ -302,7 +302,8 @@ def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float
     for b in range(n):
         ratios = "".join([f" λ={lam[b]:.2f}" if lam else "", f" λ̂={lam_hat[b]:.2f}" if lam_hat else ""])
         for ax, column in zip(axes[b], columns):
-            ax.set_axis_off()
+            ax.set_xticks([])  # keep the frame: an all-white mask must not look like a blank panel
+            ax.set_yticks([])
             if column == "original":
                 _show(ax, images[b], f"#{b}")
             elif column == "partner":
@@ -311,9 +312,7 @@ def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float
             elif column == "attention":
                 scores = out.scores[b].detach().float().cpu()
                 gh, gw = _patch_grid(scores.numel(), H, W, patch_size, grid)
-                _show(ax, images[b], "attention", alpha=0.5)
-                ax.imshow(scores.reshape(gh, gw).numpy(), cmap="inferno", alpha=0.6, interpolation="nearest",
-                          extent=(-0.5, W - 0.5, H - 0.5, -0.5))
+                _show(ax, scores.reshape(gh, gw).numpy(), "attention", cmap="inferno")
             elif column == "clusters":
                 index = readout.index[b].detach().cpu()
                 gh, gw = _patch_grid(index.numel(), H, W, patch_size, grid)

@@ -1,0 +1,104 @@
+"""``mergemix viz``: draw what a mixing method does to a batch.
+
+One step of any registered method (``--mix``) on a few images of a data set, with a trained
+checkpoint or a fresh model, drawn as a grid (``plots.mix_grid``): per sample the original, its
+partner, the recovered attention, the merge clusters at the read-out block, the mask and the
+mixed image, with λ and λ̂ in the titles. Methods without attention leave those columns out.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, data, models
+from . import mix as mixing
+from .config import DATASETS, build_train_parser, key_value
+from .distributed import setup
+from .errors import ConfigError, MergeMixError
+from .evaluate import _run_args
+from .plots import mix_grid
+
+__all__ = ["build_parser", "main", "mix_grid", "run_viz"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mergemix viz", description=__doc__.split("\n\n")[1].replace("\n", " "),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mix", default=None,
+                   help="mixing method (default: the checkpoint's, else mergemix); see `mergemix methods`")
+    p.add_argument("--mix-opt", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. merge_num=8 or lam_policy=gaussian (repeatable)")
+    p.add_argument("--checkpoint", default=None, help="a .pth.tar file or a run folder; default: a fresh model")
+    p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the checkpoint's, else the train default")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--split", default="eval", choices=("eval", "train"),
+                   help="which images: eval (no augmentation) or train (augmented as in training)")
+    p.add_argument("--model", default=None, help="timm model name (default: the checkpoint's, else the train default)")
+    p.add_argument("--model-kwargs", nargs="*", default=None, help="timm.create_model kwargs, e.g. patch_size=2 depth=4")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--num-samples", "-n", type=int, default=8, help="images in the batch (rows of the grid)")
+    p.add_argument("--out", default="mix_grid.png", help="PNG to write")
+    p.add_argument("--seed", type=int, default=0, help="picks the images, partners, λ")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def run_viz(cli: argparse.Namespace) -> Path:
+    """Build data, model and objective from ``cli`` (see ``build_parser``), run one step, draw it."""
+    if cli.num_samples < 2:
+        raise ConfigError(f"--num-samples must be at least 2 (each image needs a partner), got {cli.num_samples}")
+    if cli.checkpoint:
+        ckpt = checkpoint.load(cli.checkpoint)
+    else:  # a fresh model: the training defaults, with this command's flags on top
+        ckpt = {"args": vars(build_train_parser().parse_args([]))}
+    args = _run_args(ckpt, cli)
+    name = cli.mix or (ckpt.get("args") or {}).get("mix") or "mergemix"
+    device = setup(cli.device).device
+    torch.manual_seed(cli.seed)
+
+    bundle = data.build(args)
+    dataset = bundle.eval if cli.split == "eval" else bundle.train
+    if len(dataset) < cli.num_samples:
+        raise ConfigError(f"--num-samples {cli.num_samples} is more than the {len(dataset)} images of that split")
+    picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cli.seed))[: cli.num_samples]
+    images, labels = zip(*(dataset[i] for i in picks.tolist()))
+    x, y = torch.stack(images).to(device), torch.as_tensor(labels).to(device)
+
+    num_classes = args.num_classes or bundle.num_classes
+    model = models.create(args.model, num_classes=num_classes, img_size=args.img_size or bundle.img_size,
+                          in_chans=bundle.in_chans, model_kwargs=args.model_kwargs)
+    if cli.checkpoint:
+        checkpoint.load_weights(model, ckpt["state_dict"], str(cli.checkpoint))
+    try:
+        objective = mixing.create(name, num_classes, generator=torch.Generator().manual_seed(cli.seed),
+                                  **dict(cli.mix_opt))
+        model = objective.prepare(model)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--mix {name}: {err}") from None
+    model.to(device).eval()
+    with torch.no_grad():
+        out = objective(model, x, y)
+
+    pe = getattr(model, "patch_embed", None)
+    return mix_grid(x, out, cli.out, mean=bundle.mean, std=bundle.std,
+                    patch_size=tuple(pe.patch_size) if pe is not None else None, max_samples=cli.num_samples)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``mergemix viz``; returns the exit code (2 for bad input)."""
+    cli = build_parser().parse_args(argv)
+    try:
+        path = run_viz(cli)
+    except MergeMixError as err:
+        if cli.debug:
+            raise
+        print(f"mergemix viz: error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(f"wrote {path}")
+    return 0

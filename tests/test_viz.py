@@ -1,0 +1,78 @@
+"""``mergemix viz`` end to end on digits with a tiny ViT: MergeMix, a box method, a checkpoint, bad input."""
+from __future__ import annotations
+
+import matplotlib.image as mpimg
+import pytest
+import torch
+
+from mergemix import mix, models
+from mergemix.config import build_train_parser
+from mergemix.viz import main, mix_grid
+
+TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=2", "embed_dim=32", "depth=4", "num_heads=2"]
+
+
+def grid_shape(path) -> tuple[int, int]:
+    image = mpimg.imread(path)
+    assert image[..., :3].std() > 0.05
+    return image.shape[:2]
+
+
+@pytest.mark.parametrize("method, columns", [("mergemix", 6), ("cutmix", 4)])
+def test_viz_draws_every_column_the_method_has(tmp_path, capsys, method: str, columns: int):
+    # mergemix: original, partner, attention, clusters, mask, mixed; cutmix has no attention or read-out
+    out = tmp_path / f"{method}.png"
+    assert main(["--mix", method, *TINY, "--num-samples", "3", "--out", str(out), "--device", "cpu"]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert grid_shape(out) == (3 * 200, columns * 200)
+
+
+def test_viz_is_reproducible_from_the_seed(tmp_path):
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    for path, seed in zip(paths, (5, 5, 6)):
+        assert main(["--mix", "mergemix", *TINY, "-n", "2", "--seed", str(seed), "--out", str(path), "--device", "cpu"]) == 0
+    a, b, c = (mpimg.imread(p) for p in paths)
+    assert (a == b).all() and not (a == c).all()
+
+
+def test_viz_from_a_checkpoint_with_its_method(tmp_path):
+    args = build_train_parser().parse_args([*TINY[:2], "--mix", "cutmix"])
+    args.model_kwargs = dict(patch_size=2, embed_dim=32, depth=4, num_heads=2)
+    model = models.create(args.model, num_classes=10, img_size=8, in_chans=1, model_kwargs=args.model_kwargs)
+    ckpt = tmp_path / "run" / "last.pth.tar"
+    ckpt.parent.mkdir()
+    torch.save({"epoch": 1, "arch": args.model, "state_dict": model.state_dict(), "args": vars(args)}, ckpt)
+    out = tmp_path / "grid.png"
+    assert main(["--checkpoint", str(ckpt.parent), "-n", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert grid_shape(out) == (2 * 200, 4 * 200)  # the checkpoint's method, cutmix: 4 columns
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--mix", "nosuchmix"], "nosuchmix"),
+    (["--mix", "mergemix", "--mix-opt", "lam_policy=bogus"], "lam_policy"),
+    (["--mix", "mergemix", "--mix-opt", "no_such_option=1"], "no_such_option"),
+    (["--num-samples", "1"], "--num-samples"),
+    (["--checkpoint", "/nonexistent/run"], "/nonexistent/run"),
+])
+def test_viz_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, words):
+    assert main([*TINY, *argv, "--out", str(tmp_path / "x.png"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and words in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_mix_grid_draws_every_registered_method(tmp_path):
+    # one step of each method on the same batch, as viz runs it, without rebuilding the data each time
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+    for name in mix.available():
+        model = models.create("vit_tiny_patch16_224", num_classes=10, img_size=8, in_chans=1,
+                              model_kwargs=dict(patch_size=2, embed_dim=32, depth=4, num_heads=2))
+        objective = mix.create(name, 10, generator=torch.Generator().manual_seed(0))
+        model = objective.prepare(model).eval()
+        with torch.no_grad():
+            out = objective(model, x, y)
+        path = mix_grid(x, out, tmp_path / f"{name}.png", patch_size=2, max_samples=2)
+        expected = 1 + sum(v is not None for v in (out.partner, out.scores, out.extras.get("readout"), out.mask,
+                                                   out.x_mixed))
+        assert grid_shape(path) == (400, expected * 200), name
