@@ -11,7 +11,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..mask import patch_fraction, recover
-from ..tome import patch_tome
+from ..tome import Readout, patch_tome
 from .base import unwrap
 from .mixer import Mixed
 
@@ -42,22 +42,23 @@ def attach_readout(model: nn.Module, readout_block: int) -> nn.Module:
     return model
 
 
-def patch_attention(model: nn.Module) -> Tensor:
-    """(B, L) CLS attention over the patches, from the model's last training forward (detached)."""
+def last_readout(model: nn.Module) -> Readout:
+    """The read-out the model's last forward left (attention detached); RuntimeError if it left none."""
     readout = getattr(unwrap(model), "tome_readout", None)
     if readout is None:
         raise RuntimeError("the model left no attention read-out: call objective.prepare(model) before training")
-    return recover(readout.attn, readout.index)
+    return readout
 
 
 def attention_lam_hat(model: nn.Module, mixed: Mixed) -> Tensor:
-    """(B,) label weight of the own class = attention mass on the own pixels (TransMix's λ).
+    """(B,) label weight of the own class = CLS attention mass on the own pixels (TransMix's λ), read
+    from the forward of ``mixed.x`` that just ran.
 
     The pixel mask is pooled to the patch grid by area, so a box that cuts a patch counts the
     kept fraction of that patch.
     """
-    grid = unwrap(model).tome_readout.grid
-    return attention_mass(patch_attention(model), patch_fraction(mixed.mask, grid))
+    readout = last_readout(model)
+    return attention_mass(recover(readout.attn, readout.index), patch_fraction(mixed.mask, readout.grid))
 
 
 class ReadsAttention:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import register
 from .base import sample_lam
-from .mixer import ImageMixer, Mixed, masked_batch
+from .mixer import ImageMixer, Mixed, check_interval, masked_batch
 
 
 def grid_masks(lam: float, cells: int, batch_size: int, size: tuple[int, int],
@@ -40,10 +40,7 @@ class GridMix(ImageMixer):
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None,
                  prob: float = 1.0, alpha: float | None = None, grid_sizes: tuple[int, int] = (2, 6)):
         super().__init__(num_classes, smoothing, generator, prob, alpha)
-        lo, hi = (int(v) for v in grid_sizes)
-        if not 1 <= lo <= hi:
-            raise ValueError(f"grid_sizes must satisfy 1 <= lo <= hi, got {grid_sizes}")
-        self.grid_sizes = (lo, hi)
+        self.grid_sizes = check_interval("grid_sizes", grid_sizes, 0, cast=int)
 
     def paste(self, x: Tensor, partner: Tensor) -> Mixed:
         lam = sample_lam(self.alpha, self.generator)

@@ -6,6 +6,7 @@ mix (``paste``) and, if it reads the model, how to relabel after the forward (``
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from ..mask import derangement, mix_images
 from .base import Objective, StepOutput, mixed_targets, smooth_one_hot, soft_cross_entropy
+from .boxes import box_mask, boxes_at, paste_windows
 
 
 @dataclass
@@ -51,6 +53,13 @@ def masked_batch(x: Tensor, partner: Tensor, mask: Tensor, lam: float | None, ki
     return Mixed(mix_images(x, partner, mask), mask, lam_t, area, partner, kind)
 
 
+def window_batch(x: Tensor, partner: Tensor, patches: Tensor, corners: Tensor, lam: float, kind: str) -> Mixed:
+    """Write patches (B, C, h, w) taken from the partners into x at corners (B, 2); label by the kept area."""
+    mask = box_mask(boxes_at(corners, tuple(patches.shape[-2:])), tuple(x.shape[-2:]))
+    area = kept_area(mask)
+    return Mixed(paste_windows(x, patches, corners), mask, torch.full_like(area, lam), area, partner, kind)
+
+
 def unmixed(x: Tensor, partner: Tensor) -> Mixed:
     """The batch left as it is: mask 1, λ = λ̂ = 1 (targets are the smoothed one-hot labels)."""
     ones = torch.ones(x.shape[0], device=x.device)
@@ -62,6 +71,15 @@ def check_positive(**values: float) -> None:
     for key, value in values.items():
         if not value > 0:
             raise ValueError(f"{key} must be > 0, got {value}")
+
+
+def check_interval(name: str, value: tuple[float, float], low: float, high: float = math.inf,
+                   cast: type = float) -> tuple[float, float]:
+    """(lo, hi) cast to ``cast`` after checking low < lo <= hi <= high; ValueError naming the option otherwise."""
+    lo, hi = (cast(v) for v in value)
+    if not low < lo <= hi <= high:
+        raise ValueError(f"{name} must be (lo, hi) with {low} < lo <= hi <= {high}, got {tuple(value)}")
+    return lo, hi
 
 
 def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
@@ -82,7 +100,7 @@ class PairMixer(Objective):
     prob: probability that a batch is mixed at all (timm's ``prob``); an unmixed batch keeps its
     one-hot (smoothed) labels.
     alpha: the Beta(α, α) parameter of methods that draw λ; None takes the class's ``default_alpha``
-    (methods whose ``default_alpha`` is None draw no λ and refuse the option).
+    (None for methods that draw no λ: their constructors take no alpha).
     """
 
     default_alpha: ClassVar[float | None] = None
@@ -92,8 +110,6 @@ class PairMixer(Objective):
         super().__init__(num_classes, smoothing, generator)
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"prob must be in [0, 1], got {prob}")
-        if alpha is not None and self.default_alpha is None:
-            raise TypeError(f"{self.name} draws no Beta(α, α) ratio; it takes no alpha option")
         self.prob = prob
         self.alpha = self.default_alpha if alpha is None else alpha
         if self.alpha is not None:

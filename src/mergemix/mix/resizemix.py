@@ -17,8 +17,8 @@ from torch import Tensor
 
 from . import register
 from .base import sample_lam
-from .boxes import box_mask, boxes_at, paste_windows, random_corners
-from .mixer import ImageMixer, Mixed, kept_area
+from .boxes import random_corners
+from .mixer import ImageMixer, Mixed, check_interval, window_batch
 
 
 def resizemix_batch(x: Tensor, partner: Tensor, tau: float, generator: torch.Generator | None) -> Mixed:
@@ -27,9 +27,7 @@ def resizemix_batch(x: Tensor, partner: Tensor, tau: float, generator: torch.Gen
     box = (max(round(tau * size[0]), 1), max(round(tau * size[1]), 1))
     small = F.interpolate(x[partner], size=box, mode="bilinear", align_corners=False, antialias=True)
     corners = random_corners(B, box, size, generator, x.device)
-    mask = box_mask(boxes_at(corners, box), size)
-    lam = torch.full((B,), 1.0 - tau * tau, device=x.device)
-    return Mixed(paste_windows(x, small, corners), mask, lam, kept_area(mask), partner, "resizemix")
+    return window_batch(x, partner, small, corners, 1.0 - tau * tau, "resizemix")
 
 
 @register
@@ -42,10 +40,7 @@ class ResizeMix(ImageMixer):
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None,
                  prob: float = 1.0, alpha: float | None = None, scope: tuple[float, float] = (0.1, 0.8)):
         super().__init__(num_classes, smoothing, generator, prob, alpha)
-        lo, hi = (float(v) for v in scope)
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"scope must satisfy 0 < lo <= hi <= 1, got {scope}")
-        self.scope = (lo, hi)
+        self.scope = check_interval("scope", scope, 0.0, 1.0)
 
     def paste(self, x: Tensor, partner: Tensor) -> Mixed:
         lo, hi = self.scope

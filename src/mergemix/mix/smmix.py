@@ -23,8 +23,8 @@ from ..tome import forward_readout
 from . import register
 from .attention import ReadsAttention
 from .base import StepOutput, sample_lam
-from .boxes import box_mask, boxes_at, crop_windows, cut_size, paste_windows
-from .mixer import Mixed, PairMixer, kept_area, unmixed
+from .boxes import crop_windows, cut_size
+from .mixer import Mixed, PairMixer, unmixed, window_batch
 
 
 def extreme_windows(scores: Tensor, grid: tuple[int, int], window: tuple[int, int], largest: bool) -> Tensor:
@@ -46,17 +46,14 @@ def attention_swap(x: Tensor, partner: Tensor, scores: Tensor, grid: tuple[int, 
     x: (B, C, H, W); scores: (B, L) per-patch attention of x; grid: (gh, gw) with H, W multiples.
     (kh, kw) = ⌊(gh, gw)·√(1−λ)⌋; a zero-size window pastes nothing. Label weight = kept area.
     """
-    B, size = x.shape[0], tuple(x.shape[-2:])
-    patch = (size[0] // grid[0], size[1] // grid[1])
+    patch = (x.shape[-2] // grid[0], x.shape[-1] // grid[1])
     window = cut_size(lam, grid)
     search = (max(window[0], 1), max(window[1], 1))
     scale = torch.tensor(patch, device=x.device)
     src = extreme_windows(scores[partner], grid, search, largest=True) * scale
     dst = extreme_windows(scores, grid, search, largest=False) * scale
     box = (window[0] * patch[0], window[1] * patch[1])
-    mask = box_mask(boxes_at(dst, box), size)
-    mixed = paste_windows(x, crop_windows(x[partner], src, box), dst)
-    return Mixed(mixed, mask, torch.full((B,), lam, device=x.device), kept_area(mask), partner, "smmix")
+    return window_batch(x, partner, crop_windows(x[partner], src, box), dst, lam, "smmix")
 
 
 @register

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import register
-from .mixer import ImageMixer, Mixed, masked_batch
+from .mixer import ImageMixer, Mixed, check_interval, masked_batch
 
 
 def gaussian_blob_masks(batch_size: int, size: tuple[int, int], sigma_range: tuple[float, float],
@@ -39,10 +39,7 @@ class SmoothMix(ImageMixer):
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None,
                  prob: float = 1.0, sigma_range: tuple[float, float] = (0.25, 0.5)):
         super().__init__(num_classes, smoothing, generator, prob)
-        lo, hi = (float(v) for v in sigma_range)
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"sigma_range must satisfy 0 < lo <= hi, got {sigma_range}")
-        self.sigma_range = (lo, hi)
+        self.sigma_range = check_interval("sigma_range", sigma_range, 0.0)
 
     def paste(self, x: Tensor, partner: Tensor) -> Mixed:
         mask = gaussian_blob_masks(x.shape[0], tuple(x.shape[-2:]), self.sigma_range, self.generator, x.device)

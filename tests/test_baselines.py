@@ -1,0 +1,240 @@
+"""The baseline objectives end to end on CPU with a tiny timm ViT: one step each, labels, seeds, errors."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from mergemix.mask import patch_fraction, recover
+from mergemix.mix import available, create
+from mergemix.mix.attention import attention_mass
+from mergemix.mix.base import smooth_one_hot, soft_cross_entropy
+from mergemix.tome import forward_readout
+
+NUM_CLASSES = 10
+IMAGE_FREE = ["mixup", "cutmix", "deit", "resizemix", "fmix", "saliencymix", "gridmix", "smoothmix"]
+ATTENTION = ["transmix", "tokenmix", "smmix"]
+BASELINES = IMAGE_FREE + ATTENTION
+AREA_LABELLED = ["cutmix", "resizemix", "fmix", "gridmix", "saliencymix"]
+
+
+def tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32,
+                             num_heads=2, num_classes=NUM_CLASSES)
+
+
+def batch(B: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, 32, 32, generator=g), torch.randint(0, NUM_CLASSES, (B,), generator=g)
+
+
+def objective(name: str, seed: int = 0, **options):
+    return create(name, NUM_CLASSES, generator=torch.Generator().manual_seed(seed), **options)
+
+
+def labelled_batch(B: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image b is (b + 1)·10 + texture in [0, 1): a pixel's owner is x // 10 − 1, even after resizing."""
+    texture = torch.rand(B, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return (torch.arange(B).float() + 1).view(B, 1, 1, 1) * 10 + texture, torch.arange(B)
+
+
+def test_every_baseline_is_registered_and_described():
+    for name in BASELINES + ["none"]:
+        assert name in available()
+        obj = create(name, NUM_CLASSES)
+        assert obj.description and obj.passes
+        create(name, NUM_CLASSES, **obj.defaults())  # printed defaults are valid options
+    assert create("smmix", NUM_CLASSES).passes == "1 no-grad partial fwd + 1 fwd + 1 bwd"
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_one_step_forward_backward_finite(name):
+    model = tiny_vit()
+    obj = objective(name)
+    obj.prepare(model)
+    x, y = batch(B=5)  # odd batch
+    out = obj(model, x, y)
+    assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert out.logits.shape == (5, NUM_CLASSES) and out.x_mixed.shape == x.shape
+    assert out.mask.shape == (5, 1, 32, 32) and out.lam.shape == out.lam_hat.shape == (5,)
+    assert ((out.lam_hat >= 0) & (out.lam_hat <= 1)).all()
+    assert (out.partner != torch.arange(5)).all()
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_same_seed_same_batch(name):
+    model = tiny_vit()
+    x, y = batch(B=4)
+    outs = []
+    for _ in range(2):
+        obj = objective(name, seed=7)
+        obj.prepare(model)
+        outs.append([obj(model, x, y) for _ in range(3)])
+    for a, b in zip(*outs):
+        assert torch.equal(a.x_mixed, b.x_mixed) and torch.equal(a.lam_hat, b.lam_hat)
+        assert torch.equal(a.partner, b.partner) and torch.equal(a.loss, b.loss)
+    other = objective(name, seed=8)
+    other.prepare(model)
+    assert not torch.equal(other(model, x, y).x_mixed, outs[0][0].x_mixed)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_batch_of_one_is_a_clear_error(name):
+    model = tiny_vit()
+    obj = objective(name)
+    obj.prepare(model)
+    x, y = batch(B=1)
+    with pytest.raises(ValueError, match="at least 2"):
+        obj(model, x, y)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_mixing_switched_off_is_the_clean_step(name):
+    model = tiny_vit()
+    obj = objective(name)
+    obj.prepare(model)
+    obj.mixup_enabled = False
+    x, y = batch(B=1)  # no partner needed
+    out = obj(model, x, y)
+    assert out.x_mixed is None
+    torch.testing.assert_close(out.loss, soft_cross_entropy(model(x), smooth_one_hot(y, NUM_CLASSES, 0.1)))
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_prob_zero_leaves_the_batch_unmixed(name):
+    model = tiny_vit()
+    obj = objective(name, prob=0.0)
+    obj.prepare(model)
+    x, y = batch()
+    out = obj(model, x, y)
+    assert torch.equal(out.x_mixed, x) and out.lam_hat.eq(1).all() and out.extras["kind"] == "none"
+
+
+@pytest.mark.parametrize("name", IMAGE_FREE)
+def test_timm_mixer_contract(name):
+    x, y = batch(B=4)
+    obj = objective(name)
+    x_mixed, targets = obj.mixer(x, y)
+    assert x_mixed.shape == x.shape and targets.shape == (4, NUM_CLASSES)
+    torch.testing.assert_close(targets.sum(1), torch.ones(4))
+    assert targets.min() >= 0.1 / NUM_CLASSES - 1e-7  # label smoothing folded in
+    obj.mixup_enabled = False
+    x_off, t_off = obj.mixer(x, y)
+    assert x_off is x and torch.equal(t_off, smooth_one_hot(y, NUM_CLASSES, 0.1))
+
+
+@pytest.mark.parametrize("name", AREA_LABELLED)
+def test_label_mass_equals_pixel_area(name):
+    x, y = labelled_batch()
+    for seed in range(6):
+        x_mixed, targets = objective(name, seed=seed, smoothing=0.0).mixer(x, y)
+        owner = (x_mixed // 10).long() - 1  # (B, 3, H, W)
+        assert (owner == owner[:, :1]).all()
+        owner = owner[:, 0].flatten(1)
+        own_area = (owner == y[:, None]).float().mean(1)
+        torch.testing.assert_close(targets[y, y], own_area)
+        for b in range(len(y)):
+            others = owner[b][owner[b] != b].unique()
+            assert len(others) <= 1  # one partner per image
+            if len(others):
+                assert targets[b, others[0]].item() == pytest.approx(1 - own_area[b].item(), abs=1e-6)
+
+
+def test_smmix_label_mass_equals_pixel_area():
+    model = tiny_vit()
+    obj = objective("smmix", smoothing=0.0)
+    obj.prepare(model)
+    x, y = labelled_batch()
+    for _ in range(4):
+        out = obj(model, x, y)
+        own = ((out.x_mixed // 10).long() - 1)[:, 0] == y[:, None, None]
+        torch.testing.assert_close(out.lam_hat, own.float().mean((1, 2)))
+
+
+def test_smoothmix_labels_by_soft_area_and_blends():
+    x, y = batch(B=4)
+    obj = objective("smoothmix", smoothing=0.0)
+    mixed = obj.mix(x)
+    torch.testing.assert_close(mixed.lam_hat, mixed.mask.mean((1, 2, 3)))
+    torch.testing.assert_close(mixed.x, mixed.mask * x + (1 - mixed.mask) * x[mixed.partner])
+
+
+def test_deit_switches_between_mixup_and_cutmix():
+    x, _ = batch(B=4)
+    kinds = [objective("deit", seed=s).mix(x).kind for s in range(40)]
+    assert 5 < kinds.count("cutmix") < 35 and kinds.count("mixup") + kinds.count("cutmix") == 40
+    assert {objective("deit", seed=s, mixup_alpha=0.0).mix(x).kind for s in range(5)} == {"cutmix"}
+    assert {objective("deit", seed=s, switch_prob=0.0).mix(x).kind for s in range(5)} == {"mixup"}
+
+
+def test_transmix_labels_by_attention_of_the_same_forward():
+    model = tiny_vit()
+    obj = objective("transmix", switch_prob=1.0)
+    obj.prepare(model)
+    x, y = batch()
+    out = obj(model, x, y)
+    readout = model.tome_readout
+    expected = attention_mass(recover(readout.attn, readout.index), patch_fraction(out.mask, readout.grid))
+    torch.testing.assert_close(out.lam_hat, expected)
+    model(out.x_mixed)  # the read-out belongs to the mixed images (deterministic tiny model)
+    torch.testing.assert_close(model.tome_readout.attn, readout.attn)
+    assert not torch.allclose(out.lam_hat, out.mask.mean((1, 2, 3)))  # not the area label
+
+
+def test_transmix_keeps_lambda_for_mixup_batches():
+    model = tiny_vit()
+    obj = objective("transmix", switch_prob=0.0)
+    obj.prepare(model)
+    out = obj(model, *batch())
+    assert out.extras["kind"] == "mixup" and torch.equal(out.lam_hat, out.lam)
+
+
+def test_tokenmix_mixes_whole_tokens_and_labels_by_attention():
+    model = tiny_vit()
+    obj = objective("tokenmix")
+    obj.prepare(model)
+    x, y = batch()
+    out = obj(model, x, y)
+    patches = out.mask.view(5, 1, 4, 8, 4, 8)
+    assert (patches.amax(dim=(3, 5)) == patches.amin(dim=(3, 5))).all()  # constant within each patch
+    readout = model.tome_readout
+    keep = out.mask[:, 0, ::8, ::8].flatten(1)
+    torch.testing.assert_close(out.lam_hat, attention_mass(recover(readout.attn, readout.index), keep))
+
+
+def test_smmix_reads_attention_of_the_clean_batch():
+    model = tiny_vit()
+    obj = objective("smmix")
+    obj.prepare(model)
+    x, y = batch()
+    out = obj(model, x, y)
+    with torch.no_grad():
+        clean = forward_readout(model, x)
+    torch.testing.assert_close(out.scores, recover(clean.attn, clean.index))
+
+
+@pytest.mark.parametrize("name", ATTENTION)
+def test_attention_methods_refuse_models_that_are_not_vits(name):
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        objective(name).prepare(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, NUM_CLASSES)))
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(TypeError, match="alpha"):
+        create("smoothmix", NUM_CLASSES, alpha=1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        create("cutmix", NUM_CLASSES, alpha=0.0)
+    with pytest.raises(ValueError, match="prob"):
+        create("fmix", NUM_CLASSES, prob=1.5)
+    with pytest.raises(ValueError, match="scope"):
+        create("resizemix", NUM_CLASSES, scope=(0.5, 0.2))
+    with pytest.raises(ValueError, match="cutmix_alpha"):
+        create("deit", NUM_CLASSES, mixup_alpha=0.0, cutmix_alpha=0.0)
+    with pytest.raises(TypeError):
+        create("mixup", NUM_CLASSES, not_an_option=1)
+    with pytest.raises(RuntimeError, match="prepare"):
+        objective("tokenmix")(tiny_vit(), *batch())
