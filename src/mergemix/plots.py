@@ -17,6 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 __all__ = ["bins_ece", "mix_grid", "overlay_reliability", "reliability_diagram", "training_curves"]
@@ -97,7 +98,8 @@ def reliability_diagram(bins: Mapping[str, Sequence], path: str | Path, title: s
             edgecolor=GAP_COLOR, hatch="//", lw=0.5, label="gap to mean confidence")
     top.legend(loc="upper left", fontsize=9)
     ece = bins_ece(bins)
-    top.set_title(f"{title}{'  ' if title else ''}ECE {ece:.4f}  ({len(d['count'])} bins, n={int(total)})")
+    figures = f"ECE {ece:.4f}  ({len(d['count'])} bins, n={int(total)})"
+    top.set_title(f"{title}\n{figures}" if title else figures, fontsize=10)
 
     bottom.bar(d["lower"], d["count"] / total, width=d["width"], align="edge", color="0.6", edgecolor="black", lw=0.5)
     overall_acc = float(np.nansum(d["accuracy"] * d["count"]) / total)
@@ -175,6 +177,7 @@ def training_curves(summary_csv: str | Path, path: str | Path) -> Path:
                 ok = np.isfinite(cols[key])
                 ax.plot(epoch[ok], cols[key][ok], marker="o", ms=3, label=name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
