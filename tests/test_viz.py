@@ -27,6 +27,13 @@ def test_viz_draws_every_column_the_method_has(tmp_path, capsys, method: str, co
     assert grid_shape(out) == (3 * 200, columns * 200)
 
 
+def test_viz_with_no_model_flags_uses_the_training_default(tmp_path):
+    # the digits ViT `mergemix train` builds by default, and its default method, mergemix
+    out = tmp_path / "default.png"
+    assert main(["-n", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert grid_shape(out) == (2 * 200, 6 * 200)
+
+
 def test_viz_is_reproducible_from_the_seed(tmp_path):
     paths = [tmp_path / f"{i}.png" for i in range(3)]
     for path, seed in zip(paths, (5, 5, 6)):

@@ -16,7 +16,7 @@ import torch
 
 from . import checkpoint, data, models
 from . import mix as mixing
-from .config import DATASETS, build_train_parser, key_value
+from .config import DATASETS, key_value, parse_train_args
 from .distributed import setup
 from .errors import ConfigError, MergeMixError
 from .evaluate import _run_args
@@ -49,16 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fresh_args(cli: argparse.Namespace) -> argparse.Namespace:
+    """Run arguments for a fresh model: what ``mergemix train`` would use with this command's data
+    and model flags (so the default small ViT for digits comes with its model kwargs)."""
+    flags: list[str] = []
+    for name in ("dataset", "data_dir", "model", "img_size"):
+        if getattr(cli, name) is not None:
+            flags += [f"--{name.replace('_', '-')}", str(getattr(cli, name))]
+    if cli.model_kwargs is not None:
+        flags += ["--model-kwargs", *cli.model_kwargs]
+    if cli.download:
+        flags.append("--download")
+    return parse_train_args(flags)
+
+
 def run_viz(cli: argparse.Namespace) -> Path:
     """Build data, model and objective from ``cli`` (see ``build_parser``), run one step, draw it."""
     if cli.num_samples < 2:
         raise ConfigError(f"--num-samples must be at least 2 (each image needs a partner), got {cli.num_samples}")
-    if cli.checkpoint:
-        ckpt = checkpoint.load(cli.checkpoint)
-    else:  # a fresh model: the training defaults, with this command's flags on top
-        ckpt = {"args": vars(build_train_parser().parse_args([]))}
-    args = _run_args(ckpt, cli)
-    name = cli.mix or (ckpt.get("args") or {}).get("mix") or "mergemix"
+    ckpt = checkpoint.load(cli.checkpoint) if cli.checkpoint else None
+    args = _run_args(ckpt, cli) if ckpt is not None else _fresh_args(cli)
+    name = cli.mix or args.mix
     device = setup(cli.device).device
     torch.manual_seed(cli.seed)
 
@@ -73,7 +84,7 @@ def run_viz(cli: argparse.Namespace) -> Path:
     num_classes = args.num_classes or bundle.num_classes
     model = models.create(args.model, num_classes=num_classes, img_size=args.img_size or bundle.img_size,
                           in_chans=bundle.in_chans, model_kwargs=args.model_kwargs)
-    if cli.checkpoint:
+    if ckpt is not None:
         checkpoint.load_weights(model, ckpt["state_dict"], str(cli.checkpoint))
     try:
         objective = mixing.create(name, num_classes, generator=torch.Generator().manual_seed(cli.seed),
