@@ -136,7 +136,7 @@ class PairMixer(Objective):
     def step(self, model: nn.Module, y: Tensor, mixed: Mixed) -> StepOutput:
         """Forward the mixed batch, label it, and return the loss against the soft targets."""
         logits = model(mixed.x)
-        lam_hat = self.relabel(model, mixed)
+        lam_hat = mixed.lam_hat if mixed.kind == "none" else self.relabel(model, mixed)
         targets = mixed_targets(y, mixed.partner, lam_hat, self.num_classes, self.smoothing)
         return StepOutput(soft_cross_entropy(logits, targets), logits, x_mixed=mixed.x, mask=mixed.mask,
                           lam=mixed.lam, lam_hat=lam_hat, partner=mixed.partner, extras={"kind": mixed.kind})
