@@ -37,6 +37,11 @@ METHOD_OPTION_FLAGS = {
     "merge_train": "merge_train",
 }
 
+# The default model is a small ViT for 8x8 digits; these kwargs belong to it and are dropped as soon
+# as --model is set anywhere (flag, recipe, checkpoint), so they never leak into another model.
+DEFAULT_MODEL = "vit_tiny_patch16_224"
+DEFAULT_MODEL_KWARGS = {"patch_size": 2, "embed_dim": 96, "depth": 6, "num_heads": 3}
+
 # Keys of a saved run that describe where it ran, not what it trains: not inherited on --resume.
 _NOT_INHERITED = ("config", "resume")
 
@@ -48,6 +53,8 @@ def parse_value(text: str) -> Any:
     except yaml.YAMLError:
         return text
     if isinstance(value, str):
+        if value.lower() == "none":
+            return None
         try:
             return float(value)
         except ValueError:
@@ -75,9 +82,16 @@ def as_dict(value: Any, what: str) -> dict[str, Any]:
     raise ConfigError(f"{what} must be a mapping or a list of key=value, got {value!r}")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ``ConfigError`` (one line, exit 2) instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_train_parser() -> argparse.ArgumentParser:
     """The ``mergemix train`` parser; defaults are the digits recipe."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="mergemix train", description="Train a timm ViT with a mixing method (default: MergeMix on digits).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-c", "--config", default=None, help="YAML recipe whose keys are these flags' names")
@@ -98,9 +112,11 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop-pct", type=float, default=None, help="eval centre-crop fraction (RGB data)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_tiny_patch16_224", help="any timm model name")
-    g.add_argument("--model-kwargs", nargs="*", type=key_value, default={},
-                   help="extra timm.create_model kwargs, e.g. patch_size=4 depth=6 embed_dim=96 num_heads=3")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="any timm model name")
+    g.add_argument("--model-kwargs", nargs="*", type=key_value, default=None,
+                   help="extra timm.create_model kwargs, e.g. patch_size=4 depth=6 embed_dim=96 num_heads=3 "
+                        f"(default: {' '.join(f'{k}={v}' for k, v in DEFAULT_MODEL_KWARGS.items())} "
+                        "with the default --model, else none)")
     g.add_argument("--num-classes", type=int, default=None, help="default: the data set's")
     g.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs the hub)")
     g.add_argument("--initial-checkpoint", default=None, help="start from a local weights file (head reset if sizes differ)")
@@ -241,6 +257,9 @@ def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     layers.update(recipe)
     parser.set_defaults(**layers)
     args = parser.parse_args(argv)
+    if args.model_kwargs is None:
+        model_set = "model" in explicit or "model" in layers
+        args.model_kwargs = {} if model_set else dict(DEFAULT_MODEL_KWARGS)
     args.model_kwargs = as_dict(args.model_kwargs, "model_kwargs")
     args.mix_opt = as_dict(args.mix_opt, "mix_opt")
     if resume_path is not None:

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, data, models
-from .config import DATASETS, as_dict, build_train_parser, key_value
+from .config import DATASETS, ArgumentParser, as_dict, build_train_parser, key_value
 from .distributed import setup
 from .errors import CheckpointError, ConfigError
 
@@ -66,7 +66,7 @@ def summary_line(metrics: dict[str, Any]) -> str:
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mergemix eval", description="Evaluate a checkpoint; writes results.json and reliability.png.")
+    p = ArgumentParser(prog="mergemix eval", description="Evaluate a checkpoint; writes results.json and reliability.png.")
     p.add_argument("--checkpoint", required=True, help="a .pth.tar file or a run folder (uses its model_best.pth.tar)")
     p.add_argument("--dataset", default=None, choices=DATASETS,
                    help="default: the data set the checkpoint was trained on")

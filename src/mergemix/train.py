@@ -17,6 +17,7 @@ import inspect
 import io
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import checkpoint, config, data, distributed, models
-from .errors import ConfigError, Interrupted, TrainingError
+from .errors import ConfigError, Interrupted, MergeMixError, TrainingError
 from .evaluate import autocast, evaluate, summary_line, write_results
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "eval_ece", "lr", "epoch_time"]
@@ -195,6 +196,7 @@ class Trainer:
         self.ema = ModelEmaV3(self.model, decay=args.model_ema_decay) if args.model_ema else None
 
         self.progress = Progress()
+        self.made_run_dir = False
         if args.resume:
             self._restore(checkpoint.load(args.resume))
         self.run_dir = Path(args.output) / args.experiment
@@ -215,6 +217,7 @@ class Trainer:
         if not args.resume and (self.run_dir / checkpoint.LAST).exists():
             raise ConfigError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir}, "
                               f"or pick another --experiment")
+        self.made_run_dir = not self.run_dir.exists()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.write_text(self.run_dir / "args.yaml", yaml.safe_dump(vars(args), sort_keys=False))
@@ -448,9 +451,18 @@ class Trainer:
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``mergemix train`` with parsed arguments (under torchrun: one call per process)."""
+    """Run ``mergemix train`` with parsed arguments (under torchrun: one call per process).
+
+    A run rejected before its first checkpoint removes the run folder it created.
+    """
     ctx = distributed.setup(args.device)
+    trainer = None
     try:
-        return Trainer(args, ctx).fit()
+        trainer = Trainer(args, ctx)
+        return trainer.fit()
+    except MergeMixError:
+        if trainer is not None and trainer.made_run_dir and not (trainer.run_dir / checkpoint.LAST).exists():
+            shutil.rmtree(trainer.run_dir, ignore_errors=True)
+        raise
     finally:
         distributed.cleanup()

@@ -1,0 +1,94 @@
+"""Flag parsing: YAML recipes as defaults, flags on top, clear errors for bad recipes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mergemix import config
+from mergemix.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse(*argv: str):
+    return config.parse_train_args(["--experiment", "x", *argv])
+
+
+def test_flags_override_recipe_which_overrides_defaults(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 7\nlr: 1e-3\nbatch-size: 16\nmodel_kwargs: {depth: 3}\n")
+    args = parse("-c", str(recipe), "--epochs", "3")
+    assert args.epochs == 3  # flag wins
+    assert args.lr == pytest.approx(1e-3) and isinstance(args.lr, float)  # YAML's "1e-3" string coerced
+    assert args.batch_size == 16  # dashes accepted in keys
+    assert args.model_kwargs == {"depth": 3}
+    assert args.weight_decay == config.build_train_parser().get_default("weight_decay")
+
+
+def test_digits_recipe_is_the_default():
+    keys = ("experiment", "config")
+    default = {k: v for k, v in vars(parse()).items() if k not in keys}
+    recipe = {k: v for k, v in vars(parse("-c", str(REPO / "configs/digits.yaml"))).items() if k not in keys}
+    assert recipe == default
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_recipe_parses(name):
+    args = parse("-c", str(REPO / "configs" / name))
+    assert args.dataset in config.DATASETS
+
+
+def test_cifar_recipe_is_the_papers():
+    args = parse("-c", str(REPO / "configs/cifar100_deit_s.yaml"))
+    assert (args.img_size, args.batch_size, args.opt, args.lr, args.weight_decay, args.sched) == (
+        224, 100, "adamw", 1e-3, 0.05, "cosine")
+    assert (args.epochs, args.warmup_epochs, args.aa, args.drop_path, args.smoothing) == (
+        200, 20, "rand-m7-mstd0.5-inc1", 0.1, 0.1)
+    assert (args.merge_num, args.readout_block, args.clip_grad) == (98, 8, 5.0)
+
+
+def test_default_model_kwargs_belong_to_the_default_model(tmp_path):
+    assert parse().model_kwargs == config.DEFAULT_MODEL_KWARGS
+    assert parse("--model", "vit_small_patch16_224").model_kwargs == {}
+    assert parse("--model-kwargs", "depth=2", "drop_rate=0.1", "qkv_bias=false").model_kwargs == {
+        "depth": 2, "drop_rate": 0.1, "qkv_bias": False}
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("epochs: 3\nbatch_sise: 4\n", "batch_sise (did you mean batch_size?)"),
+    ("epochs: [3\n", "invalid YAML"),
+    ("- 1\n- 2\n", "must hold a mapping"),
+    ("epochs: many\n", "epochs must be a int"),
+    ("amp: 1\n", "amp must be true or false"),
+    ("lam_policy: uniform\n", "lam_policy must be one of"),
+])
+def test_bad_recipes_are_one_line_errors(tmp_path, text, fragment):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError, match=None) as err:
+        parse("-c", str(recipe))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_recipe_and_bad_flags():
+    with pytest.raises(ConfigError, match="cannot read config"):
+        parse("-c", "/nonexistent/recipe.yaml")
+    with pytest.raises(ConfigError, match="invalid choice"):
+        parse("--dataset", "mnist")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse("--mix-opt", "alpha")
+
+
+def test_method_options_pass_only_what_the_method_takes():
+    args = parse("--merge-num", "4", "--mix-alpha", "0.5", "--mix-opt", "r=2")
+    used, unused = config.method_options(args, accepted={"alpha", "merge_num", "smoothing"})
+    assert used == {"alpha": 0.5, "merge_num": 4, "smoothing": 0.1, "r": 2}  # --mix-opt always passed
+    assert unused == {}
+    used, unused = config.method_options(args, accepted={"alpha", "smoothing"})
+    assert "merge_num" not in used and unused == {"merge_num": 4}
+
+
+def test_parse_value():
+    assert [config.parse_value(t) for t in ("4", "0.5", "1e-3", "true", "[1, 2]", "none", "cls_row")] == [
+        4, 0.5, 1e-3, True, [1, 2], None, "cls_row"]

@@ -1,0 +1,136 @@
+"""Loaders on real and small generated data: digits, IDX files, an ImageFolder of PNGs."""
+from __future__ import annotations
+
+import argparse
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mergemix import data
+from mergemix.config import build_train_parser
+from mergemix.errors import DataError
+
+
+def args_for(**overrides) -> argparse.Namespace:
+    args = build_train_parser().parse_args([])
+    vars(args).update(overrides)
+    return args
+
+
+def write_idx(path, array: np.ndarray, gz: bool = True, cut: int = 0) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw = (header + array.astype(np.uint8).tobytes())[: -cut or None]
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def write_fashion(folder, n_train=40, n_test=20, seed=0) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(folder / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+
+
+def test_digits_split_is_fixed_stratified_and_in_memory():
+    a, b = data.load_digits(None), data.load_digits(None)
+    assert (len(a.train), len(a.eval), a.num_classes, a.img_size, a.in_chans) == (1437, 360, 10, 8, 1)
+    assert torch.equal(a.eval.labels, b.eval.labels) and torch.equal(a.eval.images, b.eval.images)
+    assert torch.bincount(a.eval.labels).min() >= 35  # every class held out in proportion
+    x, y = a.train[0]
+    assert x.shape == (1, 8, 8) and isinstance(y, int)
+    assert data.load_digits(16).train[0][0].shape == (1, 16, 16)
+
+
+def test_fashion_idx_files_from_data_dir(tmp_path):
+    write_fashion(tmp_path)
+    bundle = data.build(args_for(dataset="fashion-mnist", data_dir=str(tmp_path)))
+    assert (len(bundle.train), len(bundle.eval), bundle.num_classes, bundle.in_chans) == (40, 20, 10, 1)
+    x, y = bundle.eval[3]
+    assert x.shape == (1, 28, 28) and y == 3
+    raw = np.frombuffer(gzip.decompress((tmp_path / "t10k-images-idx3-ubyte.gz").read_bytes())[16:], np.uint8)
+    expected = (torch.tensor(raw[3 * 784:4 * 784], dtype=torch.float32).view(1, 28, 28) / 255 - bundle.mean[0]) / bundle.std[0]
+    assert torch.allclose(x, expected, atol=1e-5)
+
+
+def test_fashion_torchvision_layout_and_uncompressed(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_fashion(raw)
+    for f in raw.glob("*.gz"):  # torchvision keeps the decompressed files too
+        f.with_suffix("").write_bytes(gzip.decompress(f.read_bytes()))
+        f.unlink()
+    assert len(data.build(args_for(dataset="fashion-mnist", data_dir=str(tmp_path))).train) == 40
+
+
+def test_fashion_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        data.build(args_for(dataset="fashion-mnist", data_dir=str(tmp_path)))
+    write_fashion(tmp_path)
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    write_idx(images, np.zeros((40, 28, 28)), cut=100)
+    with pytest.raises(DataError, match="truncated"):
+        data.build(args_for(dataset="fashion-mnist", data_dir=str(tmp_path)))
+    images.write_bytes(gzip.compress(np.zeros((40, 28, 28), np.uint8).tobytes())[:-30])  # cut gzip stream
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        data.build(args_for(dataset="fashion-mnist", data_dir=str(tmp_path)))
+    images.write_bytes(gzip.compress(b"\x01\x02\x03\x04" * 10))
+    with pytest.raises(DataError, match="not an IDX file"):
+        data.build(args_for(dataset="fashion-mnist", data_dir=str(tmp_path)))
+
+
+def make_imagefolder(root, classes=("cat", "dog"), per_class=3, size=20):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+
+
+def test_imagefolder_of_pngs(tmp_path):
+    make_imagefolder(tmp_path)
+    bundle = data.build(args_for(dataset="imagefolder", data_dir=str(tmp_path), img_size=16, aa="rand-m7-mstd0.5-inc1",
+                                 reprob=0.25))
+    assert (len(bundle.train), len(bundle.eval), bundle.num_classes, bundle.in_chans) == (6, 6, 2, 3)
+    assert bundle.train[0][0].shape == bundle.eval[5][0].shape == (3, 16, 16)
+    assert bundle.eval[5][1] == 1
+
+
+def test_imagefolder_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        data.build(args_for(dataset="imagefolder", data_dir=str(tmp_path / "nope")))
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError, match="no val or validation or test/ folder"):
+        data.build(args_for(dataset="imagefolder", data_dir=str(tmp_path)))
+    (tmp_path / "val").mkdir()
+    with pytest.raises(DataError, match="class folder"):
+        data.build(args_for(dataset="imagefolder", data_dir=str(tmp_path)))
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    make_imagefolder(tmp_path)
+    bad = tmp_path / "val" / "dog" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    bundle = data.build(args_for(dataset="imagefolder", data_dir=str(tmp_path), img_size=16))
+    with pytest.raises(DataError, match="cannot read image .*1.png"):
+        bundle.eval[4]
+
+
+def test_cifar_missing_without_download(tmp_path):
+    with pytest.raises(DataError, match="cifar100 not found"):
+        data.build(args_for(dataset="cifar100", data_dir=str(tmp_path)))
+
+
+def test_train_subset_and_sampler_skip():
+    bundle = data.build(args_for(train_subset=100))
+    assert len(bundle.train) == 100
+    loader = data.train_loader(bundle, 10, 0, 0, 1, seed=1, device=torch.device("cpu"))
+    loader.sampler.set_epoch(3)
+    full = [y.tolist() for _, y in loader]
+    loader.sampler.set_epoch(3)
+    loader.sampler.skip = 40
+    assert [y.tolist() for _, y in loader] == full[4:]
+    assert len(loader) == 10  # skip applies to one pass only
