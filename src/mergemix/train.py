@@ -297,9 +297,9 @@ class Trainer:
         finite = torch.isfinite(values)
         nonfinite, stopping = distributed.any_true([not bool(finite.all()), stop.signum != 0], self.ctx)
         if nonfinite:
-            first = p.step - len(values) + 1
+            first = p.step - len(values)  # 0-based index of the first step in ``values``
             where = (f"at epoch {p.epoch} step {first + int((~finite).nonzero()[0])}" if not finite.all()
-                     else f"on another process between epoch {p.epoch} steps {first} and {p.step}")
+                     else f"on another process between epoch {p.epoch} steps {first} and {p.step - 1}")
             kept = f"{self.run_dir / checkpoint.LAST} keeps epoch {p.epoch - 1}" if p.epoch else "no checkpoint was written"
             raise TrainingError(f"non-finite loss {where}; stopped, {kept}. Try a lower --lr, "
                                 f"--clip-grad, or --amp-dtype bfloat16")

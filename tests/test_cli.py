@@ -1,0 +1,150 @@
+"""The CLI end to end on digits with a tiny ViT: outputs, checkpoints, eval, methods, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+from mergemix import cli
+from mergemix.train import SUMMARY_FIELDS
+
+TINY_KWARGS = ["patch_size=2", "embed_dim=32", "depth=2", "num_heads=2"]
+TINY = ["--model-kwargs", *TINY_KWARGS, "--batch-size", "128", "--epochs", "2", "--warmup-epochs", "0"]
+
+
+def train(tmp_path, name, *extra):
+    return cli.main(["train", "--output", str(tmp_path), "--experiment", name, *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One default-method (MergeMix) run shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("runs")
+    assert train(out, "e2e", "--save-mix-samples", "4") == 0
+    return out / "e2e"
+
+
+def test_train_writes_every_output(run):
+    for name in ("args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar", "results.json",
+                 "reliability.png", "curves.png", "mix_samples/epoch000.png"):
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((run / "summary.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert list(rows[0])[: len(SUMMARY_FIELDS)] == SUMMARY_FIELDS
+    assert all(0 <= float(r["eval_top1"]) <= 100 and 0 <= float(r["eval_ece"]) <= 1 for r in rows)
+    results = json.loads((run / "results.json").read_text())
+    for key in ("top1", "top5", "nll", "ece", "brier", "mce", "ece10", "train_time_s", "best_top1"):
+        assert isinstance(results[key], float), key
+    assert results["top1"] == pytest.approx(float(rows[-1]["eval_top1"]))
+    assert results["method"] == "mergemix" and not list(run.glob(".*tmp*"))
+
+
+def test_checkpoint_is_timm_layout_and_loads_into_a_plain_timm_model(run):
+    ckpt = torch.load(run / "last.pth.tar", map_location="cpu", weights_only=True)
+    assert {"epoch", "arch", "state_dict", "optimizer", "scheduler", "args", "metric", "rng"} <= set(ckpt)
+    assert ckpt["epoch"] == 1 and ckpt["arch"] == "vit_tiny_patch16_224"
+    kwargs = dict(p.split("=") for p in TINY_KWARGS)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=8, in_chans=1,
+                              **{k: int(v) for k, v in kwargs.items()})
+    timm.models.load_checkpoint(model, str(run / "last.pth.tar"))  # strict
+    assert torch.equal(model.head.weight, ckpt["state_dict"]["head.weight"])
+
+
+def test_eval_reproduces_the_final_figures(run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--checkpoint", str(run / "last.pth.tar"), "--output", str(out)]) == 0
+    evaluated = json.loads((out / "results.json").read_text())
+    trained = json.loads((run / "results.json").read_text())
+    for key in ("top1", "top5", "ece"):
+        assert evaluated[key] == pytest.approx(trained[key], abs=1e-4), key
+    assert (out / "reliability.png").is_file()
+    assert "top-1" in capsys.readouterr().out
+
+
+def error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    return err[0]
+
+
+def test_eval_rejects_a_mismatched_model_or_data(run, tmp_path, capsys):
+    assert cli.main(["eval", "--checkpoint", str(run), "--model", "vit_small_patch16_224"]) == 2
+    assert "holds a vit_tiny_patch16_224" in error_line(capsys)
+    from test_data import make_imagefolder
+
+    make_imagefolder(tmp_path / "folder")
+    assert cli.main(["eval", "--checkpoint", str(run), "--dataset", "imagefolder",
+                     "--data-dir", str(tmp_path / "folder")]) == 2
+    assert "classifies 10 classes" in error_line(capsys)
+
+
+def test_corrupt_checkpoint_is_one_line(run, tmp_path, capsys):
+    broken = tmp_path / "broken.pth.tar"
+    broken.write_bytes((run / "last.pth.tar").read_bytes()[:5000])
+    assert cli.main(["eval", "--checkpoint", str(broken)]) == 2
+    assert "truncated or corrupt" in error_line(capsys)
+    assert cli.main(["train", "--resume", str(broken)]) == 2
+    assert "truncated or corrupt" in error_line(capsys)
+
+
+def test_a_finished_run_is_not_overwritten(run, capsys):
+    assert cli.main(["train", "--output", str(run.parent), "--experiment", run.name, *TINY]) == 2
+    assert "already holds a run" in error_line(capsys)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--model", "vit_tiny_patch16_2244"], "unknown model"),
+    (["--mix", "mergemixx"], "unknown method"),
+    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+    (["--model", "resnet18", "--model-kwargs"], "reads the attention of a timm VisionTransformer"),
+    (["--img-size", "9"], "not divisible by the patch size"),
+    (["--readout-block", "7"], "--mix mergemix"),
+    (["--merge-num", "40"], "--mix mergemix"),
+    (["--batch-size", "1"], "--mix mergemix failed at epoch 0 step 0"),
+    (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "does not exist"),
+    (["--resume", "/nonexistent/run"], "no checkpoint at"),
+    (["--model-kwargs", "patch_size=2", "depthh=2"], "does not take these --model-kwargs"),
+    (["--opt", "adamww"], "adamww"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, flags, fragment):
+    argv = ["train", "--output", str(tmp_path), "--experiment", "bad", "--epochs", "1", *flags]
+    if "--model-kwargs" not in flags:
+        argv += ["--model-kwargs", *TINY_KWARGS]
+    assert cli.main(argv) == 2
+    line = error_line(capsys)
+    assert fragment in line, line
+    assert not (tmp_path / "bad").exists()  # nothing half-written
+
+
+def test_unwritable_output(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert train(blocker, "x") == 2
+    assert "cannot write to" in error_line(capsys)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception, match="unknown model"):
+        cli.main(["train", "--model", "nope", "--debug", "--output", str(tmp_path)])
+
+
+def test_methods_lists_every_registered_method(capsys):
+    from mergemix import mix
+
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in mix.available():
+        assert f"\n{name} " in f"\n{out}"
+
+
+def test_python_dash_m_and_usage():
+    done = subprocess.run([sys.executable, "-m", "mergemix", "frobnicate"], capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown command 'frobnicate'" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "mergemix", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "train" in done.stdout

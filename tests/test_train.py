@@ -1,0 +1,113 @@
+"""The engine: resume after a kill or a signal ends where an uninterrupted run ends; NaN stops cleanly."""
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergemix import checkpoint, cli, mix
+from mergemix.mix.plain import NoMix
+from mergemix.train import accepted_options
+
+TINY = ["--model-kwargs", "patch_size=2", "embed_dim=32", "depth=2", "num_heads=2", "--warmup-epochs", "0",
+        "--deterministic", "--log-interval", "1"]
+SHORT = ["--epochs", "3", "--batch-size", "32", "--train-subset", "256"]  # 8 steps an epoch
+
+
+def command(out: Path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mergemix", "train", "--output", str(out), "--experiment", name, *TINY, *extra]
+
+
+def summary(run: Path) -> list[dict[str, str]]:
+    """summary.csv rows without the wall-clock column."""
+    return [{k: v for k, v in row.items() if k != "epoch_time"} for row in csv.DictReader((run / "summary.csv").open())]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 3-epoch run (MergeMix). Runs below that match it also show: same seed, same summary."""
+    out = tmp_path_factory.mktemp("ref")
+    subprocess.run(command(out, "full", *SHORT), check=True, capture_output=True)
+    return out / "full"
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(reference, tmp_path):
+    proc = subprocess.Popen(command(tmp_path, "killed", *SHORT),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(tmp_path / "killed" / checkpoint.LAST, proc)
+    time.sleep(0.3)  # into the next epoch
+    proc.kill()
+    proc.wait()
+    ckpt = checkpoint.load(tmp_path / "killed" / checkpoint.LAST)  # the last good one still loads
+    assert ckpt["epoch"] in (0, 1, 2)
+    done = subprocess.run(command(tmp_path, "killed", *SHORT, "--resume",
+                                  str(tmp_path / "killed")), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert summary(tmp_path / "killed") == summary(reference)
+    resumed, full = (json.loads((r / "results.json").read_text()) for r in (tmp_path / "killed", reference))
+    assert (resumed["top1"], resumed["ece"]) == (full["top1"], full["ece"])
+
+
+def test_sigint_writes_a_resumable_checkpoint(reference, tmp_path):
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen(command(tmp_path, "stopped", *SHORT),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(run / checkpoint.LAST, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "stopped by SIGINT; resume with: mergemix train --resume" in err
+    assert not (run / "results.json").exists()
+    # resume with the run's own args.yaml as the recipe: no flags needed but the checkpoint
+    done = subprocess.run([sys.executable, "-m", "mergemix", "train", "--resume", str(run / checkpoint.LAST)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert summary(run) == summary(reference)
+
+
+class NaNAfter(NoMix):
+    """Plain CE whose loss turns NaN at the 15th call (epoch 1, step 3 with 12 steps an epoch)."""
+
+    name = "nan_test"
+    calls = 0
+
+    def __call__(self, model, x, y):
+        out = super().__call__(model, x, y)
+        NaNAfter.calls += 1
+        if NaNAfter.calls >= 15:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(mix._REGISTRY, "nan_test", NaNAfter)
+    argv = ["train", "--output", str(tmp_path), "--experiment", "nan", "--mix", "nan_test", "--epochs", "3",
+            "--batch-size", "112", *TINY]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite loss at epoch 1 step 2" in err[0], err
+    ckpt = checkpoint.load(tmp_path / "nan" / checkpoint.LAST)
+    assert ckpt["epoch"] == 0 and torch.isfinite(ckpt["state_dict"]["head.weight"]).all()
+    assert not (tmp_path / "nan" / "results.json").exists()
+
+
+def test_accepted_options_follow_the_init_chain():
+    assert {"alpha", "merge_num", "lam_policy", "smoothing", "generator"} <= accepted_options(mix.get_class("mergemix"))
+    assert accepted_options(NoMix) == {"num_classes", "smoothing", "generator"}
