@@ -83,7 +83,7 @@ def test_missing_recipe_and_bad_flags():
 def test_method_options_pass_only_what_the_method_takes():
     args = parse("--merge-num", "4", "--mix-alpha", "0.5", "--mix-opt", "r=2")
     used, unused = config.method_options(args, accepted={"alpha", "merge_num", "smoothing"})
-    assert used == {"alpha": 0.5, "merge_num": 4, "smoothing": 0.1, "r": 2}  # --mix-opt always passed
+    assert used == {"alpha": 0.5, "merge_num": 4, "smoothing": 0.0, "r": 2}  # --mix-opt always passed
     assert unused == {}
     used, unused = config.method_options(args, accepted={"alpha", "smoothing"})
     assert "merge_num" not in used and unused == {"merge_num": 4}

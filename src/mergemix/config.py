@@ -40,7 +40,7 @@ METHOD_OPTION_FLAGS = {
 # The default model is a small ViT for 8x8 digits; these kwargs belong to it and are dropped as soon
 # as --model is set anywhere (flag, recipe, checkpoint), so they never leak into another model.
 DEFAULT_MODEL = "vit_tiny_patch16_224"
-DEFAULT_MODEL_KWARGS = {"patch_size": 2, "embed_dim": 96, "depth": 6, "num_heads": 3}
+DEFAULT_MODEL_KWARGS = {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
 
 # Keys of a saved run that describe where it ran, not what it trains: not inherited on --resume.
 _NOT_INHERITED = ("config", "resume")
@@ -120,14 +120,14 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-classes", type=int, default=None, help="default: the data set's")
     g.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs the hub)")
     g.add_argument("--initial-checkpoint", default=None, help="start from a local weights file (head reset if sizes differ)")
-    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
+    g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=40)
-    g.add_argument("--batch-size", "-b", type=int, default=64, help="per process")
+    g.add_argument("--epochs", type=int, default=50)
+    g.add_argument("--batch-size", "-b", type=int, default=32, help="per process")
     g.add_argument("--eval-batch-size", type=int, default=None, help="default: 2 x --batch-size")
     g.add_argument("--opt", default="adamw", help="timm optimizer name")
-    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--momentum", type=float, default=0.9, help="for SGD-like optimizers")
     g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
@@ -136,7 +136,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-lr", type=float, default=1e-6)
     g.add_argument("--min-lr", type=float, default=1e-5)
     g.add_argument("--sched-on-epochs", action="store_true", help="step the schedule per epoch, not per update")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
 
     g = p.add_argument_group("mixing")
     g.add_argument("--mix", default="mergemix", help="mixing method (see `mergemix methods`)")
