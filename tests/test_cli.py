@@ -148,3 +148,25 @@ def test_python_dash_m_and_usage():
     assert done.returncode == 2 and "unknown command 'frobnicate'" in done.stderr
     done = subprocess.run([sys.executable, "-m", "mergemix", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "train" in done.stdout
+
+
+def test_fp16_amp_with_grad_scaler_clipping_and_ema(tmp_path):
+    assert train(tmp_path, "amp", "--mix", "cutmix", "--amp", "--amp-dtype", "float16", "--clip-grad", "1",
+                 "--model-ema", "--epochs", "1") == 0
+    run = tmp_path / "amp"
+    ckpt = torch.load(run / "last.pth.tar", map_location="cpu", weights_only=True)
+    assert ckpt["amp_scaler"]["scale"] > 0 and ckpt["state_dict_ema"] is not None
+    assert "ema_eval_top1" in next(csv.DictReader((run / "summary.csv").open()))
+    assert "ema" in json.loads((run / "results.json").read_text())
+    assert cli.main(["eval", "--checkpoint", str(run), "--use-ema", "--output", str(tmp_path / "ema")]) == 0
+
+
+def test_error_raised_in_a_loader_worker_is_still_one_line(tmp_path, capsys):
+    from test_data import make_imagefolder
+
+    make_imagefolder(tmp_path / "folder", per_class=4)
+    bad = tmp_path / "folder" / "train" / "cat" / "0.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    assert train(tmp_path, "w", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder"), "--img-size", "8",
+                 "--workers", "1", "--batch-size", "4", "--mix", "none") == 2
+    assert "cannot read image" in error_line(capsys) and not (tmp_path / "w").exists()
