@@ -170,3 +170,17 @@ def test_error_raised_in_a_loader_worker_is_still_one_line(tmp_path, capsys):
     assert train(tmp_path, "w", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder"), "--img-size", "8",
                  "--workers", "1", "--batch-size", "4", "--mix", "none") == 2
     assert "cannot read image" in error_line(capsys) and not (tmp_path / "w").exists()
+
+
+def test_initial_checkpoint_keeps_a_fitting_head_and_resets_another(run):
+    from mergemix import models
+
+    state = torch.load(run / "last.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
+    kwargs = {k: int(v) for k, v in (p.split("=") for p in TINY_KWARGS)}
+    same = models.create("vit_tiny_patch16_224", num_classes=10, img_size=8, in_chans=1, model_kwargs=kwargs,
+                         initial_checkpoint=str(run / "last.pth.tar"))
+    assert all(torch.equal(v, state[k]) for k, v in same.state_dict().items())
+    other = models.create("vit_tiny_patch16_224", num_classes=5, img_size=16, in_chans=1, model_kwargs=kwargs,
+                          initial_checkpoint=str(run / "last.pth.tar"))
+    assert other.head.weight.shape == (5, 32)  # new head; position embeddings resampled for 16 px
+    assert torch.equal(other.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])

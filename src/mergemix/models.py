@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+from timm.models import get_pretrained_cfg_value, load_state_dict
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
@@ -31,10 +32,7 @@ def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_pa
     kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate,
                                   img_size=img_size, **(model_kwargs or {}))
     if initial_checkpoint:
-        path = Path(initial_checkpoint)
-        if not path.is_file():
-            raise CheckpointError(f"--initial-checkpoint {path} does not exist")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+        kwargs["pretrained_cfg_overlay"] = _file_overlay(name, Path(initial_checkpoint))
         pretrained = True
     try:
         try:
@@ -49,11 +47,27 @@ def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_pa
     except (OSError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         if pretrained:
-            source = initial_checkpoint or "the hub (needs a network)"
+            source = initial_checkpoint or "the hub (offline? use --initial-checkpoint FILE)"
             raise CheckpointError(f"could not load pretrained weights for {name} from {source}: {first}") from None
         raise ConfigError(f"cannot build model {name} with {kwargs}: {first}") from None
     _check_patches(model, name)
     return model
+
+
+def _file_overlay(name: str, path: Path) -> dict[str, Any]:
+    """timm pretrained-config overlay that loads ``path``; it keeps the file's classifier when its size fits."""
+    if not path.is_file():
+        raise CheckpointError(f"--initial-checkpoint {path} does not exist")
+    try:
+        state_dict = load_state_dict(str(path), use_ema=False)
+    except Exception as e:  # torch.load of an arbitrary file: anything can come out
+        raise CheckpointError(f"cannot read --initial-checkpoint {path} ({type(e).__name__}): is it a weights file?") from None
+    overlay: dict[str, Any] = dict(file=str(path))
+    classifier = get_pretrained_cfg_value(name, "classifier")
+    head = state_dict.get(f"{classifier}.weight") if isinstance(classifier, str) else None
+    if head is not None:
+        overlay["num_classes"] = head.shape[0]  # timm drops the classifier only if this differs from ours
+    return overlay
 
 
 def _check_patches(model: nn.Module, name: str) -> None:
