@@ -422,7 +422,8 @@ class Trainer:
         defaults = self.objective.defaults() if hasattr(self.objective, "defaults") else {}
         self.log(f"mix    {args.mix} ({self.objective.passes}) {defaults or ''}")
         if self.unused_options:
-            self.log(f"note   --mix {args.mix} takes no {', '.join(f'{k}={v}' for k, v in self.unused_options.items())}: ignored")
+            self.log(f"note   --mix {args.mix} takes no {', '.join(f'{k}={v}' for k, v in self.unused_options.items())}: "
+                     f"ignored (its options: `mergemix methods`; set them with --mix-alpha or --mix-opt)")
         self.log(f"train  {args.epochs} epochs x {self.steps_per_epoch} steps, batch {args.batch_size} x "
                  f"{ctx.world_size} process(es), {args.opt} lr {args.lr:g}, {ctx.device}"
                  + (f", amp {args.amp_dtype}" if args.amp else "") + (", compiled" if args.compile else ""))
