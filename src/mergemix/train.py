@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import inspect
 import io
 import os
@@ -38,6 +39,7 @@ from tqdm import tqdm
 from . import checkpoint, config, data, distributed, models
 from .errors import ConfigError, Interrupted, MergeMixError, TrainingError
 from .evaluate import autocast, evaluate, summary_line, write_results
+from .mix.base import StepOutput
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "eval_ece", "lr", "epoch_time"]
 
@@ -121,7 +123,7 @@ def _rows_csv(rows: list[dict[str, float]]) -> str:
     return buf.getvalue()
 
 
-def _save_mix_samples(out: Any, x: torch.Tensor, n: int, mean: tuple, std: tuple, path: Path) -> None:
+def _save_mix_samples(out: StepOutput, x: torch.Tensor, n: int, mean: tuple, std: tuple, path: Path) -> None:
     """Rows of the first ``n`` samples: image, partner, mixed image, mask."""
     from torchvision.utils import save_image
 
@@ -148,14 +150,19 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace, ctx: distributed.Context):
         self.args, self.ctx = args, ctx
-        self.log = print if ctx.is_main else (lambda *a, **k: None)
+        self.log = functools.partial(print, flush=True) if ctx.is_main else (lambda *a, **k: None)
         seed_everything(args.seed + ctx.rank)
         if args.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
 
+        download_first = ctx.distributed and args.download  # rank 0 fetches, the others wait and read
+        if download_first and not ctx.is_main:
+            distributed.barrier(ctx)
         self.data = data.build(args)
+        if download_first and ctx.is_main:
+            distributed.barrier(ctx)
         if args.num_classes is not None and args.num_classes != self.data.num_classes:
             raise ConfigError(f"--num-classes {args.num_classes} but {args.dataset} has {self.data.num_classes} classes")
         args.num_classes, args.img_size = self.data.num_classes, self.data.img_size
@@ -226,10 +233,11 @@ class Trainer:
 
     def _state(self, completed_epoch: int, metric: float | None) -> dict[str, Any] | None:
         """The checkpoint dict (on rank 0; None elsewhere). Collective: every process must call it."""
-        rng = distributed.gather(checkpoint.rng_state(self.generator), self.ctx)
+        p = self.progress
+        partial = {"loss_sum": p.loss_sum, "loss_count": p.loss_count, "epoch_time": p.epoch_time}
+        per_rank = distributed.gather((checkpoint.rng_state(self.generator), partial), self.ctx)
         if not self.ctx.is_main:
             return None
-        p = self.progress
         return {
             "epoch": completed_epoch,
             "arch": self.args.model,
@@ -243,10 +251,10 @@ class Trainer:
             "metric": metric,
             "step": p.step,
             "global_step": p.global_step,
-            "partial": {"loss_sum": p.loss_sum, "loss_count": p.loss_count, "epoch_time": p.epoch_time},
+            "partial": [r[1] for r in per_rank],
             "best": {"top1": p.best_top1, "epoch": p.best_epoch},
             "rows": p.rows,
-            "rng": rng,
+            "rng": [r[0] for r in per_rank],
         }
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -261,17 +269,16 @@ class Trainer:
             self.ema.module.load_state_dict(ckpt["state_dict_ema"])
         p.epoch, p.step = ckpt["epoch"] + 1, ckpt.get("step", 0)
         p.global_step = ckpt.get("global_step", p.epoch * self.steps_per_epoch + p.step)
-        partial = ckpt.get("partial") or {}
-        p.loss_sum, p.loss_count = partial.get("loss_sum", 0.0), partial.get("loss_count", 0)
-        p.epoch_time = partial.get("epoch_time", 0.0)
         best = ckpt.get("best") or {}
         p.best_top1, p.best_epoch = best.get("top1", float("-inf")), best.get("epoch", -1)
         p.rows = [r for r in ckpt.get("rows", []) if r["epoch"] < p.epoch]
         if p.epoch >= args.epochs:
             raise ConfigError(f"{args.resume} already finished its {args.epochs} epochs: raise --epochs to train on")
-        rng = ckpt.get("rng") or []
-        if len(rng) == self.ctx.world_size:
+        rng, partial = ckpt.get("rng") or [], ckpt.get("partial") or []
+        if len(rng) == len(partial) == self.ctx.world_size:
             checkpoint.set_rng_state(rng[self.ctx.rank], self.generator)
+            mine = partial[self.ctx.rank]
+            p.loss_sum, p.loss_count, p.epoch_time = mine["loss_sum"], mine["loss_count"], mine["epoch_time"]
         else:
             self.log(f"note: the checkpoint was written by {len(rng)} process(es), this run has "
                      f"{self.ctx.world_size}; random streams restart from the seed")
