@@ -13,7 +13,7 @@ import torch
 from mergemix import cli
 from mergemix.train import SUMMARY_FIELDS
 
-TINY_KWARGS = ["patch_size=2", "embed_dim=32", "depth=2", "num_heads=2"]
+TINY_KWARGS = ["patch_size=4", "embed_dim=32", "depth=2", "num_heads=2"]
 TINY = ["--model-kwargs", *TINY_KWARGS, "--batch-size", "128", "--epochs", "2", "--warmup-epochs", "0"]
 
 
@@ -49,7 +49,7 @@ def test_checkpoint_is_timm_layout_and_loads_into_a_plain_timm_model(run):
     assert {"epoch", "arch", "state_dict", "optimizer", "scheduler", "args", "metric", "rng"} <= set(ckpt)
     assert ckpt["epoch"] == 1 and ckpt["arch"] == "vit_tiny_patch16_224"
     kwargs = dict(p.split("=") for p in TINY_KWARGS)
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=8, in_chans=1,
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, in_chans=1,
                               **{k: int(v) for k, v in kwargs.items()})
     timm.models.load_checkpoint(model, str(run / "last.pth.tar"))  # strict
     assert torch.equal(model.head.weight, ckpt["state_dict"]["head.weight"])
@@ -109,7 +109,7 @@ def test_a_finished_run_is_not_overwritten(run, capsys):
     (["--batch-size", "1"], "--mix mergemix failed at epoch 0 step 0"),
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "does not exist"),
     (["--resume", "/nonexistent/run"], "no checkpoint at"),
-    (["--model-kwargs", "patch_size=2", "depthh=2"], "does not take these --model-kwargs"),
+    (["--model-kwargs", "patch_size=4", "depthh=2"], "does not take these --model-kwargs"),
     (["--opt", "adamww"], "adamww"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, flags, fragment):
@@ -177,10 +177,10 @@ def test_initial_checkpoint_keeps_a_fitting_head_and_resets_another(run):
 
     state = torch.load(run / "last.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
     kwargs = {k: int(v) for k, v in (p.split("=") for p in TINY_KWARGS)}
-    same = models.create("vit_tiny_patch16_224", num_classes=10, img_size=8, in_chans=1, model_kwargs=kwargs,
+    same = models.create("vit_tiny_patch16_224", num_classes=10, img_size=16, in_chans=1, model_kwargs=kwargs,
                          initial_checkpoint=str(run / "last.pth.tar"))
     assert all(torch.equal(v, state[k]) for k, v in same.state_dict().items())
-    other = models.create("vit_tiny_patch16_224", num_classes=5, img_size=16, in_chans=1, model_kwargs=kwargs,
+    other = models.create("vit_tiny_patch16_224", num_classes=5, img_size=32, in_chans=1, model_kwargs=kwargs,
                           initial_checkpoint=str(run / "last.pth.tar"))
     assert other.head.weight.shape == (5, 32)  # new head; position embeddings resampled for 16 px
     assert torch.equal(other.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])

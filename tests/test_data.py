@@ -37,12 +37,12 @@ def write_fashion(folder, n_train=40, n_test=20, seed=0) -> None:
 
 def test_digits_split_is_fixed_stratified_and_in_memory():
     a, b = data.load_digits(None), data.load_digits(None)
-    assert (len(a.train), len(a.eval), a.num_classes, a.img_size, a.in_chans) == (1437, 360, 10, 8, 1)
+    assert (len(a.train), len(a.eval), a.num_classes, a.img_size, a.in_chans) == (1437, 360, 10, 16, 1)
     assert torch.equal(a.eval.labels, b.eval.labels) and torch.equal(a.eval.images, b.eval.images)
     assert torch.bincount(a.eval.labels).min() >= 35  # every class held out in proportion
     x, y = a.train[0]
-    assert x.shape == (1, 8, 8) and isinstance(y, int)
-    assert data.load_digits(16).train[0][0].shape == (1, 16, 16)
+    assert x.shape == (1, 16, 16) and isinstance(y, int)
+    assert data.load_digits(8).train[0][0].shape == (1, 8, 8)  # the native size on request
 
 
 def test_fashion_idx_files_from_data_dir(tmp_path):

@@ -94,6 +94,15 @@ def test_merge_train_off_runs_full_length_mixed_forward():
     assert seen == [17]  # 16 patches + CLS: no merging in the training forward
 
 
+def test_prepared_model_outside_a_step_is_plain_timm():
+    plain = tiny_vit().eval()
+    model = tiny_vit().eval()
+    mix.create("mergemix", 10).prepare(model)
+    x, _ = batch()
+    with torch.no_grad():
+        assert torch.allclose(model(x), plain(x), atol=1e-5)
+
+
 def test_state_dict_keys_unchanged_and_loadable():
     plain = tiny_vit()
     model = tiny_vit()

@@ -7,7 +7,7 @@ import torch
 
 from mergemix.mask import recover
 from mergemix.merge import bipartite_matching, decreasing_schedule, merge_tokens, merged_positions
-from mergemix.tome import forward_readout, patch_tome, resolve_schedule, set_merging, tokens_per_block
+from mergemix.tome import configure_tome, forward_readout, patch_tome, resolve_schedule, tokens_per_block
 
 MODELS = {
     "deit": ("deit_tiny_patch16_224", {}),
@@ -159,9 +159,9 @@ def test_switch_merging_off_and_on():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         merged = model(x)
-        set_merging(model, False)
+        configure_tome(model, merge=False)
         off = model(x)
-        set_merging(model, True)
+        configure_tome(model, merge=True)
         again = model(x)
         ref = plain(x)
     assert torch.allclose(off, ref, atol=1e-5)

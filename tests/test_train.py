@@ -16,7 +16,7 @@ from mergemix import checkpoint, cli, mix
 from mergemix.mix.plain import NoMix
 from mergemix.train import accepted_options
 
-TINY = ["--model-kwargs", "patch_size=2", "embed_dim=32", "depth=2", "num_heads=2", "--warmup-epochs", "0",
+TINY = ["--model-kwargs", "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2", "--warmup-epochs", "0",
         "--deterministic", "--log-interval", "1"]
 SHORT = ["--epochs", "3", "--batch-size", "32", "--train-subset", "256"]  # 8 steps an epoch
 
@@ -50,8 +50,8 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(reference, tmp_path
     proc = subprocess.Popen(command(tmp_path, "killed", *SHORT),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for(tmp_path / "killed" / checkpoint.LAST, proc)
-    time.sleep(0.3)  # into the next epoch
-    proc.kill()
+    proc.kill()  # in the epoch after the first checkpoint
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     proc.wait()
     ckpt = checkpoint.load(tmp_path / "killed" / checkpoint.LAST)  # the last good one still loads
     assert ckpt["epoch"] in (0, 1, 2)

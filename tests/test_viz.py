@@ -9,7 +9,7 @@ from mergemix import mix, models
 from mergemix.config import build_train_parser
 from mergemix.viz import main, mix_grid
 
-TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=2", "embed_dim=32", "depth=4", "num_heads=2"]
+TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4", "embed_dim=32", "depth=4", "num_heads=2"]
 
 
 def grid_shape(path) -> tuple[int, int]:
@@ -44,8 +44,8 @@ def test_viz_is_reproducible_from_the_seed(tmp_path):
 
 def test_viz_from_a_checkpoint_with_its_method(tmp_path):
     args = build_train_parser().parse_args([*TINY[:2], "--mix", "cutmix"])
-    args.model_kwargs = dict(patch_size=2, embed_dim=32, depth=4, num_heads=2)
-    model = models.create(args.model, num_classes=10, img_size=8, in_chans=1, model_kwargs=args.model_kwargs)
+    args.model_kwargs = dict(patch_size=4, embed_dim=32, depth=4, num_heads=2)
+    model = models.create(args.model, num_classes=10, img_size=16, in_chans=1, model_kwargs=args.model_kwargs)
     ckpt = tmp_path / "run" / "last.pth.tar"
     ckpt.parent.mkdir()
     torch.save({"epoch": 1, "arch": args.model, "state_dict": model.state_dict(), "args": vars(args)}, ckpt)

@@ -123,7 +123,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=50)
+    g.add_argument("--epochs", type=int, default=40)
     g.add_argument("--batch-size", "-b", type=int, default=32, help="per process")
     g.add_argument("--eval-batch-size", type=int, default=None, help="default: 2 x --batch-size")
     g.add_argument("--opt", default="adamw", help="timm optimizer name")

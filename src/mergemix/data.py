@@ -94,15 +94,18 @@ def _grey_bundle(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], img_
         num_classes=int(train[1].max()) + 1, img_size=size, in_chans=1, mean=(mean,), std=(std,), in_memory=True)
 
 
+DIGITS_SIZE = 16  # 8x8 digits upsampled x2: with 4x4 patches a 4x4 grid of 16 tokens for MergeMix to merge
+
+
 def load_digits(img_size: int | None) -> DataBundle:
-    """scikit-learn digits, fixed stratified 80/20 split (1437 / 360)."""
+    """scikit-learn digits, fixed stratified 80/20 split (1437 / 360), served at 16x16 by default."""
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
     d = sk_digits()
     x_tr, x_te, y_tr, y_te = train_test_split(d.images, d.target, test_size=0.2, stratify=d.target, random_state=0)
     as_t = lambda x, y: (torch.tensor(x, dtype=torch.float32) / 16.0, torch.tensor(y, dtype=torch.long))  # noqa: E731
-    return _grey_bundle(as_t(x_tr, y_tr), as_t(x_te, y_te), img_size, pad=1, flip=False)
+    return _grey_bundle(as_t(x_tr, y_tr), as_t(x_te, y_te), img_size or DIGITS_SIZE, pad=1, flip=False)
 
 
 def read_idx(path: Path) -> Tensor:

@@ -137,18 +137,22 @@ def patch_tome(model: nn.Module, r: int | Sequence[int] | None = None, *, merge_
     return model
 
 
-def set_merging(model: nn.Module, enabled: bool) -> None:
-    """Switch merging off (every r counts as 0) or back on, without re-creating the model."""
-    _config(model).merge = enabled
+def configure_tome(model: nn.Module, merge: bool | None = None, readout: bool | None = None) -> None:
+    """Switch merging (off: every r counts as 0) and/or the read-out off or on, without
+    re-creating the model; None leaves a setting as it is."""
+    cfg = _config(model)
+    if merge is not None:
+        cfg.merge = merge
+    if readout is not None:
+        cfg.readout = readout
 
 
 @contextlib.contextmanager
 def tome_options(model: nn.Module, merge: bool | None = None, readout: bool | None = None) -> Iterator[None]:
-    """Temporarily switch merging and/or the read-out on or off."""
+    """``configure_tome`` for the duration of a ``with`` block."""
     cfg = _config(model)
     saved = (cfg.merge, cfg.readout)
-    cfg.merge = cfg.merge if merge is None else merge
-    cfg.readout = cfg.readout if readout is None else readout
+    configure_tome(model, merge, readout)
     try:
         yield
     finally:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import mask as M
-from ..tome import forward_readout, patch_grid, patch_size, patch_tome, tome_options
+from ..tome import configure_tome, forward_readout, patch_grid, patch_size, patch_tome, tome_options
 from . import register
 from .base import Objective, StepOutput, mixed_targets, sample_lam, smooth_one_hot, soft_cross_entropy, unwrap
 
@@ -60,7 +60,11 @@ class MergeMix(Objective):
         self.passes = PASSES[aux_loss]
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Patch ``model`` for merging with a read-out; merge_num defaults to half the patches."""
+        """Patch ``model`` for merging with a read-out; merge_num defaults to half the patches.
+
+        Merging and the read-out are switched on only inside a training step: outside it (for
+        evaluation, or anyone calling the model) the patched model computes what timm's does.
+        """
         net = unwrap(model)
         depth = len(getattr(net, "blocks", ()))
         if self.readout_block is None:
@@ -71,6 +75,7 @@ class MergeMix(Objective):
             self.merge_num = getattr(getattr(net, "patch_embed", None), "num_patches", 0) // 2
         patch_tome(net, self.r, merge_num=None if self.r is not None else self.merge_num,
                    prop_attn=self.prop_attn, readout_block=self.readout_block, score=self.score)
+        configure_tome(net, merge=False, readout=False)
         return model
 
     def defaults(self) -> dict[str, Any]:
