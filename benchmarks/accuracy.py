@@ -1,0 +1,187 @@
+"""Accuracy and calibration of every mixing method, same recipe and budget, several seeds.
+
+    python benchmarks/accuracy.py --mode quick     # digits, every method, 3 seeds, 10 epochs (~15 min, 2-core CPU)
+    python benchmarks/accuracy.py --mode full      # digits + Fashion-MNIST, 3 seeds, MergeMix ablations on digits
+    python benchmarks/accuracy.py --mode gpu       # Fashion-MNIST at a longer budget, on CUDA
+
+Each run is a plain `mergemix train` in a subprocess with the dataset's recipe; only --mix, its
+options and --seed change. Finished runs (results.json present) are skipped, so an interrupted
+benchmark continues where it stopped. Writes benchmarks/results/<dataset>.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+BASELINES = ["none", "mixup", "cutmix", "deit", "resizemix", "fmix", "saliencymix", "gridmix", "smoothmix",
+             "transmix", "tokenmix", "smmix", "mergemix"]
+# MergeMix ablations: one option changed from the defaults (lam area, aux clean, cls row, default block)
+ABLATIONS = {
+    "mergemix[lam=gaussian]": ["--lam-policy", "gaussian"],
+    "mergemix[aux=mixup]": ["--aux-loss", "mixup"],
+    "mergemix[aux=none]": ["--aux-loss", "none"],
+    "mergemix[score=cls_col]": ["--score", "cls_col"],
+    "mergemix[readout=last]": ["--readout-block", "-1"],
+    "mergemix[merge_num=0]": ["--merge-num", "0"],
+    "mergemix[no merge in training]": ["--no-merge-train"],
+}
+
+# Per dataset: the recipe and the budget of each mode (flags appended to `mergemix train`).
+# digits: the built-in default recipe (16x16, 4x4 patches, 16 tokens, 8 merged). Fashion-MNIST: its
+# recipe with a smaller model (7x7 patches: 16 tokens, 8 merged) and a 5k-image training subset, so
+# that 13 methods x 3 seeds fit the 2-core CPU; the test set is the full 10k images.
+FASHION_SMALL = ["-c", "configs/fashion_mnist.yaml", "--model-kwargs", "patch_size=7", "embed_dim=64", "depth=4",
+                 "num_heads=2", "--merge-num", "8"]
+RECIPES = {
+    "digits": {"quick": ["--epochs", "10"], "full": ["--epochs", "30"]},
+    "fashion-mnist": {"full": [*FASHION_SMALL, "--train-subset", "5000", "--epochs", "12"],
+                      "gpu": ["-c", "configs/fashion_mnist.yaml", "--epochs", "60", "--device", "cuda", "--amp"]},
+}
+MODES = {  # ablations: the datasets on which the MergeMix ablations run too
+    "quick": {"datasets": ["digits"], "seeds": 3, "ablations": []},
+    "full": {"datasets": ["digits", "fashion-mnist"], "seeds": 3, "ablations": ["digits"]},
+    "gpu": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": ["fashion-mnist"]},
+}
+EQUAL_TIME = 0.6  # MergeMix (clean) costs ~1.6x CutMix per epoch: this share of the epochs is equal time
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=list(MODES), default="quick")
+    p.add_argument("--datasets", nargs="*", default=None)
+    p.add_argument("--methods", nargs="*", default=None, help="subset of methods/ablation labels")
+    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each on cores/jobs threads (2 on a 2-core CPU: better throughput)")
+    p.add_argument("--runs-dir", type=Path, default=ROOT / "benchmarks" / "runs")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run")
+    return p.parse_args(argv)
+
+
+def plan(mode: str, dataset: str, recipe: list[str], methods: list[str] | None) -> dict[str, list[str]]:
+    """label -> mixing flags."""
+    labels = {m: ["--mix", m] for m in BASELINES}
+    if dataset in MODES[mode]["ablations"]:
+        labels.update({k: ["--mix", "mergemix", *v] for k, v in ABLATIONS.items()})
+        epochs = int(recipe[recipe.index("--epochs") + 1])
+        labels["mergemix[equal time]"] = ["--mix", "mergemix", "--epochs", str(round(EQUAL_TIME * epochs))]
+    if methods:
+        labels = {k: v for k, v in labels.items() if k in methods}
+    return labels
+
+
+def run_one(cmd: list[str], run_dir: Path, threads: int) -> dict:
+    """Run (or reuse) one training run and read its figures."""
+    results = run_dir / "results.json"
+    if not results.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over
+        log = run_dir.parent / f"{run_dir.name}.log"
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        with open(log, "w") as fh:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"run failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
+    figures = json.loads(results.read_text())
+    with open(run_dir / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    figures["epoch_time"] = statistics.mean(float(r["epoch_time"]) for r in rows)
+    figures["epochs"] = len(rows)
+    return figures
+
+
+def aggregate(runs: list[dict]) -> dict:
+    out = {"seeds": len(runs)}
+    for key in ("top1", "ece", "nll", "brier", "epoch_time"):
+        values = [r[key] for r in runs]
+        out[key] = statistics.mean(values)
+        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def markdown(dataset: str, mode: str, table: dict[str, dict], recipe: list[str]) -> str:
+    ref = table.get("cutmix", {}).get("epoch_time")
+    lines = [f"### {dataset} ({mode} mode)", "",
+             f"Recipe: `mergemix train --dataset {dataset} {' '.join(recipe)} --mix METHOD --seed S`, "
+             f"mean ± std over {max(t['seeds'] for t in table.values())} seeds; top-1 in %, ECE (15 bins), "
+             "NLL and Brier on the held-out set; time per epoch relative to CutMix in the same benchmark.", "",
+             "| method | top-1 (%) | ECE | NLL | Brier | s/epoch | × CutMix time |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, t in sorted(table.items(), key=lambda kv: -kv[1]["top1"]):
+        rel = f"{t['epoch_time'] / ref:.2f}" if ref else "–"
+        lines.append(f"| {label} | {t['top1']:.2f} ± {t['top1_std']:.2f} | {t['ece']:.4f} ± {t['ece_std']:.4f} | "
+                     f"{t['nll']:.4f} | {t['brier']:.4f} | {t['epoch_time']:.1f} | {rel} |")
+    return "\n".join(lines)
+
+
+def figure(dataset: str, table: dict[str, dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label, t in table.items():
+        ax.errorbar(t["ece"], t["top1"], xerr=t["ece_std"], yerr=t["top1_std"], fmt="o", capsize=3,
+                    color="tab:red" if label == "mergemix" else "tab:orange" if label.startswith("mergemix") else "tab:blue")
+        ax.annotate(label, (t["ece"], t["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("ECE (lower is better)")
+    ax.set_ylabel("top-1 % (higher is better)")
+    ax.set_title(f"{dataset}: accuracy vs calibration (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    mode = MODES[args.mode]
+    seeds = range(args.seeds or mode["seeds"])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for dataset in args.datasets or mode["datasets"]:
+        recipe = RECIPES[dataset][args.mode]
+        labels = plan(args.mode, dataset, recipe, args.methods)
+        table, raw = {}, {}
+        t0 = time.time()
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        jobs = {}
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for label, flags in labels.items():
+                for seed in seeds:
+                    name = f"{dataset}-{label}-s{seed}".replace("[", "_").replace("]", "").replace("=", "-").replace(" ", "_")
+                    run_dir = args.runs_dir / args.mode / name
+                    cmd = [sys.executable, "-m", "mergemix", "train", "--dataset", dataset, *recipe, *flags,
+                           "--seed", str(seed), "--output", str(run_dir.parent), "--experiment", run_dir.name,
+                           *args.extra]
+                    jobs.setdefault(label, []).append(pool.submit(run_one, cmd, run_dir, threads))
+            for i, (label, futures) in enumerate(jobs.items()):
+                runs = [f.result() for f in futures]
+                table[label], raw[label] = aggregate(runs), runs
+                t = table[label]
+                print(f"[{dataset} {i + 1}/{len(jobs)} {time.time() - t0:.0f}s] {label}: top-1 {t['top1']:.2f} ± "
+                      f"{t['top1_std']:.2f}, ECE {t['ece']:.4f}", flush=True)
+        stem = RESULTS / f"{dataset}{'' if args.mode == 'full' else '_' + args.mode}"
+        stem.with_suffix(".json").write_text(json.dumps({"mode": args.mode, "recipe": recipe, "table": table,
+                                                         "runs": raw}, indent=2))
+        text = markdown(dataset, args.mode, table, recipe)
+        stem.with_suffix(".md").write_text(text + "\n")
+        figure(dataset, table, stem.with_suffix(".png"))
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
