@@ -59,7 +59,7 @@ def test_default_model_kwargs_belong_to_the_default_model(tmp_path):
     ("epochs: 3\nbatch_sise: 4\n", "batch_sise (did you mean batch_size?)"),
     ("epochs: [3\n", "invalid YAML"),
     ("- 1\n- 2\n", "must hold a mapping"),
-    ("epochs: many\n", "epochs must be a int"),
+    ("epochs: many\n", "epochs must be of type int"),
     ("amp: 1\n", "amp must be true or false"),
     ("lam_policy: uniform\n", "lam_policy must be one of"),
 ])

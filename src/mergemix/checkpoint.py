@@ -14,6 +14,7 @@ import contextlib
 import os
 import pickle
 import random
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,10 +22,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 LAST = "last.pth.tar"
 BEST = "model_best.pth.tar"
+TMP_TAG = ".tmp"  # atomic writes go to ".<stem>.tmp<pid><suffix>" first
 
 
 @contextlib.contextmanager
@@ -34,7 +36,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     A crash at any moment leaves either the old file or the new one, never a partial one.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.stem}{TMP_TAG}{os.getpid()}{path.suffix}")
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -42,6 +44,38 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def clear_temporaries(folder: Path) -> None:
+    """Remove what atomic writes of a killed process left in ``folder`` (never a finished file)."""
+    for stale in folder.glob(f".*{TMP_TAG}*"):
+        stale.unlink(missing_ok=True)
+
+
+def make_dir(folder: Path, flag: str) -> bool:
+    """Create ``folder`` (and its parents) and check that files can be written in it.
+
+    Returns True if it did not exist before. A place that cannot be written is a ``ConfigError``
+    that names ``flag``, the option to change.
+    """
+    existed = folder.is_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        reason = (f"{'it' if blocker == folder else blocker} is a file, not a folder" if blocker
+                  else e.strerror or str(e))
+        raise ConfigError(f"cannot write to {folder}: {reason}; choose another {flag}") from None
+    return not existed
+
+
+def unreadable(path: Path, err: BaseException, what: str = "checkpoint") -> CheckpointError:
+    """The one-line error for a checkpoint file that ``torch.load`` cannot read."""
+    text = str(err).strip()
+    reason = text.splitlines()[0].split(". ")[0][:120] if text else type(err).__name__
+    return CheckpointError(f"cannot read {what} {path} (truncated or corrupt: {reason}); use {BEST} or an earlier copy")
 
 
 def save(obj: dict[str, Any], path: str | Path) -> None:
@@ -72,9 +106,7 @@ def load(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt: {reason[:120]}); "
-                              f"use {BEST} or an earlier copy") from None
+        raise unreadable(path, e) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no state_dict in it)")
     return ckpt

@@ -171,7 +171,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--ece-bins", type=int, default=15)
     g.add_argument("--log-interval", type=int, default=10, help="steps between loss checks and progress updates")
     g.add_argument("--save-mix-samples", type=int, default=0, metavar="N",
-                   help="save N mixed images of each epoch's first step as a PNG grid")
+                   help="every N epochs, draw the first step's mixing as a `mergemix viz` grid "
+                        "(mix_samples/epochNNN.png; 0: never)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -195,7 +196,7 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
                 raise ValueError
             value = action.type(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{source}: {key} must be a {action.type.__name__}, got {value!r}") from None
+            raise ConfigError(f"{source}: {key} must be of type {action.type.__name__}, got {value!r}") from None
     if action.choices is not None and value not in action.choices:
         raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
     return value
@@ -280,6 +281,8 @@ def _validate(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {args.lr}")
+    if args.save_mix_samples < 0:
+        raise ConfigError(f"--save-mix-samples must be 0 (never) or an epoch interval, got {args.save_mix_samples}")
 
 
 def method_options(args: argparse.Namespace, accepted: set[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:

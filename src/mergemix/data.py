@@ -216,7 +216,8 @@ def load_imagefolder(args: argparse.Namespace) -> DataBundle:
         raise DataError("--dataset imagefolder needs --data-dir DIR with DIR/train/<class>/ and DIR/val/<class>/")
     root = Path(args.data_dir)
     if not root.is_dir():
-        raise DataError(f"data directory {root} does not exist")
+        raise DataError(f"data directory {root} does not exist: pass --data-dir DIR with DIR/train/<class>/<image> "
+                        f"and DIR/val/<class>/<image>")
     splits = {}
     for split, names in (("train", ("train",)), ("eval", ("val", "validation", "test"))):
         folder = next((root / n for n in names if (root / n).is_dir()), None)
@@ -229,7 +230,7 @@ def load_imagefolder(args: argparse.Namespace) -> DataBundle:
         train = ImageFolder(str(splits["train"]), transform=train_tf, loader=read_image)
         test = ImageFolder(str(splits["eval"]), transform=eval_tf, loader=read_image)
     except FileNotFoundError as e:
-        raise DataError(f"{e}: put images in <split>/<class>/ folders") from None
+        raise DataError(f"{str(e).rstrip('.')}: put images in <split>/<class>/ folders") from None
     if train.classes != test.classes:
         raise DataError(f"class folders differ between {splits['train']} ({len(train.classes)}) and "
                         f"{splits['eval']} ({len(test.classes)}): they must hold the same class names")

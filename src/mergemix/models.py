@@ -9,6 +9,7 @@ import timm
 from timm.models import get_pretrained_cfg_value, load_state_dict
 from torch import nn
 
+from . import checkpoint
 from .errors import CheckpointError, ConfigError
 
 
@@ -45,28 +46,51 @@ def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_pa
     except TypeError as e:
         raise ConfigError(f"model {name} does not take these --model-kwargs ({e})") from None
     except (OSError, RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        reason = _reason(e)
+        if initial_checkpoint:
+            raise CheckpointError(f"--initial-checkpoint {initial_checkpoint} does not fit {name} ({reason}): give the "
+                                  f"architecture it holds (--model, --model-kwargs); only the classifier and the "
+                                  f"position embeddings may differ") from None
         if pretrained:
-            source = initial_checkpoint or "the hub (offline? use --initial-checkpoint FILE)"
-            raise CheckpointError(f"could not load pretrained weights for {name} from {source}: {first}") from None
-        raise ConfigError(f"cannot build model {name} with {kwargs}: {first}") from None
+            raise CheckpointError(f"could not load pretrained weights for {name} from the hub ({reason}): "
+                                  f"offline? use --initial-checkpoint FILE") from None
+        raise ConfigError(f"cannot build model {name} with {kwargs}: {reason}") from None
     _check_patches(model, name)
     return model
 
 
+def _reason(err: BaseException) -> str:
+    """The informative line of a build or load error: for ``load_state_dict``, its first mismatch."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    detail = next((line for line in lines[1:] if "mismatch" in line or "key(s)" in line), lines[0])
+    short = detail if len(detail) <= 160 else detail[:157] + "..."
+    return short + (f" (+{len(lines) - 2} more)" if detail is not lines[0] and len(lines) > 2 else "")
+
+
 def _file_overlay(name: str, path: Path) -> dict[str, Any]:
-    """timm pretrained-config overlay that loads ``path``; it keeps the file's classifier when its size fits."""
+    """timm pretrained-config overlay that loads ``path``.
+
+    It keeps the file's classifier when its size fits and declares the file's input channels, so
+    timm adapts the first convolution only when the data has another channel count.
+    """
     if not path.is_file():
         raise CheckpointError(f"--initial-checkpoint {path} does not exist")
     try:
         state_dict = load_state_dict(str(path), use_ema=False)
     except Exception as e:  # torch.load of an arbitrary file: anything can come out
-        raise CheckpointError(f"cannot read --initial-checkpoint {path} ({type(e).__name__}): is it a weights file?") from None
+        raise checkpoint.unreadable(path, e, "--initial-checkpoint") from None
     overlay: dict[str, Any] = dict(file=str(path))
     classifier = get_pretrained_cfg_value(name, "classifier")
     head = state_dict.get(f"{classifier}.weight") if isinstance(classifier, str) else None
     if head is not None:
         overlay["num_classes"] = head.shape[0]  # timm drops the classifier only if this differs from ours
+    first_conv = get_pretrained_cfg_value(name, "first_conv")
+    stem = state_dict.get(f"{first_conv}.weight") if isinstance(first_conv, str) else None
+    input_size = get_pretrained_cfg_value(name, "input_size")
+    if stem is not None and stem.ndim == 4 and input_size:
+        overlay["input_size"] = (stem.shape[1], *input_size[1:])
     return overlay
 
 
