@@ -9,6 +9,7 @@ import sys
 import pytest
 import timm
 import torch
+from PIL import Image
 
 from mergemix import cli
 from mergemix.train import SUMMARY_FIELDS
@@ -33,6 +34,9 @@ def test_train_writes_every_output(run):
     for name in ("args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar", "results.json",
                  "reliability.png", "curves.png", "mix_samples/epoch000.png"):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    # --save-mix-samples 4: the viz grid of epochs 0, 4, ...: 8 rows x 6 columns of 200 px for MergeMix
+    assert Image.open(run / "mix_samples/epoch000.png").size == (6 * 200, 8 * 200)
+    assert not (run / "mix_samples/epoch001.png").exists()
     rows = list(csv.DictReader((run / "summary.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     assert list(rows[0])[: len(SUMMARY_FIELDS)] == SUMMARY_FIELDS
@@ -103,10 +107,12 @@ def test_a_finished_run_is_not_overwritten(run, capsys):
     (["--mix", "mergemixx"], "unknown method"),
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["--model", "resnet18", "--model-kwargs"], "reads the attention of a timm VisionTransformer"),
+    (["--mix", "transmix", "--model", "resnet18", "--model-kwargs"], "resnet18 is a ResNet: pick a ViT"),
     (["--img-size", "9"], "not divisible by the patch size"),
-    (["--readout-block", "7"], "--mix mergemix"),
-    (["--merge-num", "40"], "--mix mergemix"),
-    (["--batch-size", "1"], "--mix mergemix failed at epoch 0 step 0"),
+    (["--readout-block", "7"], "read-out block 7 is out of range for a model with 2 blocks"),
+    (["--merge-num", "40"], "merge_num=40 is too large"),
+    (["--mix-opt", "r=9"], "r=9 is too large"),
+    (["--batch-size", "1"], "--batch-size 1: --mix mergemix pairs every image with another"),
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "does not exist"),
     (["--resume", "/nonexistent/run"], "no checkpoint at"),
     (["--model-kwargs", "patch_size=4", "depthh=2"], "does not take these --model-kwargs"),

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from . import checkpoint, data, models
 from .config import DATASETS, ArgumentParser, as_dict, build_train_parser, key_value
 from .distributed import setup
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 
 RESULT_KEYS = ("top1", "top5", "nll", "brier", "ece", "ece10", "mce")
 
@@ -87,7 +87,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_args(ckpt: dict[str, Any], cli: argparse.Namespace) -> argparse.Namespace:
+def run_args(ckpt: dict[str, Any], cli: argparse.Namespace) -> argparse.Namespace:
     """The training arguments of the checkpoint, with this command's data and model flags on top."""
     args = build_train_parser().parse_args([])
     saved = ckpt.get("args") or {}
@@ -117,7 +117,7 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if path.is_dir():
         path = path / checkpoint.BEST if (path / checkpoint.BEST).is_file() else path / checkpoint.LAST
     ckpt = checkpoint.load(path)
-    args = _run_args(ckpt, cli)
+    args = run_args(ckpt, cli)
     ctx = setup(cli.device)
     bundle = data.build(args)
     num_classes = args.num_classes or bundle.num_classes
@@ -136,10 +136,7 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     amp_dtype = getattr(torch, cli.amp_dtype) if cli.amp else None
     metrics = evaluate(model, loader, num_classes, cli.ece_bins, ctx.device, amp_dtype)
     out = Path(cli.output) if cli.output else path.parent / f"eval-{args.dataset}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot write to {out}: {e.strerror or e}; choose another --output") from None
+    checkpoint.make_dir(out, "--output")
     extra = {"checkpoint": str(path), "epoch": ckpt.get("epoch"), "weights": key, "model": args.model,
              "dataset": args.dataset, "num_images": len(bundle.eval)}
     results = write_results(out, metrics, extra, title=f"{args.model} on {args.dataset}")

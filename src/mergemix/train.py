@@ -39,7 +39,8 @@ from tqdm import tqdm
 from . import checkpoint, config, data, distributed, models
 from .errors import ConfigError, Interrupted, MergeMixError, TrainingError
 from .evaluate import autocast, evaluate, summary_line, write_results
-from .mix.base import StepOutput
+from .mix.base import Objective
+from .mix.plain import NoMix
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "eval_ece", "lr", "epoch_time"]
 
@@ -95,7 +96,8 @@ def accepted_options(cls: type) -> set[str] | None:
     return None
 
 
-def build_objective(args: argparse.Namespace, num_classes: int, generator: torch.Generator):
+def build_objective(args: argparse.Namespace, num_classes: int,
+                    generator: torch.Generator) -> tuple[Objective, dict[str, Any]]:
     """The method's objective with the options its ``__init__`` takes; returns (objective, ignored options)."""
     from . import mix
 
@@ -114,6 +116,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_process(seed: int, rank: int) -> torch.Generator:
+    """Seed this process's global RNGs with ``seed + rank``; return the objective's generator, seeded the same.
+
+    Every process draws its own partners, λ and masks; rank 0 of a run with seed s draws what a
+    one-process run with seed s draws.
+    """
+    seed_everything(seed + rank)
+    return torch.Generator().manual_seed(seed + rank)
+
+
+def prepare_model(objective: Objective, model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """``objective.prepare(model)`` (patches ViTs for attention read-out) with one-line errors for what does not fit."""
+    if objective.needs_attention and not isinstance(model, VisionTransformer):
+        raise ConfigError(f"--mix {args.mix} reads the attention of a timm VisionTransformer; "
+                          f"{args.model} is a {type(model).__name__}: pick a ViT or another --mix")
+    try:
+        return objective.prepare(model)
+    except ValueError as e:
+        raise ConfigError(f"--mix {args.mix} does not fit {args.model}: {e}") from None
+
+
 def _rows_csv(rows: list[dict[str, float]]) -> str:
     fields = SUMMARY_FIELDS + [k for k in (rows[0] if rows else {}) if k not in SUMMARY_FIELDS]
     buf = io.StringIO()
@@ -123,35 +146,13 @@ def _rows_csv(rows: list[dict[str, float]]) -> str:
     return buf.getvalue()
 
 
-def _save_mix_samples(out: StepOutput, x: torch.Tensor, n: int, mean: tuple, std: tuple, path: Path) -> None:
-    """Rows of the first ``n`` samples: image, partner, mixed image, mask."""
-    from torchvision.utils import save_image
-
-    if out.x_mixed is None:
-        return
-    n = min(n, x.shape[0])
-    std_t = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    mean_t = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    rows = [x[:n]]
-    if out.partner is not None:
-        rows.append(x[out.partner[:n]])
-    rows.append(out.x_mixed[:n].to(x.dtype))
-    images = torch.cat(rows) * std_t + mean_t
-    if out.mask is not None:
-        images = torch.cat([images, out.mask[:n].to(x.dtype).expand(-1, x.shape[1], -1, -1)])
-    scale = max(1, 64 // x.shape[-1])
-    images = nn.functional.interpolate(images.float().clamp(0, 1), scale_factor=scale, mode="nearest")
-    path.parent.mkdir(exist_ok=True)
-    save_image(images, path, nrow=n, padding=2, pad_value=1.0)
-
-
 class Trainer:
     """Holds the run's objects; ``fit()`` runs the epochs. Build with ``Trainer(args, ctx)``."""
 
     def __init__(self, args: argparse.Namespace, ctx: distributed.Context):
         self.args, self.ctx = args, ctx
         self.log = functools.partial(print, flush=True) if ctx.is_main else (lambda *a, **k: None)
-        seed_everything(args.seed + ctx.rank)
+        self.generator = seed_process(args.seed, ctx.rank)
         if args.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -171,16 +172,11 @@ class Trainer:
                                    model_kwargs=args.model_kwargs, pretrained=args.pretrained,
                                    initial_checkpoint=args.initial_checkpoint)
 
-        self.generator = torch.Generator().manual_seed(args.seed + ctx.rank)
         self.objective, self.unused_options = build_objective(args, args.num_classes, self.generator)
-        if getattr(self.objective, "needs_attention", False) and not isinstance(self.model, VisionTransformer):
-            raise ConfigError(f"--mix {args.mix} reads the attention of a timm VisionTransformer; "
-                              f"{args.model} is a {type(self.model).__name__}: pick a ViT or another --mix")
-        try:
-            self.model = self.objective.prepare(self.model)
-        except ValueError as e:
-            raise ConfigError(f"--mix {args.mix} does not fit {args.model}: {e}") from None
-        self.model.to(ctx.device)
+        if args.batch_size < 2 and not isinstance(self.objective, NoMix):
+            raise ConfigError(f"--batch-size {args.batch_size}: --mix {args.mix} pairs every image with another "
+                              f"of its batch, so it needs at least 2 per process; raise --batch-size or use --mix none")
+        self.model = prepare_model(self.objective, self.model, args).to(ctx.device)
 
         workers = args.workers if args.workers is not None else (0 if self.data.in_memory else 4)
         self.train_loader = data.train_loader(self.data, args.batch_size, workers, ctx.rank, ctx.world_size,
@@ -224,12 +220,10 @@ class Trainer:
         if not args.resume and (self.run_dir / checkpoint.LAST).exists():
             raise ConfigError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir}, "
                               f"or pick another --experiment")
-        self.made_run_dir = not self.run_dir.exists()
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_text(self.run_dir / "args.yaml", yaml.safe_dump(vars(args), sort_keys=False))
-        except OSError as e:
-            raise ConfigError(f"cannot write to {self.run_dir}: {e.strerror or e}; choose another --output") from None
+        self.made_run_dir = checkpoint.make_dir(self.run_dir, "--output")
+        if args.resume:
+            checkpoint.clear_temporaries(self.run_dir)  # a kill mid-write leaves one behind
+        checkpoint.write_text(self.run_dir / "args.yaml", yaml.safe_dump(vars(args), sort_keys=False))
 
     def _state(self, completed_epoch: int, metric: float | None) -> dict[str, Any] | None:
         """The checkpoint dict (on rank 0; None elsewhere). Collective: every process must call it."""
@@ -340,9 +334,11 @@ class Trainer:
                     out = self.objective(self.train_model, x, y)
             except ValueError as e:
                 raise ConfigError(f"--mix {args.mix} failed at epoch {p.epoch} step {p.step}: {e}") from None
-            if args.save_mix_samples and p.step == 0 and ctx.is_main:
-                _save_mix_samples(out, x, args.save_mix_samples, self.data.mean, self.data.std,
-                                  self.run_dir / "mix_samples" / f"epoch{p.epoch:03d}.png")
+            if args.save_mix_samples and p.step == 0 and p.epoch % args.save_mix_samples == 0 and ctx.is_main:
+                from .viz import draw_step
+
+                draw_step(x, out, self.model, self.run_dir / "mix_samples" / f"epoch{p.epoch:03d}.png",
+                          self.data.mean, self.data.std)
             self._update(out.loss)
             p.step += 1
             p.global_step += 1

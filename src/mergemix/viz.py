@@ -13,16 +13,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
 from . import checkpoint, data, models
-from . import mix as mixing
-from .config import DATASETS, key_value, parse_train_args
+from .config import DATASETS, as_dict, key_value, parse_train_args
 from .distributed import setup
 from .errors import ConfigError, MergeMixError
-from .evaluate import _run_args
+from .evaluate import run_args
+from .mix import StepOutput, unwrap
 from .plots import mix_grid
+from .train import build_objective, prepare_model
 
-__all__ = ["build_parser", "main", "mix_grid", "run_viz"]
+__all__ = ["build_parser", "draw_step", "main", "mix_grid", "run_viz"]
+
+DEFAULT_SAMPLES = 8  # rows of a grid
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="timm model name (default: the checkpoint's, else the train default)")
     p.add_argument("--model-kwargs", nargs="*", default=None, help="timm.create_model kwargs, e.g. patch_size=2 depth=4")
     p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--num-samples", "-n", type=int, default=8, help="images in the batch (rows of the grid)")
+    p.add_argument("--num-samples", "-n", type=int, default=DEFAULT_SAMPLES, help="images in the batch (rows of the grid)")
     p.add_argument("--out", default="mix_grid.png", help="PNG to write")
     p.add_argument("--seed", type=int, default=0, help="picks the images, partners, λ")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
@@ -63,13 +67,26 @@ def _fresh_args(cli: argparse.Namespace) -> argparse.Namespace:
     return parse_train_args(flags)
 
 
+def draw_step(x: Tensor, out: StepOutput, model: nn.Module, path: str | Path, mean: Sequence[float],
+              std: Sequence[float], max_samples: int = DEFAULT_SAMPLES) -> Path:
+    """Draw one step of a method (``plots.mix_grid`` on the model's patch grid) to a PNG, atomically."""
+    pe = getattr(unwrap(model), "patch_embed", None)
+    path = Path(path)
+    with checkpoint.atomic_path(path) as tmp:
+        mix_grid(x, out, tmp, mean=mean, std=std, patch_size=tuple(pe.patch_size) if pe is not None else None,
+                 max_samples=max_samples)
+    return path
+
+
 def run_viz(cli: argparse.Namespace) -> Path:
     """Build data, model and objective from ``cli`` (see ``build_parser``), run one step, draw it."""
     if cli.num_samples < 2:
         raise ConfigError(f"--num-samples must be at least 2 (each image needs a partner), got {cli.num_samples}")
     ckpt = checkpoint.load(cli.checkpoint) if cli.checkpoint else None
-    args = _run_args(ckpt, cli) if ckpt is not None else _fresh_args(cli)
-    name = cli.mix or args.mix
+    args = run_args(ckpt, cli) if ckpt is not None else _fresh_args(cli)
+    if cli.mix and cli.mix != args.mix:
+        args.mix, args.mix_opt = cli.mix, {}  # the saved --mix-opt items belong to the saved method
+    args.mix_opt = {**as_dict(args.mix_opt, "mix_opt"), **dict(cli.mix_opt)}
     device = setup(cli.device).device
     torch.manual_seed(cli.seed)
 
@@ -86,19 +103,12 @@ def run_viz(cli: argparse.Namespace) -> Path:
                           in_chans=bundle.in_chans, model_kwargs=args.model_kwargs)
     if ckpt is not None:
         checkpoint.load_weights(model, ckpt["state_dict"], str(cli.checkpoint))
-    try:
-        objective = mixing.create(name, num_classes, generator=torch.Generator().manual_seed(cli.seed),
-                                  **dict(cli.mix_opt))
-        model = objective.prepare(model)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"--mix {name}: {err}") from None
-    model.to(device).eval()
+    objective, _ = build_objective(args, num_classes, torch.Generator().manual_seed(cli.seed))
+    model = prepare_model(objective, model, args).to(device).eval()
     with torch.no_grad():
         out = objective(model, x, y)
-
-    pe = getattr(model, "patch_embed", None)
-    return mix_grid(x, out, cli.out, mean=bundle.mean, std=bundle.std,
-                    patch_size=tuple(pe.patch_size) if pe is not None else None, max_samples=cli.num_samples)
+    checkpoint.make_dir(Path(cli.out).parent, "--out")
+    return draw_step(x, out, model, cli.out, bundle.mean, bundle.std, max_samples=cli.num_samples)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
