@@ -30,7 +30,7 @@ from tqdm import tqdm
 import mergemix
 import mergemix.mix as mix
 from mergemix import mask as M
-from mergemix.tome import patch_grid, patch_size, patch_tome
+from mergemix.tome import patch_grid, patch_size, patch_tome, tome_options
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -135,7 +135,7 @@ def time_fn(fn, device, reps: int) -> float:
 def mask_work_seconds(runner: Runner, x, device, reps: int) -> float:
     """Recover, top-k, upsample and mix on a real read-out, without the forwards."""
     net = runner.model
-    with torch.no_grad():
+    with torch.no_grad(), tome_options(net, merge=True, readout=True):
         net(x)
     ro = net.tome_readout
     partner = M.derangement(x.shape[0], device=device)
