@@ -122,9 +122,8 @@ class MergeMix(Objective):
                 extras.update(mixup_lam=mix_lam, mixup_partner=mix_partner)
             else:
                 logits = model(x_mixed)
-                aux = 0.0
+                aux = 0.0 if clean_logits is None else soft_cross_entropy(
+                    clean_logits, smooth_one_hot(y, self.num_classes, self.smoothing))
         loss = soft_cross_entropy(logits, targets)
-        if clean_logits is not None:
-            aux = soft_cross_entropy(clean_logits, smooth_one_hot(y, self.num_classes, self.smoothing))
         return StepOutput(loss + aux, clean_logits if clean_logits is not None else logits, x_mixed=x_mixed,
                           mask=mask, lam=lam, lam_hat=lam_hat, partner=partner, scores=scores, extras=extras)
