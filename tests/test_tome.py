@@ -207,3 +207,18 @@ def test_bad_configurations():
         patch_tome(torch.nn.Linear(3, 3), r=0)
     with pytest.raises(ValueError, match="too large"):
         patch_tome(make("deit"), r=9)
+
+
+def test_patched_model_traces_as_one_graph():
+    """Static shapes and no per-call Python state: dynamo captures the merged forward, read-out
+    included, without a graph break (backend 'eager' checks the tracing, not a compiler)."""
+    torch._dynamo.reset()
+    model = patch_tome(make("layerscale"), merge_num=8, readout_block=2)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = compiled(x)
+        ro = model.tome_readout
+        ref = model(x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(ro.attn, model.tome_readout.attn, atol=1e-6)
