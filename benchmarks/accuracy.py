@@ -116,12 +116,12 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
-def markdown(dataset: str, mode: str, table: dict[str, dict], recipe: list[str]) -> str:
+def markdown(dataset: str, mode: str, table: dict[str, dict], recipe: list[str], jobs: int) -> str:
     ref = table.get("cutmix", {}).get("epoch_time")
     lines = [f"### {dataset} ({mode} mode)", "",
              f"Recipe: `mergemix train --dataset {dataset} {' '.join(recipe)} --mix METHOD --seed S`, "
              "mean ± std over seeds; top-1 in %, ECE (15 bins), NLL and Brier on the held-out set; "
-             "s/epoch is wall time with two runs sharing the CPU, often next to other jobs: a rough figure only "
+             f"s/epoch is wall time with {jobs} runs sharing the machine, sometimes next to other jobs: a rough figure only "
              "(benchmarks/step_time.py measures cost ratios properly, interleaved in one process).", "",
              "| method | seeds | top-1 (%) | ECE | NLL | Brier | s/epoch | × CutMix time |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -175,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{dataset} {i + 1}/{len(jobs)} {time.time() - t0:.0f}s] {label}: top-1 {t['top1']:.2f} ± "
                       f"{t['top1_std']:.2f}, ECE {t['ece']:.4f}", flush=True)
         stem = RESULTS / f"{dataset}{'' if args.mode == 'full' else '_' + args.mode}"
-        stem.with_suffix(".json").write_text(json.dumps({"mode": args.mode, "recipe": recipe, "table": table,
+        flags = [*recipe, *args.extra]  # the table names every flag its runs had
+        stem.with_suffix(".json").write_text(json.dumps({"mode": args.mode, "recipe": flags, "table": table,
                                                          "runs": raw}, indent=2))
-        text = markdown(dataset, args.mode, table, recipe)
+        text = markdown(dataset, args.mode, table, flags, args.jobs)
         stem.with_suffix(".md").write_text(text + "\n")
         figure(dataset, table, stem.with_suffix(".png"))
         print(text)
