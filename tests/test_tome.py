@@ -87,6 +87,13 @@ def test_merged_token_is_size_weighted_average_pure():
             w = size[b, members]
             assert new_size[b, k] == w.sum()
             assert torch.allclose(merged[b, k], (x[b, members] * w[:, None]).sum(0) / w.sum(), atol=1e-6)
+    # prefix tokens pass through untouched, the patch tokens merge as without them
+    prefix = torch.randn(B, 2, C)
+    with_prefix, size_p = merge_tokens(torch.cat([prefix, x], 1), size, m, num_prefix=2)
+    assert torch.equal(with_prefix[:, :2], prefix) and torch.equal(size_p, new_size)
+    assert torch.allclose(with_prefix[:, 2:], merged, atol=1e-6)
+    # the gradient of the in-place formulation matches finite differences
+    assert torch.autograd.gradcheck(lambda t: merge_tokens(t, size.double(), m)[0], x.double().requires_grad_())
     # the r best-matching A tokens are the merged ones (hand check of the matching rule)
     a = metric / metric.norm(dim=-1, keepdim=True)
     best = (a[:, ::2] @ a[:, 1::2].transpose(1, 2)).max(-1).values

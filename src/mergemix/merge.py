@@ -35,22 +35,34 @@ def bipartite_matching(metric: Tensor, r: int) -> Matching:
     return Matching(order[:, r:], src, best_idx.gather(1, src))
 
 
-def merge_tokens(x: Tensor, size: Tensor, m: Matching) -> tuple[Tensor, Tensor]:
+def merge_tokens(x: Tensor, size: Tensor, m: Matching, num_prefix: int = 0) -> tuple[Tensor, Tensor]:
     """Merge src tokens into their dst tokens by size-weighted average.
 
-    x: (B, N, C) tokens; size: (B, N) how many original patches each token holds.
-    returns: x (B, N - r, C) laid out as [unmerged A tokens, B tokens], and their sizes (B, N - r).
+    x: (B, P + N, C) tokens, the P = ``num_prefix`` prefix tokens first (kept as they are);
+    size: (B, N) how many original patches each patch token holds.
+    returns: x (B, P + N - r, C) laid out as [prefix, unmerged A tokens, B tokens], and the
+    patch-token sizes (B, N - r).
+
+    The (B, N, C) stream is read once, by one gather of the kept tokens; only the r merged
+    pairs are then touched: dst += s_src * (x_src - x_dst) / S_dst, with S_dst the dst's new
+    size, which sums to the size-weighted mean. A merge that multiplies, divides and
+    concatenates whole streams is memory-bound and costs more on a GPU than the tokens it saves.
     """
-    C = x.shape[-1]
-    weighted = x * size[..., None]
-    a, b = weighted[:, ::2], weighted[:, 1::2]
-    size_a, size_b = size[:, ::2], size[:, 1::2]
+    B, _, C = x.shape
+    P, n_unmerged = num_prefix, m.unmerged.shape[1]
+    n_b = (x.shape[1] - P) // 2
+    arange = lambda n: torch.arange(n, device=x.device).expand(B, n)  # noqa: E731
     expand = lambda idx: idx[..., None].expand(-1, -1, C)  # noqa: E731
-    b = b.scatter_add(1, expand(m.dst), a.gather(1, expand(m.src)))
-    size_b = size_b.scatter_add(1, m.dst, size_a.gather(1, m.src))
-    merged = torch.cat([a.gather(1, expand(m.unmerged)), b], dim=1)
+    keep = torch.cat([arange(P), P + 2 * m.unmerged, P + 1 + 2 * arange(n_b)], dim=1)
+    out = x.gather(1, expand(keep))
+    size_a, size_b = size[:, ::2], size[:, 1::2]
+    size_src = size_a.gather(1, m.src)
+    size_b = size_b.scatter_add(1, m.dst, size_src)
     new_size = torch.cat([size_a.gather(1, m.unmerged), size_b], dim=1)
-    return merged / new_size[..., None], new_size
+    weight = (size_src / size_b.gather(1, m.dst))[..., None]
+    delta = weight * (x.gather(1, expand(P + 2 * m.src)) - x.gather(1, expand(P + 1 + 2 * m.dst)))
+    # in place on the fresh gather output, whose backward needs only the index
+    return out.scatter_add_(1, expand(P + n_unmerged + m.dst), delta.to(out.dtype)), new_size
 
 
 def merged_positions(num_tokens: int, m: Matching) -> Tensor:

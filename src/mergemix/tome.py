@@ -259,8 +259,7 @@ def _run_blocks(model: VisionTransformer, x: Tensor, stop_at_readout: bool = Fal
             if readout_at is not None and i < readout_at:  # the source is only needed up to the read-out
                 pos = merged_positions(x.shape[1] - npt, m)
                 index = pos if index is None else pos.gather(1, index)
-            patches, size = merge_tokens(x[:, npt:], size, m)
-            x = torch.cat([x[:, :npt], patches], dim=1)
+            x, size = merge_tokens(x, size, m, num_prefix=npt)
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     return model.norm(x), size, readout
 
