@@ -1,0 +1,117 @@
+"""Where the time of a ToMe-merged forward goes, against the plain timm model (evaluation, no grad).
+
+    python benchmarks/merge_profile.py --device cuda      # DeiT-S/224, batch 256, bf16
+
+Times, each the median of interleaved calls in one run: plain; merged (merge_num 98) with and
+without proportional attention; merged with the source index tracked to a read-out block. On
+CUDA also: each one replayed as a CUDA graph (the GPU time alone, no launch overhead), the
+profiler's top kernels of the merged forward, and the compile time and speed of plain and
+merged under torch.compile. Prints a report; writes it as JSON with --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+from mergemix.tome import patch_tome
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="deit_small_patch16_224")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--merge-num", type=int, default=98)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fns: dict, device: torch.device, reps: int) -> dict[str, float]:
+    """Median ms per call of each fn, calls interleaved round-robin after one warm-up each."""
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(reps):
+        for k, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def as_graph(fn):
+    """Capture ``fn`` once as a CUDA graph; the replay is its GPU time without launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    base = timm.create_model(args.model).to(device).eval()
+    nets = {"plain": base,
+            "merged": patch_tome(copy.deepcopy(base), merge_num=args.merge_num),
+            "merged_no_prop_attn": patch_tome(copy.deepcopy(base), merge_num=args.merge_num, prop_attn=False),
+            "merged_index_to_block_8": patch_tome(copy.deepcopy(base), merge_num=args.merge_num, readout_block=8)}
+    x = torch.randn(args.batch_size, 3, *base.patch_embed.img_size, device=device)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    report: dict = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+                    "timm": timm.__version__, "model": args.model, "batch": args.batch_size, "merge_num": args.merge_num}
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=cuda):
+        calls = {k: (lambda n=n: n(x)) for k, n in nets.items()}
+        report["eager_ms"] = median_ms(calls, device, args.reps)
+        print("eager ms:", {k: round(v, 2) for k, v in report["eager_ms"].items()}, flush=True)
+        if cuda:
+            report["cuda_graph_ms"] = median_ms({k: as_graph(f) for k, f in calls.items()}, device, args.reps)
+            print("CUDA-graph replay ms:", {k: round(v, 2) for k, v in report["cuda_graph_ms"].items()}, flush=True)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    calls["merged"]()
+                sync(device)
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+            report["merged_profile"] = table
+            print(table, flush=True)
+        if not args.no_compile:
+            report["compiled"] = {}
+            for k in ("plain", "merged"):
+                fn = torch.compile(nets[k])
+                t = time.perf_counter()
+                fn(x)
+                sync(device)
+                first = time.perf_counter() - t
+                report["compiled"][k] = {"compile_and_first_call_s": first,
+                                         "ms": median_ms({k: lambda f=fn: f(x)}, device, args.reps)[k]}
+                print(f"compiled {k}: first call {first:.1f} s, {report['compiled'][k]['ms']:.2f} ms", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
