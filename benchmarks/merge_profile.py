@@ -74,6 +74,7 @@ def main() -> None:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = cuda  # as training does
     base = timm.create_model(args.model).to(device).eval()
     nets = {"plain": base,
             "merged": patch_tome(copy.deepcopy(base), merge_num=args.merge_num),
@@ -82,7 +83,7 @@ def main() -> None:
     x = torch.randn(args.batch_size, 3, *base.patch_embed.img_size, device=device)
     dtype = torch.bfloat16 if cuda else torch.float32
     report: dict = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
-                    "timm": timm.__version__, "model": args.model, "batch": args.batch_size, "merge_num": args.merge_num}
+                    "timm": timm.__version__, "cudnn_benchmark": cuda, "model": args.model, "batch": args.batch_size, "merge_num": args.merge_num}
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=cuda):
         calls = {k: (lambda n=n: n(x)) for k, n in nets.items()}
         report["eager_ms"] = median_ms(calls, device, args.reps)

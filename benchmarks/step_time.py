@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--merge-num", type=int, default=None, help="default: half the patches")
     p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    p.add_argument("--mergemix-configs", nargs="*", default=None, metavar="AUX,MERGE",
+                   help="MergeMix configurations, e.g. clean,merge none,merge (default: every aux mode, merge and nomerge)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
@@ -66,8 +68,10 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     return out
 
 
-def configurations(methods: list[str], merge_num: int | None) -> list[tuple[str, str, dict]]:
-    """(label, method, options): each method with defaults, MergeMix in every aux mode, merging on/off."""
+def configurations(methods: list[str], merge_num: int | None,
+                   mergemix_configs: list[str] | None = None) -> list[tuple[str, str, dict]]:
+    """(label, method, options): each method with defaults, MergeMix in every aux mode, merging on/off
+    (or only the ``aux,merge|nomerge`` pairs in ``mergemix_configs``)."""
     configs = []
     for name in methods:
         if name != "mergemix":
@@ -76,6 +80,8 @@ def configurations(methods: list[str], merge_num: int | None) -> list[tuple[str,
         for aux in ("clean", "mixup", "none"):
             for merge_train in (True, False):
                 label = f"mergemix[{aux},{'merge' if merge_train else 'nomerge'}]"
+                if mergemix_configs is not None and label[9:-1] not in mergemix_configs:
+                    continue
                 configs.append((label, name, {"aux_loss": aux, "merge_train": merge_train, "merge_num": merge_num}))
     return configs
 
@@ -186,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
 
-    runners = [Runner(label, m, opts, base, args, device) for label, m, opts in configurations(methods, merge_num)]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as training does (see Trainer)
+    configs = configurations(methods, merge_num, args.mergemix_configs)
+    if "mergemix" in methods and not any(label == "mergemix[clean,merge]" for label, _, _ in configs):
+        raise SystemExit("error: the mask-work share is measured on mergemix[clean,merge]; keep it in --mergemix-configs")
+    runners = [Runner(label, m, opts, base, args, device) for label, m, opts in configs]
     for r in tqdm(runners, desc="warm-up", file=sys.stderr):
         t = time.perf_counter()
         for _ in range(args.warmup):
@@ -211,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                      "mergemix": mergemix.__version__, "python": platform.python_version()},
         "settings": {"model": args.model, "model_kwargs": model_kwargs(args), "img_size": args.img_size,
                      "num_patches": L, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
-                     "merge_num": merge_num, "warmup": args.warmup, "steps": args.steps},
+                     "merge_num": merge_num, "warmup": args.warmup, "steps": args.steps,
+                     "cudnn_benchmark": torch.backends.cudnn.benchmark},
         "configs": rows,
         "mask_work": {"ms": mask_s * 1e3, "share_of_mergemix_step": mask_s / statistics.median(mm.times)},
         "eval_throughput": eval_throughput(base, x, merge_num, args, device, autocast),

@@ -157,6 +157,8 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
+        else:  # cuDNN times its kernels per shape; untimed, it ran DeiT-S's patch embedding as a slow implicit sgemm
+            torch.backends.cudnn.benchmark = True
 
         download_first = ctx.distributed and args.download  # rank 0 fetches, the others wait and read
         if download_first and not ctx.is_main:

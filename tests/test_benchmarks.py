@@ -1,0 +1,38 @@
+"""The step-time benchmark runs end to end on a tiny ViT and reports consistent ratios."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_time_ratios(tmp_path, capsys):
+    step_time = load("step_time")
+    out = tmp_path / "st.json"
+    tiny = ["--model-kwargs", "patch_size=8", "depth=2", "embed_dim=32", "num_heads=2", "--img-size", "32",
+            "--batch-size", "4", "--warmup", "1", "--steps", "2", "--num-classes", "10"]
+    assert step_time.main([*tiny, "--methods", "mixup", "mergemix", "--mergemix-configs", "clean,merge", "none,merge",
+                           "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    configs = result["configs"]
+    assert set(configs) == {"cutmix", "mixup", "mergemix[clean,merge]", "mergemix[none,merge]"}  # cutmix always added
+    assert configs["cutmix"]["ratio_to_cutmix"] == 1.0
+    for r in configs.values():
+        assert r["ratio_to_cutmix"] == pytest.approx(r["median_step_ms"] / configs["cutmix"]["median_step_ms"])
+    assert 0 < result["mask_work"]["share_of_mergemix_step"] < 1
+    ev = result["eval_throughput"]
+    assert ev["merged_speedup"] == pytest.approx(ev["merged_images_per_s"] / ev["plain_images_per_s"])
+    assert out.with_suffix(".md").read_text().startswith("Device: cpu")
+    with pytest.raises(SystemExit, match="mask-work share"):
+        step_time.main([*tiny, "--methods", "mergemix", "--mergemix-configs", "none,merge", "--out", str(out)])
