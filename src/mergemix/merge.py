@@ -51,9 +51,10 @@ def merge_tokens(x: Tensor, size: Tensor, m: Matching, num_prefix: int = 0) -> t
     B, _, C = x.shape
     P, n_unmerged = num_prefix, m.unmerged.shape[1]
     n_b = (x.shape[1] - P) // 2
-    arange = lambda n: torch.arange(n, device=x.device).expand(B, n)  # noqa: E731
     expand = lambda idx: idx[..., None].expand(-1, -1, C)  # noqa: E731
-    keep = torch.cat([arange(P), P + 2 * m.unmerged, P + 1 + 2 * arange(n_b)], dim=1)
+    prefix = torch.arange(P, device=x.device).expand(B, P)
+    b_tokens = torch.arange(P + 1, P + 2 * n_b, 2, device=x.device).expand(B, n_b)
+    keep = torch.cat([prefix, P + 2 * m.unmerged, b_tokens], dim=1)
     out = x.gather(1, expand(keep))
     size_a, size_b = size[:, ::2], size[:, 1::2]
     size_src = size_a.gather(1, m.src)
