@@ -4,9 +4,10 @@
 
 Times, each the median of interleaved calls in one run: plain; merged (merge_num 98) with and
 without proportional attention; merged with the source index tracked to a read-out block. On
-CUDA also: each one replayed as a CUDA graph (the GPU time alone, no launch overhead), the
-profiler's top kernels of the merged forward, and the compile time and speed of plain and
-merged under torch.compile. Prints a report; writes it as JSON with --out.
+CUDA also: merged with SDPA held to the memory-efficient kernel (its log-size bias makes the
+default cuDNN kernel slower per token than the unbiased one), each one replayed as a CUDA graph
+(the GPU time alone, no launch overhead), the profiler's top kernels of the plain and the
+merged forward, and the compile time and speed of plain and merged under torch.compile. Prints a report; writes it as JSON with --out.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import timm
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mergemix.tome import patch_tome
 
@@ -69,6 +71,19 @@ def as_graph(fn):
     return graph.replay
 
 
+def efficient_attention(net, x):
+    """The merged forward with SDPA held to the memory-efficient kernel (None where it can't run)."""
+    def call():
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            return net(x)
+    try:
+        call()
+    except RuntimeError as e:
+        print(f"memory-efficient attention unavailable: {str(e).splitlines()[0]}", flush=True)
+        return None
+    return call
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
@@ -86,19 +101,25 @@ def main() -> None:
                     "timm": timm.__version__, "cudnn_benchmark": cuda, "model": args.model, "batch": args.batch_size, "merge_num": args.merge_num}
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=cuda):
         calls = {k: (lambda n=n: n(x)) for k, n in nets.items()}
+        if cuda:
+            efficient = efficient_attention(nets["merged"], x)
+            if efficient is not None:
+                calls["merged_efficient_attn"] = efficient
         report["eager_ms"] = median_ms(calls, device, args.reps)
         print("eager ms:", {k: round(v, 2) for k, v in report["eager_ms"].items()}, flush=True)
         if cuda:
             report["cuda_graph_ms"] = median_ms({k: as_graph(f) for k, f in calls.items()}, device, args.reps)
             print("CUDA-graph replay ms:", {k: round(v, 2) for k, v in report["cuda_graph_ms"].items()}, flush=True)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    calls["merged"]()
-                sync(device)
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
-            report["merged_profile"] = table
-            print(table, flush=True)
+            for k in ("plain", "merged"):
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                        torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        calls[k]()
+                    sync(device)
+                table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
+                                                  max_name_column_width=70)
+                report[f"{k}_profile_3_calls"] = table
+                print(k, table, sep="\n", flush=True)
         if not args.no_compile:
             report["compiled"] = {}
             for k in ("plain", "merged"):
