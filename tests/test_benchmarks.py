@@ -36,3 +36,22 @@ def test_step_time_ratios(tmp_path, capsys):
     assert out.with_suffix(".md").read_text().startswith("Device: cpu")
     with pytest.raises(SystemExit, match="mask-work share"):
         step_time.main([*tiny, "--methods", "mergemix", "--mergemix-configs", "none,merge", "--out", str(out)])
+
+
+def test_prop_attn_variants_match_the_mask():
+    """Both mask-free forms of proportional attention give the masked form's logits (float32)."""
+    import timm
+    import torch
+    from mergemix.tome import patch_tome
+    variants = load("prop_attn_variants")
+    torch.manual_seed(0)
+    net = patch_tome(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3), merge_num=6).eval()
+    x = torch.randn(2, 3, 32, 32)
+    diffs = variants.max_differences(net, x)
+    assert set(diffs) == {"mask", "key_channel", "value_channel"}
+    assert max(diffs.values()) < 1e-5
+    # the check has teeth: without proportional attention the logits move
+    with torch.no_grad():
+        plain = net(x)
+        net.tome.prop_attn = False
+        assert (net(x) - plain).abs().max() > 1e-3

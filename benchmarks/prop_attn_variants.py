@@ -1,0 +1,138 @@
+"""Proportional attention three ways, on the merged evaluation forward (an experiment, kept as evidence).
+
+    python benchmarks/prop_attn_variants.py --device cuda     # DeiT-S/224, batch 256, bf16
+
+The library adds log(size) to the attention logits as a (B, 1, 1, N) SDPA mask, and on an H200
+the cuDNN kernel with that mask is slower per token than without it. Two mask-free forms give
+the same attention exactly and are timed here against it, with the plain timm model and the
+merged model without proportional attention as bounds:
+
+- ``key_channel``: q' = [q, 1], k' = [k, log(s)/scale]: then scale·q'·k' = scale·q·k + log s.
+- ``value_channel``: v' = [s·v, s]; the output's first channels divided by its last one is
+  Σ s_j e_ij v_j / Σ s_j e_ij, the same weighted mean.
+
+Both pad q, k, v from 64 to 72 channels (one pad of the qkv projection) so the fused kernels
+still apply. Each is timed eager, as a CUDA-graph replay and compiled. On CPU, ``--check``
+prints each form's largest difference from the masked one (float32). Writes JSON with --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import mergemix.tome as tome
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from merge_profile import as_graph, median_ms, sync  # noqa: E402
+
+MASKED = tome._attention
+PAD = 8  # head_dim 64 -> 72, a size the fused kernels accept
+
+
+def _padded_qkv(attn, x: Tensor) -> Tensor:
+    """(B, N, 3, heads, head_dim + PAD): the qkv projection with PAD zero channels."""
+    B, N, _ = x.shape
+    return F.pad(attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim), (0, PAD))
+
+
+def _channel_attention(fold):
+    """An eval-only ``tome._attention`` that folds the log-size mask into q/k/v with ``fold``."""
+    def attention(attn, x, bias, score, need_output=True):
+        if score is not None or bias is None:
+            return MASKED(attn, x, bias, score, need_output)
+        B, N, _ = x.shape
+        qkv = _padded_qkv(attn, x)
+        log_size = bias[:, 0, 0, :, None]  # (B, N, 1), 0 for prefix tokens
+        out = fold(qkv, log_size, attn)
+        out = attn.proj(attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim)))
+        return out, None, qkv[:, :, 1, :, :attn.head_dim].transpose(1, 2)
+    return attention
+
+
+def _key_channel(qkv: Tensor, log_size: Tensor, attn) -> Tensor:
+    d = attn.head_dim
+    qkv[:, :, 0, :, d] = 1.0
+    qkv[:, :, 1, :, d] = (log_size / attn.scale).to(qkv.dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return F.scaled_dot_product_attention(q, k, v, scale=attn.scale)[..., :d]
+
+
+def _value_channel(qkv: Tensor, log_size: Tensor, attn) -> Tensor:
+    d = attn.head_dim
+    size = log_size.exp().to(qkv.dtype)
+    qkv[:, :, 2, :, :d] *= size[..., None]
+    qkv[:, :, 2, :, d] = size
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    return out[..., :d] / out[..., d:d + 1]
+
+
+VARIANTS = {"mask": MASKED, "key_channel": _channel_attention(_key_channel),
+            "value_channel": _channel_attention(_value_channel)}
+
+
+def max_differences(model: torch.nn.Module, x: Tensor) -> dict[str, float]:
+    """Largest |logit difference| of each variant from the masked form, on a patched model."""
+    out = {}
+    with torch.no_grad():
+        reference = model(x).float()
+        for name, fn in VARIANTS.items():
+            tome._attention = fn
+            try:
+                out[name] = (model(x).float() - reference).abs().max().item()
+            finally:
+                tome._attention = MASKED
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--check", action="store_true", help="only the exactness check (tiny model)")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if args.check:
+        net = tome.patch_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8), merge_num=30)
+        print(max_differences(net.eval(), torch.randn(3, 3, 64, 64)))
+        return
+    torch.backends.cudnn.benchmark = True
+    base = timm.create_model("deit_small_patch16_224").to(device).eval()
+    nets = {"plain": base, "no_prop_attn": tome.patch_tome(copy.deepcopy(base), merge_num=98, prop_attn=False)}
+    nets.update({k: tome.patch_tome(copy.deepcopy(base), merge_num=98) for k in VARIANTS})
+    x = torch.randn(256, 3, 224, 224, device=device)
+    report: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "batch": 256,
+                    "merge_num": 98}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        report["bf16_max_diff_from_mask"] = max_differences(nets["mask"], x)
+        for name, net in nets.items():
+            tome._attention = VARIANTS.get(name, MASKED)
+            call = lambda net=net: net(x)  # noqa: E731
+            report[name] = {"eager_ms": median_ms({name: call}, device, args.reps)[name],
+                            "cuda_graph_ms": median_ms({name: as_graph(call)}, device, args.reps)[name]}
+            torch._dynamo.reset()
+            compiled = torch.compile(net)
+            t = time.perf_counter()
+            compiled(x)
+            sync(device)
+            report[name]["compile_s"] = time.perf_counter() - t
+            report[name]["compiled_ms"] = median_ms({name: lambda: compiled(x)}, device, args.reps)[name]
+            print(name, {k: round(v, 2) for k, v in report[name].items()}, flush=True)
+        tome._attention = MASKED
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
