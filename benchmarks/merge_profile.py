@@ -7,7 +7,8 @@ without proportional attention; merged with the source index tracked to a read-o
 CUDA also: merged with SDPA held to the memory-efficient kernel (its log-size bias makes the
 default cuDNN kernel slower per token than the unbiased one), each one replayed as a CUDA graph
 (the GPU time alone, no launch overhead), the profiler's top kernels of the plain and the
-merged forward, and the compile time and speed of plain and merged under torch.compile. Prints a report; writes it as JSON with --out.
+merged forward, and the compile time and speed of plain and merged under torch.compile.
+Prints a report; writes it as JSON with --out.
 """
 from __future__ import annotations
 
@@ -71,6 +72,16 @@ def as_graph(fn):
     return graph.replay
 
 
+def compile_and_time(net, x, device: torch.device, reps: int) -> dict[str, float]:
+    """torch.compile ``net``: seconds of its first call (compiling included), then ms per call."""
+    fn = torch.compile(net)
+    t = time.perf_counter()
+    fn(x)
+    sync(device)
+    first = time.perf_counter() - t
+    return {"compile_and_first_call_s": first, "ms": median_ms({"compiled": lambda: fn(x)}, device, reps)["compiled"]}
+
+
 def efficient_attention(net, x):
     """The merged forward with SDPA held to the memory-efficient kernel (None where it can't run)."""
     def call():
@@ -123,14 +134,8 @@ def main() -> None:
         if not args.no_compile:
             report["compiled"] = {}
             for k in ("plain", "merged"):
-                fn = torch.compile(nets[k])
-                t = time.perf_counter()
-                fn(x)
-                sync(device)
-                first = time.perf_counter() - t
-                report["compiled"][k] = {"compile_and_first_call_s": first,
-                                         "ms": median_ms({k: lambda f=fn: f(x)}, device, args.reps)[k]}
-                print(f"compiled {k}: first call {first:.1f} s, {report['compiled'][k]['ms']:.2f} ms", flush=True)
+                report["compiled"][k] = r = compile_and_time(nets[k], x, device, args.reps)
+                print(f"compiled {k}: first call {r['compile_and_first_call_s']:.1f} s, {r['ms']:.2f} ms", flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
 

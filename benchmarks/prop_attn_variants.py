@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import timm
@@ -32,7 +31,7 @@ from torch import Tensor
 import mergemix.tome as tome
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_profile import as_graph, median_ms, sync  # noqa: E402
+from merge_profile import as_graph, compile_and_time, median_ms  # noqa: E402
 
 MASKED = tome._attention
 PAD = 8  # head_dim 64 -> 72, a size the fused kernels accept
@@ -121,13 +120,9 @@ def main() -> None:
             call = lambda net=net: net(x)  # noqa: E731
             report[name] = {"eager_ms": median_ms({name: call}, device, args.reps)[name],
                             "cuda_graph_ms": median_ms({name: as_graph(call)}, device, args.reps)[name]}
-            torch._dynamo.reset()
-            compiled = torch.compile(net)
-            t = time.perf_counter()
-            compiled(x)
-            sync(device)
-            report[name]["compile_s"] = time.perf_counter() - t
-            report[name]["compiled_ms"] = median_ms({name: lambda: compiled(x)}, device, args.reps)[name]
+            torch._dynamo.reset()  # each form traces its own attention function
+            compiled = compile_and_time(net, x, device, args.reps)
+            report[name].update(compile_s=compiled["compile_and_first_call_s"], compiled_ms=compiled["ms"])
             print(name, {k: round(v, 2) for k, v in report[name].items()}, flush=True)
         tome._attention = MASKED
     if args.out:
