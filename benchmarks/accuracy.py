@@ -4,7 +4,8 @@
     python benchmarks/accuracy.py --mode full      # digits + Fashion-MNIST, 3 seeds, MergeMix ablations on digits
     python benchmarks/accuracy.py --mode gpu       # Fashion-MNIST at a longer budget, on CUDA
     python benchmarks/accuracy.py --mode long --methods none mixup cutmix mergemix --jobs 2
-                                                   # digits at 100 epochs: does mixing pay off once it over-fits?
+                                                   # digits at 100 epochs, Fashion-MNIST (full mode's recipe)
+                                                   # at 60: does mixing pay off once the model over-fits?
 
 Each run is a plain `mergemix train` in a subprocess with the dataset's recipe; only --mix, its
 options and --seed change. Finished runs (results.json present) are skipped, so an interrupted
@@ -53,13 +54,14 @@ FASHION_SMALL = ["-c", "configs/fashion_mnist.yaml", "--model-kwargs", "patch_si
 RECIPES = {
     "digits": {"quick": ["--epochs", "10"], "full": ["--epochs", "30"], "long": ["--epochs", "100"]},
     "fashion-mnist": {"full": [*FASHION_SMALL, "--train-subset", "5000", "--epochs", "10"],
+                      "long": [*FASHION_SMALL, "--train-subset", "5000", "--epochs", "60"],
                       "gpu": ["-c", "configs/fashion_mnist.yaml", "--epochs", "60", "--device", "cuda", "--amp"]},
 }
 MODES = {  # ablations: the datasets on which the MergeMix ablations run too
     "quick": {"datasets": ["digits"], "seeds": 3, "ablations": []},
     "full": {"datasets": ["digits", "fashion-mnist"], "seeds": 3, "ablations": ["digits"]},
     "gpu": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": ["fashion-mnist"]},
-    "long": {"datasets": ["digits"], "seeds": 3, "ablations": []},
+    "long": {"datasets": ["digits", "fashion-mnist"], "seeds": 3, "ablations": []},
 }
 ABLATION_SEEDS = 2  # ablations use fewer seeds than the main table, to fit the CPU budget
 EQUAL_TIME = 0.6  # MergeMix (clean) costs ~1.6x CutMix per epoch: this share of the epochs is equal time
