@@ -145,3 +145,31 @@ def test_rejects_bad_options():
     obj.prepare(model)
     with pytest.raises(ValueError, match="at least 2"):
         obj(model, *batch(1))
+
+
+@pytest.mark.parametrize("merge_train, graphs", [(True, 1), (False, 2)])
+def test_compiled_clean_step_traces_one_graph_for_both_passes(merge_train, graphs):
+    """With merging on in training, the mixed pass repeats the clean pass's settings, so
+    torch.compile traces (and compiles) the model once per step shape, not twice."""
+    traced = []
+
+    def counting_backend(gm, example_inputs):
+        traced.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10, aux_loss="clean", merge_train=merge_train,
+                     generator=torch.Generator().manual_seed(0))
+    obj.prepare(model)
+    compiled = torch.compile(model, backend=counting_backend)
+    x, y = batch()
+    for _ in range(2):
+        out = obj(compiled, x, y)
+        out.loss.backward()
+    assert len(traced) == graphs
+    with torch.no_grad(), tome_options(model, merge=True, readout=True):
+        model(x)  # eager, on the clean images
+    # the step's mask came from the clean pass's read-out, not from the mixed pass's
+    assert torch.allclose(out.extras["readout"].attn, model.tome_readout.attn, atol=1e-6)
+    torch._dynamo.reset()

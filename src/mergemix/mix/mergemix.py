@@ -112,7 +112,10 @@ class MergeMix(Objective):
         targets = mixed_targets(y, partner, lam_hat, self.num_classes, self.smoothing)
 
         extras: dict[str, Any] = {"readout": readout}
-        with tome_options(model, merge=self.merge_train, readout=False):
+        # with merging on, the mixed pass repeats the clean pass's settings (its read-out unused),
+        # so a compiled model traces and compiles one graph for both passes instead of two
+        same_as_clean = self.aux_loss == "clean" and self.merge_train
+        with tome_options(model, merge=self.merge_train, readout=same_as_clean):
             if self.aux_loss == "mixup":
                 mix_partner = M.derangement(B, self.generator, x.device)
                 mix_lam = sample_lam(self.mixup_alpha, self.generator)
