@@ -4,7 +4,7 @@ Each method lives in a module named after it; importing this package registers t
 """
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from .base import Objective, StepOutput, mixed_targets, sample_lam, smooth_one_hot, soft_cross_entropy, unwrap
 
