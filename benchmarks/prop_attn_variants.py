@@ -1,6 +1,7 @@
 """Proportional attention three ways, on the merged evaluation forward (an experiment, kept as evidence).
 
     python benchmarks/prop_attn_variants.py --device cuda     # DeiT-S/224, batch 256, bf16
+    python benchmarks/prop_attn_variants.py --device cuda --forms plain mask flex_score_mod
 
 The library adds log(size) to the attention logits as a (B, 1, 1, N) SDPA mask, and on an H200
 the cuDNN kernel with that mask is slower per token than without it. Two mask-free forms give
@@ -12,7 +13,9 @@ merged model without proportional attention as bounds:
   Σ s_j e_ij v_j / Σ s_j e_ij, the same weighted mean.
 
 Both pad q, k, v from 64 to 72 channels (one pad of the qkv projection) so the fused kernels
-still apply. Each is timed eager, as a CUDA-graph replay and compiled. On CPU, ``--check``
+still apply. A third, ``flex_score_mod``, adds log(size) in FlexAttention's score_mod: a kernel
+generated under torch.compile (eager, FlexAttention runs unfused, so only its compiled time
+counts). Each is timed eager, as a CUDA-graph replay and compiled. On CPU, ``--check``
 prints each form's largest difference from the masked one (float32). Writes JSON with --out.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.flex_attention import flex_attention
 
 import mergemix.tome as tome
 
@@ -75,8 +79,23 @@ def _value_channel(qkv: Tensor, log_size: Tensor, attn) -> Tensor:
     return out[..., :d] / out[..., d:d + 1]
 
 
+def _flex_attention(attn, x, bias, score, need_output=True):
+    """An eval-only ``tome._attention`` adding log(size) to the scores in FlexAttention."""
+    if score is not None or bias is None:
+        return MASKED(attn, x, bias, score, need_output)
+    B, N, _ = x.shape
+    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    log_size = bias[:, 0, 0, :]  # (B, N), 0 for prefix tokens
+
+    def add_log_size(scores, b, h, q_idx, kv_idx):
+        return scores + log_size[b, kv_idx]
+
+    out = flex_attention(q, k, v, score_mod=add_log_size, scale=attn.scale)
+    return attn.proj(attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))), None, k
+
+
 VARIANTS = {"mask": MASKED, "key_channel": _channel_attention(_key_channel),
-            "value_channel": _channel_attention(_value_channel)}
+            "value_channel": _channel_attention(_value_channel), "flex_score_mod": _flex_attention}
 
 
 def max_differences(model: torch.nn.Module, x: Tensor) -> dict[str, float]:
@@ -97,6 +116,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--check", action="store_true", help="only the exactness check (tiny model)")
+    p.add_argument("--forms", nargs="*", default=None, metavar="FORM",
+                   help=f"subset of: plain no_prop_attn {' '.join(VARIANTS)} (default: all)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -110,23 +131,33 @@ def main() -> None:
     base = timm.create_model("deit_small_patch16_224").to(device).eval()
     nets = {"plain": base, "no_prop_attn": tome.patch_tome(copy.deepcopy(base), merge_num=98, prop_attn=False)}
     nets.update({k: tome.patch_tome(copy.deepcopy(base), merge_num=98) for k in VARIANTS})
+    unknown = set(args.forms or ()) - set(nets)
+    if unknown:
+        p.error(f"unknown forms: {' '.join(sorted(unknown))}")
+    nets = {k: net for k, net in nets.items() if args.forms is None or k in args.forms}
     x = torch.randn(256, 3, 224, 224, device=device)
     report: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "batch": 256,
                     "merge_num": 98}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        report["bf16_max_diff_from_mask"] = max_differences(nets["mask"], x)
+        report["bf16_max_diff_from_mask"] = max_differences(tome.patch_tome(copy.deepcopy(base), merge_num=98), x)
         for name, net in nets.items():
             tome._attention = VARIANTS.get(name, MASKED)
             call = lambda net=net: net(x)  # noqa: E731
-            report[name] = {"eager_ms": median_ms({name: call}, device, args.reps)[name],
-                            "cuda_graph_ms": median_ms({name: as_graph(call)}, device, args.reps)[name]}
+            report[name] = {"eager_ms": median_ms({name: call}, device, args.reps)[name]}
+            try:
+                report[name]["cuda_graph_ms"] = median_ms({name: as_graph(call)}, device, args.reps)[name]
+            except RuntimeError as e:  # eager FlexAttention may not be capturable
+                print(f"{name}: no CUDA graph: {str(e).splitlines()[0]}", flush=True)
             torch._dynamo.reset()  # each form traces its own attention function
-            compiled = compile_and_time(net, x, device, args.reps)
-            report[name].update(compile_s=compiled["compile_and_first_call_s"], compiled_ms=compiled["ms"])
+            try:
+                compiled = compile_and_time(net, x, device, args.reps)
+                report[name].update(compile_s=compiled["compile_and_first_call_s"], compiled_ms=compiled["ms"])
+            except Exception as e:  # noqa: BLE001 - e.g. a FlexAttention lowering this torch lacks
+                print(f"{name}: compile failed: {str(e).splitlines()[0]}", flush=True)
             print(name, {k: round(v, 2) for k, v in report[name].items()}, flush=True)
+            if args.out:  # after each form, so a later failure keeps the earlier ones
+                args.out.write_text(json.dumps(report, indent=2))
         tome._attention = MASKED
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

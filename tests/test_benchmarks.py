@@ -39,7 +39,7 @@ def test_step_time_ratios(tmp_path, capsys):
 
 
 def test_prop_attn_variants_match_the_mask():
-    """Both mask-free forms of proportional attention give the masked form's logits (float32)."""
+    """The mask-free forms of proportional attention give the masked form's logits (float32)."""
     import timm
     import torch
     from mergemix.tome import patch_tome
@@ -48,7 +48,7 @@ def test_prop_attn_variants_match_the_mask():
     net = patch_tome(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3), merge_num=6).eval()
     x = torch.randn(2, 3, 32, 32)
     diffs = variants.max_differences(net, x)
-    assert set(diffs) == {"mask", "key_channel", "value_channel"}
+    assert set(diffs) == {"mask", "key_channel", "value_channel", "flex_score_mod"}
     assert max(diffs.values()) < 1e-5
     # the check has teeth: without proportional attention the logits move
     with torch.no_grad():
