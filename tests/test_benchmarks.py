@@ -38,6 +38,7 @@ def test_step_time_ratios(tmp_path, capsys):
         step_time.main([*tiny, "--methods", "mergemix", "--mergemix-configs", "none,merge", "--out", str(out)])
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager is the point here
 def test_prop_attn_variants_match_the_mask():
     """The mask-free forms of proportional attention give the masked form's logits (float32)."""
     import timm
