@@ -79,7 +79,7 @@ def test_merged_token_is_size_weighted_average_pure():
     size = torch.randint(1, 5, (B, N)).float()
     m = bipartite_matching(metric, r)
     merged, new_size = merge_tokens(x, size, m)
-    pos = merged_positions(N, m)
+    pos = merged_positions(m)
     assert merged.shape == (B, N - r, C)
     for b in range(B):
         for k in range(N - r):
@@ -89,15 +89,17 @@ def test_merged_token_is_size_weighted_average_pure():
             assert torch.allclose(merged[b, k], (x[b, members] * w[:, None]).sum(0) / w.sum(), atol=1e-6)
     # prefix tokens pass through untouched, the patch tokens merge as without them
     prefix = torch.randn(B, 2, C)
-    with_prefix, size_p = merge_tokens(torch.cat([prefix, x], 1), size, m, num_prefix=2)
-    assert torch.equal(with_prefix[:, :2], prefix) and torch.equal(size_p, new_size)
+    m_p = bipartite_matching(metric, r, num_prefix=2)
+    with_prefix, size_p = merge_tokens(torch.cat([prefix, x], 1), torch.cat([torch.ones(B, 2), size], 1), m_p)
+    assert torch.equal(with_prefix[:, :2], prefix) and torch.equal(size_p, torch.cat([torch.ones(B, 2), new_size], 1))
     assert torch.allclose(with_prefix[:, 2:], merged, atol=1e-6)
+    assert torch.equal(merged_positions(m_p), torch.cat([torch.arange(2).expand(B, 2), pos + 2], 1))
     # the gradient of the in-place formulation matches finite differences
     assert torch.autograd.gradcheck(lambda t: merge_tokens(t, size.double(), m)[0], x.double().requires_grad_())
     # the r best-matching A tokens are the merged ones (hand check of the matching rule)
     a = metric / metric.norm(dim=-1, keepdim=True)
     best = (a[:, ::2] @ a[:, 1::2].transpose(1, 2)).max(-1).values
-    assert torch.equal(m.src.sort(1).values, best.topk(r, dim=1).indices.sort(1).values)
+    assert torch.equal(m.src.sort(1).values, 2 * best.topk(r, dim=1).indices.sort(1).values)
 
 
 def test_merged_token_is_average_inside_model():
@@ -229,3 +231,20 @@ def test_patched_model_traces_as_one_graph():
         ref = model(x)
     assert torch.allclose(out, ref, atol=1e-5)
     assert torch.allclose(ro.attn, model.tome_readout.attn, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # its eager form is the reference
+def test_flex_attention_path_matches_the_sdpa_mask():
+    """The path used under torch.compile on a GPU (log(size) in FlexAttention's score_mod) gives
+    SDPA's masked output; it runs here eagerly, unfused (FlexAttention has no CPU backward: the
+    gradients are compared on the GPU by benchmarks/prop_attn_variants.py)."""
+    from mergemix.tome import _attention
+    torch.manual_seed(0)
+    attn = make("deit").blocks[1].attn
+    x = torch.randn(2, 7, attn.qkv.in_features)
+    bias = torch.randint(1, 4, (2, 7)).float().log()[:, None, None, :]
+    with torch.no_grad():
+        masked, flexed = (_attention(attn, x, bias, None, flex=flex)[0] for flex in (False, True))
+        unbiased = _attention(attn, x, None, None)[0]
+    assert torch.allclose(masked, flexed, atol=1e-5)
+    assert (unbiased - masked).abs().max() > 1e-3  # the bias matters
