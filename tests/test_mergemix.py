@@ -5,7 +5,7 @@ import torch
 
 import mergemix.mix as mix
 from mergemix.mix import mixed_targets, smooth_one_hot, soft_cross_entropy
-from mergemix.tome import tome_options
+from mergemix.tome import forward_readout, tome_options
 
 
 def tiny_vit():
@@ -172,4 +172,31 @@ def test_compiled_clean_step_traces_one_graph_for_both_passes(merge_train, graph
         model(x)  # eager, on the clean images
     # the step's mask came from the clean pass's read-out, not from the mixed pass's
     assert torch.allclose(out.extras["readout"].attn, model.tome_readout.attn, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_compiled_none_step_compiles_the_readout_pass_too():
+    """aux_loss='none' takes its mask from a partial forward; it goes through the compiled
+    wrapper, so both the read-out pass and the training pass are traced, and the read-out
+    equals the eager one."""
+    traced = []
+
+    def counting_backend(gm, example_inputs):
+        traced.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10, aux_loss="none", generator=torch.Generator().manual_seed(0))
+    obj.prepare(model)
+    compiled = torch.compile(model, backend=counting_backend)
+    x, y = batch()
+    out = obj(compiled, x, y)
+    out.loss.backward()
+    assert len(traced) == 2  # the partial read-out forward and the training forward
+    with torch.no_grad(), tome_options(model, merge=True):
+        eager = forward_readout(model, x)
+    assert torch.allclose(out.extras["readout"].attn, eager.attn, atol=1e-6)
+    assert torch.equal(out.extras["readout"].index, eager.index)
+    assert not model.tome.readout_only  # the switch is restored after the partial pass
     torch._dynamo.reset()

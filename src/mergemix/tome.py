@@ -61,6 +61,7 @@ class ToMeConfig:
     # under torch.compile on a GPU, add log(size) in FlexAttention's score_mod instead of an SDPA
     # mask: the masked cuDNN kernel costs more per token than the unmasked one (see benchmarks)
     flex_when_compiled: bool = True
+    readout_only: bool = False  # forward stops after the read-out (set by ``forward_readout``)
 
 
 def patch_grid(model: nn.Module) -> tuple[int, int]:
@@ -178,11 +179,21 @@ def forward_readout(model: nn.Module, x: Tensor) -> Readout:
     """Run the model only up to its read-out block and return the read-out (B, ...).
 
     The cheap mask pass: blocks after the read-out block are never run. Use under no_grad.
+    ``model`` may be wrapped (torch.compile, DDP): the call goes through the wrapper, so a
+    compiled model compiles this partial forward as a graph of its own.
     """
-    model = _unwrap(model)
-    if _config(model).readout_block is None:
+    net = _unwrap(model)
+    cfg = _config(net)
+    if cfg.readout_block is None:
         raise ValueError("forward_readout needs a read-out block: patch_tome(..., readout_block=l)")
-    return _run_blocks(model, x, stop_at_readout=True)[2]
+    saved = cfg.readout_only
+    cfg.readout_only = True
+    try:
+        with tome_options(net, readout=True):
+            model(x)
+    finally:
+        cfg.readout_only = saved
+    return net.tome_readout
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -293,8 +304,10 @@ class ToMeMixin:
         return _run_blocks(self, x)[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        x, size, readout = _run_blocks(self, x)
+        x, size, readout = _run_blocks(self, x, stop_at_readout=self.tome.readout_only)
         self.tome_readout = readout
+        if x is None:  # read-out only: the blocks after it never ran
+            return readout.attn
         if size is not None and self.global_pool == "avg":
             # a merged token stands for `size` patches: the size-weighted mean is the plain mean
             pooled = (x[:, self.num_prefix_tokens:] * size[..., None]).sum(1) / size.sum(1, keepdim=True)

@@ -95,7 +95,7 @@ class MergeMix(Objective):
             readout = net.tome_readout
         else:
             with torch.no_grad(), tome_options(model, merge=True, readout=True):
-                readout = forward_readout(net, x)
+                readout = forward_readout(model, x)
 
         B, L = readout.index.shape
         partner = M.derangement(B, self.generator, x.device)
