@@ -46,8 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--amp", default=None, choices=[None, "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--no-flex", action="store_true",
-                   help="under --compile, proportional attention as SDPA's mask, not FlexAttention (the default on a GPU)")
     p.add_argument("--merge-num", type=int, default=None, help="default: half the patches")
     p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     p.add_argument("--mergemix-configs", nargs="*", default=None, metavar="AUX,MERGE",
@@ -102,8 +100,6 @@ class Runner:
         gen = torch.Generator().manual_seed(args.seed)
         self.objective = mix.create(method, args.num_classes, generator=gen, **options)
         self.objective.prepare(self.model)
-        if args.no_flex and hasattr(self.model, "tome"):
-            self.model.tome.flex_when_compiled = False
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.forward_model = self.model
         self.compile_s = None
@@ -163,7 +159,6 @@ def eval_throughput(base_model, x, merge_num, args, device, autocast) -> dict:
     """Images/s of a no-grad forward: plain timm model vs the same weights merged."""
     plain = copy.deepcopy(base_model).to(device).eval()
     merged = patch_tome(copy.deepcopy(base_model).to(device).eval(), merge_num=merge_num)
-    merged.tome.flex_when_compiled = not args.no_flex
     out = {}
     for name, net in (("plain", plain), ("merged", merged)):
         fwd = net
@@ -225,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
                      "mergemix": mergemix.__version__, "python": platform.python_version()},
         "settings": {"model": args.model, "model_kwargs": model_kwargs(args), "img_size": args.img_size,
                      "num_patches": L, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
-                     "prop_attn_under_compile": "sdpa_mask" if args.no_flex else "flex_score_mod (on CUDA)",
                      "merge_num": merge_num, "warmup": args.warmup, "steps": args.steps,
                      "cudnn_benchmark": torch.backends.cudnn.benchmark},
         "configs": rows,
@@ -255,8 +249,7 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"Device: {result['device']}; model {s['model']} {s['model_kwargs']} at {s['img_size']} px, "
              f"{s['num_patches']} patches, batch {s['batch_size']}, amp {s['amp']}, compile {s['compile']}, "
-             + (f"proportional attention {s['prop_attn_under_compile']}, " if s["compile"] and "prop_attn_under_compile" in s else "")
-             + f"merge_num {s['merge_num']}; median of {s['steps']} interleaved steps.", "",
+             f"merge_num {s['merge_num']}; median of {s['steps']} interleaved steps.", "",
              "| configuration | passes per step | step (ms) | × CutMix | peak memory (MB) |"
              + (" warm-up incl. compile (s) |" if s["compile"] else ""),
              "|---|---|---:|---:|---:|" + ("---:|" if s["compile"] else "")]

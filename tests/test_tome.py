@@ -232,19 +232,3 @@ def test_patched_model_traces_as_one_graph():
     assert torch.allclose(out, ref, atol=1e-5)
     assert torch.allclose(ro.attn, model.tome_readout.attn, atol=1e-6)
 
-
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # its eager form is the reference
-def test_flex_attention_path_matches_the_sdpa_mask():
-    """The path used under torch.compile on a GPU (log(size) in FlexAttention's score_mod) gives
-    SDPA's masked output; it runs here eagerly, unfused (FlexAttention has no CPU backward: the
-    gradients are compared on the GPU by benchmarks/prop_attn_variants.py)."""
-    from mergemix.tome import _attention
-    torch.manual_seed(0)
-    attn = make("deit").blocks[1].attn
-    x = torch.randn(2, 7, attn.qkv.in_features)
-    bias = torch.randint(1, 4, (2, 7)).float().log()[:, None, None, :]
-    with torch.no_grad():
-        masked, flexed = (_attention(attn, x, bias, None, flex=flex)[0] for flex in (False, True))
-        unbiased = _attention(attn, x, None, None)[0]
-    assert torch.allclose(masked, flexed, atol=1e-5)
-    assert (unbiased - masked).abs().max() > 1e-3  # the bias matters

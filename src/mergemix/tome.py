@@ -16,7 +16,6 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.flex_attention import flex_attention
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -58,9 +57,6 @@ class ToMeConfig:
     score: str = "cls_row"
     merge: bool = True  # merging switched on (off: every r counts as 0)
     readout: bool = True  # compute the read-out at ``readout_block``
-    # under torch.compile on a GPU, add log(size) in FlexAttention's score_mod instead of an SDPA
-    # mask: the masked cuDNN kernel costs more per token than the unmasked one (see benchmarks)
-    flex_when_compiled: bool = True
     readout_only: bool = False  # forward stops after the read-out (set by ``forward_readout``)
 
 
@@ -209,12 +205,11 @@ def _config(model: nn.Module) -> ToMeConfig:
 
 
 def _attention(attn: Attention, x: Tensor, bias: Tensor | None, score: str | None,
-               need_output: bool = True, flex: bool = False) -> tuple[Tensor | None, Tensor | None, Tensor]:
+               need_output: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor]:
     """timm Attention forward with an additive key bias and an optional CLS score read-out.
 
-    x: (B, N, C); bias: (B, 1, 1, N) or None; flex: add the bias in FlexAttention (a kernel
-    generated under torch.compile) rather than as SDPA's mask. Returns (output (B, N, C) or None,
-    scores (B, N) or None, keys (B, heads, N, head_dim), whose head average is ToMe's metric).
+    x: (B, N, C); bias: (B, 1, 1, N) or None. Returns (output (B, N, C) or None, scores (B, N)
+    or None, keys (B, heads, N, head_dim), whose head average is ToMe's similarity metric).
     """
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
@@ -234,12 +229,9 @@ def _attention(attn: Attention, x: Tensor, bias: Tensor | None, score: str | Non
             with torch.no_grad():  # only the CLS query row: one (B, H, 1, N) product
                 logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
                 scores = (logits if bias is None else logits + bias).softmax(dim=-1)[:, :, 0].mean(dim=1)
-        dropout = attn.attn_drop.p if attn.training else 0.0
-        if need_output and flex and bias is not None and dropout == 0.0:
-            log_size = bias[:, 0, 0]
-            out = flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + log_size[b, j], scale=attn.scale)
-        elif need_output:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        if need_output:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                 dropout_p=attn.attn_drop.p if attn.training else 0.0)
     if out is not None:
         out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
         if gate is not None:
@@ -261,13 +253,12 @@ def _run_blocks(model: VisionTransformer, x: Tensor, stop_at_readout: bool = Fal
     # (1 for prefix tokens, so log(size) is the whole additive bias); index (B, L) is the
     # position of the token holding each original patch.
     size = index = readout = None
-    flex = cfg.flex_when_compiled and x.is_cuda and torch.compiler.is_compiling()
     for i, blk in enumerate(model.blocks):
         r = cfg.r[i] if cfg.merge else 0
         bias = size.log()[:, None, None, :] if cfg.prop_attn and size is not None else None
         at_readout = i == readout_at
         h, scores, keys = _attention(blk.attn, blk.norm1(x), bias, cfg.score if at_readout else None,
-                                       need_output=not (at_readout and stop_at_readout), flex=flex)
+                                       need_output=not (at_readout and stop_at_readout))
         if at_readout:
             readout = _make_readout(scores, index, size, npt, L, model)
             if stop_at_readout:
