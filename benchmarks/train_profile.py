@@ -1,0 +1,92 @@
+"""Where the time of a merged training pass goes, against the plain timm model (forward + backward).
+
+    python benchmarks/train_profile.py --device cuda      # DeiT-S/224, batch 256, bf16
+
+A merged training pass saves fewer milliseconds than its token count predicts (benchmarks/README
+figures: about 10 % instead of 25 % compiled). This times one forward + backward (soft-target
+cross-entropy, no optimizer) of the plain model and of the same weights merged at merge_num 98,
+eager and under torch.compile, in the same run, and keeps the profiler's top kernels of each by
+self CUDA time, so the merge's own kernels (gathers, scatters, the masked attention and their
+backwards) can be read off. Prints a report; writes it as JSON with --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import timm
+import torch
+
+from mergemix.tome import patch_tome
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from merge_profile import median_ms, sync  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="deit_small_patch16_224")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--merge-num", type=int, default=98)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--rows", type=int, default=25, help="kernels kept per profile")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args()
+
+
+def training_pass(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device):
+    """One forward + backward under bf16 autocast on CUDA (float32 on CPU); gradients discarded."""
+    def run():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = torch.nn.functional.cross_entropy(net(x).float(), y, label_smoothing=0.1)
+        loss.backward()
+        net.zero_grad(set_to_none=True)
+    return run
+
+
+def profile_table(fn, device: torch.device, rows: int) -> str:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            fn()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=90)
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    base = timm.create_model(args.model, img_size=args.img_size).to(device).train()
+    nets = {"plain": base, "merged": patch_tome(copy.deepcopy(base), merge_num=args.merge_num)}
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, base.num_classes, (args.batch_size,), device=device)
+    report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__, "timm": timm.__version__, "model": args.model,
+                    "batch": args.batch_size, "merge_num": args.merge_num}
+    modes = {"eager": {k: training_pass(n, x, y, device) for k, n in nets.items()}}
+    if not args.no_compile:
+        modes["compiled"] = {k: training_pass(torch.compile(n), x, y, device) for k, n in nets.items()}
+    for mode, calls in modes.items():
+        report[mode] = {"ms": median_ms(calls, device, args.reps)}  # the first call compiles
+        report[mode]["merged_over_plain"] = report[mode]["ms"]["merged"] / report[mode]["ms"]["plain"]
+        print(mode, {k: round(v, 2) for k, v in report[mode]["ms"].items()}, flush=True)
+        for k, fn in calls.items():
+            report[mode][f"{k}_profile_3_passes"] = table = profile_table(fn, device, args.rows)
+            print(f"{mode} {k}", table, sep="\n", flush=True)
+        if args.out:  # after each mode, so a timeout in compiling keeps the eager report
+            args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
