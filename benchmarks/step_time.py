@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--amp", default=None, choices=[None, "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (implies --compile)")
     p.add_argument("--merge-num", type=int, default=None, help="default: half the patches")
     p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     p.add_argument("--mergemix-configs", nargs="*", default=None, metavar="AUX,MERGE",
@@ -54,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.compile = args.compile or args.compile_mode is not None
+    return args
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
@@ -104,7 +107,7 @@ class Runner:
         self.forward_model = self.model
         self.compile_s = None
         if args.compile:
-            self.forward_model = torch.compile(self.model)
+            self.forward_model = torch.compile(self.model, mode=args.compile_mode)
         self.times: list[float] = []
         self.peak: int | None = None
 
@@ -113,6 +116,7 @@ class Runner:
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
         t = time.perf_counter()
+        torch.compiler.cudagraph_mark_step_begin()  # as the trainer does (matters for reduce-overhead)
         with autocast():
             out = self.objective(self.forward_model, x, y)
         out.loss.backward()
@@ -164,7 +168,7 @@ def eval_throughput(base_model, x, merge_num, args, device, autocast) -> dict:
         fwd = net
         t0 = time.perf_counter()
         if args.compile:
-            fwd = torch.compile(net)
+            fwd = torch.compile(net, mode=args.compile_mode)
         with torch.no_grad(), autocast():
             fwd(x)
             sync(device)
@@ -220,12 +224,13 @@ def main(argv: list[str] | None = None) -> int:
                      "mergemix": mergemix.__version__, "python": platform.python_version()},
         "settings": {"model": args.model, "model_kwargs": model_kwargs(args), "img_size": args.img_size,
                      "num_patches": L, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
-                     "merge_num": merge_num, "warmup": args.warmup, "steps": args.steps,
+                     "compile_mode": args.compile_mode, "merge_num": merge_num, "warmup": args.warmup, "steps": args.steps,
                      "cudnn_benchmark": torch.backends.cudnn.benchmark},
         "configs": rows,
     }
     tag = "cuda" if device.type == "cuda" else "cpu"
-    out = args.out or RESULTS / f"step_time_{tag}{'_compiled' if args.compile else ''}.json"
+    mode = f"_{args.compile_mode}" if args.compile_mode not in (None, "default") else ""
+    out = args.out or RESULTS / f"step_time_{tag}{'_compiled' if args.compile else ''}{mode}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write(result, out)  # the step times are kept even if the rest runs out of time
     mm = next(r for r in runners if r.label == "mergemix[clean,merge]")
@@ -248,7 +253,8 @@ def write(result: dict, out: Path) -> str:
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"Device: {result['device']}; model {s['model']} {s['model_kwargs']} at {s['img_size']} px, "
-             f"{s['num_patches']} patches, batch {s['batch_size']}, amp {s['amp']}, compile {s['compile']}, "
+             f"{s['num_patches']} patches, batch {s['batch_size']}, amp {s['amp']}, compile {s['compile']}"
+             + (f" ({s['compile_mode']})" if s.get("compile_mode") else "") + ", "
              f"merge_num {s['merge_num']}; median of {s['steps']} interleaved steps.", "",
              "| configuration | passes per step | step (ms) | × CutMix | peak memory (MB) |"
              + (" warm-up incl. compile (s) |" if s["compile"] else ""),

@@ -92,3 +92,11 @@ def test_method_options_pass_only_what_the_method_takes():
 def test_parse_value():
     assert [config.parse_value(t) for t in ("4", "0.5", "1e-3", "true", "[1, 2]", "none", "cls_row")] == [
         4, 0.5, 1e-3, True, [1, 2], None, "cls_row"]
+
+
+def test_compile_mode_implies_compile():
+    assert not parse().compile and parse().compile_mode is None
+    args = parse("--compile-mode", "reduce-overhead")
+    assert args.compile and args.compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match="invalid choice"):
+        parse("--compile-mode", "fastest")

@@ -111,3 +111,16 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
 def test_accepted_options_follow_the_init_chain():
     assert {"alpha", "merge_num", "lam_policy", "smoothing", "generator"} <= accepted_options(mix.get_class("mergemix"))
     assert accepted_options(NoMix) == {"num_classes", "smoothing", "generator"}
+
+
+def test_compiled_mergemix_run_matches_the_eager_run(tmp_path):
+    """--compile-mode goes through torch.compile (inductor on this CPU; CUDA-graph replay, the
+    point of reduce-overhead, exists only on a GPU) and trains to the eager run's figures."""
+    one_epoch = ["--epochs", "1", "--batch-size", "32", "--train-subset", "64"]
+    for name, extra in (("eager", []), ("compiled", ["--compile-mode", "reduce-overhead"])):
+        done = subprocess.run(command(tmp_path, name, *one_epoch, *extra), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    eager, compiled = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("eager", "compiled"))
+    assert "compile: true" in (tmp_path / "compiled" / "args.yaml").read_text()
+    assert compiled["nll"] == pytest.approx(eager["nll"], rel=1e-3)
+    assert compiled["top1"] == pytest.approx(eager["top1"], abs=0.5)

@@ -39,6 +39,7 @@ METHOD_OPTION_FLAGS = {
 
 # The default model is a small ViT for 8x8 digits; these kwargs belong to it and are dropped as soon
 # as --model is set anywhere (flag, recipe, checkpoint), so they never leak into another model.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 DEFAULT_MODEL = "vit_tiny_patch16_224"
 DEFAULT_MODEL_KWARGS = {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
 
@@ -166,6 +167,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", action="store_true", help="mixed precision")
     g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                   help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs, "
+                        "for GPU runs bound by kernel launches, as a merged model's many small kernels are")
     g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (timm ModelEmaV3)")
     g.add_argument("--model-ema-decay", type=float, default=0.9998)
     g.add_argument("--ece-bins", type=int, default=15)
@@ -263,6 +267,7 @@ def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.model_kwargs = {} if model_set else dict(DEFAULT_MODEL_KWARGS)
     args.model_kwargs = as_dict(args.model_kwargs, "model_kwargs")
     args.mix_opt = as_dict(args.mix_opt, "mix_opt")
+    args.compile = args.compile or args.compile_mode is not None
     if resume_path is not None:
         args.resume = str(resume_path)
         if not ({"output", "experiment"} & (explicit | set(recipe))):

@@ -208,7 +208,7 @@ class Trainer:
         if ctx.is_main:
             self._open_run_dir()
 
-        compiled = torch.compile(self.model) if args.compile else self.model
+        compiled = torch.compile(self.model, mode=args.compile_mode) if args.compile else self.model
         self.eval_model = compiled
         self.train_model = compiled
         if ctx.distributed:
@@ -331,6 +331,8 @@ class Trainer:
         for x, y in self.train_loader:
             x = x.to(ctx.device, non_blocking=True)
             y = y.to(ctx.device, non_blocking=True)
+            if args.compile:  # CUDA-graph trees (reduce-overhead) start a new generation here
+                torch.compiler.cudagraph_mark_step_begin()
             try:
                 with autocast(ctx.device, self.amp_dtype):
                     out = self.objective(self.train_model, x, y)
