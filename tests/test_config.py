@@ -90,8 +90,10 @@ def test_method_options_pass_only_what_the_method_takes():
 
 
 def test_parse_value():
-    assert [config.parse_value(t) for t in ("4", "0.5", "1e-3", "true", "[1, 2]", "none", "cls_row")] == [
-        4, 0.5, 1e-3, True, [1, 2], None, "cls_row"]
+    assert [config.parse_value(t) for t in ("4", "0.5", "1e-3", "true", "[1, 2]", "null", "none", "cls_row")] == [
+        4, 0.5, 1e-3, True, [1, 2], None, "none", "cls_row"]
+    # a method option whose value is the word none reaches the method as that word
+    assert parse("--mix-opt", "aux_loss=none").mix_opt == {"aux_loss": "none"}
 
 
 def test_compile_mode_implies_compile():

@@ -19,6 +19,7 @@ import yaml
 from .errors import ConfigError
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 # Named flags that become options of the mixing method (``mergemix.mix.create(name, **options)``).
 # Only the options the chosen method's ``__init__`` accepts are passed; ``--mix-opt`` adds any other.
@@ -39,7 +40,6 @@ METHOD_OPTION_FLAGS = {
 
 # The default model is a small ViT for 8x8 digits; these kwargs belong to it and are dropped as soon
 # as --model is set anywhere (flag, recipe, checkpoint), so they never leak into another model.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 DEFAULT_MODEL = "vit_tiny_patch16_224"
 DEFAULT_MODEL_KWARGS = {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
 
@@ -48,14 +48,15 @@ _NOT_INHERITED = ("config", "resume")
 
 
 def parse_value(text: str) -> Any:
-    """'4' -> 4, '0.5' / '1e-3' -> float, 'true' -> True, '[1, 2]' -> list, 'none' -> None, else the string."""
+    """'4' -> 4, '0.5' / '1e-3' -> float, 'true' -> True, '[1, 2]' -> list, 'null' -> None, else the string.
+
+    'none' stays a string, as in YAML: it is a value of some options (``aux_loss=none``).
+    """
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
     if isinstance(value, str):
-        if value.lower() == "none":
-            return None
         try:
             return float(value)
         except ValueError:

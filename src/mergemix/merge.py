@@ -25,6 +25,7 @@ class Matching(NamedTuple):
     dst: Tensor
 
 
+@torch.no_grad()  # indices only: nothing here is differentiated, so record nothing for autograd
 def bipartite_matching(metric: Tensor, r: int, num_prefix: int = 0) -> Matching:
     """Pair each patch token of set A (even patch positions) with its most similar one of set B (odd).
 
