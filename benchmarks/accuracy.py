@@ -6,6 +6,9 @@
     python benchmarks/accuracy.py --mode long --methods none mixup cutmix mergemix --jobs 2
                                                    # digits at 100 epochs, Fashion-MNIST (full mode's recipe)
                                                    # at 60: does mixing pay off once the model over-fits?
+    python benchmarks/accuracy.py --mode small-data --methods none mixup cutmix mergemix --jobs 2
+                                                   # Fashion-MNIST, full mode's model on 1k images, batch 32,
+                                                   # 100 epochs (3200 steps): the same question on less data
 
 Each run is a plain `mergemix train` in a subprocess with the dataset's recipe; only --mix, its
 options and --seed change. Finished runs (results.json present) are skipped, so an interrupted
@@ -55,6 +58,7 @@ RECIPES = {
     "digits": {"quick": ["--epochs", "10"], "full": ["--epochs", "30"], "long": ["--epochs", "100"]},
     "fashion-mnist": {"full": [*FASHION_SMALL, "--train-subset", "5000", "--epochs", "10"],
                       "long": [*FASHION_SMALL, "--train-subset", "5000", "--epochs", "60"],
+                      "small-data": [*FASHION_SMALL, "--train-subset", "1000", "--batch-size", "32", "--epochs", "100"],
                       "gpu": ["-c", "configs/fashion_mnist.yaml", "--epochs", "60", "--device", "cuda", "--amp"]},
 }
 MODES = {  # ablations: the datasets on which the MergeMix ablations run too
@@ -62,6 +66,7 @@ MODES = {  # ablations: the datasets on which the MergeMix ablations run too
     "full": {"datasets": ["digits", "fashion-mnist"], "seeds": 3, "ablations": ["digits"]},
     "gpu": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": ["fashion-mnist"]},
     "long": {"datasets": ["digits", "fashion-mnist"], "seeds": 3, "ablations": []},
+    "small-data": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": []},
 }
 ABLATION_SEEDS = 2  # ablations use fewer seeds than the main table, to fit the CPU budget
 EQUAL_TIME = 0.6  # MergeMix (clean) costs ~1.6x CutMix per epoch: this share of the epochs is equal time
