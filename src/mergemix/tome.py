@@ -57,7 +57,7 @@ class ToMeConfig:
     score: str = "cls_row"
     merge: bool = True  # merging switched on (off: every r counts as 0)
     readout: bool = True  # compute the read-out at ``readout_block``
-    readout_only: bool = False  # forward stops after the read-out (set by ``forward_readout``)
+    readout_only: bool = False  # forward stops after the read-out block (``forward_readout``)
 
 
 def patch_grid(model: nn.Module) -> tuple[int, int]:
@@ -138,26 +138,28 @@ def patch_tome(model: nn.Module, r: int | Sequence[int] | None = None, *, merge_
     return model
 
 
-def configure_tome(model: nn.Module, merge: bool | None = None, readout: bool | None = None) -> None:
-    """Switch merging (off: every r counts as 0) and/or the read-out off or on, without
+def configure_tome(model: nn.Module, merge: bool | None = None, readout: bool | None = None,
+                   readout_only: bool | None = None) -> None:
+    """Switch merging (off: every r counts as 0), the read-out, and read-out-only forwards (the
+    forward stops after the read-out block and returns its scores) off or on, without
     re-creating the model; None leaves a setting as it is."""
     cfg = _config(model)
-    if merge is not None:
-        cfg.merge = merge
-    if readout is not None:
-        cfg.readout = readout
+    for name, value in (("merge", merge), ("readout", readout), ("readout_only", readout_only)):
+        if value is not None:
+            setattr(cfg, name, value)
 
 
 @contextlib.contextmanager
-def tome_options(model: nn.Module, merge: bool | None = None, readout: bool | None = None) -> Iterator[None]:
+def tome_options(model: nn.Module, merge: bool | None = None, readout: bool | None = None,
+                 readout_only: bool | None = None) -> Iterator[None]:
     """``configure_tome`` for the duration of a ``with`` block."""
     cfg = _config(model)
-    saved = (cfg.merge, cfg.readout)
-    configure_tome(model, merge, readout)
+    saved = (cfg.merge, cfg.readout, cfg.readout_only)
+    configure_tome(model, merge, readout, readout_only)
     try:
         yield
     finally:
-        cfg.merge, cfg.readout = saved
+        cfg.merge, cfg.readout, cfg.readout_only = saved
 
 
 def tokens_per_block(model: nn.Module) -> list[int]:
@@ -179,16 +181,10 @@ def forward_readout(model: nn.Module, x: Tensor) -> Readout:
     compiled model compiles this partial forward as a graph of its own.
     """
     net = _unwrap(model)
-    cfg = _config(net)
-    if cfg.readout_block is None:
+    if _config(net).readout_block is None:
         raise ValueError("forward_readout needs a read-out block: patch_tome(..., readout_block=l)")
-    saved = cfg.readout_only
-    cfg.readout_only = True
-    try:
-        with tome_options(net, readout=True):
-            model(x)
-    finally:
-        cfg.readout_only = saved
+    with tome_options(net, readout=True, readout_only=True):
+        model(x)
     return net.tome_readout
 
 
@@ -240,15 +236,16 @@ def _attention(attn: Attention, x: Tensor, bias: Tensor | None, score: str | Non
     return out, scores, k
 
 
-def _run_blocks(model: VisionTransformer, x: Tensor, stop_at_readout: bool = False
-                ) -> tuple[Tensor | None, Tensor | None, Readout | None]:
+def _run_blocks(model: VisionTransformer, x: Tensor) -> tuple[Tensor | None, Tensor | None, Readout | None]:
     """Embed and run the blocks with merging. Returns (tokens (B, K_out, C) after the final norm,
-    patch-token sizes (B, K_out - prefix) or None if nothing merged, read-out or None)."""
+    patch-token sizes (B, K_out - prefix) or None if nothing merged, read-out or None); with
+    ``readout_only`` set it stops at the read-out block and returns (None, None, read-out)."""
     cfg: ToMeConfig = model.tome
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     npt = model.num_prefix_tokens
     B, L = x.shape[0], x.shape[1] - npt
     readout_at = cfg.readout_block if cfg.readout else None
+    stop_at_readout = cfg.readout_only
     # None until the first merge: all sizes 1, identity index. size (B, K) covers every token
     # (1 for prefix tokens, so log(size) is the whole additive bias); index (B, L) is the
     # position of the token holding each original patch.
@@ -295,7 +292,7 @@ class ToMeMixin:
         return _run_blocks(self, x)[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        x, size, readout = _run_blocks(self, x, stop_at_readout=self.tome.readout_only)
+        x, size, readout = _run_blocks(self, x)
         self.tome_readout = readout
         if x is None:  # read-out only: the blocks after it never ran
             return readout.attn
