@@ -12,7 +12,8 @@
 
 Each run is a plain `mergemix train` in a subprocess with the dataset's recipe; only --mix, its
 options and --seed change. Finished runs (results.json present) are skipped, so an interrupted
-benchmark continues where it stopped. Writes benchmarks/results/<dataset>.{json,md,png}.
+benchmark continues where it stopped. Writes benchmarks/results/<dataset>.{json,md,png}; rows of an
+earlier table with the same recipe are kept, so `--methods` adds or redoes a few rows.
 """
 from __future__ import annotations
 
@@ -126,6 +127,20 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
+def merge_previous(path: Path, recipe: list[str], table: dict, raw: dict) -> tuple[dict, dict]:
+    """Add the rows of an earlier table with the same recipe that this run did not redo, so that
+    ``--methods`` run a few methods into a published table; a table from another recipe is replaced."""
+    if not path.exists():
+        return table, raw
+    previous = json.loads(path.read_text())
+    if previous.get("recipe") != recipe:
+        print(f"{path.name}: its recipe differs from this run's, so its table is replaced", flush=True)
+        return table, raw
+    kept = [label for label in previous["table"] if label not in table]
+    return ({**{k: previous["table"][k] for k in kept}, **table},
+            {**{k: previous["runs"][k] for k in kept}, **raw})
+
+
 def markdown(dataset: str, mode: str, table: dict[str, dict], recipe: list[str], jobs: int) -> str:
     ref = table.get("cutmix", {}).get("epoch_time")
     lines = [f"### {dataset} ({mode} mode)", "",
@@ -186,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{t['top1_std']:.2f}, ECE {t['ece']:.4f}", flush=True)
         stem = RESULTS / f"{dataset}{'' if args.mode == 'full' else '_' + args.mode}"
         flags = [*recipe, *args.extra]  # the table names every flag its runs had
+        table, raw = merge_previous(stem.with_suffix(".json"), flags, table, raw)
         stem.with_suffix(".json").write_text(json.dumps({"mode": args.mode, "recipe": flags, "table": table,
                                                          "runs": raw}, indent=2))
         text = markdown(dataset, args.mode, table, flags, args.jobs)

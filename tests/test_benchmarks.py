@@ -56,3 +56,18 @@ def test_prop_attn_variants_match_the_mask():
         plain = net(x)
         net.tome.prop_attn = False
         assert (net(x) - plain).abs().max() > 1e-3
+
+
+def test_accuracy_keeps_rows_of_an_earlier_table_with_the_same_recipe(tmp_path):
+    accuracy = load("accuracy")
+    path = tmp_path / "fashion-mnist_gpu.json"
+    recipe = ["--epochs", "10"]
+    path.write_text(json.dumps({"recipe": recipe, "table": {"none": {"top1": 85.0}, "mergemix": {"top1": 1.0}},
+                                "runs": {"none": [{"top1": 85.0}], "mergemix": [{"top1": 1.0}]}}))
+    new_table, new_raw = {"mergemix": {"top1": 86.0}}, {"mergemix": [{"top1": 86.0}]}
+    table, raw = accuracy.merge_previous(path, recipe, new_table, new_raw)
+    assert table == {"none": {"top1": 85.0}, "mergemix": {"top1": 86.0}}  # old row kept, redone row replaced
+    assert raw == {"none": [{"top1": 85.0}], "mergemix": [{"top1": 86.0}]}
+    # another recipe: the earlier table does not mix into this one
+    assert accuracy.merge_previous(path, ["--epochs", "60"], new_table, new_raw) == (new_table, new_raw)
+    assert accuracy.merge_previous(tmp_path / "missing.json", recipe, new_table, new_raw) == (new_table, new_raw)
