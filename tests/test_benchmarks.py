@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,13 @@ def test_step_time_ratios(tmp_path, capsys):
     assert configs["cutmix"]["ratio_to_cutmix"] == 1.0
     for r in configs.values():
         assert r["ratio_to_cutmix"] == pytest.approx(r["median_step_ms"] / configs["cutmix"]["median_step_ms"])
-    assert 0 < result["mask_work"]["share_of_mergemix_step"] < 1
+    assert math.isfinite(result["mask_work"]["share_of_mergemix_step"])  # timings: structure only, no bounds
     ev = result["eval_throughput"]
     assert ev["merged_speedup"] == pytest.approx(ev["merged_images_per_s"] / ev["plain_images_per_s"])
-    assert out.with_suffix(".md").read_text().startswith("Device: cpu")
+    table = out.with_suffix(".md").read_text()
+    assert table.startswith("Device: cpu")
+    for name, r in configs.items():  # the published table shows the JSON's figures
+        assert f"| {name} |" in table and f"| {r['ratio_to_cutmix']:.2f} |" in table
     with pytest.raises(SystemExit, match="mask-work share"):
         step_time.main([*tiny, "--methods", "mergemix", "--mergemix-configs", "none,merge", "--out", str(out)])
 
