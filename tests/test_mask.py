@@ -75,3 +75,17 @@ def test_lam_hat_policies():
     a = M.lam_hat_gaussian(keep, 98, 196, g1)
     b = M.lam_hat_gaussian(keep * 2, 10, 196, g2)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_lam_hat_gaussian_per_sample_sigma_hand_computed():
+    """DESIGN §2.5: z_b = μ + σ_b·n_b with μ = K/L, σ_b = keep_b/L, n_b standard normal (float64,
+    drawn from the generator), then min-max normalised across the batch."""
+    keep, K, L = torch.tensor([3, 10, 50, 90, 196]), 98, 196
+    n = torch.randn(5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    z = K / L + keep.double() / L * n
+    expected = (z - z.min()) / (z.max() - z.min() + 1e-6)
+    got = M.lam_hat_gaussian(keep, K, L, torch.Generator().manual_seed(4))
+    assert torch.allclose(got, expected.float(), atol=1e-6)
+    # the per-sample spread matters: with equal keep counts the same draw normalises differently
+    same = M.lam_hat_gaussian(torch.full((5,), 50), K, L, torch.Generator().manual_seed(4))
+    assert not torch.allclose(got, same, atol=1e-3)

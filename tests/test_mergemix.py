@@ -2,6 +2,8 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from test_tome import cls_attention_direct
 
 import mergemix.mix as mix
 from mergemix.mix import mixed_targets, smooth_one_hot, soft_cross_entropy
@@ -36,6 +38,77 @@ def test_finite_loss_and_outputs(aux, policy):
     if policy == "area":
         assert torch.allclose(out.lam_hat, out.mask.mean((1, 2, 3)))
     assert (out.partner != torch.arange(6)).all()
+
+
+def kept_patches(out, patch=8):
+    """(B, L) 0/1 patch mask read back from the step's pixel mask (one pixel per patch)."""
+    return out.mask[:, 0, ::patch, ::patch].flatten(1).bool()
+
+
+def assert_keeps_highest(scores, keep):
+    """Every kept patch scores at least as high as every dropped one (ties allowed)."""
+    L = scores.shape[1]
+    n = int(keep[0].sum())
+    assert 0 < n < L and (keep.sum(1) == n).all()  # the check below needs kept and dropped patches
+    kept_min = scores.masked_fill(~keep, float("inf")).min(1).values
+    dropped_max = scores.masked_fill(keep, float("-inf")).max(1).values
+    assert (kept_min >= dropped_max).all()
+
+
+@pytest.mark.parametrize("aux", ["clean", "none"])
+def test_mask_keeps_patches_with_highest_timm_cls_attention(aux):
+    """With no merge before the read-out block, the step's scores are the CLS-row attention of
+    that block computed from timm's own unpatched modules, and the mask keeps the top ones."""
+    plain = tiny_vit()
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10, aux_loss=aux, r=[0, 0, 3, 3], readout_block=2,
+                     generator=torch.Generator().manual_seed(0))
+    obj.prepare(model)
+    x, y = batch()
+    out = obj(model, x, y)
+    with torch.no_grad():
+        direct = cls_attention_direct(plain, x, 2)[:, 1:]  # drop the CLS key: patches only
+    assert torch.allclose(out.scores, direct, atol=1e-6)
+    assert_keeps_highest(direct, kept_patches(out))
+
+
+def test_mask_keeps_patches_with_highest_recovered_attention_when_merged():
+    """With merges before the read-out block, each patch scores the read-out attention of the
+    token holding it (Sᵀ·A, written here as an einsum) and the mask keeps the top ones."""
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10, r=[3, 3, 2, 0], readout_block=2, generator=torch.Generator().manual_seed(0))
+    obj.prepare(model)
+    out = obj(model, *batch())
+    ro = out.extras["readout"]
+    assert ro.attn.shape == (6, 17 - 6)  # really merged before the read-out
+    expected = torch.einsum("bkl,bk->bl", ro.source, ro.attn)
+    assert torch.allclose(out.scores, expected)
+    assert_keeps_highest(expected, kept_patches(out))
+
+
+@pytest.mark.parametrize("policy", ["area", "gaussian"])
+def test_mixup_aux_loss_recomputed(policy):
+    """aux_loss='mixup': total = soft CE on the MergeMix batch + soft CE on a plain MixUp batch
+    (lerp of the images and of the label-smoothed one-hot targets), recomputed from scratch."""
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10, aux_loss="mixup", lam_policy=policy, generator=torch.Generator().manual_seed(0))
+    obj.prepare(model)
+    x, y = batch()
+    out = obj(model, x, y)
+    lam, partner = out.extras["mixup_lam"], out.extras["mixup_partner"]
+    assert 0 < lam < 1 and (partner != torch.arange(6)).all()
+
+    def soft_ce(logits, t):
+        return -(t * F.log_softmax(logits, -1)).sum(-1).mean()
+
+    t = F.one_hot(y, 10).float() * 0.9 + 0.1 / 10  # timm's label smoothing 0.1
+    with torch.no_grad(), tome_options(model, merge=True):
+        mixed_logits = model(out.x_mixed)
+        mixup_logits = model(torch.lerp(x[partner], x, lam))
+    mergemix_loss = soft_ce(mixed_logits, torch.lerp(t[out.partner], t, out.lam_hat[:, None]))
+    mixup_loss = soft_ce(mixup_logits, torch.lerp(t[partner], t, lam))
+    assert torch.allclose(out.logits, mixed_logits, atol=1e-5)
+    assert torch.allclose(out.loss, mergemix_loss + mixup_loss, atol=1e-5)
 
 
 def test_gradients_only_through_training_forwards():
