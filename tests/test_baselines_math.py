@@ -8,13 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
-from timm.data.mixup import cutmix_bbox_and_lam, rand_bbox
+from timm.data.mixup import cutmix_bbox_and_lam, mixup_target, rand_bbox
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 import mergemix.mix.mixer as mixer_mod
 import mergemix.mix.mixup as mixup_mod
+import mergemix.mix.saliencymix as saliency_mod
 from mergemix.mix import create
 from mergemix.mix.attention import attention_lam_hat, attention_mass
+from mergemix.mix.base import mixed_targets, sample_lam, smooth_one_hot, soft_cross_entropy
 from mergemix.mix.boxes import (
     box_mask,
     boxes_at,
@@ -176,17 +179,43 @@ def test_gaussian_blobs_are_soft_and_centred_per_sample():
     assert ((mask > 0.01) & (mask < 0.99)).any()  # soft edges, not a box
 
 
-def test_spectral_residual_finds_the_odd_spot():
-    """A bright and a dark square on a smooth textured background (a flat one has exact spectral zeros)."""
+def two_spot_images() -> torch.Tensor:
+    """Image 0: bright square at rows 30:36, cols 8:14; image 1: dark square at rows 5:9, cols 38:42.
+
+    Both on a smooth textured background (a flat one has exact spectral zeros).
+    """
     background = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
     x = 0.3 * F.interpolate(background, size=(48, 48), mode="bilinear").repeat(1, 3, 1, 1)
     x[0, :, 30:36, 8:14] += 3.0
     x[1, :, 5:9, 38:42] -= 3.0
+    return x
+
+
+def test_spectral_residual_finds_the_odd_spot():
+    x = two_spot_images()
     saliency = spectral_residual(x)
     assert saliency.shape == (2, 64, 64)
     cy, cx = saliency_peaks(saliency, (48, 48))
     assert 28 <= cy[0] < 38 and 6 <= cx[0] < 16
     assert 3 <= cy[1] < 11 and 36 <= cx[1] < 44
+
+
+def test_saliencymix_box_covers_the_partners_spot(monkeypatch):
+    """The pasted box is centred on the PARTNER's odd spot (not the own one) and holds the partner's pixels."""
+    x = two_spot_images()
+    spots = [(slice(30, 36), slice(8, 14)), (slice(5, 9), slice(38, 42))]
+    monkeypatch.setattr(saliency_mod, "sample_lam", lambda alpha, generator=None: 0.75)  # 24x24 box
+    mixed = create("saliencymix", NUM_CLASSES).paste(x, torch.tensor([1, 0]))
+    for b, p in [(0, 1), (1, 0)]:
+        assert mixed.mask[b, 0][spots[p]].eq(0).all()  # partner's spot lies inside the box ...
+        assert torch.equal(mixed.x[b][:, spots[p][0], spots[p][1]], x[p][:, spots[p][0], spots[p][1]])
+        assert mixed.mask[b, 0][spots[b]].eq(1).all()  # ... and the own spot (24+ px away) outside it
+        rows, cols = (mixed.mask[b, 0] == 0).nonzero(as_tuple=True)
+        cy, cx = (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2
+        if 0 < rows.min() and rows.max() < 47:  # unclipped side: centred on the spot (+-1 px for the 3-px cell)
+            assert spots[p][0].start - 1 <= cy <= spots[p][0].stop
+        if 0 < cols.min() and cols.max() < 47:
+            assert spots[p][1].start - 1 <= cx <= spots[p][1].stop
 
 
 def test_saliency_peak_maps_cells_to_pixel_centres():
@@ -256,3 +285,50 @@ def test_resizemix_pastes_the_resized_partner():
         assert len(ys) == 100
         torch.testing.assert_close(mixed.x[b, :, ys.min():ys.max() + 1, xs.min():xs.max() + 1], small[b])
     torch.testing.assert_close(mixed.lam_hat, torch.full((3,), 0.75))
+
+
+def test_soft_cross_entropy_equals_torch_label_smoothed_ce():
+    """torch's label_smoothing=s targets (1-s)·onehot + s/C are exactly timm's smoothed one-hot."""
+    g = torch.Generator().manual_seed(0)
+    logits, y = 3 * torch.randn(7, NUM_CLASSES, generator=g), torch.randint(0, NUM_CLASSES, (7,), generator=g)
+    for s in (0.0, 0.1, 0.3):
+        torch.testing.assert_close(soft_cross_entropy(logits, smooth_one_hot(y, NUM_CLASSES, s)),
+                                   F.cross_entropy(logits, y, label_smoothing=s))
+    loss = soft_cross_entropy(logits.bfloat16(), smooth_one_hot(y, NUM_CLASSES, 0.1))  # fp32 even for bf16 logits
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, F.cross_entropy(logits.bfloat16().float(), y, label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.35, 0.8])
+def test_soft_cross_entropy_equals_timm_on_mixed_targets(lam):
+    """timm's mixup_target (partner = flip) and SoftTargetCrossEntropy give the same targets and loss."""
+    g = torch.Generator().manual_seed(1)
+    logits, y = 3 * torch.randn(6, NUM_CLASSES, generator=g), torch.tensor([0, 3, 3, 9, 1, 2])
+    timm_targets = mixup_target(y, NUM_CLASSES, lam=lam, smoothing=0.1)
+    torch.testing.assert_close(mixed_targets(y, flip_partner(6), lam, NUM_CLASSES, 0.1), timm_targets)
+    torch.testing.assert_close(soft_cross_entropy(logits, timm_targets), SoftTargetCrossEntropy()(logits, timm_targets))
+
+
+def lam_draws(alpha: float, n: int = 5000) -> np.ndarray:
+    g = torch.Generator().manual_seed(0)
+    return np.array([sample_lam(alpha, g) for _ in range(n)])
+
+
+@pytest.mark.parametrize("alpha", [0.2, 2.0])
+def test_sample_lam_moments_are_beta_alpha_alpha(alpha):
+    """Beta(α, α): mean 1/2, variance 1/(4(2α+1)), excess kurtosis −6/(2α+3); checked within 5 standard errors."""
+    lam = lam_draws(alpha)
+    n = len(lam)
+    assert ((lam >= 0) & (lam <= 1)).all()
+    var = 1 / (4 * (2 * alpha + 1))
+    se_mean = math.sqrt(var / n)
+    se_var = var * math.sqrt((2 - 6 / (2 * alpha + 3)) / n)  # sqrt((μ4 − σ⁴)/n), μ4 = σ⁴(3 − 6/(2α+3))
+    assert abs(lam.mean() - 0.5) < 5 * se_mean
+    assert abs(lam.var() - var) < 5 * se_var
+
+
+@pytest.mark.parametrize("alpha", [0.2, 2.0])
+def test_sample_lam_passes_ks_test_against_scipy_beta(alpha):
+    """The whole distribution: Kolmogorov-Smirnov against scipy's Beta(α, α) (scipy optional, not a dependency)."""
+    stats = pytest.importorskip("scipy.stats")
+    assert stats.kstest(lam_draws(alpha), stats.beta(alpha, alpha).cdf).pvalue > 1e-3
