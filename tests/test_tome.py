@@ -4,10 +4,12 @@ import copy
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from timm.layers import LayerScale
 
 from mergemix.mask import recover
 from mergemix.merge import bipartite_matching, decreasing_schedule, merge_tokens, merged_positions
-from mergemix.tome import configure_tome, forward_readout, patch_tome, resolve_schedule, tokens_per_block
+from mergemix.tome import _attention, configure_tome, forward_readout, patch_tome, resolve_schedule, tokens_per_block
 
 MODELS = {
     "deit": ("deit_tiny_patch16_224", {}),
@@ -20,21 +22,44 @@ MODELS = {
 def make(name: str, **extra) -> torch.nn.Module:
     arch, kw = MODELS[name]
     torch.manual_seed(0)
-    return timm.create_model(arch, img_size=32, patch_size=8, depth=4, num_classes=5, **kw, **extra).eval()
+    model = timm.create_model(arch, img_size=32, patch_size=8, depth=4, num_classes=5, **kw, **extra).eval()
+    for mod in model.modules():  # deit3 starts LayerScale at 1e-6, which would hide the residual branches
+        if isinstance(mod, LayerScale):
+            torch.nn.init.uniform_(mod.gamma, 0.5, 1.5)
+    return model
 
 
-def cls_attention_direct(model, x, block):
-    """CLS-row attention of ``block`` over all tokens, computed from timm's own unpatched modules."""
-    captured = {}
-    attn = model.blocks[block].attn
-    h = attn.register_forward_pre_hook(lambda mod, args: captured.setdefault("x", args[0]))
-    model(x)
-    h.remove()
-    t = captured["x"]
+def attention_probs(attn, t):
+    """(B, heads, N, N) softmax attention of timm Attention ``attn`` on tokens ``t``, from its own modules."""
     B, N, _ = t.shape
     q, k, _ = attn.qkv(t).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    return ((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1)[:, :, 0].mean(1)
+    return ((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1)
+
+
+def module_inputs(model, x, *modules):
+    """The first input of each of ``modules`` during one no-grad ``model(x)``, captured by pre-hooks."""
+    captured = {}
+    hooks = [mod.register_forward_pre_hook(lambda _, args, i=i: captured.setdefault(i, args[0]))
+             for i, mod in enumerate(modules)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return [captured[i] for i in range(len(modules))]
+
+
+def take(t, index):
+    """Rows of t (B, K, C) at index (B, M): (B, M, C)."""
+    return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def cls_attention_direct(model, x, block, score="cls_row"):
+    """CLS attention of ``block`` over all tokens, computed from timm's own unpatched modules:
+    the CLS query row (cls_row) or every query's attention to CLS (cls_col), head-averaged."""
+    attn = model.blocks[block].attn
+    probs = attention_probs(attn, module_inputs(model, x, attn)[0])
+    return (probs[:, :, 0] if score == "cls_row" else probs[..., 0]).mean(1)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -102,30 +127,82 @@ def test_merged_token_is_size_weighted_average_pure():
     assert torch.equal(m.src.sort(1).values, 2 * best.topk(r, dim=1).indices.sort(1).values)
 
 
+def test_matching_pairs_each_src_with_its_most_similar_b_token():
+    # ToMe's rule by hand: A = even, B = odd patch positions; the r A tokens with the highest best
+    # cosine similarity merge, each into the B token of largest cosine similarity to it
+    torch.manual_seed(2)
+    B, P, N, r = 3, 2, 11, 4
+    metric = torch.randn(B, N, 5)
+    m = bipartite_matching(metric, r, num_prefix=P)
+    a_pos, b_pos = list(range(0, N, 2)), list(range(1, N, 2))  # patch indices (prefix excluded)
+    for b in range(B):
+        cos = {i: torch.stack([F.cosine_similarity(metric[b, i], metric[b, j], dim=0) for j in b_pos]) for i in a_pos}
+        merged = sorted(a_pos, key=lambda i: cos[i].max().item(), reverse=True)[:r]
+        assert sorted((m.src[b] - P).tolist()) == sorted(merged)
+        for src, dst in zip(m.src[b].tolist(), m.dst[b].tolist()):
+            assert m.keep[b, dst].item() == P + b_pos[cos[src - P].argmax().item()]
+
+
 def test_merged_token_is_average_inside_model():
     """Tokens entering block 0's MLP are the mean of the timm residual stream over their members."""
     plain = make("deit")
     model = patch_tome(copy.deepcopy(plain), [4, 0, 0, 0], readout_block=1)
     x = torch.randn(2, 3, 32, 32)
-    grab = lambda store: (lambda mod, args: store.setdefault("x", args[0]))  # noqa: E731
-    ref, got = {}, {}
-    plain.blocks[0].norm2.register_forward_pre_hook(grab(ref))
-    model.blocks[0].norm2.register_forward_pre_hook(grab(got))
-    with torch.no_grad():
-        plain(x)
-        model(x)
+    ref = module_inputs(plain, x, plain.blocks[0].norm2)[0]
+    got = module_inputs(model, x, model.blocks[0].norm2)[0]
     S = model.tome_readout.source  # (B, K, L), valid at block 1 = right after block 0's merge
-    expected = torch.cat([ref["x"][:, :1], (S[:, 1:] @ ref["x"][:, 1:]) / S[:, 1:].sum(-1, keepdim=True)], 1)
-    assert torch.allclose(got["x"], expected, atol=1e-5)
+    expected = torch.cat([ref[:, :1], (S[:, 1:] @ ref[:, 1:]) / S[:, 1:].sum(-1, keepdim=True)], 1)
+    assert torch.allclose(got, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["deit", "distilled"])
-def test_readout_aligned_with_timm_block(name):
-    """Merging only after the read-out block: recovered scores = timm's own CLS attention there."""
+@pytest.mark.parametrize("score", ["cls_row", "cls_col"])
+def test_proportional_attention_equals_duplicated_tokens(score):
+    # exp(q·k + log s) = s·exp(q·k): attention with the log(size) bias over a token of size s equals
+    # timm's plain attention over s identical copies of it (outputs and both CLS scores)
+    attn = make("registers_qknorm").blocks[0].attn  # q/k-norm, 3 prefix tokens
+    sizes = torch.tensor([[1, 1, 1, 3, 1, 2], [1, 1, 1, 1, 4, 1]])  # prefix tokens have size 1
+    index = torch.stack([torch.arange(6).repeat_interleave(s) for s in sizes])  # (B, 9): token of each copy
+    x = torch.randn(2, 6, attn.qkv.in_features)
+    with torch.no_grad():
+        out, scores, _ = _attention(attn, x, sizes.float().log()[:, None, None, :], score)
+        ref_out = attn(take(x, index))
+        probs = attention_probs(attn, take(x, index))
+    assert torch.allclose(take(out, index), ref_out, atol=1e-5)
+    if score == "cls_row":  # the CLS query's attention to a token = its attention summed over the copies
+        assert torch.allclose(scores, torch.zeros(2, 6).scatter_add_(1, index, probs[:, :, 0].mean(1)), atol=1e-6)
+    else:  # each copy's attention to CLS = the token's
+        assert torch.allclose(scores.gather(1, index), probs[..., 0].mean(1), atol=1e-6)
+
+
+@pytest.mark.parametrize("score", ["cls_row", "cls_col"])
+def test_readout_after_merges_equals_timm_on_expanded_tokens(score):
+    """After a merge, block 1 (proportional attention, read-out) equals timm's plain attention over the
+    sequence in which every merged token is expanded back to one copy per patch it holds."""
+    model = patch_tome(make("distilled"), [4, 0, 0, 0], readout_block=1, score=score)
+    blk, npt, x = model.blocks[1], model.num_prefix_tokens, torch.randn(2, 3, 32, 32)
+    t, h = module_inputs(model, x, blk.norm1, blk.ls1)  # merged stream entering block 1; attention output
+    ro = model.tome_readout
+    assert (ro.size[:, npt:] > 1).any()  # something did merge
+    full = torch.cat([torch.arange(npt).expand(2, npt), ro.index], 1)  # token behind each original position
+    with torch.no_grad():
+        ref_h = blk.attn(blk.norm1(take(t, full)))
+        probs = attention_probs(blk.attn, blk.norm1(take(t, full)))
+    assert torch.allclose(take(h, full), ref_h, atol=1e-5)
+    if score == "cls_row":
+        ref = torch.zeros_like(ro.attn).scatter_add_(1, full, probs[:, :, 0].mean(1))
+        assert torch.allclose(ro.attn, ref, atol=1e-6)
+    else:
+        assert torch.allclose(ro.attn.gather(1, full), probs[..., 0].mean(1), atol=1e-6)
+
+
+@pytest.mark.parametrize("name,score", [("deit", "cls_row"), ("distilled", "cls_row"), ("distilled", "cls_col")])
+def test_readout_aligned_with_timm_block(name, score):
+    """Merging only after the read-out block: recovered scores = timm's own CLS attention there
+    (the CLS query row, or the column of every query's attention to CLS)."""
     plain = make(name)
     x = torch.randn(3, 3, 32, 32)
-    direct = cls_attention_direct(plain, x, 2)
-    model = patch_tome(copy.deepcopy(plain), [0, 0, 3, 2], readout_block=2)
+    direct = cls_attention_direct(plain, x, 2, score)
+    model = patch_tome(copy.deepcopy(plain), [0, 0, 3, 2], readout_block=2, score=score)
     with torch.no_grad():
         model(x)
     ro = model.tome_readout
@@ -186,15 +263,39 @@ def test_avg_pool_model_merges_with_weighted_mean():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model(x), plain(x), atol=1e-5)
-        patch_tome(model, r=[4, 0])
-        assert model(x).shape == (2, 5)
+    # merged: timm's avg pool is the plain mean over the L patches, so each final token counts once per
+    # patch it holds (index: patch -> token after block 0's merge; block 1 merges nothing)
+    torch.manual_seed(0)
+    model = patch_tome(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=5,
+                                         global_pool="avg").eval(), r=[4, 0], readout_block=1)
+    tokens, pooled = module_inputs(model, x, model.norm, model.fc_norm)
+    assert (model.tome_readout.size > 1).any()
+    assert torch.allclose(pooled, take(tokens, model.tome_readout.index).mean(1), atol=1e-5)
 
 
-def test_drop_path_and_training_mode_run():
-    model = patch_tome(make("layerscale", drop_path_rate=0.2), merge_num=6, readout_block=1).train()
-    out = model(torch.randn(2, 3, 32, 32))
-    out.sum().backward()
+def seeded(model, x, seed):
+    """Final tokens (B, K, C) of one forward after seeding the RNG (the drop-path draws)."""
+    torch.manual_seed(seed)
+    return model.forward_features(x)
+
+
+def test_drop_path_and_training_mode():
+    plain = make("layerscale", drop_path_rate=0.2)
+    model = patch_tome(copy.deepcopy(plain), r=0, readout_block=1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        # without merging, eval and train mode (same seed: the same drop-path draws) are timm's own
+        assert torch.allclose(model.forward_features(x), plain.forward_features(x), atol=1e-5)
+        assert torch.allclose(seeded(model.train(), x, 3), seeded(plain.train(), x, 3), atol=1e-5)
+        patch_tome(model, merge_num=6, readout_block=1)
+        # drop path stays stochastic with merging
+        assert not torch.allclose(seeded(model, x, 1), seeded(model, x, 2), atol=1e-2)
+    torch.manual_seed(0)
+    model(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert torch.equal(model.head.bias.grad, torch.full((5,), 2.0))  # d(sum of logits)/d(bias) = batch size
+    # gradient reaches every block through merging and stochastic depth
+    assert all(sum(p.grad.abs().sum() for p in blk.parameters()) > 0 for blk in model.blocks)
 
 
 def test_schedules():
