@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import timm
 import torch
 from PIL import Image
 
-from mergemix import cli
+from mergemix import cli, mix
 from mergemix.train import SUMMARY_FIELDS
 
 TINY_KWARGS = ["patch_size=4", "embed_dim=32", "depth=2", "num_heads=2"]
@@ -98,8 +99,13 @@ def test_corrupt_checkpoint_is_one_line(run, tmp_path, capsys):
 
 
 def test_a_finished_run_is_not_overwritten(run, capsys):
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert cli.main(["train", "--output", str(run.parent), "--experiment", run.name, *TINY]) == 2
     assert "already holds a run" in error_line(capsys)
+    # resuming it (its own recipe: 2 epochs) has nothing left to train
+    assert cli.main(["train", "--resume", str(run)]) == 2
+    assert "already finished its 2 epochs: raise --epochs" in error_line(capsys)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -156,15 +162,53 @@ def test_python_dash_m_and_usage():
     assert done.returncode == 0 and "train" in done.stdout
 
 
-def test_fp16_amp_with_grad_scaler_clipping_and_ema(tmp_path):
-    assert train(tmp_path, "amp", "--mix", "cutmix", "--amp", "--amp-dtype", "float16", "--clip-grad", "1",
-                 "--model-ema", "--epochs", "1") == 0
-    run = tmp_path / "amp"
-    ckpt = torch.load(run / "last.pth.tar", map_location="cpu", weights_only=True)
-    assert ckpt["amp_scaler"]["scale"] > 0 and ckpt["state_dict_ema"] is not None
-    assert "ema_eval_top1" in next(csv.DictReader((run / "summary.csv").open()))
-    assert "ema" in json.loads((run / "results.json").read_text())
-    assert cli.main(["eval", "--checkpoint", str(run), "--use-ema", "--output", str(tmp_path / "ema")]) == 0
+def test_fp16_amp_with_grad_scaler_clipping_and_ema(tmp_path, monkeypatch, capsys):
+    """fp16 autocast + GradScaler + clipping + EMA. A run stopped by SIGINT mid-epoch and resumed ends where
+    an uninterrupted run ends (the EMA weights and the scaler's state go through the checkpoint), and
+    ``eval --use-ema`` reproduces the EMA figures that training recorded."""
+
+    class CutMixSigint(mix.get_class("cutmix")):
+        """CutMix that raises SIGINT in this process at its ``stop_at``-th call."""
+
+        name, stop_at, calls = "cutmix_sigint", 0, 0
+
+        def __call__(self, model, x, y):
+            out = super().__call__(model, x, y)
+            CutMixSigint.calls += 1
+            if CutMixSigint.calls == CutMixSigint.stop_at:
+                signal.raise_signal(signal.SIGINT)
+            return out
+
+    monkeypatch.setitem(mix._REGISTRY, CutMixSigint.name, CutMixSigint)
+    flags = ["--mix", CutMixSigint.name, "--amp", "--amp-dtype", "float16", "--clip-grad", "1", "--model-ema",
+             "--model-ema-decay", "0.9", "--train-subset", "512", "--log-interval", "1"]  # 2 epochs x 4 steps
+    assert train(tmp_path, "full", *flags) == 0
+    CutMixSigint.calls, CutMixSigint.stop_at = 0, 6  # epoch 1, step 2 of 4
+    assert train(tmp_path, "amp", *flags) == 128 + signal.SIGINT
+    assert "stopped by SIGINT" in capsys.readouterr().err
+    full, run = tmp_path / "full", tmp_path / "amp"
+    stopped = torch.load(run / "last.pth.tar", map_location="cpu", weights_only=True)
+    assert (stopped["epoch"], stopped["step"]) == (0, 2)
+    assert stopped["amp_scaler"]["_growth_tracker"] == 6  # 6 scaled steps, none skipped for an overflow
+    assert cli.main(["train", "--resume", str(run)]) == 0
+
+    def rows(r):
+        return [{k: v for k, v in row.items() if k != "epoch_time"} for row in csv.DictReader((r / "summary.csv").open())]
+
+    assert rows(run) == rows(full) and "ema_eval_ece" in rows(run)[0]
+    resumed, uninterrupted = (json.loads((r / "results.json").read_text()) for r in (run, full))
+    for key in ("top1", "nll", "ece", "ema"):
+        assert resumed[key] == uninterrupted[key], key
+    ckpt, ckpt_full = (torch.load(r / "last.pth.tar", map_location="cpu", weights_only=True) for r in (run, full))
+    assert ckpt["amp_scaler"] == ckpt_full["amp_scaler"] and ckpt["amp_scaler"]["_growth_tracker"] == 8
+    assert all(torch.equal(v, ckpt_full["state_dict_ema"][k]) for k, v in ckpt["state_dict_ema"].items())
+    # the EMA weights evaluated on their own give the EMA figures training wrote, not the model's
+    assert cli.main(["eval", "--checkpoint", str(run / "last.pth.tar"), "--use-ema", "--amp", "--amp-dtype",
+                     "float16", "--output", str(tmp_path / "ema")]) == 0
+    ema = json.loads((tmp_path / "ema" / "results.json").read_text())
+    for key in ("top1", "nll", "ece", "brier"):
+        assert ema[key] == pytest.approx(resumed["ema"][key], abs=1e-6), key
+    assert abs(ema["nll"] - resumed["nll"]) > 1e-4 and ema["weights"] == "state_dict_ema"
 
 
 def test_error_raised_in_a_loader_worker_is_still_one_line(tmp_path, capsys):

@@ -61,6 +61,27 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(reference, tmp_path
     assert summary(tmp_path / "killed") == summary(reference)
     resumed, full = (json.loads((r / "results.json").read_text()) for r in (tmp_path / "killed", reference))
     assert (resumed["top1"], resumed["ece"]) == (full["top1"], full["ece"])
+    for run in (reference, tmp_path / "killed"):
+        assert_best_is_the_top1_peak(run)
+    # model_best holds the peak epoch's weights: evaluated, it gives that epoch's summary.csv figures
+    rows = summary(tmp_path / "killed")
+    peak = max(rows, key=lambda r: float(r["eval_top1"]))  # max() keeps the first of equal ones
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "killed" / checkpoint.BEST),
+                     "--output", str(tmp_path / "eval-best")]) == 0
+    evaluated = json.loads((tmp_path / "eval-best" / "results.json").read_text())
+    assert evaluated["epoch"] == int(peak["epoch"])
+    for key, column in (("top1", "eval_top1"), ("nll", "eval_loss"), ("ece", "eval_ece")):
+        assert evaluated[key] == pytest.approx(float(peak[column]), abs=1e-6), key
+
+
+def assert_best_is_the_top1_peak(run: Path) -> None:
+    """model_best.pth.tar and results.json name the first epoch of highest top-1 in summary.csv."""
+    top1 = [float(r["eval_top1"]) for r in summary(run)]
+    peak = top1.index(max(top1))
+    best = checkpoint.load(run / checkpoint.BEST)
+    assert (best["epoch"], best["metric"]) == (peak, max(top1)), (best["epoch"], top1)
+    results = json.loads((run / "results.json").read_text())
+    assert (results["best_epoch"], results["best_top1"]) == (peak, max(top1))
 
 
 def test_sigint_writes_a_resumable_checkpoint(reference, tmp_path):

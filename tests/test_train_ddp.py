@@ -6,7 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
+
+from mergemix import cli
 
 
 def test_torchrun_two_processes(tmp_path):
@@ -20,9 +23,18 @@ def test_torchrun_two_processes(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
     run = tmp_path / "ddp"
     results = json.loads((run / "results.json").read_text())
-    assert results["world_size"] == 2 and results["num_images"] == 360
+    assert results["world_size"] == 2
     assert len(list(csv.DictReader((run / "summary.csv").open()))) == 2
     assert done.stdout.count("final ") == 1  # rank 0 alone reports
     ckpt = torch.load(run / "last.pth.tar", map_location="cpu", weights_only=True)
     gen = [r["generator"] for r in ckpt["rng"]]
     assert len(gen) == 2 and not torch.equal(gen[0], gen[1])  # seed + rank: ranks draw different masks
+
+    # each process evaluated its own shard; synced, the bins hold all 360 digits eval images once, and the
+    # figures are those of one process evaluating the same weights alone
+    assert sum(results["bins"]["count"]) == 360
+    assert cli.main(["eval", "--checkpoint", str(run / "last.pth.tar"), "--output", str(tmp_path / "one")]) == 0
+    alone = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert alone["num_images"] == 360 and results["bins"]["count"] == alone["bins"]["count"]
+    for key in ("top1", "top5", "nll", "ece", "brier"):
+        assert results[key] == pytest.approx(alone[key], abs=1e-6), key
