@@ -50,25 +50,46 @@ def merge_tokens(x: Tensor, size: Tensor, m: Matching) -> tuple[Tensor, Tensor]:
 
     x: (B, T, C) tokens; size: (B, T) how many original patches each token holds (1 for prefix
     tokens, which are never merged). Returns x (B, T - r, C) in ``m.keep`` order and sizes (B, T - r).
-
-    The (B, T, C) stream is read once, by one gather of the kept tokens; only the r merged
-    pairs are then touched: dst += s_src * (x_src - x_dst) / S_dst, with S_dst the dst's new
-    size, which sums to the size-weighted mean. A merge that multiplies, divides and
-    concatenates whole streams is memory-bound and costs more on a GPU than the tokens it saves;
-    in eager mode every extra small op is a kernel launch, so indices come ready from the matching.
     """
-    C = x.shape[-1]
-    expand = lambda idx: idx[..., None].expand(-1, -1, C)  # noqa: E731
-    out = x.gather(1, expand(m.keep))
     size_src = size.gather(1, m.src)
     new_size = size.gather(1, m.keep).scatter_add_(1, m.dst, size_src)
-    weight = (size_src / new_size.gather(1, m.dst))[..., None]
-    # src and dst rows in one gather: one scatter in the backward instead of two
-    pairs = x.gather(1, expand(torch.cat([m.src, m.keep.gather(1, m.dst)], dim=1)))
-    r = m.src.shape[1]
-    delta = weight * (pairs[:, :r] - pairs[:, r:])
-    # in place on the fresh gather output, whose backward needs only the index
-    return out.scatter_add_(1, expand(m.dst), delta.to(out.dtype)), new_size
+    weight = size_src / new_size.gather(1, m.dst)
+    return _Merge.apply(x, m.keep, m.src, m.dst, weight), new_size
+
+
+class _Merge(torch.autograd.Function):
+    """The merge as the linear map it is: out = x[keep]; out[dst] += w * (x[src] - x[keep[dst]]).
+
+    The weights w = s_src / S_dst (B, r) make the dst the size-weighted mean. Written out by hand
+    because autograd's gradient of a row gather zero-fills a (B, T, C) buffer and scatter-adds into
+    it with atomics, once per gather, then adds the buffers: several passes over the whole stream.
+    Here keep and src together hold every position once, so the backward writes each row of the
+    gradient once, into an uninitialised buffer; only the r dst rows accumulate.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor, src: Tensor, dst: Tensor, weight: Tensor) -> Tensor:
+        C = x.shape[-1]
+        dst_pos = keep.gather(1, dst)
+        out = x.gather(1, _rows(keep, C))
+        # the weights stay float32 under AMP: the r products are rounded once, to x's dtype
+        delta = weight[..., None] * (x.gather(1, _rows(src, C)) - x.gather(1, _rows(dst_pos, C)))
+        ctx.save_for_backward(keep, src, dst, dst_pos, weight)
+        return out.scatter_add_(1, _rows(dst, C), delta.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        keep, src, dst, dst_pos, weight = ctx.saved_tensors
+        (B, _, C), r = grad.shape, src.shape[1]
+        grad_delta = (weight[..., None] * grad.gather(1, _rows(dst, C))).to(grad.dtype)
+        grad_x = grad.new_empty(B, keep.shape[1] + r, C)
+        grad_x.scatter_(1, _rows(keep, C), grad).scatter_(1, _rows(src, C), grad_delta)
+        return grad_x.scatter_add_(1, _rows(dst_pos, C), -grad_delta), None, None, None, None
+
+
+def _rows(index: Tensor, C: int) -> Tensor:
+    """(B, n) token positions as a (B, n, C) gather/scatter index over whole rows (a view, no copy)."""
+    return index[..., None].expand(-1, -1, C)
 
 
 def merged_positions(m: Matching) -> Tensor:
