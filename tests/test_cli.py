@@ -10,9 +10,11 @@ import sys
 import pytest
 import timm
 import torch
+import yaml
 from PIL import Image
 
 from mergemix import cli, mix
+from mergemix.mix.plain import NoMix
 from mergemix.train import SUMMARY_FIELDS
 
 TINY_KWARGS = ["patch_size=4", "embed_dim=32", "depth=2", "num_heads=2"]
@@ -123,15 +125,98 @@ def test_a_finished_run_is_not_overwritten(run, capsys):
     (["--resume", "/nonexistent/run"], "no checkpoint at"),
     (["--model-kwargs", "patch_size=4", "depthh=2"], "does not take these --model-kwargs"),
     (["--opt", "adamww"], "adamww"),
+    # out-of-range flags: checked with the flags, before any data or model is built
+    (["--workers", "-1"], "--workers must be at least 0"),
+    (["--img-size", "-4"], "--img-size must be at least 1, got -4"),
+    (["--drop-path", "5"], "--drop-path must be in [0, 1), got 5.0"),
+    (["--mixup-off-epoch", "-1"], "--mixup-off-epoch must be at least 0 (0: never)"),
+    (["--train-subset", "0"], "--train-subset must be at least 1"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be at least 1"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be at least 0"),
+    # method options: checked when the method is created, naming the option
+    (["--mix-alpha", "-1"], "--mix mergemix: alpha must be > 0, got -1.0"),
+    (["--mix-opt", "alpha=-1"], "--mix mergemix: alpha must be > 0, got -1"),
+    (["--mix-opt", "alpha=abc"], "--mix mergemix: alpha must be a number, got 'abc'"),
+    (["--mix", "cutmix", "--mix-opt", "prob=abc"], "--mix cutmix: prob must be a number, got 'abc'"),
+    (["--smoothing", "2"], "smoothing must be in [0, 1], got 2.0"),
+    (["--merge-num", "8", "--mix-opt", "r=1"], "merge_num=8 and r=1 both given"),
+    (["--merge-num", "-3"], "--mix mergemix: merge_num must be >= 0, got -3"),
+    (["--mix-opt", "r=-1"], "--mix mergemix: r must be >= 0, got -1"),
+    (["--mix-opt", "readout_block=-9"], "read-out block -9 is out of range for a model with 2 blocks"),
+    (["--mix", "transmix", "--readout-block", "-3"], "read-out block -3 is out of range"),
+    (["--dataset", "imagefolder", "--data-dir", "{file}"], "{file} is a file, not a directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, flags, fragment):
-    argv = ["train", "--output", str(tmp_path), "--experiment", "bad", "--epochs", "1", *flags]
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    flags = [f.format(file=afile) for f in flags]
+    out = tmp_path / "out"  # made by the run: it does not exist before
+    argv = ["train", "--output", str(out), "--experiment", "bad", "--epochs", "1", *flags]
     if "--model-kwargs" not in flags:
         argv += ["--model-kwargs", *TINY_KWARGS]
     assert cli.main(argv) == 2
     line = error_line(capsys)
-    assert fragment in line, line
-    assert not (tmp_path / "bad").exists()  # nothing half-written
+    assert fragment.format(file=afile) in line, line
+    assert not out.exists()  # nothing half-written, no empty --output folder
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--workers", "-1"], "--workers must be at least 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--ece-bins", "0"], "--ece-bins must be at least 1, got 0"),
+    (["--img-size", "-4"], "--img-size must be at least 1, got -4"),
+])
+def test_eval_checks_its_flags_like_train(run, tmp_path, capsys, flags, fragment):
+    assert cli.main(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "ev"), *flags]) == 2
+    assert fragment in error_line(capsys)
+    assert not (tmp_path / "ev").exists()
+
+
+def test_a_runs_args_yaml_reruns_it_in_a_new_folder(run, capsys):
+    """`-c RUN/args.yaml` trains with the same settings into a new run folder next to RUN."""
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    siblings = set(run.parent.iterdir())
+    assert cli.main(["train", "-c", str(run / "args.yaml")]) == 0
+    capsys.readouterr()
+    (new,) = set(run.parent.iterdir()) - siblings
+    assert (new / "results.json").is_file() and new.name.endswith("-digits-vit_tiny_patch16_224-mergemix")
+    assert yaml.safe_load((new / "args.yaml").read_text()) == yaml.safe_load((run / "args.yaml").read_text())
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # RUN untouched
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    class FailsAtFirstStep(NoMix):
+        name = "fails_test"
+
+        def __call__(self, model, x, y):
+            raise ValueError("boom")
+
+    monkeypatch.setitem(mix._REGISTRY, FailsAtFirstStep.name, FailsAtFirstStep)
+    (tmp_path / "kept").mkdir()
+    for output in (tmp_path / "new" / "parent", tmp_path / "kept"):
+        assert train(output, "x", "--mix", "fails_test") == 2
+        assert "--mix fails_test failed at epoch 0 step 0: boom" in error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not list((tmp_path / "kept").iterdir())
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["viz", "--bogus"], "unrecognized arguments: --bogus (see `mergemix viz --help`)"),
+    (["viz", "--model-kwargs", "foo"], "expected key=value, got 'foo' (see `mergemix viz --help`)"),
+    (["viz", "--img-size", "-4"], "--img-size must be at least 1"),
+    (["compare"], "required: RUN_DIR (see `mergemix compare --help`)"),
+    (["compare", "--bogus", "x"], "unrecognized arguments: --bogus"),
+    (["methods", "x"], "unrecognized arguments: x (see `mergemix methods --help`)"),
+    (["frobnicate"], "unknown command 'frobnicate'; choose one of: train, eval, methods, viz, compare"),
+])
+def test_every_command_reports_bad_flags_in_one_line(capsys, argv, fragment):
+    assert cli.main(argv) == 2
+    assert fragment in error_line(capsys)
+
+
+def test_methods_help(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["methods", "--help"])
+    assert done.value.code == 0 and "usage: mergemix methods" in capsys.readouterr().out
 
 
 def test_unwritable_output(tmp_path, capsys):

@@ -76,6 +76,20 @@ def test_compare_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     if case == "bad_json":
         (bad / "results.json").write_text("{not json")
     assert main([str(tmp_path / "ok"), str(bad), "--out", str(tmp_path / "cmp.png")]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and str(bad) in err and "Traceback" not in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0], err
     assert not (tmp_path / "cmp.png").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    ([], "the following arguments are required: RUN_DIR (see `mergemix compare --help`)"),
+    (["{ok}", "--outt", "x.png"], "unrecognized arguments: --outt"),
+    (["{ok}", "--out", "{ok}/results.json/cmp.png"],
+     "cannot write to {ok}/results.json: it is a file, not a folder; choose another --out"),
+])
+def test_compare_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, argv, words):
+    make_run(tmp_path, "ok", "cutmix", seed=0)
+    ok = tmp_path / "ok"
+    assert main([a.format(ok=ok) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words.format(ok=ok) in err[0], err

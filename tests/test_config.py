@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mergemix import config
 from mergemix.errors import ConfigError
@@ -102,3 +103,49 @@ def test_compile_mode_implies_compile():
     assert args.compile and args.compile_mode == "reduce-overhead"
     with pytest.raises(ConfigError, match="invalid choice"):
         parse("--compile-mode", "fastest")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "-1"], "--workers must be at least 0 (0: load in the main process), got -1"),
+    (["--img-size", "-4"], "--img-size must be at least 1, got -4"),
+    (["--img-size", "0"], "--img-size must be at least 1, got 0"),
+    (["--drop-path", "5"], "--drop-path must be in [0, 1), got 5.0"),
+    (["--mixup-off-epoch", "-1"], "--mixup-off-epoch must be at least 0 (0: never), got -1"),
+    (["--train-subset", "0"], "--train-subset must be at least 1, got 0"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be at least 1, got 0"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be at least 0, got -1"),
+    (["--lr", "0"], "--lr must be positive, got 0.0"),
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+])
+def test_out_of_range_flags_are_one_line_errors(flags, message):
+    with pytest.raises(ConfigError) as err:
+        parse(*flags)
+    assert str(err.value) == message
+
+
+def test_out_of_range_recipe_values_are_checked_too(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("workers: -2\n")
+    with pytest.raises(ConfigError, match="--workers must be at least 0"):
+        parse("-c", str(recipe))
+
+
+def test_a_runs_args_yaml_is_a_recipe_for_a_new_run(tmp_path):
+    args = parse("--mix-opt", "r=1", "--epochs", "3", "--output", str(tmp_path))
+    saved = config.recipe(args)
+    assert not {"config", "resume", "experiment"} & set(saved) and saved["output"] == str(tmp_path)
+    recipe = tmp_path / "args.yaml"
+    recipe.write_text(yaml.safe_dump(saved, sort_keys=False))
+    again = config.parse_train_args(["-c", str(recipe)])
+    assert {k: v for k, v in vars(again).items() if k not in ("config", "experiment")} == {
+        k: v for k, v in vars(args).items() if k not in ("config", "experiment")}
+    assert again.experiment != "x"  # a new run folder name
+    # --mix-opt on top of a recipe's (or a checkpoint's) mapping adds to it
+    assert parse("-c", str(recipe), "--mix-opt", "alpha=0.5").mix_opt == {"r": 1, "alpha": 0.5}
+    # an args.yaml written before run folders were left out of it holds config: null: still a recipe
+    saved.update(config=None, experiment="old")
+    recipe.write_text(yaml.safe_dump(saved))
+    assert config.parse_train_args(["-c", str(recipe)]).experiment == "old"
+    recipe.write_text("config: other.yaml\n")
+    with pytest.raises(ConfigError, match="cannot load another recipe"):
+        parse("-c", str(recipe))

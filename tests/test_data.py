@@ -110,6 +110,14 @@ def test_imagefolder_errors(tmp_path):
         data.build(args_for(dataset="imagefolder", data_dir=str(tmp_path)))
 
 
+@pytest.mark.parametrize("dataset", ["imagefolder", "fashion-mnist", "cifar10"])
+def test_a_data_dir_that_is_a_file_is_named_so(tmp_path, dataset):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    with pytest.raises(DataError, match=f"data directory {afile} is a file, not a directory"):
+        data.build(args_for(dataset=dataset, data_dir=str(afile)))
+
+
 def test_corrupt_image_names_the_file(tmp_path):
     make_imagefolder(tmp_path)
     bad = tmp_path / "val" / "dog" / "1.png"
@@ -134,3 +142,5 @@ def test_train_subset_and_sampler_skip():
     loader.sampler.skip = 40
     assert [y.tolist() for _, y in loader] == full[4:]
     assert len(loader) == 10  # skip applies to one pass only
+    with pytest.raises(DataError, match="--train-subset 0 must be between 1 and the 1437"):
+        data.build(args_for(train_subset=0))  # 0 is not "unset"

@@ -60,12 +60,16 @@ def test_viz_from_a_checkpoint_with_its_method(tmp_path):
     (["--mix", "mergemix", "--mix-opt", "no_such_option=1"], "no_such_option"),
     (["--num-samples", "1"], "--num-samples"),
     (["--checkpoint", "/nonexistent/run"], "/nonexistent/run"),
+    (["--img-size", "-4"], "--img-size must be at least 1, got -4"),
+    (["--mix-opt", "alpha=abc"], "alpha must be a number, got 'abc'"),
+    (["--model-kwargs", "foo"], "expected key=value, got 'foo' (see `mergemix viz --help`)"),
+    (["--split", "test"], "invalid choice: 'test'"),
 ])
 def test_viz_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, words):
-    assert main([*TINY, *argv, "--out", str(tmp_path / "x.png"), "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and words in err
-    assert not (tmp_path / "x.png").exists()
+    assert main([*TINY, *argv, "--out", str(tmp_path / "new" / "x.png"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert not (tmp_path / "new").exists()
 
 
 def test_mix_grid_draws_every_registered_method(tmp_path):

@@ -14,6 +14,7 @@ import contextlib
 import os
 import pickle
 import random
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -52,13 +53,15 @@ def clear_temporaries(folder: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def make_dir(folder: Path, flag: str) -> bool:
+def make_dir(folder: Path, flag: str) -> Path | None:
     """Create ``folder`` (and its parents) and check that files can be written in it.
 
-    Returns True if it did not exist before. A place that cannot be written is a ``ConfigError``
-    that names ``flag``, the option to change.
+    Returns the outermost folder it created (``folder`` or one of its parents; None if ``folder``
+    existed), for ``remove_dir``. A place that cannot be written is a ``ConfigError`` that names
+    ``flag``, the option to change; it leaves no folder behind.
     """
-    existed = folder.is_dir()
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    made = missing[-1] if missing else None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -67,8 +70,25 @@ def make_dir(folder: Path, flag: str) -> bool:
         blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
         reason = (f"{'it' if blocker == folder else blocker} is a file, not a folder" if blocker
                   else e.strerror or str(e))
+        if made is not None and folder.is_dir():
+            remove_dir(folder, made)
         raise ConfigError(f"cannot write to {folder}: {reason}; choose another {flag}") from None
-    return not existed
+    return made
+
+
+def remove_dir(folder: Path, made: Path) -> None:
+    """Remove ``folder`` with everything in it, then its parents up to ``made`` (what ``make_dir``
+    created) while they are empty: a folder something else has written to since stays."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in folder.parents:
+        if parent != made and made not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # not empty (or gone)
+            break
+        if parent == made:
+            break
 
 
 def unreadable(path: Path, err: BaseException, what: str = "checkpoint") -> CheckpointError:

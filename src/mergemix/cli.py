@@ -40,10 +40,10 @@ def _eval(argv: Sequence[str]) -> int:
 
 def _methods(argv: Sequence[str]) -> int:
     from . import mix
+    from .config import ArgumentParser
 
-    if argv:
-        print("usage: mergemix methods   (takes no flags)", file=sys.stderr)
-        return 2
+    ArgumentParser(prog="mergemix methods", description="List the mixing methods (--mix names), the cost of a "
+                   "step and each method's options with their defaults.").parse_args(argv)
     for name in mix.available():
         objective = mix.create(name, num_classes=10)
         print(f"{name:<12} {objective.passes:<16} {objective.description}")
@@ -53,15 +53,15 @@ def _methods(argv: Sequence[str]) -> int:
 
 
 def _viz(argv: Sequence[str]) -> int:
-    from .viz import main as viz_main
+    from .viz import command
 
-    return viz_main(list(argv)) or 0
+    return command(argv)
 
 
 def _compare(argv: Sequence[str]) -> int:
-    from .compare import main as compare_main
+    from .compare import command
 
-    return compare_main(list(argv)) or 0
+    return command(argv)
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
@@ -83,10 +83,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)} (see `mergemix --help`)",
+              file=sys.stderr)
         return 2
+    return run_command(argv[0], argv[1:])
+
+
+def run_command(command: str, argv: Sequence[str] | None = None) -> int:
+    """Run ``mergemix COMMAND ARGV`` (``argv`` None: ``sys.argv[1:]``); returns the exit code.
+
+    Input errors print one ``error: ...`` line and return their exit code (``--debug``: raised instead).
+    """
+    rest = list(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
     tag = f"[rank {rank}] " if rank else ""
     try:

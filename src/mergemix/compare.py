@@ -20,10 +20,12 @@ from typing import Any
 
 import yaml
 
+from . import checkpoint
+from .config import ArgumentParser
 from .errors import MergeMixError
 from .plots import overlay_reliability
 
-__all__ = ["Run", "load_run", "main", "markdown_table", "method_table"]
+__all__ = ["Run", "command", "load_run", "main", "markdown_table", "method_table"]
 
 
 @dataclass
@@ -130,38 +132,38 @@ def method_table(runs: Sequence[Run]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mergemix compare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="mergemix compare", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (<output>/<experiment>)")
     p.add_argument("--out", default="compare_reliability.png", metavar="FIG.png",
                    help="where to write the overlaid reliability diagrams (default: %(default)s)")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``mergemix compare``; returns the exit code (2 for bad input)."""
+def command(argv: Sequence[str]) -> int:
+    """``mergemix compare`` without the error handling of ``cli.main`` (bad input raises ``MergeMixError``)."""
     args = build_parser().parse_args(argv)
-    try:
-        runs = [load_run(d) for d in args.runs]
-    except MergeMixError as err:
-        print(f"mergemix compare: error: {err}", file=sys.stderr)
-        return 2
+    runs = [load_run(d) for d in args.runs]
+    named_bins = {f"{r.label} ({r.method})": r.bins for r in runs if r.bins}
+    if named_bins:  # a figure is to be written: check where before printing anything
+        checkpoint.make_dir(Path(args.out).parent, "--out")
     print(markdown_table(runs))
     if any(len([r for r in runs if r.method == m]) > 1 for m in {r.method for r in runs}):
         print("\n" + method_table(runs))
-    named_bins = {}
     for r in runs:
-        if r.bins:
-            named_bins[f"{r.label} ({r.method})"] = r.bins
-        else:
-            print(f"mergemix compare: {r.label}: results.json has no usable 'bins'; left out of the figure", file=sys.stderr)
+        if not r.bins:
+            print(f"note: {r.label}: results.json has no usable 'bins'; left out of the figure", file=sys.stderr)
     if not named_bins:
-        print("mergemix compare: no run has reliability bins; no figure written", file=sys.stderr)
+        print("note: no run has reliability bins; no figure written", file=sys.stderr)
         return 0
-    try:
-        out = overlay_reliability(named_bins, args.out)
-    except OSError as err:
-        print(f"mergemix compare: error: cannot write {args.out} ({err.strerror})", file=sys.stderr)
-        return 2
-    print(f"\nreliability diagrams: {out}")
+    with checkpoint.atomic_path(args.out) as tmp:
+        overlay_reliability(named_bins, tmp)
+    print(f"\nreliability diagrams: {args.out}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mergemix compare ARGS``; returns the exit code (bad input: one ``error: ...`` line on stderr, 2)."""
+    from .cli import run_command
+
+    return run_command("compare", argv)

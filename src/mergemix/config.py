@@ -3,7 +3,8 @@
 Precedence, lowest first: the built-in defaults (which are the digits recipe, ``configs/digits.yaml``),
 the arguments saved in the checkpoint given to ``--resume``, the YAML file given to ``-c``, and
 the flags on the command line. A recipe's keys are the flags' names with ``_`` or ``-``
-(``batch_size: 64``); an unknown key is an error. ``args.yaml`` of a run is itself a recipe.
+(``batch_size: 64``); an unknown key is an error. ``args.yaml`` of a run is itself a recipe: it
+leaves out the run's folder name, so using it starts a new run.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import argparse
 import copy
 import difflib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,6 +47,49 @@ DEFAULT_MODEL_KWARGS = {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads
 
 # Keys of a saved run that describe where it ran, not what it trains: not inherited on --resume.
 _NOT_INHERITED = ("config", "resume")
+# Keys left out of a run's args.yaml, so that `-c RUN/args.yaml` starts a new run (in a new folder,
+# next to RUN when its --output is kept) instead of pointing at RUN itself.
+_NOT_IN_RECIPE = ("config", "resume", "experiment")
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The values a numeric flag admits: ``low`` <= value (< if ``low_open``), value <= ``high`` (< if ``high_open``)."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""  # what a boundary value means, e.g. "0: never"
+
+    def admits(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is not None:
+            text = f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        elif self.low_open:
+            text = "positive" if self.low == 0 else f"above {self.low}"
+        else:
+            text = f"at least {self.low}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+# Ranges of the numeric flags of `mergemix train`, `eval` and `viz` (a flag means the same in each);
+# ``check_limits`` checks whichever of them a parsed namespace holds. Method options (--mix-alpha,
+# --smoothing, --merge-num, ...) are checked by the method when it is created.
+LIMITS = {
+    "epochs": Limit(1), "batch_size": Limit(1), "eval_batch_size": Limit(1), "ece_bins": Limit(1),
+    "log_interval": Limit(1), "num_classes": Limit(1), "img_size": Limit(1), "train_subset": Limit(1),
+    "recount": Limit(1), "workers": Limit(0, note="0: load in the main process"), "warmup_epochs": Limit(0),
+    "mixup_off_epoch": Limit(0, note="0: never"), "save_mix_samples": Limit(0, note="0: never"),
+    "lr": Limit(0, low_open=True), "clip_grad": Limit(0, low_open=True), "crop_pct": Limit(0, low_open=True),
+    "warmup_lr": Limit(0), "min_lr": Limit(0), "weight_decay": Limit(0), "momentum": Limit(0),
+    "color_jitter": Limit(0), "reprob": Limit(0, 1), "drop_path": Limit(0, 1, high_open=True),
+    "model_ema_decay": Limit(0, 1), "num_samples": Limit(2, note="each image needs a partner"),
+}
 
 
 def parse_value(text: str) -> Any:
@@ -188,8 +233,10 @@ def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     """Check and convert one recipe value the way argparse would convert the flag's text."""
-    if value is None or key in ("model_kwargs", "mix_opt"):
+    if value is None or key == "model_kwargs":
         return value
+    if key == "mix_opt":  # (key, value) items, which the flag's "append" action can add to
+        return list(as_dict(value, f"{source}: mix_opt").items())
     if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
@@ -224,12 +271,21 @@ def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of flag names to values, got {type(data).__name__}")
-    return _check_keys({str(k).replace("-", "_"): v for k, v in data.items()}, parser, str(path))
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if values.pop("config", None) is not None:  # an args.yaml of an older version holds `config: null`
+        raise ConfigError(f"{path}: a recipe cannot load another recipe (key config); remove that key")
+    return _check_keys(values, parser, str(path))
+
+
+def recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """What a run writes to its args.yaml: every argument but where it was started from and its folder
+    name, so that ``mergemix train -c RUN/args.yaml`` trains the same again into a new run folder."""
+    return {k: v for k, v in vars(args).items() if k not in _NOT_IN_RECIPE}
 
 
 def _check_keys(values: dict[str, Any], parser: argparse.ArgumentParser, source: str) -> dict[str, Any]:
     actions = _actions(parser)
-    unknown = [k for k in values if k not in actions or k == "config"]
+    unknown = [k for k in values if k not in actions]
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, actions, 1)) else k for k in unknown]
         raise ConfigError(f"unknown key(s) in {source}: {', '.join(hints)}; keys are `mergemix train` flag names")
@@ -276,19 +332,16 @@ def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             args.output, args.experiment = str(resume_path.parent.parent), resume_path.parent.name
     if args.experiment is None:
         args.experiment = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.dataset}-{args.model}-{args.mix}"
-    _validate(args)
+    check_limits(args)
     return args
 
 
-def _validate(args: argparse.Namespace) -> None:
-    positive = ("epochs", "batch_size", "ece_bins", "log_interval")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise ConfigError(f"--lr must be positive, got {args.lr}")
-    if args.save_mix_samples < 0:
-        raise ConfigError(f"--save-mix-samples must be 0 (never) or an epoch interval, got {args.save_mix_samples}")
+def check_limits(args: argparse.Namespace) -> None:
+    """``ConfigError`` naming the first flag of ``args`` outside its range in ``LIMITS`` (None: unset, not checked)."""
+    for name, limit in LIMITS.items():
+        value = getattr(args, name, None)
+        if value is not None and not limit.admits(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {limit}, got {value}")
 
 
 def method_options(args: argparse.Namespace, accepted: set[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -239,6 +239,10 @@ def load_imagefolder(args: argparse.Namespace) -> DataBundle:
 
 def build(args: argparse.Namespace) -> DataBundle:
     """The data set named by ``args.dataset`` (with ``--train-subset`` applied)."""
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    if args.dataset != "digits" and data_dir is not None and data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"data directory {data_dir} is a file, not a directory: pass --data-dir DIR, the directory "
+                        f"that holds the {args.dataset} files")
     if args.dataset == "digits":
         bundle = load_digits(args.img_size)
     elif args.dataset == "fashion-mnist":
@@ -249,7 +253,7 @@ def build(args: argparse.Namespace) -> DataBundle:
         bundle = load_imagefolder(args)
     else:
         raise DataError(f"unknown dataset {args.dataset!r}")
-    if getattr(args, "train_subset", None):
+    if getattr(args, "train_subset", None) is not None:
         n = len(bundle.train)
         if not 0 < args.train_subset <= n:
             raise DataError(f"--train-subset {args.train_subset} must be between 1 and the {n} training images")

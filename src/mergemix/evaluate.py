@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, data, models
-from .config import DATASETS, ArgumentParser, as_dict, build_train_parser, key_value
+from .config import DATASETS, ArgumentParser, as_dict, build_train_parser, check_limits, key_value
 from .distributed import setup
 from .errors import CheckpointError
 
@@ -113,6 +113,7 @@ def run_args(ckpt: dict[str, Any], cli: argparse.Namespace) -> argparse.Namespac
 def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``mergemix eval``: rebuild, load, evaluate, write results."""
     cli = build_eval_parser().parse_args(argv)
+    check_limits(cli)
     path = Path(cli.checkpoint)
     if path.is_dir():
         path = path / checkpoint.BEST if (path / checkpoint.BEST).is_file() else path / checkpoint.LAST

@@ -18,7 +18,6 @@ import inspect
 import io
 import os
 import random
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import checkpoint, config, data, distributed, models
-from .errors import ConfigError, Interrupted, MergeMixError, TrainingError
+from .errors import ConfigError, Interrupted, TrainingError
 from .evaluate import autocast, evaluate, summary_line, write_results
 from .mix.base import Objective
 from .mix.plain import NoMix
@@ -184,8 +183,8 @@ class Trainer:
         self.train_loader = data.train_loader(self.data, args.batch_size, workers, ctx.rank, ctx.world_size,
                                               args.seed, ctx.device)
         self.steps_per_epoch = len(self.train_loader)
-        self.eval_loader = data.eval_loader(self.data, args.eval_batch_size or 2 * args.batch_size, workers,
-                                            ctx.rank, ctx.world_size, ctx.device)
+        eval_batch = args.eval_batch_size if args.eval_batch_size is not None else 2 * args.batch_size
+        self.eval_loader = data.eval_loader(self.data, eval_batch, workers, ctx.rank, ctx.world_size, ctx.device)
         try:
             self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr,
                                                  weight_decay=args.weight_decay, momentum=args.momentum)
@@ -201,7 +200,7 @@ class Trainer:
         self.ema = ModelEmaV3(self.model, decay=args.model_ema_decay) if args.model_ema else None
 
         self.progress = Progress()
-        self.made_run_dir = False
+        self.made_dir: Path | None = None  # the outermost folder this run created (its run folder or a parent)
         if args.resume:
             self._restore(checkpoint.load(args.resume))
         self.run_dir = Path(args.output) / args.experiment
@@ -222,10 +221,10 @@ class Trainer:
         if not args.resume and (self.run_dir / checkpoint.LAST).exists():
             raise ConfigError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir}, "
                               f"or pick another --experiment")
-        self.made_run_dir = checkpoint.make_dir(self.run_dir, "--output")
+        self.made_dir = checkpoint.make_dir(self.run_dir, "--output")
         if args.resume:
             checkpoint.clear_temporaries(self.run_dir)  # a kill mid-write leaves one behind
-        checkpoint.write_text(self.run_dir / "args.yaml", yaml.safe_dump(vars(args), sort_keys=False))
+        checkpoint.write_text(self.run_dir / "args.yaml", yaml.safe_dump(config.recipe(args), sort_keys=False))
 
     def _state(self, completed_epoch: int, metric: float | None) -> dict[str, Any] | None:
         """The checkpoint dict (on rank 0; None elsewhere). Collective: every process must call it."""
@@ -461,16 +460,17 @@ class Trainer:
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``mergemix train`` with parsed arguments (under torchrun: one call per process).
 
-    A run rejected before its first checkpoint removes the run folder it created.
+    A run that fails before its first checkpoint removes the run folder it created, and the
+    ``--output`` folders it created for it while they are empty.
     """
     ctx = distributed.setup(args.device)
     trainer = None
     try:
         trainer = Trainer(args, ctx)
         return trainer.fit()
-    except MergeMixError:
-        if trainer is not None and trainer.made_run_dir and not (trainer.run_dir / checkpoint.LAST).exists():
-            shutil.rmtree(trainer.run_dir, ignore_errors=True)
+    except BaseException:
+        if trainer is not None and trainer.made_dir is not None and not (trainer.run_dir / checkpoint.LAST).exists():
+            checkpoint.remove_dir(trainer.run_dir, trainer.made_dir)
         raise
     finally:
         distributed.cleanup()

@@ -8,7 +8,6 @@ mixed image, with λ and λ̂ in the titles. Methods without attention leave tho
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,22 +15,22 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint, data, models
-from .config import DATASETS, as_dict, key_value, parse_train_args
+from .config import DATASETS, ArgumentParser, as_dict, check_limits, key_value, parse_train_args
 from .distributed import setup
-from .errors import ConfigError, MergeMixError
+from .errors import ConfigError
 from .evaluate import run_args
 from .mix import StepOutput, unwrap
 from .plots import mix_grid
 from .train import build_objective, prepare_model
 
-__all__ = ["build_parser", "draw_step", "main", "mix_grid", "run_viz"]
+__all__ = ["build_parser", "command", "draw_step", "main", "mix_grid", "run_viz"]
 
 DEFAULT_SAMPLES = 8  # rows of a grid
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mergemix viz", description=__doc__.split("\n\n")[1].replace("\n", " "),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="mergemix viz", description=__doc__.split("\n\n")[1].replace("\n", " "),
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--mix", default=None,
                    help="mixing method (default: the checkpoint's, else mergemix); see `mergemix methods`")
     p.add_argument("--mix-opt", action="append", type=key_value, default=[], metavar="KEY=VALUE",
@@ -43,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="eval", choices=("eval", "train"),
                    help="which images: eval (no augmentation) or train (augmented as in training)")
     p.add_argument("--model", default=None, help="timm model name (default: the checkpoint's, else the train default)")
-    p.add_argument("--model-kwargs", nargs="*", default=None, help="timm.create_model kwargs, e.g. patch_size=2 depth=4")
+    p.add_argument("--model-kwargs", nargs="*", type=key_value, default=None,
+                   help="timm.create_model kwargs, e.g. patch_size=2 depth=4")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--num-samples", "-n", type=int, default=DEFAULT_SAMPLES, help="images in the batch (rows of the grid)")
     p.add_argument("--out", default="mix_grid.png", help="PNG to write")
@@ -60,11 +60,12 @@ def _fresh_args(cli: argparse.Namespace) -> argparse.Namespace:
     for name in ("dataset", "data_dir", "model", "img_size"):
         if getattr(cli, name) is not None:
             flags += [f"--{name.replace('_', '-')}", str(getattr(cli, name))]
-    if cli.model_kwargs is not None:
-        flags += ["--model-kwargs", *cli.model_kwargs]
     if cli.download:
         flags.append("--download")
-    return parse_train_args(flags)
+    args = parse_train_args(flags)
+    if cli.model_kwargs is not None:
+        args.model_kwargs = as_dict(cli.model_kwargs, "--model-kwargs")
+    return args
 
 
 def draw_step(x: Tensor, out: StepOutput, model: nn.Module, path: str | Path, mean: Sequence[float],
@@ -80,8 +81,7 @@ def draw_step(x: Tensor, out: StepOutput, model: nn.Module, path: str | Path, me
 
 def run_viz(cli: argparse.Namespace) -> Path:
     """Build data, model and objective from ``cli`` (see ``build_parser``), run one step, draw it."""
-    if cli.num_samples < 2:
-        raise ConfigError(f"--num-samples must be at least 2 (each image needs a partner), got {cli.num_samples}")
+    check_limits(cli)
     ckpt = checkpoint.load(cli.checkpoint) if cli.checkpoint else None
     args = run_args(ckpt, cli) if ckpt is not None else _fresh_args(cli)
     if cli.mix and cli.mix != args.mix:
@@ -111,15 +111,14 @@ def run_viz(cli: argparse.Namespace) -> Path:
     return draw_step(x, out, model, cli.out, bundle.mean, bundle.std, max_samples=cli.num_samples)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``mergemix viz``; returns the exit code (2 for bad input)."""
-    cli = build_parser().parse_args(argv)
-    try:
-        path = run_viz(cli)
-    except MergeMixError as err:
-        if cli.debug:
-            raise
-        print(f"mergemix viz: error: {err}", file=sys.stderr)
-        return err.exit_code
-    print(f"wrote {path}")
+def command(argv: Sequence[str]) -> int:
+    """``mergemix viz`` without the error handling of ``cli.main`` (bad input raises ``MergeMixError``)."""
+    print(f"wrote {run_viz(build_parser().parse_args(argv))}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mergemix viz ARGS``; returns the exit code (bad input: one ``error: ...`` line on stderr, 2)."""
+    from .cli import run_command
+
+    return run_command("viz", argv)

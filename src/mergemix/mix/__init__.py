@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from .base import Objective, StepOutput, mixed_targets, sample_lam, smooth_one_hot, soft_cross_entropy, unwrap
+from .base import (Objective, StepOutput, check_option_types, mixed_targets, sample_lam, smooth_one_hot,
+                   soft_cross_entropy, unwrap)
 
 _REGISTRY: dict[str, type[Objective]] = {}
 T = TypeVar("T", bound=type[Objective])
@@ -32,8 +33,13 @@ def get_class(name: str) -> type[Objective]:
 
 
 def create(name: str, num_classes: int, **options) -> Objective:
-    """Build the training objective of method ``name``; unknown options raise ``TypeError``."""
-    return get_class(name)(num_classes=num_classes, **options)
+    """Build the training objective of method ``name``.
+
+    Unknown or ill-typed options raise ``TypeError``, out-of-range ones ``ValueError``, each naming the option.
+    """
+    cls = get_class(name)
+    check_option_types(cls, options)
+    return cls(num_classes=num_classes, **options)
 
 
 from . import mergemix, plain  # noqa: E402,F401  (importing a method module registers it)

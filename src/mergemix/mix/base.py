@@ -5,6 +5,9 @@ The training loop calls ``objective(model, x, y)`` once per step and back-propag
 """
 from __future__ import annotations
 
+import numbers
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -79,6 +82,50 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+_WORDS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+          str: ("a word", "words"), type(None): ("null", "nulls")}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as YAML or a flag gives it) has the annotated type ``hint``; unknown hints pass."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin in (list, tuple):  # YAML gives lists for tuples
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if hint in (int, float):  # numpy scalars count; true/false do not
+        return isinstance(value, numbers.Integral if hint is int else numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin in (list, tuple) and args and len(set(args) - {Ellipsis}) == 1 and args[0] in _WORDS:
+        count = f"{len(args)} " if origin is tuple and Ellipsis not in args else ""
+        return f"a list of {count}{_WORDS[args[0]][1]}"
+    return _WORDS[hint][0] if hint in _WORDS else getattr(hint, "__name__", str(hint))
+
+
+def check_option_types(cls: type, options: dict[str, Any]) -> None:
+    """TypeError naming the first option whose value does not have the type ``cls.__init__`` annotates.
+
+    Options the constructor does not annotate (or does not take: its own TypeError says so) pass.
+    """
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that does not resolve: nothing to check against
+        return
+    for key, value in options.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise TypeError(f"{key} must be {_describe(hints[key])}, got {value!r}")
+
+
 class Objective:
     """Base class: one instance per run, called once per training step.
 
@@ -94,6 +141,8 @@ class Objective:
     needs_attention: ClassVar[bool] = False
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None):
+        if not 0.0 <= smoothing <= 1.0:
+            raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
         self.num_classes = num_classes
         self.smoothing = smoothing
         self.generator = generator

@@ -18,9 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import mask as M
-from ..tome import configure_tome, forward_readout, patch_grid, patch_size, patch_tome, tome_options
+from ..tome import SCORES, configure_tome, forward_readout, patch_grid, patch_size, patch_tome, tome_options
 from . import register
+from .attention import resolve_block
 from .base import Objective, StepOutput, mixed_targets, sample_lam, smooth_one_hot, soft_cross_entropy, unwrap
+from .mixer import check_non_negative, check_positive
 
 LAM_POLICIES = ("area", "gaussian")
 AUX_LOSSES = ("clean", "mixup", "none")
@@ -53,6 +55,13 @@ class MergeMix(Objective):
             raise ValueError(f"unknown lam_policy {lam_policy!r}; choose one of {', '.join(LAM_POLICIES)}")
         if aux_loss not in AUX_LOSSES:
             raise ValueError(f"unknown aux_loss {aux_loss!r}; choose one of {', '.join(AUX_LOSSES)}")
+        if score not in SCORES:
+            raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+        check_positive(alpha=alpha, mixup_alpha=mixup_alpha)
+        if merge_num is not None and r is not None:
+            raise ValueError(f"merge_num={merge_num} and r={r} both given: set either the total (merge_num) "
+                             f"or the tokens merged per block (r), not both")
+        check_non_negative(merge_num=merge_num, r=r)
         self.alpha, self.mixup_alpha = alpha, mixup_alpha
         self.merge_num, self.r, self.readout_block = merge_num, r, readout_block
         self.lam_policy, self.aux_loss, self.score = lam_policy, aux_loss, score
@@ -69,11 +78,11 @@ class MergeMix(Objective):
         depth = len(getattr(net, "blocks", ()))
         if self.readout_block is None:
             self.readout_block = default_readout_block(depth)
-        elif self.readout_block < 0:  # counted from the end, as Python indexes
-            self.readout_block += depth
+        else:  # negative: counted from the end, as Python indexes
+            self.readout_block = resolve_block(net, self.readout_block)
         if self.merge_num is None and self.r is None:
             self.merge_num = getattr(getattr(net, "patch_embed", None), "num_patches", 0) // 2
-        patch_tome(net, self.r, merge_num=None if self.r is not None else self.merge_num,
+        patch_tome(net, self.r, merge_num=self.merge_num,
                    prop_attn=self.prop_attn, readout_block=self.readout_block, score=self.score)
         configure_tome(net, merge=False, readout=False)
         return model

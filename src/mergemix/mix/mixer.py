@@ -66,11 +66,22 @@ def unmixed(x: Tensor, partner: Tensor) -> Mixed:
     return Mixed(x, torch.ones_like(x[:, :1]), ones, ones, partner, "none")
 
 
-def check_positive(**values: float) -> None:
-    """Raise ValueError naming the first option that is not > 0 (e.g. ``check_positive(alpha=alpha)``)."""
+def check_positive(**values: float | list[float] | None) -> None:
+    """Raise ValueError naming the first option that is not > 0 (e.g. ``check_positive(alpha=alpha)``);
+    a list must hold only such values, None (unset) passes."""
+    _check_above(0, True, values)
+
+
+def check_non_negative(**values: float | list[float] | None) -> None:
+    """Raise ValueError naming the first option that is not >= 0 (a list: any of its values; None passes)."""
+    _check_above(0, False, values)
+
+
+def _check_above(low: float, strict: bool, values: dict[str, Any]) -> None:
     for key, value in values.items():
-        if not value > 0:
-            raise ValueError(f"{key} must be > 0, got {value}")
+        items = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+        if not all(v > low if strict else v >= low for v in items):
+            raise ValueError(f"{key} must be {'>' if strict else '>='} {low}, got {value}")
 
 
 def check_interval(name: str, value: tuple[float, float], low: float, high: float = math.inf,
