@@ -203,16 +203,17 @@ class Trainer:
         self.made_dir: Path | None = None  # the outermost folder this run created (its run folder or a parent)
         if args.resume:
             self._restore(checkpoint.load(args.resume))
-        self.run_dir = Path(args.output) / args.experiment
-        if ctx.is_main:
-            self._open_run_dir()
-
         compiled = torch.compile(self.model, mode=args.compile_mode) if args.compile else self.model
         self.eval_model = compiled
         self.train_model = compiled
         if ctx.distributed:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(compiled, device_ids=ids)
+
+        # last: whatever fails above leaves no folder behind; from here on train() removes it
+        self.run_dir = Path(args.output) / args.experiment
+        if ctx.is_main:
+            self._open_run_dir()
 
     # -- run folder and checkpoints ------------------------------------------------------------
 
