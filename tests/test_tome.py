@@ -119,8 +119,17 @@ def test_merged_token_is_size_weighted_average_pure():
     assert torch.equal(with_prefix[:, :2], prefix) and torch.equal(size_p, torch.cat([torch.ones(B, 2), new_size], 1))
     assert torch.allclose(with_prefix[:, 2:], merged, atol=1e-6)
     assert torch.equal(merged_positions(m_p), torch.cat([torch.arange(2).expand(B, 2), pos + 2], 1))
-    # the gradient of the in-place formulation matches finite differences
+    # the hand-written backward matches finite differences
     assert torch.autograd.gradcheck(lambda t: merge_tokens(t, size.double(), m)[0], x.double().requires_grad_())
+    # bf16 tokens with float32 sizes (AMP): bf16 out and gradient, within bf16 rounding of float64
+    g = torch.randn(B, N - r, C, dtype=torch.float64)
+    x64, x16 = x.double().requires_grad_(), x.bfloat16().requires_grad_()
+    (merge_tokens(x64, size.double(), m)[0] * g).sum().backward()
+    out16 = merge_tokens(x16, size, m)[0]
+    (out16 * g.bfloat16()).sum().backward()
+    assert out16.dtype == x16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out16.double(), merged.double(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x16.grad.double(), x64.grad, rtol=2e-2, atol=2e-2)
     # the r best-matching A tokens are the merged ones (hand check of the matching rule)
     a = metric / metric.norm(dim=-1, keepdim=True)
     best = (a[:, ::2] @ a[:, 1::2].transpose(1, 2)).max(-1).values
