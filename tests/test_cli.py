@@ -296,6 +296,28 @@ def test_fp16_amp_with_grad_scaler_clipping_and_ema(tmp_path, monkeypatch, capsy
     assert abs(ema["nll"] - resumed["nll"]) > 1e-4 and ema["weights"] == "state_dict_ema"
 
 
+def test_mixup_off_epoch_trains_the_last_epochs_unmixed(tmp_path, monkeypatch):
+    """--mixup-off-epoch 1: the 4 steps of epoch 0 mix, the 4 of epoch 1 train on clean images with
+    plain cross-entropy (the digits recipe has no label smoothing)."""
+    seen = []
+
+    class CutMixRecorder(mix.get_class("cutmix")):
+        name = "cutmix_recorder"
+
+        def __call__(self, model, x, y):
+            out = super().__call__(model, x, y)
+            seen.append(out.x_mixed is not None)
+            if out.x_mixed is None:  # switched off: the loss is torch's CE on the clean batch
+                with torch.no_grad():
+                    expected = torch.nn.functional.cross_entropy(model(x).float(), y)
+                assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+            return out
+
+    monkeypatch.setitem(mix._REGISTRY, CutMixRecorder.name, CutMixRecorder)
+    assert train(tmp_path, "off", "--mix", CutMixRecorder.name, "--train-subset", "512", "--mixup-off-epoch", "1") == 0
+    assert seen == [True] * 4 + [False] * 4
+
+
 def test_error_raised_in_a_loader_worker_is_still_one_line(tmp_path, capsys):
     from test_data import make_imagefolder
 
