@@ -45,6 +45,29 @@ def test_step_time_ratios(tmp_path, capsys):
         step_time.main([*tiny, "--methods", "mergemix", "--mergemix-configs", "none,merge", "--out", str(out)])
 
 
+def test_step_time_table_omits_peak_memory_under_cuda_graph_replay():
+    step_time = load("step_time")
+    settings = {"model": "m", "model_kwargs": {}, "img_size": 224, "num_patches": 196, "batch_size": 256,
+                "amp": "bfloat16", "compile": True, "compile_mode": None, "merge_num": 98, "steps": 10}
+    row = {"passes": "1 fwd + 1 bwd", "median_step_ms": 30.0, "ratio_to_cutmix": 1.0, "peak_memory_mb": 8988.0,
+           "warmup_incl_compile_s": 24.0}
+    result = {"device": "gpu", "settings": settings, "configs": {"cutmix": row}}
+    assert "| cutmix | 1 fwd + 1 bwd | 30.0 | 1.00 | 8988 | 24 |" in step_time.markdown(result)
+    settings["compile_mode"] = "reduce-overhead"
+    assert "| cutmix | 1 fwd + 1 bwd | 30.0 | 1.00 | – | 24 |" in step_time.markdown(result)
+
+
+def test_sdpa_bias_forms_equal_explicit_softmax():
+    """Padding keys to a multiple of 8 with -inf bias leaves the attention unchanged."""
+    import torch
+    sdpa_bias = load("sdpa_bias")
+    assert all(d < 1e-5 for d in sdpa_bias.check().values())
+    q, k, v, bias = sdpa_bias.inputs(2, 3, 13, 8, torch.device("cpu"), torch.float32)
+    _, k8, v8, bias8 = sdpa_bias.padded(q, k, v, bias)
+    assert k8.shape[2] == v8.shape[2] == bias8.shape[-1] == 16 and torch.isinf(bias8[..., 13:]).all()
+    assert sdpa_bias.tokens_per_block()[:3] == [197, 185, 173] and sdpa_bias.tokens_per_block()[-1] == 103
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager is the point here
 def test_prop_attn_variants_match_the_mask():
     """The mask-free forms of proportional attention give the masked form's logits (float32)."""
