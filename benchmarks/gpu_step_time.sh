@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The GPU speed benchmark in one go: DeiT-S/224, batch 256, bf16. First the compiled run: CutMix
-# and MergeMix `clean` and `none` (compiling MergeMix's graphs dominates: 171 s of warm-up for
-# `clean` in the first H200 run, 116 s once both passes shared one graph); then every method
-# eager (about 1.5 minutes on an H200). Writes
-# benchmarks/results/step_time_cuda{_compiled,}.{json,md}; the compiled run writes its step
-# times before the mask work and the evaluation throughput. PYTHON picks the interpreter;
-# EAGER=0 skips the eager run; COMPILE_MODE=reduce-overhead (say) compiles in that mode.
+# The GPU speed benchmark in one go: DeiT-S/224, batch 256, bf16. First every method eager (about
+# 1.5 minutes), then CutMix and MergeMix `clean` compiled with CUDA-graph replay (reduce-overhead:
+# about 3 minutes on an H200, 125 s of it compiling MergeMix). MergeMix `none` compiles two graphs
+# (the partial read-out pass and the training pass) and needs about 3 minutes more:
+# CONFIGS="clean,merge none,merge" adds it, with COMPILED_TIMEOUT=500. COMPILE_MODE=default
+# compiles without CUDA graphs. Writes benchmarks/results/step_time_cuda{,_compiled[_MODE]}.{json,md};
+# the compiled run writes its step times before the mask work and the evaluation throughput, so a
+# run stopped by its time limit keeps them. PYTHON picks the interpreter; EAGER=0 skips the eager run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 common=(--device cuda --model deit_small_patch16_224 --img-size 224 --batch-size 256 --amp bfloat16 --merge-num 98)
-mode=()
-[[ -n "${COMPILE_MODE:-}" ]] && mode=(--compile-mode "$COMPILE_MODE")
-timeout "${COMPILED_TIMEOUT:-400}" "$py" benchmarks/step_time.py "${common[@]}" --warmup 2 --steps 10 --compile "${mode[@]}" \
-    --methods cutmix mergemix --mergemix-configs clean,merge none,merge
-[[ "${EAGER:-1}" == 1 ]] && timeout 150 "$py" benchmarks/step_time.py "${common[@]}" --steps 20
+[[ "${EAGER:-1}" == 1 ]] && timeout 200 "$py" benchmarks/step_time.py "${common[@]}" --steps 20
+mode=${COMPILE_MODE:-reduce-overhead}
+read -r -a configs <<< "${CONFIGS:-clean,merge}"
+timeout "${COMPILED_TIMEOUT:-300}" "$py" benchmarks/step_time.py "${common[@]}" --warmup 3 --steps 10 --compile \
+    --compile-mode "$mode" --methods cutmix mergemix --mergemix-configs "${configs[@]}"
