@@ -9,6 +9,9 @@
     python benchmarks/accuracy.py --mode small-data --methods none mixup cutmix mergemix --jobs 2
                                                    # Fashion-MNIST, full mode's model on 1k images, batch 32,
                                                    # 100 epochs (3200 steps): the same question on less data
+    python benchmarks/accuracy.py --mode tokens --methods none mixup mergemix "mergemix[merge_num=0]" --jobs 2
+                                                   # Fashion-MNIST, the recipe's 49-token model on 5k images,
+                                                   # 10 epochs: does merging help MergeMix with more tokens?
 
 Each run is a plain `mergemix train` in a subprocess with the dataset's recipe; only --mix, its
 options and --seed change. Finished runs (results.json present) are skipped, so an interrupted
@@ -60,7 +63,9 @@ RECIPES = {
     "fashion-mnist": {"full": [*FASHION_SMALL, "--train-subset", "5000", "--epochs", "10"],
                       "long": [*FASHION_SMALL, "--train-subset", "5000", "--epochs", "60"],
                       "small-data": [*FASHION_SMALL, "--train-subset", "1000", "--batch-size", "32", "--epochs", "100"],
-                      "gpu": ["-c", "configs/fashion_mnist.yaml", "--epochs", "60", "--device", "cuda", "--amp"]},
+                      "gpu": ["-c", "configs/fashion_mnist.yaml", "--epochs", "60", "--device", "cuda", "--amp"],
+                      # the recipe's own model: 4x4 patches, 49 tokens, 24 merged; does merging pay with more tokens?
+                      "tokens": ["-c", "configs/fashion_mnist.yaml", "--train-subset", "5000", "--epochs", "10"]},
 }
 MODES = {  # ablations: the datasets on which the MergeMix ablations run too
     "quick": {"datasets": ["digits"], "seeds": 3, "ablations": []},
@@ -68,6 +73,7 @@ MODES = {  # ablations: the datasets on which the MergeMix ablations run too
     "gpu": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": ["fashion-mnist"]},
     "long": {"datasets": ["digits", "fashion-mnist"], "seeds": 3, "ablations": []},
     "small-data": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": []},
+    "tokens": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": ["fashion-mnist"], "ablation_seeds": 3},
 }
 ABLATION_SEEDS = 2  # ablations use fewer seeds than the main table, to fit the CPU budget
 EQUAL_TIME = 0.6  # MergeMix (clean) costs ~1.6x CutMix per epoch: this share of the epochs is equal time
@@ -96,6 +102,11 @@ def plan(mode: str, dataset: str, recipe: list[str], methods: list[str] | None) 
     if methods:
         labels = {k: v for k, v in labels.items() if k in methods}
     return labels
+
+
+def label_seeds(label: str, mode: str, seeds: list[int]) -> list[int]:
+    """The seeds a label runs: every seed for a method, fewer for an ablation unless the mode says."""
+    return seeds if label in BASELINES else seeds[:MODES[mode].get("ablation_seeds", ABLATION_SEEDS)]
 
 
 def run_one(cmd: list[str], run_dir: Path, threads: int) -> dict:
@@ -186,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = {}
         with ThreadPoolExecutor(args.jobs) as pool:
             for label, flags in labels.items():
-                for seed in (seeds if label in BASELINES else seeds[:ABLATION_SEEDS]):
+                for seed in label_seeds(label, args.mode, seeds):
                     name = f"{dataset}-{label}-s{seed}".replace("[", "_").replace("]", "").replace("=", "-").replace(" ", "_")
                     run_dir = args.runs_dir / args.mode / name
                     cmd = [sys.executable, "-m", "mergemix", "train", "--dataset", dataset, *recipe, *flags,
