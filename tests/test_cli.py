@@ -73,6 +73,48 @@ def test_eval_reproduces_the_final_figures(run, tmp_path, capsys):
     assert "top-1" in capsys.readouterr().out
 
 
+def test_eval_with_token_merging(run, tmp_path, capsys):
+    """--merge-num N evaluates the checkpoint ToMe-merged: merge_num 0 is the plain model, N > 0 the
+    accuracy of the merged model's own predictions, counted by hand."""
+    from types import SimpleNamespace
+
+    from mergemix import data
+    from mergemix.tome import patch_tome
+    ckpt = run / "last.pth.tar"
+    results = {}
+    for n in (None, 0, 8):
+        out = tmp_path / f"ev{n}"
+        assert cli.main(["eval", "--checkpoint", str(ckpt), "--output", str(out),
+                         *([] if n is None else ["--merge-num", str(n)])]) == 0
+        results[n] = json.loads((out / "results.json").read_text())
+    for key in ("top1", "top5", "ece", "nll", "brier"):
+        assert results[0][key] == pytest.approx(results[None][key], abs=1e-5), key
+    assert "merge_num" not in results[None] and results[8]["merge_num"] == 8
+    assert results[8]["tokens_per_block"] == [17, 11]  # 16 patches + CLS; decreasing schedule [6, 2]
+    assert "ToMe merge_num 8" in capsys.readouterr().out
+
+    kwargs = {k: int(v) for k, v in (p.split("=") for p in TINY_KWARGS)}
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, in_chans=1, **kwargs)
+    timm.models.load_checkpoint(model, str(ckpt))
+    bundle = data.build(SimpleNamespace(**{**yaml.safe_load((run / "args.yaml").read_text()), "train_subset": None}))
+    x, y = map(torch.stack, zip(*[(img, torch.as_tensor(label)) for img, label in bundle.eval]))
+    with torch.no_grad():
+        plain = model.eval()(x)
+        merged = patch_tome(model, merge_num=8)(x)
+    assert (merged - plain).abs().max() > 1e-4  # merging changed the logits, so the check below has teeth
+    assert results[8]["top1"] == pytest.approx(100 * (merged.argmax(1) == y).float().mean().item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("n, fragment", [
+    ("-1", "--merge-num must be at least 0, got -1"),
+    ("15", "--merge-num 15: merge_num=15 is too large: block 0 would merge 11 of the 16 patch tokens left"),
+])
+def test_eval_rejects_a_merge_num_the_model_cannot_take(run, tmp_path, capsys, n, fragment):
+    assert cli.main(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "ev"), "--merge-num", n]) == 2
+    assert fragment in error_line(capsys)
+    assert not (tmp_path / "ev").exists()
+
+
 def error_line(capsys) -> str:
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1, err

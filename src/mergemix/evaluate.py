@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,7 +19,8 @@ from tqdm import tqdm
 from . import checkpoint, data, models
 from .config import DATASETS, ArgumentParser, as_dict, build_train_parser, check_limits, key_value
 from .distributed import setup
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+from .tome import patch_tome, tokens_per_block
 
 RESULT_KEYS = ("top1", "top5", "nll", "brier", "ece", "ece10", "mce")
 
@@ -82,7 +84,11 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true")
     p.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--ece-bins", type=int, default=15)
-    p.add_argument("--output", default=None, help="folder for results (default: <checkpoint folder>/eval-<dataset>)")
+    p.add_argument("--merge-num", type=int, default=None,
+                   help="evaluate with token merging (ToMe): this many tokens merged in all, spread as a "
+                        "decreasing schedule over the blocks, proportional attention on (default: no merging)")
+    p.add_argument("--output", default=None,
+                   help="folder for results (default: <checkpoint folder>/eval-<dataset>[-merge<N>])")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -131,15 +137,37 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if ckpt.get(key) is None:
         raise CheckpointError(f"{path} holds no {key}" + (" (trained without --model-ema)" if cli.use_ema else ""))
     checkpoint.load_weights(model, ckpt[key], str(path))
+    merging = {}
+    if cli.merge_num is not None:
+        merging = merge_for_eval(model, cli.merge_num)
     model.to(ctx.device)
     workers = cli.workers if cli.workers is not None else (0 if bundle.in_memory else 4)
     loader = data.eval_loader(bundle, cli.batch_size, workers, 0, 1, ctx.device)
     amp_dtype = getattr(torch, cli.amp_dtype) if cli.amp else None
+    start = time.perf_counter()
     metrics = evaluate(model, loader, num_classes, cli.ece_bins, ctx.device, amp_dtype)
-    out = Path(cli.output) if cli.output else path.parent / f"eval-{args.dataset}"
+    seconds = time.perf_counter() - start
+    suffix = f"-merge{cli.merge_num}" if merging else ""
+    out = Path(cli.output) if cli.output else path.parent / f"eval-{args.dataset}{suffix}"
     checkpoint.make_dir(out, "--output")
+    n = len(bundle.eval)
+    # wall time of the whole pass, data loading included: a rough figure (step_time.py times forwards alone)
     extra = {"checkpoint": str(path), "epoch": ckpt.get("epoch"), "weights": key, "model": args.model,
-             "dataset": args.dataset, "num_images": len(bundle.eval)}
-    results = write_results(out, metrics, extra, title=f"{args.model} on {args.dataset}")
-    print(f"{summary_line(metrics)}  ({len(bundle.eval)} images) -> {out}/results.json")
+             "dataset": args.dataset, "num_images": n, **merging, "eval_seconds": seconds, "images_per_s": n / seconds}
+    results = write_results(out, metrics, extra, title=f"{args.model} on {args.dataset}{' ' + merging['tome'] if merging else ''}")
+    print(f"{summary_line(metrics)}  ({n} images, {n / seconds:.0f} img/s"
+          f"{', ' + merging['tome'] if merging else ''}) -> {out}/results.json")
     return results
+
+
+def merge_for_eval(model: nn.Module, merge_num: int) -> dict[str, Any]:
+    """Patch ``model`` for ToMe merging of ``merge_num`` tokens; returns what results.json records."""
+    if merge_num < 0:
+        raise ConfigError(f"--merge-num must be at least 0, got {merge_num}")
+    try:
+        patch_tome(model, merge_num=merge_num)
+    except ValueError as e:  # too many tokens for this model, or not a ViT
+        raise ConfigError(f"--merge-num {merge_num}: {e}") from None
+    tokens = tokens_per_block(model)
+    return {"merge_num": merge_num, "tokens_per_block": tokens,
+            "tome": f"ToMe merge_num {merge_num}: {tokens[0]} tokens into the first block, {tokens[-1]} into the last"}
