@@ -28,16 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mergemix.merge import decreasing_schedule
+from mergemix.merge import decreasing_schedule, token_counts
 
-
-def tokens_per_block(num_tokens: int = 197, merge_num: int = 98, depth: int = 12) -> list[int]:
-    """Tokens entering each block of DeiT-S/224 at merge_num 98: 197, 185, ..., 103."""
-    out = []
-    for r in decreasing_schedule(merge_num, depth):
-        out.append(num_tokens)
-        num_tokens -= r
-    return out
+TOKENS = token_counts(197, decreasing_schedule(98, 12))  # entering DeiT-S/224's blocks at merge_num 98: 197 ... 103
 
 
 def padded(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, multiple: int = 8) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -105,7 +98,7 @@ def main() -> None:
     forms = ("plain", "bias", "bias_cudnn", "bias_efficient", "bias_pad8")
     report: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
                     "shape": "B 256, H 6, D 64, bf16", "unit": "ms per call, median", "forward": {}, "forward_backward": {}}
-    for N in tokens_per_block():
+    for N in TOKENS:
         q, k, v, bias = inputs(256, 6, N, 64, device, torch.bfloat16)
         grad = torch.randn_like(q)
         for form in forms:

@@ -65,7 +65,7 @@ def test_sdpa_bias_forms_equal_explicit_softmax():
     q, k, v, bias = sdpa_bias.inputs(2, 3, 13, 8, torch.device("cpu"), torch.float32)
     _, k8, v8, bias8 = sdpa_bias.padded(q, k, v, bias)
     assert k8.shape[2] == v8.shape[2] == bias8.shape[-1] == 16 and torch.isinf(bias8[..., 13:]).all()
-    assert sdpa_bias.tokens_per_block()[:3] == [197, 185, 173] and sdpa_bias.tokens_per_block()[-1] == 103
+    assert sdpa_bias.TOKENS[:3] == [197, 185, 173] and sdpa_bias.TOKENS[-1] == 103 and len(sdpa_bias.TOKENS) == 12
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager is the point here

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.layers import LayerScale
 
 from mergemix.mask import recover
-from mergemix.merge import bipartite_matching, decreasing_schedule, merge_tokens, merged_positions
+from mergemix.merge import bipartite_matching, decreasing_schedule, merge_tokens, merged_positions, token_counts
 from mergemix.tome import _attention, configure_tome, forward_readout, patch_tome, resolve_schedule, tokens_per_block
 
 MODELS = {
@@ -317,6 +317,8 @@ def test_schedules():
         resolve_schedule(16, 4, merge_num=16)
     with pytest.raises(ValueError, match="4 blocks"):
         resolve_schedule(16, 4, r=[1, 2])
+    assert token_counts(17, [6, 2]) == [17, 11] and token_counts(17, []) == []
+    assert token_counts(197, s) == [197, 185, 173, 162, 152, 143, 135, 127, 120, 113, 108, 103]  # by hand from s
 
 
 def test_bad_configurations():

@@ -6,7 +6,7 @@ r tokens merged away, C channels.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -102,6 +102,15 @@ def merged_positions(m: Matching) -> Tensor:
     pos = m.keep.new_empty(B, n_out + r)
     pos.scatter_(1, m.keep, torch.arange(n_out, device=pos.device).expand(B, n_out))
     return pos.scatter_(1, m.src, m.dst)
+
+
+def token_counts(num_tokens: int, schedule: Sequence[int]) -> list[int]:
+    """Tokens entering each block when block i merges ``schedule[i]`` of them: [T, T - r0, T - r0 - r1, ...]."""
+    counts = []
+    for r in schedule:
+        counts.append(num_tokens)
+        num_tokens -= r
+    return counts
 
 
 def decreasing_schedule(merge_num: int, depth: int) -> list[int]:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .merge import bipartite_matching, decreasing_schedule, merge_tokens, merged_positions
+from .merge import bipartite_matching, decreasing_schedule, merge_tokens, merged_positions, token_counts
 
 SCORES = ("cls_row", "cls_col")
 
@@ -165,12 +165,7 @@ def tome_options(model: nn.Module, merge: bool | None = None, readout: bool | No
 def tokens_per_block(model: nn.Module) -> list[int]:
     """Number of tokens (prefix included) entering each block under the current settings."""
     cfg = _config(model)
-    n = model.patch_embed.num_patches + model.num_prefix_tokens
-    out = []
-    for ri in cfg.r:
-        out.append(n)
-        n -= ri if cfg.merge else 0
-    return out
+    return token_counts(model.patch_embed.num_patches + model.num_prefix_tokens, cfg.r if cfg.merge else [0] * len(cfg.r))
 
 
 def forward_readout(model: nn.Module, x: Tensor) -> Readout:
