@@ -112,3 +112,21 @@ def test_accuracy_tokens_mode_runs_the_no_merge_ablation_on_every_seed():
     assert accuracy.label_seeds("mergemix[merge_num=0]", "tokens", [0, 1, 2]) == [0, 1, 2]
     assert accuracy.label_seeds("mergemix[merge_num=0]", "full", [0, 1, 2]) == [0, 1]  # ablations: 2 seeds
     assert "--model-kwargs" not in recipe  # the config's 49-token model, not the full mode's 16-token one
+
+
+def test_tome_eval_points_follow_mergemix_eval(tmp_path):
+    from mergemix import cli
+    tome_eval = load("tome_eval")
+    tiny = ["--model-kwargs", "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2", "--epochs", "1",
+            "--batch-size", "128", "--warmup-epochs", "0", "--mix", "none"]
+    assert cli.main(["train", "--output", str(tmp_path), "--experiment", "run", *tiny]) == 0
+    assert tome_eval.main(["--checkpoint", str(tmp_path / "run"), "--merge-nums", "0", "6",
+                           "--name", "tome", "--results-dir", str(tmp_path / "res")]) == 0
+    report = json.loads((tmp_path / "res" / "tome.json").read_text())
+    plain, zero, six = report["points"]
+    assert (plain["merge_num"], zero["merge_num"], six["merge_num"]) == (None, 0, 6)
+    assert zero["top1"] == pytest.approx(plain["top1"], abs=1e-5) and zero["ece"] == pytest.approx(plain["ece"], abs=1e-5)
+    assert six["tokens_per_block"] == [17, 13]  # 16 patches + CLS; decreasing schedule of 6 over 2 blocks: [4, 2]
+    table = (tmp_path / "res" / "tome.md").read_text()
+    assert "| 6 | 17 → 13 |" in table and f"| {six['top1']:.2f} |" in table
+    assert (tmp_path / "res" / "tome.png").stat().st_size > 0
