@@ -9,7 +9,7 @@
     python benchmarks/accuracy.py --mode small-data --methods none mixup cutmix mergemix --jobs 2
                                                    # Fashion-MNIST, full mode's model on 1k images, batch 32,
                                                    # 100 epochs (3200 steps): the same question on less data
-    python benchmarks/accuracy.py --mode tokens --methods none cutmix mergemix "mergemix[merge_num=0]" --jobs 2
+    python benchmarks/accuracy.py --mode tokens --methods none cutmix mergemix "mergemix[merge_num=0]" "mergemix[merge_train=off]" --jobs 2
                                                    # Fashion-MNIST, the recipe's 49-token model on 5k images,
                                                    # 10 epochs: does merging help MergeMix with more tokens?
 
@@ -50,6 +50,7 @@ ABLATIONS = {
     "mergemix[score=cls_col]": ["--score", "cls_col"],
     "mergemix[readout=last]": ["--readout-block", "-1"],
     "mergemix[merge_num=0]": ["--merge-num", "0"],
+    "mergemix[merge_train=off]": ["--no-merge-train"],  # the read-out pass merges, the mixed pass does not
 }
 
 # Per dataset: the recipe and the budget of each mode (flags appended to `mergemix train`).
