@@ -53,14 +53,16 @@ def markdown(report: dict) -> str:
 
 
 def figure(report: dict, path: Path) -> None:
-    """Top-1 and ECE against merge_num, the plain model as dashed lines."""
+    """Top-1, ECE and images/s (× plain) against merge_num, the plain model as dashed lines."""
     points = report["points"]
     plain, merged = points[0], points[1:]
     xs = [p["merge_num"] for p in merged]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key, label in ((axes[0], "top1", "top-1 (%)"), (axes[1], "ece", "ECE")):
-        ax.plot(xs, [p[key] for p in merged], "o-", label="merged")
-        ax.axhline(plain[key], ls="--", color="grey", label="plain")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for ax, key, label in ((axes[0], "top1", "top-1 (%)"), (axes[1], "ece", "ECE"),
+                           (axes[2], "speedup", "images/s, × plain")):
+        value = (lambda p: p["images_per_s"] / plain["images_per_s"]) if key == "speedup" else (lambda p: p[key])
+        ax.plot(xs, [value(p) for p in merged], "o-", label="merged")
+        ax.axhline(value(plain), ls="--", color="grey", label="plain")
         ax.set_xlabel("merge_num (tokens merged in all)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
