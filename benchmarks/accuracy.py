@@ -12,6 +12,7 @@
     python benchmarks/accuracy.py --mode tokens --methods none cutmix mergemix "mergemix[merge_num=0]" "mergemix[merge_train=off]" --jobs 2
                                                    # Fashion-MNIST, the recipe's 49-token model on 5k images,
                                                    # 10 epochs: does merging help MergeMix with more tokens?
+                                                   # (--mode tokens-long: the same at 20 epochs)
 
 Each run is a plain `mergemix train` in a subprocess with the dataset's recipe; only --mix, its
 options and --seed change. Finished runs (results.json present) are skipped, so an interrupted
@@ -66,7 +67,8 @@ RECIPES = {
                       "small-data": [*FASHION_SMALL, "--train-subset", "1000", "--batch-size", "32", "--epochs", "100"],
                       "gpu": ["-c", "configs/fashion_mnist.yaml", "--epochs", "60", "--device", "cuda", "--amp"],
                       # the recipe's own model: 4x4 patches, 49 tokens, 24 merged; does merging pay with more tokens?
-                      "tokens": ["-c", "configs/fashion_mnist.yaml", "--train-subset", "5000", "--epochs", "10"]},
+                      "tokens": ["-c", "configs/fashion_mnist.yaml", "--train-subset", "5000", "--epochs", "10"],
+                      "tokens-long": ["-c", "configs/fashion_mnist.yaml", "--train-subset", "5000", "--epochs", "20"]},
 }
 MODES = {  # ablations: the datasets on which the MergeMix ablations run too
     "quick": {"datasets": ["digits"], "seeds": 3, "ablations": []},
@@ -75,6 +77,7 @@ MODES = {  # ablations: the datasets on which the MergeMix ablations run too
     "long": {"datasets": ["digits", "fashion-mnist"], "seeds": 3, "ablations": []},
     "small-data": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": []},
     "tokens": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": ["fashion-mnist"], "ablation_seeds": 3},
+    "tokens-long": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": ["fashion-mnist"], "ablation_seeds": 3},
 }
 ABLATION_SEEDS = 2  # ablations use fewer seeds than the main table, to fit the CPU budget
 EQUAL_TIME = 0.6  # MergeMix (clean) costs ~1.6x CutMix per epoch: this share of the epochs is equal time
