@@ -137,9 +137,7 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if ckpt.get(key) is None:
         raise CheckpointError(f"{path} holds no {key}" + (" (trained without --model-ema)" if cli.use_ema else ""))
     checkpoint.load_weights(model, ckpt[key], str(path))
-    merging = {}
-    if cli.merge_num is not None:
-        merging = merge_for_eval(model, cli.merge_num)
+    merging = merge_for_eval(model, cli.merge_num) if cli.merge_num is not None else {}
     model.to(ctx.device)
     workers = cli.workers if cli.workers is not None else (0 if bundle.in_memory else 4)
     loader = data.eval_loader(bundle, cli.batch_size, workers, 0, 1, ctx.device)
@@ -154,9 +152,12 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # wall time of the whole pass, data loading included: a rough figure (step_time.py times forwards alone)
     extra = {"checkpoint": str(path), "epoch": ckpt.get("epoch"), "weights": key, "model": args.model,
              "dataset": args.dataset, "num_images": n, **merging, "eval_seconds": seconds, "images_per_s": n / seconds}
-    results = write_results(out, metrics, extra, title=f"{args.model} on {args.dataset}{' ' + merging['tome'] if merging else ''}")
-    print(f"{summary_line(metrics)}  ({n} images, {n / seconds:.0f} img/s"
-          f"{', ' + merging['tome'] if merging else ''}) -> {out}/results.json")
+    tome = f", ToMe merge_num {cli.merge_num}" if merging else ""
+    results = write_results(out, metrics, extra, title=f"{args.model} on {args.dataset}{tome}")
+    if merging:
+        tokens = merging["tokens_per_block"]
+        tome += f": {tokens[0]} tokens into the first block, {tokens[-1]} into the last"
+    print(f"{summary_line(metrics)}  ({n} images, {n / seconds:.0f} img/s{tome}) -> {out}/results.json")
     return results
 
 
@@ -168,6 +169,4 @@ def merge_for_eval(model: nn.Module, merge_num: int) -> dict[str, Any]:
         patch_tome(model, merge_num=merge_num)
     except ValueError as e:  # too many tokens for this model, or not a ViT
         raise ConfigError(f"--merge-num {merge_num}: {e}") from None
-    tokens = tokens_per_block(model)
-    return {"merge_num": merge_num, "tokens_per_block": tokens,
-            "tome": f"ToMe merge_num {merge_num}: {tokens[0]} tokens into the first block, {tokens[-1]} into the last"}
+    return {"merge_num": merge_num, "tokens_per_block": tokens_per_block(model)}
