@@ -231,6 +231,34 @@ def _attention(attn: Attention, x: Tensor, bias: Tensor | None, score: str | Non
     return out, scores, k
 
 
+def _run_block(blk: Block, x: Tensor, size: Tensor | None, index: Tensor | None, r: int, *, npt: int,
+               prop_attn: bool, score: str | None, track_index: bool,
+               need_output: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """One block: attention with log(size) as key bias, merge r tokens, MLP.
+
+    x: (B, K, C); size: (B, K) patches per token, None before the first merge (all 1); index:
+    (B, L) token holding each original patch, None until tracked (identity). ``score`` names the
+    CLS read-out to compute here (None: none); ``track_index`` composes ``index`` with this
+    block's merge. Returns (x (B, K - r, C) or None without ``need_output``, size, index, scores
+    (B, K) or None).
+    """
+    bias = size.log()[:, None, None, :] if prop_attn and size is not None else None
+    h, scores, keys = _attention(blk.attn, blk.norm1(x), bias, score, need_output)
+    if not need_output:
+        return None, size, index, scores
+    x = x + blk.drop_path1(blk.ls1(h))
+    if r > 0:
+        if size is None:
+            size = x.new_ones(x.shape[:2])
+        m = bipartite_matching(keys[:, :, npt:].mean(dim=1), r, num_prefix=npt)
+        if track_index:
+            pos = merged_positions(m)
+            index = pos[:, npt:] if index is None else pos.gather(1, index)
+        x, size = merge_tokens(x, size, m)
+    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return x, size, index, scores
+
+
 def _run_blocks(model: VisionTransformer, x: Tensor) -> tuple[Tensor | None, Tensor | None, Readout | None]:
     """Embed and run the blocks with merging. Returns (tokens (B, K_out, C) after the final norm,
     patch-token sizes (B, K_out - prefix) or None if nothing merged, read-out or None); with
@@ -238,33 +266,24 @@ def _run_blocks(model: VisionTransformer, x: Tensor) -> tuple[Tensor | None, Ten
     cfg: ToMeConfig = model.tome
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     npt = model.num_prefix_tokens
-    B, L = x.shape[0], x.shape[1] - npt
+    L = x.shape[1] - npt
     readout_at = cfg.readout_block if cfg.readout else None
-    stop_at_readout = cfg.readout_only
     # None until the first merge: all sizes 1, identity index. size (B, K) covers every token
     # (1 for prefix tokens, so log(size) is the whole additive bias); index (B, L) is the
     # position of the token holding each original patch.
     size = index = readout = None
     for i, blk in enumerate(model.blocks):
-        r = cfg.r[i] if cfg.merge else 0
-        bias = size.log()[:, None, None, :] if cfg.prop_attn and size is not None else None
         at_readout = i == readout_at
-        h, scores, keys = _attention(blk.attn, blk.norm1(x), bias, cfg.score if at_readout else None,
-                                       need_output=not (at_readout and stop_at_readout))
+        size_in, index_in = size, index
+        x, size, index, scores = _run_block(
+            blk, x, size, index, cfg.r[i] if cfg.merge else 0, npt=npt, prop_attn=cfg.prop_attn,
+            score=cfg.score if at_readout else None,
+            track_index=readout_at is not None and i < readout_at,  # the source is only needed up to the read-out
+            need_output=not (at_readout and cfg.readout_only))
         if at_readout:
-            readout = _make_readout(scores, index, size, npt, L, model)
-            if stop_at_readout:
+            readout = _make_readout(scores, index_in, size_in, npt, L, model)
+            if cfg.readout_only:
                 return None, None, readout
-        x = x + blk.drop_path1(blk.ls1(h))
-        if r > 0:
-            if size is None:
-                size = x.new_ones(B, npt + L)
-            m = bipartite_matching(keys[:, :, npt:].mean(dim=1), r, num_prefix=npt)
-            if readout_at is not None and i < readout_at:  # the source is only needed up to the read-out
-                pos = merged_positions(m)
-                index = pos[:, npt:] if index is None else pos.gather(1, index)
-            x, size = merge_tokens(x, size, m)
-        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     return model.norm(x), None if size is None else size[:, npt:], readout
 
 
