@@ -7,6 +7,8 @@
 # compiles without CUDA graphs. Writes benchmarks/results/step_time_cuda{,_compiled[_MODE]}.{json,md};
 # the compiled run writes its step times before the mask work and the evaluation throughput, so a
 # run stopped by its time limit keeps them. PYTHON picks the interpreter; EAGER=0 skips the eager run.
+# SCOPE=blocks compiles block by block (step_time.py --compile-scope blocks, an experiment: on the
+# CPU it did not shorten MergeMix's compile) and writes step_time_cuda_compiled[_MODE]_blocks.{json,md}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -15,4 +17,4 @@ common=(--device cuda --model deit_small_patch16_224 --img-size 224 --batch-size
 mode=${COMPILE_MODE:-reduce-overhead}
 read -r -a configs <<< "${CONFIGS:-clean,merge}"
 timeout "${COMPILED_TIMEOUT:-300}" "$py" benchmarks/step_time.py "${common[@]}" --warmup 3 --steps 10 --compile \
-    --compile-mode "$mode" --methods cutmix mergemix --mergemix-configs "${configs[@]}"
+    --compile-mode "$mode" --compile-scope "${SCOPE:-model}" --methods cutmix mergemix --mergemix-configs "${configs[@]}"

@@ -2,13 +2,14 @@
 
     python benchmarks/step_time.py                       # CPU, small ViT
     python benchmarks/step_time.py --device cuda --model deit_small_patch16_224 --img-size 224 \
-        --batch-size 256 --amp bfloat16 [--compile]
+        --batch-size 256 --amp bfloat16 [--compile] [--compile-scope blocks]
 
 Steps of all configurations are interleaved (round-robin), so drift of the machine hits every
 configuration alike; the median over the timed rounds is reported. Also measured: the mask work
 alone (recover, top-k, upsample, mix) as a share of a MergeMix step, and evaluation throughput
 of the ToMe-merged model against the plain timm model, in the same mode.
-Writes benchmarks/results/step_time_<device>[_compiled].json and a markdown table next to it.
+Writes benchmarks/results/step_time_<device>[_compiled[_<mode>][_blocks]].json and a markdown table
+next to it.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from tqdm import tqdm
 import mergemix
 import mergemix.mix as mix
 from mergemix import mask as M
+from mergemix import tome
 from mergemix.tome import patch_grid, patch_size, patch_tome, tome_options
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", default=None, choices=[None, "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (implies --compile)")
+    p.add_argument("--compile-scope", default=None, choices=("model", "blocks"),
+                   help="whole model (default) or, an experiment, block by block (implies --compile; see compile_model)")
     p.add_argument("--merge-num", type=int, default=None, help="default: half the patches")
     p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     p.add_argument("--mergemix-configs", nargs="*", default=None, metavar="AUX,MERGE",
@@ -56,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    args.compile = args.compile or args.compile_mode is not None
+    args.compile = args.compile or args.compile_mode is not None or args.compile_scope is not None
+    args.compile_scope = args.compile_scope or "model"
     return args
 
 
@@ -89,6 +94,28 @@ def configurations(methods: list[str], merge_num: int | None,
     return configs
 
 
+def compile_model(model: torch.nn.Module, scope: str, **compile_kwargs) -> torch.nn.Module:
+    """``torch.compile`` the whole model (scope "model", what ``mergemix train --compile`` does) or,
+    an experiment in regional compilation (scope "blocks"), block by block in place.
+
+    Whole-model compilation bakes each block's token count into its kernels, so a merged
+    DeiT-S compiles twelve different blocks where a plain one compiles one. Scope "blocks"
+    compiles a plain timm ViT's blocks with ``nn.Module.compile`` (one graph serves them all) and
+    ToMe's block step ``tome._run_block`` once per process with dynamic shapes, so that every
+    token count shares its graphs (``_run_blocks`` looks the step up by name at each call).
+    """
+    if scope == "model":
+        return torch.compile(model, **compile_kwargs)
+    if not hasattr(tome._run_block, "_torchdynamo_orig_callable"):
+        # one graph per flag combination (first merge, index tracking, read-out, no-grad pass,
+        # merging off), not per block; more than dynamo's default 8 would silently run eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        tome._run_block = torch.compile(tome._run_block, dynamic=True, **compile_kwargs)
+    for blk in model.blocks:
+        blk.compile(**compile_kwargs)
+    return model
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -107,7 +134,7 @@ class Runner:
         self.forward_model = self.model
         self.compile_s = None
         if args.compile:
-            self.forward_model = torch.compile(self.model, mode=args.compile_mode)
+            self.forward_model = compile_model(self.model, args.compile_scope, mode=args.compile_mode)
         self.times: list[float] = []
         self.peak: int | None = None
 
@@ -168,7 +195,7 @@ def eval_throughput(base_model, x, merge_num, args, device, autocast) -> dict:
         fwd = net
         t0 = time.perf_counter()
         if args.compile:
-            fwd = torch.compile(net, mode=args.compile_mode)
+            fwd = compile_model(net, args.compile_scope, mode=args.compile_mode)
         with torch.no_grad(), autocast():
             fwd(x)
             sync(device)
@@ -224,13 +251,15 @@ def main(argv: list[str] | None = None) -> int:
                      "mergemix": mergemix.__version__, "python": platform.python_version()},
         "settings": {"model": args.model, "model_kwargs": model_kwargs(args), "img_size": args.img_size,
                      "num_patches": L, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
-                     "compile_mode": args.compile_mode, "merge_num": merge_num, "warmup": args.warmup, "steps": args.steps,
+                     "compile_mode": args.compile_mode, "compile_scope": args.compile_scope, "merge_num": merge_num,
+                     "warmup": args.warmup, "steps": args.steps,
                      "cudnn_benchmark": torch.backends.cudnn.benchmark},
         "configs": rows,
     }
     tag = "cuda" if device.type == "cuda" else "cpu"
     mode = f"_{args.compile_mode}" if args.compile_mode not in (None, "default") else ""
-    out = args.out or RESULTS / f"step_time_{tag}{'_compiled' if args.compile else ''}{mode}.json"
+    scope = "_blocks" if args.compile_scope == "blocks" else ""
+    out = args.out or RESULTS / f"step_time_{tag}{'_compiled' if args.compile else ''}{mode}{scope}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write(result, out)  # the step times are kept even if the rest runs out of time
     mm = next((r for r in runners if r.label == "mergemix[clean,merge]"), None)
@@ -255,7 +284,8 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"Device: {result['device']}; model {s['model']} {s['model_kwargs']} at {s['img_size']} px, "
              f"{s['num_patches']} patches, batch {s['batch_size']}, amp {s['amp']}, compile {s['compile']}"
-             + (f" ({s['compile_mode']})" if s.get("compile_mode") else "") + ", "
+             + (f" ({s['compile_mode']})" if s.get("compile_mode") else "")
+             + (" (blocks)" if s.get("compile_scope") == "blocks" else "") + ", "
              f"merge_num {s['merge_num']}; median of {s['steps']} interleaved steps.", "",
              "| configuration | passes per step | step (ms) | × CutMix | peak memory (MB) |"
              + (" warm-up incl. compile (s) |" if s["compile"] else ""),

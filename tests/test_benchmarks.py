@@ -57,6 +57,44 @@ def test_step_time_table_omits_peak_memory_under_cuda_graph_replay():
     assert "| cutmix | 1 fwd + 1 bwd | 30.0 | 1.00 | – | 24 |" in step_time.markdown(result)
 
 
+def test_step_time_block_scope_matches_eager_and_does_not_grow_with_depth(monkeypatch):
+    """--compile-scope blocks ('aot_eager' traces forward and backward as inductor would, without
+    compiling kernels; 'eager' only captures): logits, read-out and gradients equal the eager
+    merged model's, and the number of graphs is set by the flag combinations (first merge,
+    read-out block, after it), not by the depth."""
+    import timm
+    import torch
+
+    from mergemix import tome
+    step_time = load("step_time")
+    graphs = {}
+    for depth, backend in ((6, "aot_eager"), (12, "eager")):
+        monkeypatch.setattr(tome, "_run_block", tome._run_block)  # undone after the test
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        torch.manual_seed(0)
+        model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, depth=depth, embed_dim=32,
+                                  num_heads=2, num_classes=5)
+        tome.patch_tome(model, merge_num=4 * depth, readout_block=2)
+        x = torch.randn(3, 3, 32, 32)
+        ref = model(x)
+        ref_readout = model.tome_readout
+        ref.square().sum().backward()
+        ref_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        assert step_time.compile_model(model, "blocks", backend=backend) is model
+        out = model(x)
+        out.square().sum().backward()
+        assert torch.allclose(out, ref, atol=1e-5)
+        assert torch.allclose(model.tome_readout.attn, ref_readout.attn, atol=1e-6)
+        assert torch.equal(model.tome_readout.index, ref_readout.index)
+        for p, g in zip(model.parameters(), ref_grads):
+            assert torch.allclose(p.grad, g, atol=1e-5)
+        graphs[depth] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 0 < graphs[6] == graphs[12] < 6  # fewer graphs than blocks, and the same at twice the depth
+    torch._dynamo.reset()
+
+
 def test_sdpa_bias_forms_equal_explicit_softmax():
     """Padding keys to a multiple of 8 with -inf bias leaves the attention unchanged."""
     import torch
