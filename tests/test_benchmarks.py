@@ -32,6 +32,7 @@ def test_step_time_ratios(tmp_path, capsys):
     for r in configs.values():
         assert r["ratio_to_cutmix"] == pytest.approx(r["median_step_ms"] / configs["cutmix"]["median_step_ms"])
     assert math.isfinite(result["mask_work"]["share_of_mergemix_step"])  # timings: structure only, no bounds
+    assert result["mask_work"]["measured_on"] == "mergemix[clean,merge]"  # the default aux mode, when it ran
     ev = result["eval_throughput"]
     assert ev["merged_speedup"] == pytest.approx(ev["merged_images_per_s"] / ev["plain_images_per_s"])
     table = out.with_suffix(".md").read_text()
@@ -41,8 +42,14 @@ def test_step_time_ratios(tmp_path, capsys):
     # without MergeMix there is no mask work to measure, and the rest still runs
     assert step_time.main([*tiny, "--methods", "mixup", "--out", str(out)]) == 0
     assert set(json.loads(out.read_text())["configs"]) == {"cutmix", "mixup"}
-    with pytest.raises(SystemExit, match="mask-work share"):
-        step_time.main([*tiny, "--methods", "mergemix", "--mergemix-configs", "none,merge", "--out", str(out)])
+    # MergeMix `none` alone: the mask work is a share of its step
+    assert step_time.main([*tiny, "--methods", "mergemix", "--mergemix-configs", "none,merge", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["configs"]) == {"cutmix", "mergemix[none,merge]"}
+    mw = result["mask_work"]
+    assert mw["measured_on"] == "mergemix[none,merge]"
+    assert mw["share_of_mergemix_step"] == pytest.approx(mw["ms"] / result["configs"]["mergemix[none,merge]"]["median_step_ms"])
+    assert "% of a mergemix[none,merge] step." in out.with_suffix(".md").read_text()
 
 
 def test_step_time_table_omits_peak_memory_under_cuda_graph_replay():
