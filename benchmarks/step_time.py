@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import timm
 import torch
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-scope", default=None, choices=("model", "blocks"),
                    help="whole model (default) or, an experiment, block by block (implies --compile; see compile_model)")
     p.add_argument("--merge-num", type=int, default=None, help="default: half the patches")
+    p.add_argument("--merge-every", type=int, nargs="+", default=[1], metavar="K",
+                   help="MergeMix and merged evaluation merging in every K-th block; several values are timed "
+                        "side by side (labels gain ',everyK' for K > 1)")
     p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     p.add_argument("--mergemix-configs", nargs="*", default=None, metavar="AUX,MERGE",
                    help="MergeMix configurations, e.g. clean,merge none,merge (default: every aux mode, merge and nomerge)")
@@ -76,10 +80,10 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     return out
 
 
-def configurations(methods: list[str], merge_num: int | None,
-                   mergemix_configs: list[str] | None = None) -> list[tuple[str, str, dict]]:
+def configurations(methods: list[str], merge_num: int | None, mergemix_configs: list[str] | None = None,
+                   merge_every: Sequence[int] = (1,)) -> list[tuple[str, str, dict]]:
     """(label, method, options): each method with defaults, MergeMix in every aux mode, merging on/off
-    (or only the ``aux,merge|nomerge`` pairs in ``mergemix_configs``)."""
+    (or only the ``aux,merge|nomerge`` pairs in ``mergemix_configs``), once per ``merge_every``."""
     configs = []
     for name in methods:
         if name != "mergemix":
@@ -87,11 +91,19 @@ def configurations(methods: list[str], merge_num: int | None,
             continue
         for aux in ("clean", "mixup", "none"):
             for merge_train in (True, False):
-                label = f"mergemix[{aux},{'merge' if merge_train else 'nomerge'}]"
-                if mergemix_configs is not None and label[9:-1] not in mergemix_configs:
+                key = f"{aux},{'merge' if merge_train else 'nomerge'}"
+                if mergemix_configs is not None and key not in mergemix_configs:
                     continue
-                configs.append((label, name, {"aux_loss": aux, "merge_train": merge_train, "merge_num": merge_num}))
+                for k in merge_every:
+                    configs.append((f"mergemix[{key}{every_suffix(k, ',')}]", name,
+                                    {"aux_loss": aux, "merge_train": merge_train, "merge_num": merge_num,
+                                     "merge_every": k}))
     return configs
+
+
+def every_suffix(k: int, sep: str) -> str:
+    """How a label names merging in every k-th block: nothing for every block (k = 1)."""
+    return "" if k == 1 else f"{sep}every{k}"
 
 
 def compile_model(model: torch.nn.Module, scope: str, **compile_kwargs) -> torch.nn.Module:
@@ -187,11 +199,14 @@ def mask_work_seconds(runner: Runner, x, device, reps: int) -> float:
 
 
 def eval_throughput(base_model, x, merge_num, args, device, autocast) -> dict:
-    """Images/s of a no-grad forward: plain timm model vs the same weights merged."""
-    plain = copy.deepcopy(base_model).to(device).eval()
-    merged = patch_tome(copy.deepcopy(base_model).to(device).eval(), merge_num=merge_num)
+    """Images/s of a no-grad forward: plain timm model vs the same weights merged (keys ``merged``,
+    ``merged_everyK`` for each K of ``--merge-every`` above 1)."""
+    nets = [("plain", copy.deepcopy(base_model).to(device).eval())]
+    for k in args.merge_every:
+        merged = patch_tome(copy.deepcopy(base_model).to(device).eval(), merge_num=merge_num, merge_every=k)
+        nets.append((f"merged{every_suffix(k, '_')}", merged))
     out = {}
-    for name, net in (("plain", plain), ("merged", merged)):
+    for name, net in nets:
         fwd = net
         t0 = time.perf_counter()
         if args.compile:
@@ -202,7 +217,8 @@ def eval_throughput(base_model, x, merge_num, args, device, autocast) -> dict:
             out[f"{name}_first_call_s"] = time.perf_counter() - t0
             sec = time_fn(lambda: fwd(x), device, max(args.steps, 5))
         out[f"{name}_images_per_s"] = x.shape[0] / sec
-    out["merged_speedup"] = out["merged_images_per_s"] / out["plain_images_per_s"]
+    for name, _ in nets[1:]:
+        out[f"{name}_speedup"] = out[f"{name}_images_per_s"] / out["plain_images_per_s"]
     return out
 
 
@@ -225,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as training does (see Trainer)
-    configs = configurations(methods, merge_num, args.mergemix_configs)
+    configs = configurations(methods, merge_num, args.mergemix_configs, args.merge_every)
     runners = [Runner(label, m, opts, base, args, device) for label, m, opts in configs]
     for r in tqdm(runners, desc="warm-up", file=sys.stderr):
         t = time.perf_counter()
@@ -250,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"model": args.model, "model_kwargs": model_kwargs(args), "img_size": args.img_size,
                      "num_patches": L, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
                      "compile_mode": args.compile_mode, "compile_scope": args.compile_scope, "merge_num": merge_num,
+                     "merge_every": args.merge_every,
                      "warmup": args.warmup, "steps": args.steps,
                      "cudnn_benchmark": torch.backends.cudnn.benchmark},
         "configs": rows,
@@ -289,7 +306,9 @@ def markdown(result: dict) -> str:
              f"{s['num_patches']} patches, batch {s['batch_size']}, amp {s['amp']}, compile {s['compile']}"
              + (f" ({s['compile_mode']})" if s.get("compile_mode") else "")
              + (" (blocks)" if s.get("compile_scope") == "blocks" else "") + ", "
-             f"merge_num {s['merge_num']}; median of {s['steps']} interleaved steps.", "",
+             f"merge_num {s['merge_num']}"
+             + (f" merged in every K-th block for K in {s['merge_every']}" if s.get("merge_every", [1]) != [1] else "")
+             + f"; median of {s['steps']} interleaved steps.", "",
              "| configuration | passes per step | step (ms) | × CutMix | peak memory (MB) |"
              + (" warm-up incl. compile (s) |" if s["compile"] else ""),
              "|---|---|---:|---:|---:|" + ("---:|" if s["compile"] else "")]
@@ -307,10 +326,12 @@ def markdown(result: dict) -> str:
                       f"{mw.get('measured_on', 'mergemix[clean,merge]')} step."]
     if "eval_throughput" in result:
         ev = result["eval_throughput"]
-        first = (f"; first call incl. compile: plain {ev['plain_first_call_s']:.0f} s, merged "
-                 f"{ev['merged_first_call_s']:.0f} s" if s["compile"] else "")
-        lines.append(f"Evaluation throughput: plain {ev['plain_images_per_s']:.0f} img/s, merged "
-                     f"{ev['merged_images_per_s']:.0f} img/s ({ev['merged_speedup']:.2f}×){first}.")
+        names = [k[: -len("_speedup")] for k in ev if k.endswith("_speedup")]
+        merged = ", ".join(f"{n.replace('_', ' ')} {ev[n + '_images_per_s']:.0f} img/s ({ev[n + '_speedup']:.2f}×)"
+                           for n in names)
+        first = ("; first call incl. compile: " + ", ".join(f"{n.replace('_', ' ')} {ev[n + '_first_call_s']:.0f} s"
+                                                            for n in ["plain", *names]) if s["compile"] else "")
+        lines.append(f"Evaluation throughput: plain {ev['plain_images_per_s']:.0f} img/s, {merged}{first}.")
     return "\n".join(lines)
 
 

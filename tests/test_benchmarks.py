@@ -42,14 +42,20 @@ def test_step_time_ratios(tmp_path, capsys):
     # without MergeMix there is no mask work to measure, and the rest still runs
     assert step_time.main([*tiny, "--methods", "mixup", "--out", str(out)]) == 0
     assert set(json.loads(out.read_text())["configs"]) == {"cutmix", "mixup"}
-    # MergeMix `none` alone: the mask work is a share of its step
-    assert step_time.main([*tiny, "--methods", "mergemix", "--mergemix-configs", "none,merge", "--out", str(out)]) == 0
+    # MergeMix `none` alone, merging in every block and in every 2nd, side by side: the mask work
+    # is a share of the first one's step
+    assert step_time.main([*tiny, "--methods", "mergemix", "--mergemix-configs", "none,merge",
+                           "--merge-every", "1", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["configs"]) == {"cutmix", "mergemix[none,merge]"}
+    assert set(result["configs"]) == {"cutmix", "mergemix[none,merge]", "mergemix[none,merge,every2]"}
     mw = result["mask_work"]
     assert mw["measured_on"] == "mergemix[none,merge]"
     assert mw["share_of_mergemix_step"] == pytest.approx(mw["ms"] / result["configs"]["mergemix[none,merge]"]["median_step_ms"])
-    assert "% of a mergemix[none,merge] step." in out.with_suffix(".md").read_text()
+    ev = result["eval_throughput"]
+    assert ev["merged_every2_speedup"] == pytest.approx(ev["merged_every2_images_per_s"] / ev["plain_images_per_s"])
+    table = out.with_suffix(".md").read_text()
+    assert "% of a mergemix[none,merge] step." in table
+    assert f"merged every2 {ev['merged_every2_images_per_s']:.0f} img/s ({ev['merged_every2_speedup']:.2f}×)" in table
 
 
 def test_step_time_table_omits_peak_memory_under_cuda_graph_replay():

@@ -92,6 +92,12 @@ def test_eval_with_token_merging(run, tmp_path, capsys):
     assert "merge_num" not in results[None] and results[8]["merge_num"] == 8
     assert results[8]["tokens_per_block"] == [17, 11]  # 16 patches + CLS; decreasing schedule [6, 2]
     assert "ToMe merge_num 8" in capsys.readouterr().out
+    # the same total merged in every 2nd block: all 8 tokens go in block 0 of 2
+    out = tmp_path / "ev8every2"
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--output", str(out), "--merge-num", "8", "--merge-every", "2"]) == 0
+    every2 = json.loads((out / "results.json").read_text())
+    assert (every2["merge_every"], every2["tokens_per_block"]) == (2, [17, 9])
+    assert "ToMe merge_num 8, merging every 2 blocks" in capsys.readouterr().out
 
     kwargs = {k: int(v) for k, v in (p.split("=") for p in TINY_KWARGS)}
     model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, in_chans=1, **kwargs)
@@ -101,16 +107,21 @@ def test_eval_with_token_merging(run, tmp_path, capsys):
     with torch.no_grad():
         plain = model.eval()(x)
         merged = patch_tome(model, merge_num=8)(x)
+        merged_every2 = patch_tome(model, r=[8, 0])(x)
     assert (merged - plain).abs().max() > 1e-4  # merging changed the logits, so the check below has teeth
+    assert (merged_every2 - merged).abs().max() > 1e-4
     assert results[8]["top1"] == pytest.approx(100 * (merged.argmax(1) == y).float().mean().item(), abs=1e-4)
+    assert every2["top1"] == pytest.approx(100 * (merged_every2.argmax(1) == y).float().mean().item(), abs=1e-4)
 
 
 @pytest.mark.parametrize("n, fragment", [
     ("-1", "--merge-num must be at least 0, got -1"),
     ("15", "--merge-num 15: merge_num=15 is too large: block 0 would merge 11 of the 16 patch tokens left"),
+    ("12 --merge-every 2", "--merge-num 12: merge_num=12 is too large: block 0 would merge 12 of the 16 patch tokens"),
+    ("8 --merge-every 0", "--merge-every must be at least 1, got 0"),
 ])
 def test_eval_rejects_a_merge_num_the_model_cannot_take(run, tmp_path, capsys, n, fragment):
-    assert cli.main(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "ev"), "--merge-num", n]) == 2
+    assert cli.main(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "ev"), "--merge-num", *n.split()]) == 2
     assert fragment in error_line(capsys)
     assert not (tmp_path / "ev").exists()
 
@@ -183,6 +194,8 @@ def test_a_finished_run_is_not_overwritten(run, capsys):
     (["--smoothing", "2"], "smoothing must be in [0, 1], got 2.0"),
     (["--merge-num", "8", "--mix-opt", "r=1"], "merge_num=8 and r=1 both given"),
     (["--merge-num", "-3"], "--mix mergemix: merge_num must be >= 0, got -3"),
+    (["--merge-every", "0"], "--mix mergemix: merge_every must be > 0, got 0"),
+    (["--merge-every", "2", "--mix-opt", "r=1"], "merge_every=2 spreads a total merge_num over the blocks"),
     (["--mix-opt", "r=-1"], "--mix mergemix: r must be >= 0, got -1"),
     (["--mix-opt", "readout_block=-9"], "read-out block -9 is out of range for a model with 2 blocks"),
     (["--mix", "transmix", "--readout-block", "-3"], "read-out block -3 is out of range"),

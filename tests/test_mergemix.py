@@ -167,6 +167,21 @@ def test_merge_train_off_runs_full_length_mixed_forward():
     assert seen == [17]  # 16 patches + CLS: no merging in the training forward
 
 
+def test_merge_every_merges_the_same_total_in_fewer_blocks():
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10, aux_loss="none", merge_every=2)
+    obj.prepare(model)
+    seen = []
+    for blk in model.blocks:
+        blk.mlp.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    obj(model, *batch())
+    # default merge_num 8 (half of 16 patches) in blocks 0 and 2, weights 1.5 and 0.5: 6 then 2.
+    # Tokens reaching each MLP: read-out pass (stops in block 2 = ⌊0.75·4⌋ − 1) 11, 11; then the
+    # training forward 11, 11, 9, 9 (17 tokens, 6 merged in block 0, 2 more in block 2)
+    assert model.tome.r == [6, 0, 2, 0] and seen == [11, 11, 11, 11, 9, 9]
+    assert obj.defaults()["merge_every"] == 2
+
+
 def test_prepared_model_outside_a_step_is_plain_timm():
     plain = tiny_vit().eval()
     model = tiny_vit().eval()

@@ -321,6 +321,27 @@ def test_schedules():
     assert token_counts(197, s) == [197, 185, 173, 162, 152, 143, 135, 127, 120, 113, 108, 103]  # by hand from s
 
 
+def test_schedule_merging_in_every_kth_block():
+    # the same total in fewer, larger steps: the decreasing schedule over blocks 0, k, 2k, ...
+    assert decreasing_schedule(98, 12, every=1) == decreasing_schedule(98, 12)
+    assert decreasing_schedule(98, 12, every=2) == [24, 0, 22, 0, 18, 0, 14, 0, 12, 0, 8, 0]  # = 6-block schedule, spread
+    assert decreasing_schedule(98, 12, every=2)[::2] == decreasing_schedule(98, 6)
+    # 3 merging blocks, weights 1.5, 1, 0.5: cumulative 98·1.5/3 = 49, 98·2.5/3 = 81.7 -> 82, 98
+    assert decreasing_schedule(98, 12, every=5) == [49, 0, 0, 0, 0, 33, 0, 0, 0, 0, 16, 0]
+    assert decreasing_schedule(10, 3, every=3) == [10, 0, 0]
+    with pytest.raises(ValueError, match="at least 1"):
+        decreasing_schedule(10, 3, every=0)
+    assert resolve_schedule(196, 12, merge_num=98, merge_every=3) == [37, 0, 0, 28, 0, 0, 21, 0, 0, 12, 0, 0]
+    with pytest.raises(ValueError, match="give merge_num"):
+        resolve_schedule(196, 12, r=8, merge_every=2)
+    with pytest.raises(ValueError, match="too large"):  # 16 tokens at once in block 0 of 16 patches
+        resolve_schedule(16, 4, merge_num=14, merge_every=4)
+    model = patch_tome(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=4,
+                                         embed_dim=32, num_heads=2, num_classes=5), merge_num=24, merge_every=2)
+    assert model.tome.r == [18, 0, 6, 0]  # weights 1.5, 0.5: 24·1.5/2 = 18, then 6
+    assert tokens_per_block(model) == [65, 47, 47, 41]
+
+
 def test_bad_configurations():
     with pytest.raises(ValueError, match="out of range"):
         patch_tome(make("deit"), r=0, readout_block=4)

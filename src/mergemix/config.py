@@ -33,6 +33,7 @@ METHOD_OPTION_FLAGS = {
     "mixup_switch_prob": "switch_prob",
     "smoothing": "smoothing",
     "merge_num": "merge_num",
+    "merge_every": "merge_every",
     "readout_block": "readout_block",
     "lam_policy": "lam_policy",
     "aux_loss": "aux_loss",
@@ -194,6 +195,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup-switch-prob", type=float, default=None, help="MixUp/CutMix switch probability (option switch_prob)")
     g.add_argument("--mixup-off-epoch", type=int, default=0, help="stop mixing from this epoch on (0: never)")
     g.add_argument("--merge-num", type=int, default=None, help="tokens merged in all (MergeMix)")
+    g.add_argument("--merge-every", type=int, default=None,
+                   help="merge in every k-th block only, the same total in fewer steps (MergeMix; default 1)")
     g.add_argument("--readout-block", type=int, default=None, help="0-based index of the read-out block (MergeMix)")
     g.add_argument("--lam-policy", default=None, choices=("gaussian", "area"), help="label ratio policy (MergeMix)")
     g.add_argument("--aux-loss", default=None, choices=("clean", "mixup", "none"), help="second loss term (MergeMix)")

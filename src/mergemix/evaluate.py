@@ -87,6 +87,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-num", type=int, default=None,
                    help="evaluate with token merging (ToMe): this many tokens merged in all, spread as a "
                         "decreasing schedule over the blocks, proportional attention on (default: no merging)")
+    p.add_argument("--merge-every", type=int, default=1,
+                   help="with --merge-num: merge in every k-th block only, the same total in fewer steps")
     p.add_argument("--output", default=None,
                    help="folder for results (default: <checkpoint folder>/eval-<dataset>[-merge<N>])")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -137,7 +139,7 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if ckpt.get(key) is None:
         raise CheckpointError(f"{path} holds no {key}" + (" (trained without --model-ema)" if cli.use_ema else ""))
     checkpoint.load_weights(model, ckpt[key], str(path))
-    merging = merge_for_eval(model, cli.merge_num) if cli.merge_num is not None else {}
+    merging = merge_for_eval(model, cli.merge_num, cli.merge_every) if cli.merge_num is not None else {}
     model.to(ctx.device)
     workers = cli.workers if cli.workers is not None else (0 if bundle.in_memory else 4)
     loader = data.eval_loader(bundle, cli.batch_size, workers, 0, 1, ctx.device)
@@ -145,14 +147,15 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     metrics = evaluate(model, loader, num_classes, cli.ece_bins, ctx.device, amp_dtype)
     seconds = time.perf_counter() - start
-    suffix = f"-merge{cli.merge_num}" if merging else ""
+    suffix = f"-merge{cli.merge_num}" + (f"-every{cli.merge_every}" if cli.merge_every != 1 else "") if merging else ""
     out = Path(cli.output) if cli.output else path.parent / f"eval-{args.dataset}{suffix}"
     checkpoint.make_dir(out, "--output")
     n = len(bundle.eval)
     # wall time of the whole pass, data loading included: a rough figure (step_time.py times forwards alone)
     extra = {"checkpoint": str(path), "epoch": ckpt.get("epoch"), "weights": key, "model": args.model,
              "dataset": args.dataset, "num_images": n, **merging, "eval_seconds": seconds, "images_per_s": n / seconds}
-    tome = f", ToMe merge_num {cli.merge_num}" if merging else ""
+    every = f", merging every {cli.merge_every} blocks" if cli.merge_every != 1 else ""
+    tome = f", ToMe merge_num {cli.merge_num}{every}" if merging else ""
     results = write_results(out, metrics, extra, title=f"{args.model} on {args.dataset}{tome}")
     if merging:
         tokens = merging["tokens_per_block"]
@@ -161,12 +164,15 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return results
 
 
-def merge_for_eval(model: nn.Module, merge_num: int) -> dict[str, Any]:
-    """Patch ``model`` for ToMe merging of ``merge_num`` tokens; returns what results.json records."""
+def merge_for_eval(model: nn.Module, merge_num: int, merge_every: int = 1) -> dict[str, Any]:
+    """Patch ``model`` for ToMe merging of ``merge_num`` tokens in every ``merge_every``-th block;
+    returns what results.json records."""
     if merge_num < 0:
         raise ConfigError(f"--merge-num must be at least 0, got {merge_num}")
+    if merge_every < 1:
+        raise ConfigError(f"--merge-every must be at least 1, got {merge_every}")
     try:
-        patch_tome(model, merge_num=merge_num)
+        patch_tome(model, merge_num=merge_num, merge_every=merge_every)
     except ValueError as e:  # too many tokens for this model, or not a ViT
         raise ConfigError(f"--merge-num {merge_num}: {e}") from None
-    return {"merge_num": merge_num, "tokens_per_block": tokens_per_block(model)}
+    return {"merge_num": merge_num, "merge_every": merge_every, "tokens_per_block": tokens_per_block(model)}

@@ -113,13 +113,19 @@ def token_counts(num_tokens: int, schedule: Sequence[int]) -> list[int]:
     return counts
 
 
-def decreasing_schedule(merge_num: int, depth: int) -> list[int]:
+def decreasing_schedule(merge_num: int, depth: int, every: int = 1) -> list[int]:
     """Spread ``merge_num`` merges over ``depth`` blocks, linearly from 1.5x to 0.5x the mean.
 
+    every: merge only in blocks 0, every, 2·every, ... (the others merge nothing), so the same
+    total is merged in fewer, larger steps: fewer matching and gather kernels per forward and
+    fewer distinct token counts for ``torch.compile`` to specialise on.
     Integer per-block counts whose sum is exactly ``merge_num`` (rounded cumulative sums).
     """
-    if depth == 1:
-        return [merge_num]
-    weights = [1.5 - i / (depth - 1) for i in range(depth)]
-    cumulative = [round(merge_num * sum(weights[: i + 1]) / depth) for i in range(depth)]
-    return [c - p for c, p in zip(cumulative, [0] + cumulative[:-1])]
+    if every < 1:
+        raise ValueError(f"every must be at least 1, got {every}")
+    n = len(range(0, depth, every))  # blocks that merge
+    weights = [1.5 - i / (n - 1) for i in range(n)] if n > 1 else [1.0]
+    cumulative = [round(merge_num * sum(weights[: i + 1]) / n) for i in range(n)]
+    schedule = [0] * depth
+    schedule[::every] = [c - p for c, p in zip(cumulative, [0] + cumulative[:-1])]
+    return schedule

@@ -80,15 +80,19 @@ def _check_vit(model: nn.Module) -> None:
 
 
 def resolve_schedule(num_patches: int, depth: int, r: int | Sequence[int] | None = None,
-                     merge_num: int | None = None) -> list[int]:
-    """Per-block merge counts from an int r, a per-block list, or a total ``merge_num``.
+                     merge_num: int | None = None, merge_every: int = 1) -> list[int]:
+    """Per-block merge counts from an int r, a per-block list, or a total ``merge_num`` (merged
+    in every ``merge_every``-th block, see ``decreasing_schedule``).
 
     Raises ValueError when a block would merge more than half of the patch tokens it receives.
     """
     if r is not None and merge_num is not None:
         raise ValueError("give either r or merge_num, not both")
+    if merge_every != 1 and merge_num is None:
+        raise ValueError(f"merge_every={merge_every} spreads a total merge_num over the blocks; give merge_num, "
+                         "or a per-block list r with the zeros where you want them")
     if merge_num is not None:
-        schedule = decreasing_schedule(int(merge_num), depth)
+        schedule = decreasing_schedule(int(merge_num), depth, merge_every)
     elif r is None:
         schedule = [0] * depth
     elif isinstance(r, int):
@@ -108,11 +112,12 @@ def resolve_schedule(num_patches: int, depth: int, r: int | Sequence[int] | None
 
 
 def patch_tome(model: nn.Module, r: int | Sequence[int] | None = None, *, merge_num: int | None = None,
-               prop_attn: bool = True, readout_block: int | None = None, score: str = "cls_row") -> nn.Module:
+               merge_every: int = 1, prop_attn: bool = True, readout_block: int | None = None,
+               score: str = "cls_row") -> nn.Module:
     """Patch a timm VisionTransformer in place for token merging and attention read-out.
 
     r: tokens merged per block (int) or a per-block list; merge_num: total tokens merged, spread
-    as a decreasing schedule. readout_block: 0-based index of the block whose CLS attention is
+    as a decreasing schedule over every ``merge_every``-th block. readout_block: 0-based index of the block whose CLS attention is
     read out (None: no read-out). score: "cls_row" (the CLS query's attention over the tokens)
     or "cls_col" (each token's attention to CLS). Adds no parameters; calling it again
     reconfigures. Returns the model.
@@ -120,7 +125,7 @@ def patch_tome(model: nn.Module, r: int | Sequence[int] | None = None, *, merge_
     _check_vit(model)
     depth = len(model.blocks)
     num_patches = model.patch_embed.num_patches
-    schedule = resolve_schedule(num_patches, depth, r, merge_num)
+    schedule = resolve_schedule(num_patches, depth, r, merge_num, merge_every)
     if readout_block is not None and not 0 <= readout_block < depth:
         raise ValueError(f"read-out block {readout_block} is out of range for a model with {depth} blocks (0..{depth - 1})")
     if score not in SCORES:

@@ -49,7 +49,7 @@ class MergeMix(Objective):
                  alpha: float = 1.0, merge_num: int | None = None, r: int | list[int] | None = None,
                  readout_block: int | None = None, lam_policy: str = "area", aux_loss: str = "clean",
                  score: str = "cls_row", merge_train: bool = True, mixup_alpha: float = 0.8,
-                 prop_attn: bool = True):
+                 prop_attn: bool = True, merge_every: int = 1):
         super().__init__(num_classes, smoothing, generator)
         if lam_policy not in LAM_POLICIES:
             raise ValueError(f"unknown lam_policy {lam_policy!r}; choose one of {', '.join(LAM_POLICIES)}")
@@ -62,8 +62,9 @@ class MergeMix(Objective):
             raise ValueError(f"merge_num={merge_num} and r={r} both given: set either the total (merge_num) "
                              f"or the tokens merged per block (r), not both")
         check_non_negative(merge_num=merge_num, r=r)
+        check_positive(merge_every=merge_every)
         self.alpha, self.mixup_alpha = alpha, mixup_alpha
-        self.merge_num, self.r, self.readout_block = merge_num, r, readout_block
+        self.merge_num, self.r, self.merge_every, self.readout_block = merge_num, r, merge_every, readout_block
         self.lam_policy, self.aux_loss, self.score = lam_policy, aux_loss, score
         self.merge_train, self.prop_attn = merge_train, prop_attn
         self.passes = PASSES[aux_loss]
@@ -82,13 +83,14 @@ class MergeMix(Objective):
             self.readout_block = resolve_block(net, self.readout_block)
         if self.merge_num is None and self.r is None:
             self.merge_num = getattr(getattr(net, "patch_embed", None), "num_patches", 0) // 2
-        patch_tome(net, self.r, merge_num=self.merge_num,
+        patch_tome(net, self.r, merge_num=self.merge_num, merge_every=self.merge_every,
                    prop_attn=self.prop_attn, readout_block=self.readout_block, score=self.score)
         configure_tome(net, merge=False, readout=False)
         return model
 
     def defaults(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "merge_num": self.merge_num, "r": self.r, "readout_block": self.readout_block,
+        return {"alpha": self.alpha, "merge_num": self.merge_num, "r": self.r, "merge_every": self.merge_every,
+                "readout_block": self.readout_block,
                 "lam_policy": self.lam_policy, "aux_loss": self.aux_loss, "score": self.score,
                 "merge_train": self.merge_train, "smoothing": self.smoothing}
 
