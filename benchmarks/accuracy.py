@@ -52,6 +52,8 @@ ABLATIONS = {
     "mergemix[readout=last]": ["--readout-block", "-1"],
     "mergemix[merge_num=0]": ["--merge-num", "0"],
     "mergemix[merge_train=off]": ["--no-merge-train"],  # the read-out pass merges, the mixed pass does not
+    "mergemix[merge_every=2]": ["--merge-every", "2"],  # the same total merged in every 2nd block only
+    "mergemix[merge_every=3]": ["--merge-every", "3"],
 }
 
 # Per dataset: the recipe and the budget of each mode (flags appended to `mergemix train`).

@@ -10,10 +10,14 @@
 # run stopped by its time limit keeps them. PYTHON picks the interpreter; EAGER=0 skips the eager run.
 # SCOPE=blocks compiles block by block (step_time.py --compile-scope blocks, an experiment: on the
 # CPU it did not shorten MergeMix's compile) and writes step_time_cuda_compiled[_MODE]_blocks.{json,md}.
+# MERGE_EVERY="1 2" times MergeMix and merged evaluation merging in every block and in every 2nd
+# block side by side (step_time.py --merge-every; files gain _every1-2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-common=(--device cuda --model deit_small_patch16_224 --img-size 224 --batch-size 256 --amp bfloat16 --merge-num 98)
+read -r -a every <<< "${MERGE_EVERY:-1}"
+common=(--device cuda --model deit_small_patch16_224 --img-size 224 --batch-size 256 --amp bfloat16 --merge-num 98
+        --merge-every "${every[@]}")
 [[ "${EAGER:-1}" == 1 ]] && timeout 200 "$py" benchmarks/step_time.py "${common[@]}" --steps 20
 mode=${COMPILE_MODE:-reduce-overhead}
 read -r -a configs <<< "${CONFIGS:-clean,merge}"

@@ -8,8 +8,8 @@ Steps of all configurations are interleaved (round-robin), so drift of the machi
 configuration alike; the median over the timed rounds is reported. Also measured: the mask work
 alone (recover, top-k, upsample, mix) as a share of a MergeMix step, and evaluation throughput
 of the ToMe-merged model against the plain timm model, in the same mode.
-Writes benchmarks/results/step_time_<device>[_compiled[_<mode>][_blocks]].json and a markdown table
-next to it.
+Writes benchmarks/results/step_time_<device>[_compiled[_<mode>][_blocks]][_every<K-K...>].json and a
+markdown table next to it.
 """
 from __future__ import annotations
 
@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     tag = "cuda" if device.type == "cuda" else "cpu"
     mode = f"_{args.compile_mode}" if args.compile_mode not in (None, "default") else ""
     scope = "_blocks" if args.compile_scope == "blocks" else ""
-    out = args.out or RESULTS / f"step_time_{tag}{'_compiled' if args.compile else ''}{mode}{scope}.json"
+    every = "" if args.merge_every == [1] else "_every" + "-".join(map(str, args.merge_every))
+    out = args.out or RESULTS / f"step_time_{tag}{'_compiled' if args.compile else ''}{mode}{scope}{every}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write(result, out)  # the step times are kept even if the rest runs out of time
     # the mask work is a share of a MergeMix step: of the `clean` one, the method's default, when it

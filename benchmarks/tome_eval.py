@@ -1,9 +1,10 @@
 """ToMe at inference: one trained checkpoint evaluated plain and merged at several merge_num.
 
     python benchmarks/tome_eval.py --checkpoint benchmarks/runs/tokens/fashion-mnist-mergemix-s0 \
-        --merge-nums 0 8 16 24 32 --name fashion-mnist_tome
+        --merge-nums 0 8 16 24 32 40 --merge-every 1 2 3 --name fashion-mnist_tome
 
-Each point is a `mergemix eval --checkpoint CKPT --merge-num N` (N absent: the plain timm model), run
+Each point is a `mergemix eval --checkpoint CKPT --merge-num N --merge-every K` (N absent: the plain
+timm model), run
 in this process one after another, after one plain warm-up pass. Accuracy, ECE and NLL come from the full evaluation set; images/s
 is the wall time of the whole pass, data loading included, so it is a rough figure and its ratio
 to the plain pass understates what merging saves in the model. Writes
@@ -28,45 +29,77 @@ RESULTS = Path(__file__).resolve().parent / "results"
 KEYS = ("top1", "ece", "nll", "brier", "images_per_s")
 
 
-def evaluate(checkpoint: str, merge_num: int | None, extra: list[str], out: Path) -> dict:
-    """One `mergemix eval`; its results.json figures (raises if the command fails)."""
+def evaluate(checkpoint: str, merge_num: int | None, merge_every: int, extra: list[str], out: Path) -> dict | None:
+    """One `mergemix eval`; its results.json figures. None when the schedule does not fit the model
+    (exit 2: a block would merge more than half its tokens; eval has printed why); raises on any other failure."""
     argv = ["eval", "--checkpoint", checkpoint, "--output", str(out), *extra]
     if merge_num is not None:
-        argv += ["--merge-num", str(merge_num)]
-    if cli.main(argv) != 0:
+        argv += ["--merge-num", str(merge_num), "--merge-every", str(merge_every)]
+    code = cli.main(argv)
+    if code == 2 and merge_num:
+        return None
+    if code != 0:
         raise SystemExit(f"mergemix {' '.join(argv)} failed")
     return json.loads((out / "results.json").read_text())
 
 
+def mean_tokens(point: dict, num_tokens: int) -> float:
+    """Tokens per block averaged over the blocks: the compute a point pays, whatever its schedule."""
+    tokens = point["tokens_per_block"]
+    return num_tokens if tokens is None else sum(tokens) / len(tokens)
+
+
 def markdown(report: dict) -> str:
     lines = [f"Checkpoint `{report['checkpoint']}` ({report['model']}, {report['dataset']}, "
-             f"{report['num_images']} images); images/s include data loading.", "",
-             "| merge_num | tokens per block | top-1 (%) | ECE | NLL | Brier | images/s | × plain |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+             f"{report['num_images']} images); images/s include data loading. \"merged in\": every block, or "
+             "every k-th block only (`--merge-every k`, the same total in fewer steps).", "",
+             "| merge_num | merged in | tokens per block (first → last, mean) | top-1 (%) | ECE | NLL | Brier "
+             "| images/s | × plain |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     plain = report["points"][0]["images_per_s"]
+    T = report["num_tokens"]
     for p in report["points"]:
-        tokens = "plain" if p["merge_num"] is None else f"{p['tokens_per_block'][0]} → {p['tokens_per_block'][-1]}"
-        lines.append(f"| {'–' if p['merge_num'] is None else p['merge_num']} | {tokens} | {p['top1']:.2f} | "
+        if p["merge_num"] is None:
+            n, every, tokens = "–", "–", f"plain ({T})"
+        else:
+            n, every = p["merge_num"], "every block" if p["merge_every"] == 1 else f"every {p['merge_every']}"
+            tokens = f"{p['tokens_per_block'][0]} → {p['tokens_per_block'][-1]}, {mean_tokens(p, T):.1f}"
+        lines.append(f"| {n} | {every} | {tokens} | {p['top1']:.2f} | "
                      f"{p['ece']:.4f} | {p['nll']:.4f} | {p['brier']:.4f} | {p['images_per_s']:.0f} | "
                      f"{p['images_per_s'] / plain:.2f} |")
+    if report.get("skipped"):
+        lines += ["", "Not evaluated, as a block would merge more than half of its tokens: "
+                  + ", ".join(f"merge_num {p['merge_num']} every {p['merge_every']} blocks" for p in report["skipped"]) + "."]
     return "\n".join(lines)
 
 
 def figure(report: dict, path: Path) -> None:
-    """Top-1, ECE and images/s (× plain) against merge_num, the plain model as dashed lines."""
-    points = report["points"]
-    plain, merged = points[0], points[1:]
-    xs = [p["merge_num"] for p in merged]
+    """Top-1 and ECE against the speed-up, and the speed-up against the mean tokens per block, one
+    line per schedule, the plain model dashed: the trade-off a user picks a schedule by."""
+    points, T = report["points"], report["num_tokens"]
+    plain = points[0]
+
+    def speedup(p: dict) -> float:
+        return p["images_per_s"] / plain["images_per_s"]
+
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for ax, key, label in ((axes[0], "top1", "top-1 (%)"), (axes[1], "ece", "ECE"),
-                           (axes[2], "speedup", "images/s, × plain")):
-        value = (lambda p: p["images_per_s"] / plain["images_per_s"]) if key == "speedup" else (lambda p: p[key])
-        ax.plot(xs, [value(p) for p in merged], "o-", label="merged")
-        ax.axhline(value(plain), ls="--", color="grey", label="plain")
-        ax.set_xlabel("merge_num (tokens merged in all)")
-        ax.set_ylabel(label)
+    for k in sorted({p["merge_every"] for p in points[1:]}):
+        merged = [p for p in points[1:] if p["merge_every"] == k]
+        label = "merged in every block" if k == 1 else f"merged every {k} blocks"
+        for ax, key in ((axes[0], "top1"), (axes[1], "ece")):
+            ax.plot([speedup(p) for p in merged], [p[key] for p in merged], "o-", label=label)
+        axes[2].plot([mean_tokens(p, T) for p in merged], [speedup(p) for p in merged], "o-", label=label)
+    for ax, key, ylabel in ((axes[0], "top1", "top-1 (%)"), (axes[1], "ece", "ECE")):
+        ax.axhline(plain[key], ls="--", color="grey", label="plain")
+        ax.set_xlabel("images/s, × plain")
+        ax.set_ylabel(ylabel)
+    axes[2].axhline(1.0, ls="--", color="grey", label="plain")
+    axes[2].set_xlabel("mean tokens per block")
+    axes[2].set_ylabel("images/s, × plain")
+    axes[2].invert_xaxis()  # more merging to the right
+    for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.suptitle(f"ToMe at inference: {report['model']} on {report['dataset']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -77,18 +110,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a .pth.tar file or a run folder")
     p.add_argument("--merge-nums", type=int, nargs="+", default=[0, 8, 16, 24, 32])
+    p.add_argument("--merge-every", type=int, nargs="+", default=[1], metavar="K",
+                   help="schedules: merging in every K-th block (each merge_num is evaluated with each K)")
     p.add_argument("--name", default="tome_eval", help="results file stem under benchmarks/results/")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every `mergemix eval`")
     args = p.parse_args(argv)
-    points = []
+    runs = [(None, 1)] + [(n, k) for k in args.merge_every for n in args.merge_nums if n or k == args.merge_every[0]]
+    points, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        evaluate(args.checkpoint, None, args.extra, Path(tmp) / "warm-up")  # one-time costs land here, not on a point
-        for n in [None, *args.merge_nums]:
-            r = evaluate(args.checkpoint, n, args.extra, Path(tmp) / f"merge{n}")
-            points.append({"merge_num": n, "tokens_per_block": r.get("tokens_per_block"), **{k: r[k] for k in KEYS}})
-    report = {"checkpoint": args.checkpoint, "model": r["model"], "dataset": r["dataset"], "num_images": r["num_images"],
-              "points": points}
+        evaluate(args.checkpoint, None, 1, args.extra, Path(tmp) / "warm-up")  # one-time costs land here, not on a point
+        for n, k in runs:
+            r = evaluate(args.checkpoint, n, k, args.extra, Path(tmp) / f"merge{n}-every{k}")
+            if r is None:
+                skipped.append({"merge_num": n, "merge_every": k})
+                continue
+            points.append({"merge_num": n, "merge_every": None if n is None else k,
+                           "tokens_per_block": r.get("tokens_per_block"), **{key: r[key] for key in KEYS}})
+            info = r
+    tokens = next((p["tokens_per_block"][0] for p in points if p["tokens_per_block"]), None)
+    report = {"checkpoint": args.checkpoint, "model": info["model"], "dataset": info["dataset"],
+              "num_images": info["num_images"], "num_tokens": tokens, "points": points, "skipped": skipped}
     stem = args.results_dir / args.name
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

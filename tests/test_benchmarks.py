@@ -171,13 +171,36 @@ def test_tome_eval_points_follow_mergemix_eval(tmp_path):
     tiny = ["--model-kwargs", "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2", "--epochs", "1",
             "--batch-size", "128", "--warmup-epochs", "0", "--mix", "none"]
     assert cli.main(["train", "--output", str(tmp_path), "--experiment", "run", *tiny]) == 0
-    assert tome_eval.main(["--checkpoint", str(tmp_path / "run"), "--merge-nums", "0", "6",
+    assert tome_eval.main(["--checkpoint", str(tmp_path / "run"), "--merge-nums", "0", "6", "10", "--merge-every", "1", "2",
                            "--name", "tome", "--results-dir", str(tmp_path / "res")]) == 0
     report = json.loads((tmp_path / "res" / "tome.json").read_text())
-    plain, zero, six = report["points"]
-    assert (plain["merge_num"], zero["merge_num"], six["merge_num"]) == (None, 0, 6)
+    plain, zero, six, ten, six_every2 = report["points"]  # merge_num 0 is the same model for every K: once
+    assert [(p["merge_num"], p["merge_every"]) for p in report["points"]] == [(None, None), (0, 1), (6, 1), (10, 1), (6, 2)]
+    assert ten["tokens_per_block"] == [17, 9]  # [8, 2]
+    assert report["skipped"] == [{"merge_num": 10, "merge_every": 2}]  # 10 of 16 patches in block 0: more than half
     assert zero["top1"] == pytest.approx(plain["top1"], abs=1e-5) and zero["ece"] == pytest.approx(plain["ece"], abs=1e-5)
     assert six["tokens_per_block"] == [17, 13]  # 16 patches + CLS; decreasing schedule of 6 over 2 blocks: [4, 2]
+    assert six_every2["tokens_per_block"] == [17, 11]  # all 6 in block 0
     table = (tmp_path / "res" / "tome.md").read_text()
-    assert "| 6 | 17 → 13 |" in table and f"| {six['top1']:.2f} |" in table
+    assert "| 6 | every block | 17 → 13, 15.0 |" in table and f"| {six['top1']:.2f} |" in table
+    assert "| 6 | every 2 | 17 → 11, 14.0 |" in table and "| – | – | plain (17) |" in table
+    assert "Not evaluated, as a block would merge more than half of its tokens: merge_num 10 every 2 blocks." in table
     assert (tmp_path / "res" / "tome.png").stat().st_size > 0
+
+
+def test_gpu_script_passes_its_settings_to_step_time():
+    """The one-call GPU script: what it would run, with an interpreter that only echoes its arguments."""
+    import os
+    import subprocess
+    env = {**os.environ, "PYTHON": "echo", "MERGE_EVERY": "1 2", "CONFIGS": "none,merge clean,merge"}
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_step_time.sh")], env=env, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    eager, compiled = out
+    assert "--merge-every 1 2 --steps 20" in eager and "--compile" not in eager.split()
+    assert "--merge-every 1 2 --warmup 3" in compiled
+    assert compiled.endswith("--compile-mode reduce-overhead --compile-scope model --methods cutmix mergemix "
+                             "--mergemix-configs none,merge clean,merge")
+    env.pop("MERGE_EVERY")
+    eager = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_step_time.sh")], env={**env, "EAGER": "1"},
+                           capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    assert "--merge-num 98 --merge-every 1 --steps 20" in eager
