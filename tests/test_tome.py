@@ -183,13 +183,14 @@ def test_proportional_attention_equals_duplicated_tokens(score):
         assert torch.allclose(scores.gather(1, index), probs[..., 0].mean(1), atol=1e-6)
 
 
-@pytest.mark.parametrize("score", ["cls_row", "cls_col"])
-def test_readout_after_merges_equals_timm_on_expanded_tokens(score):
-    """After a merge, block 1 (proportional attention, read-out) equals timm's plain attention over the
-    sequence in which every merged token is expanded back to one copy per patch it holds."""
-    model = patch_tome(make("distilled"), [4, 0, 0, 0], readout_block=1, score=score)
-    blk, npt, x = model.blocks[1], model.num_prefix_tokens, torch.randn(2, 3, 32, 32)
-    t, h = module_inputs(model, x, blk.norm1, blk.ls1)  # merged stream entering block 1; attention output
+@pytest.mark.parametrize("score, readout", [("cls_row", 1), ("cls_col", 1), ("cls_row", 2)])
+def test_readout_after_merges_equals_timm_on_expanded_tokens(score, readout):
+    """After a merge, the read-out block (proportional attention) equals timm's plain attention over
+    the sequence in which every merged token is expanded back to one copy per patch it holds; also
+    with a block that merges nothing in between (as ``merge_every`` schedules have)."""
+    model = patch_tome(make("distilled"), [4, 0, 0, 0], readout_block=readout, score=score)
+    blk, npt, x = model.blocks[readout], model.num_prefix_tokens, torch.randn(2, 3, 32, 32)
+    t, h = module_inputs(model, x, blk.norm1, blk.ls1)  # merged stream entering the read-out block; attention output
     ro = model.tome_readout
     assert (ro.size[:, npt:] > 1).any()  # something did merge
     full = torch.cat([torch.arange(npt).expand(2, npt), ro.index], 1)  # token behind each original position
