@@ -320,6 +320,11 @@ def markdown(result: dict) -> str:
         mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] and not graphs else "–"
         compile_s = f" {r['warmup_incl_compile_s']:.0f} |" if s["compile"] else ""
         lines.append(f"| {label} | {r['passes']} | {r['median_step_ms']:.1f} | {r['ratio_to_cutmix']:.2f} | {mem} |{compile_s}")
+    if s["compile"] and sum(label.startswith("mergemix[") for label in result["configs"]) > 1:
+        # dynamo caches compiled code per code object, not per model: a later configuration with the
+        # same shapes and flags reuses what an earlier one compiled
+        lines += ["", "Warm-up seconds follow the run order: a MergeMix configuration can reuse graphs that an "
+                      "earlier one compiled, so compare compile times between processes, not within this run."]
     if "mask_work" in result:
         mw = result["mask_work"]
         lines += ["", f"Mask work (recover + top-k + upsample + mix): {mw['ms']:.2f} ms, "
