@@ -119,9 +119,11 @@ def test_eval_with_token_merging(run, tmp_path, capsys):
     ("15", "--merge-num 15: merge_num=15 is too large: block 0 would merge 11 of the 16 patch tokens left"),
     ("12 --merge-every 2", "--merge-num 12: merge_num=12 is too large: block 0 would merge 12 of the 16 patch tokens"),
     ("8 --merge-every 0", "--merge-every must be at least 1, got 0"),
+    ("--merge-every 2", "--merge-every spreads --merge-num's tokens over the blocks: give --merge-num too"),
 ])
-def test_eval_rejects_a_merge_num_the_model_cannot_take(run, tmp_path, capsys, n, fragment):
-    assert cli.main(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "ev"), "--merge-num", *n.split()]) == 2
+def test_eval_rejects_merge_flags_the_model_cannot_take(run, tmp_path, capsys, n, fragment):
+    flags = n.split() if n.startswith("--") else ["--merge-num", *n.split()]
+    assert cli.main(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "ev"), *flags]) == 2
     assert fragment in error_line(capsys)
     assert not (tmp_path / "ev").exists()
 

@@ -87,10 +87,11 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-num", type=int, default=None,
                    help="evaluate with token merging (ToMe): this many tokens merged in all, spread as a "
                         "decreasing schedule over the blocks, proportional attention on (default: no merging)")
-    p.add_argument("--merge-every", type=int, default=1,
-                   help="with --merge-num: merge in every k-th block only, the same total in fewer steps")
+    p.add_argument("--merge-every", type=int, default=None,
+                   help="with --merge-num: merge in every k-th block only, the same total in fewer steps "
+                        "(default 1: every block)")
     p.add_argument("--output", default=None,
-                   help="folder for results (default: <checkpoint folder>/eval-<dataset>[-merge<N>])")
+                   help="folder for results (default: <checkpoint folder>/eval-<dataset>[-merge<N>[-every<k>]])")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -122,6 +123,9 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``mergemix eval``: rebuild, load, evaluate, write results."""
     cli = build_eval_parser().parse_args(argv)
     check_limits(cli)
+    if cli.merge_every is not None and cli.merge_num is None:
+        raise ConfigError("--merge-every spreads --merge-num's tokens over the blocks: give --merge-num too")
+    cli.merge_every = 1 if cli.merge_every is None else cli.merge_every
     path = Path(cli.checkpoint)
     if path.is_dir():
         path = path / checkpoint.BEST if (path / checkpoint.BEST).is_file() else path / checkpoint.LAST
@@ -147,7 +151,7 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     metrics = evaluate(model, loader, num_classes, cli.ece_bins, ctx.device, amp_dtype)
     seconds = time.perf_counter() - start
-    suffix = f"-merge{cli.merge_num}" + (f"-every{cli.merge_every}" if cli.merge_every != 1 else "") if merging else ""
+    suffix = (f"-merge{cli.merge_num}" + (f"-every{cli.merge_every}" if cli.merge_every != 1 else "")) if merging else ""
     out = Path(cli.output) if cli.output else path.parent / f"eval-{args.dataset}{suffix}"
     checkpoint.make_dir(out, "--output")
     n = len(bundle.eval)
