@@ -10,8 +10,9 @@
 # run stopped by its time limit keeps them. PYTHON picks the interpreter; EAGER=0 skips the eager run.
 # SCOPE=blocks compiles block by block (step_time.py --compile-scope blocks, an experiment: on the
 # CPU it did not shorten MergeMix's compile) and writes step_time_cuda_compiled[_MODE]_blocks.{json,md}.
-# MERGE_EVERY="1 2" times MergeMix and merged evaluation merging in every block and in every 2nd
-# block side by side (step_time.py --merge-every; files gain _every1-2).
+# MERGE_EVERY=2 times MergeMix and merged evaluation merging in every 2nd block only; "1 2" times
+# both schedules side by side, with about twice the compile time (step_time.py --merge-every; files
+# gain _every2 or _every1-2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
