@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every `mergemix eval`")
     args = p.parse_args(argv)
+    # (merge_num, K); merge_num 0 is the plain model whatever K, so it is evaluated once
     runs = [(None, 1)] + [(n, k) for k in args.merge_every for n in args.merge_nums if n or k == args.merge_every[0]]
     points, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
