@@ -33,7 +33,7 @@ import mergemix
 import mergemix.mix as mix
 from mergemix import mask as M
 from mergemix import tome
-from mergemix.tome import patch_grid, patch_size, patch_tome, tome_options
+from mergemix.tome import patch_size, patch_tome, tome_options
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -188,7 +188,7 @@ def mask_work_seconds(runner: Runner, x, device, reps: int) -> float:
         net(x)
     ro = net.tome_readout
     partner = M.derangement(x.shape[0], device=device)
-    grid, patch = patch_grid(net), patch_size(net)
+    grid, patch = ro.grid, patch_size(net)
 
     def work():
         scores = M.recover(ro.attn, ro.index)

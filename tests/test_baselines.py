@@ -241,3 +241,17 @@ def test_bad_options_are_clear_errors():
         create("mixup", NUM_CLASSES, not_an_option=1)
     with pytest.raises(RuntimeError, match="prepare"):
         objective("tokenmix")(tiny_vit(), *batch())
+
+
+def test_tokenmix_draws_on_the_grid_of_the_input_size():
+    """dynamic_img_size: the token blocks are drawn on the 6x6 grid of a 48 px batch, not the
+    configured 4x4 one, so the mask covers the image and stays constant within each patch."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=48,
+                              num_heads=3, num_classes=NUM_CLASSES, dynamic_img_size=True)
+    obj = objective("tokenmix")
+    obj.prepare(model)
+    out = obj(model, torch.randn(5, 3, 48, 48), torch.randint(0, NUM_CLASSES, (5,)))
+    patches = out.mask.view(5, 1, 6, 8, 6, 8)
+    assert out.mask.shape == (5, 1, 48, 48)
+    assert (patches.amax(dim=(3, 5)) == patches.amin(dim=(3, 5))).all()

@@ -288,3 +288,17 @@ def test_compiled_none_step_compiles_the_readout_pass_too():
     assert torch.equal(out.extras["readout"].index, eager.index)
     assert not model.tome.readout_only  # the switch is restored after the partial pass
     torch._dynamo.reset()
+
+
+def test_mask_follows_the_input_size_of_a_dynamic_size_model():
+    """With dynamic_img_size, a 48 px batch on a model configured for 32 px has 6x6 patches: the
+    mask covers the whole image and keeps exactly ⌊λ·36⌋ of them."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=48,
+                              num_heads=3, num_classes=10, dynamic_img_size=True)
+    obj = mix.create("mergemix", 10, merge_num=12, generator=torch.Generator().manual_seed(0))
+    obj.prepare(model)
+    x, y = torch.randn(6, 3, 48, 48), torch.randint(0, 10, (6,))
+    out = obj(model, x, y)
+    assert out.mask.shape == (6, 1, 48, 48) and out.scores.shape == (6, 36)
+    assert torch.equal(kept_patches(out).sum(1), torch.floor(out.lam * 36).long())

@@ -366,3 +366,22 @@ def test_patched_model_traces_as_one_graph():
     assert torch.allclose(out, ref, atol=1e-5)
     assert torch.allclose(ro.attn, model.tome_readout.attn, atol=1e-6)
 
+
+
+def test_dynamic_img_size_reads_out_on_the_grid_of_the_input():
+    """A model built with dynamic_img_size takes other sizes than its configured one: the read-out
+    grid and index follow the input (48 px: 6x6 patches), unmerged it still equals timm, and a
+    schedule too large for a smaller input is a clear error instead of a wrong shape."""
+    model = make("deit", dynamic_img_size=True)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        ref = model(x)
+        patch_tome(model, r=0, readout_block=2)
+        torch.testing.assert_close(model(x), ref)
+        assert model.tome_readout.grid == (6, 6) and model.tome_readout.index.shape == (2, 36)
+        patch_tome(model, r=[4, 4, 0, 0], readout_block=2)
+        model(x)
+        assert model.tome_readout.grid == (6, 6) and model.tome_readout.attn.shape == (2, 1 + 36 - 8)
+        assert torch.equal(model.tome_readout.source.sum(1), torch.ones(2, 36))
+        with pytest.raises(ValueError, match="too large: block 1 would merge 4 of the 5"):
+            model(torch.randn(2, 3, 24, 24))  # 9 patches: 4 merged leave 5, of which at most 2 may go

@@ -60,9 +60,14 @@ class ToMeConfig:
     readout_only: bool = False  # forward stops after the read-out block (``forward_readout``)
 
 
-def patch_grid(model: nn.Module) -> tuple[int, int]:
-    """(gh, gw) patch grid of a timm ViT at its configured image size."""
-    return tuple(model.patch_embed.grid_size)
+def patch_grid(model: nn.Module, img_size: Sequence[int] | None = None) -> tuple[int, int]:
+    """(gh, gw) patch grid of a timm ViT for images of ``img_size`` (H, W); None: its configured size.
+
+    Models built with ``dynamic_img_size=True`` take other sizes than the configured one, so
+    callers that hold the images pass their size.
+    """
+    pe = model.patch_embed
+    return tuple(pe.grid_size) if img_size is None else tuple(pe.dynamic_feat_size(tuple(img_size)))
 
 
 def patch_size(model: nn.Module) -> tuple[int, int]:
@@ -269,9 +274,13 @@ def _run_blocks(model: VisionTransformer, x: Tensor) -> tuple[Tensor | None, Ten
     patch-token sizes (B, K_out - prefix) or None if nothing merged, read-out or None); with
     ``readout_only`` set it stops at the read-out block and returns (None, None, read-out)."""
     cfg: ToMeConfig = model.tome
+    grid = patch_grid(model, x.shape[-2:])
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     npt = model.num_prefix_tokens
     L = x.shape[1] - npt
+    if L != model.patch_embed.num_patches and cfg.merge and any(cfg.r):
+        # another image size (dynamic_img_size): the schedule was checked for the configured one
+        resolve_schedule(L, len(cfg.r), r=cfg.r)
     readout_at = cfg.readout_block if cfg.readout else None
     # None until the first merge: all sizes 1, identity index. size (B, K) covers every token
     # (1 for prefix tokens, so log(size) is the whole additive bias); index (B, L) is the
@@ -286,19 +295,19 @@ def _run_blocks(model: VisionTransformer, x: Tensor) -> tuple[Tensor | None, Ten
             track_index=readout_at is not None and i < readout_at,  # the source is only needed up to the read-out
             need_output=not (at_readout and cfg.readout_only))
         if at_readout:
-            readout = _make_readout(scores, index_in, size_in, npt, L, model)
+            readout = _make_readout(scores, index_in, size_in, npt, L, grid)
             if cfg.readout_only:
                 return None, None, readout
     return model.norm(x), None if size is None else size[:, npt:], readout
 
 
 def _make_readout(scores: Tensor, index: Tensor | None, size: Tensor | None, npt: int, L: int,
-                  model: VisionTransformer) -> Readout:
+                  grid: tuple[int, int]) -> Readout:
     B = scores.shape[0]
     if index is None:
         index = torch.arange(npt, npt + L, device=scores.device).expand(B, L)
     full_size = scores.new_ones(B, npt + L) if size is None else size
-    return Readout(scores.float(), index, full_size.detach(), npt, patch_grid(model))
+    return Readout(scores.float(), index, full_size.detach(), npt, grid)
 
 
 class ToMeMixin:

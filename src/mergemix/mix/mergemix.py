@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import mask as M
-from ..tome import SCORES, configure_tome, forward_readout, patch_grid, patch_size, patch_tome, tome_options
+from ..tome import SCORES, configure_tome, forward_readout, patch_size, patch_tome, tome_options
 from . import register
 from .attention import resolve_block
 from .base import Objective, StepOutput, mixed_targets, sample_lam, smooth_one_hot, soft_cross_entropy, unwrap
@@ -113,7 +113,8 @@ class MergeMix(Objective):
         lam = torch.full((B,), sample_lam(self.alpha, self.generator), device=x.device)
         scores = M.recover(readout.attn, readout.index)
         patch_mask = M.topk_mask(scores, lam)
-        mask = M.upsample_mask(patch_mask, patch_grid(net), patch_size(net))
+        # cropped: with dynamic_img_pad the grid covers a padded image
+        mask = M.upsample_mask(patch_mask, readout.grid, patch_size(net))[..., :x.shape[-2], :x.shape[-1]]
         x_mixed = M.mix_images(x, partner, mask)
         if self.lam_policy == "area":
             lam_hat = M.lam_hat_area(patch_mask)

@@ -64,8 +64,7 @@ class TokenMix(ReadsAttention, PairMixer):
     description = "TokenMix: partner tokens in random blocks at patch resolution, labels by CLS attention mass"
     passes = "1 fwd + 1 bwd (attention read from the same forward)"
     default_alpha = 1.0
-    grid: tuple[int, int] | None = None
-    patch: tuple[int, int] | None = None
+    net: nn.Module | None = None
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None,
                  prob: float = 1.0, alpha: float | None = None, min_block: int = 4, max_aspect: float = 3.0,
@@ -75,20 +74,22 @@ class TokenMix(ReadsAttention, PairMixer):
         self.min_block, self.max_aspect, self.readout_block = min_block, max(max_aspect, 1 / max_aspect), readout_block
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Patch for the read-out and remember the patch grid and size the masks are drawn on."""
+        """Patch for the read-out and keep the model's patch embedding, whose grid the masks are drawn on."""
         super().prepare(model)
-        net = unwrap(model)
-        self.grid, self.patch = patch_grid(net), patch_size(net)
+        self.net = unwrap(model)
         return model
 
     def paste(self, x: Tensor, partner: Tensor) -> Mixed:
-        if self.grid is None:
+        if self.net is None:
             raise RuntimeError("tokenmix draws its masks on the model's patch grid: call objective.prepare(model) first")
-        B, L = x.shape[0], self.grid[0] * self.grid[1]
+        # the grid of this batch's image size (models with dynamic_img_size take several)
+        grid, patch = patch_grid(self.net, x.shape[-2:]), patch_size(self.net)
+        B, L = x.shape[0], grid[0] * grid[1]
         lam = sample_lam(self.alpha, self.generator)
         count = torch.full((B,), int((1.0 - lam) * L), dtype=torch.long, device=x.device)
-        taken = block_token_mask(count, self.grid, self.generator, self.min_block, self.max_aspect)
-        return masked_batch(x, partner, upsample_mask(1.0 - taken, self.grid, self.patch), lam, "tokenmix")
+        taken = block_token_mask(count, grid, self.generator, self.min_block, self.max_aspect)
+        mask = upsample_mask(1.0 - taken, grid, patch)[..., :x.shape[-2], :x.shape[-1]]
+        return masked_batch(x, partner, mask, lam, "tokenmix")
 
     def relabel(self, model: nn.Module, mixed: Mixed) -> Tensor:
         return attention_lam_hat(model, mixed)
