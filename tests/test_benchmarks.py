@@ -210,3 +210,19 @@ def test_gpu_script_passes_its_settings_to_step_time():
     eager = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_step_time.sh")], env={**env, "EAGER": "1"},
                            capture_output=True, text=True, check=True).stdout.splitlines()[0]
     assert "--merge-num 98 --merge-every 1 --steps 20" in eager
+
+
+def test_merge_ab_compares_outputs_of_both_versions(tmp_path, capsys):
+    """merge_ab.py against HEAD's merge.py: both passes timed, and the results compared (the same
+    file must agree exactly, so a real difference would show in max_abs_diff)."""
+    out = tmp_path / "ab.json"
+    sys_argv = ["merge_ab.py", "--ref", "HEAD", "--batch-size", "2", "--tokens", "17", "--channels", "8", "--r", "4",
+                "--reps", "2", "--out", str(out)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.argv", sys_argv)
+        load("merge_ab").main()
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"forward", "forward+backward"}
+    for r in report["results"].values():
+        assert r["max_abs_diff"] == 0.0 and r["speedup"] == pytest.approx(r["ref_ms"] / r["now_ms"], rel=0.01)
+    assert "| forward+backward |" in capsys.readouterr().out

@@ -385,3 +385,21 @@ def test_dynamic_img_size_reads_out_on_the_grid_of_the_input():
         assert torch.equal(model.tome_readout.source.sum(1), torch.ones(2, 36))
         with pytest.raises(ValueError, match="too large: block 1 would merge 4 of the 5"):
             model(torch.randn(2, 3, 24, 24))  # 9 patches: 4 merged leave 5, of which at most 2 may go
+
+
+def test_inductor_compiled_merged_model_matches_eager():
+    """torch.compile (Inductor) of a merged model, forward and backward, gives eager's logits and
+    gradients: the merge's hand-written autograd.Function and its in-place row ops compile."""
+    torch.manual_seed(0)
+    model = patch_tome(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32,
+                                         num_heads=2, num_classes=5), r=[3, 2])
+    x = torch.randn(4, 3, 32, 32)
+    eager = model(x)
+    eager.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model)(x)
+    compiled.square().sum().backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-4)

@@ -64,32 +64,39 @@ class _Merge(torch.autograd.Function):
     because autograd's gradient of a row gather zero-fills a (B, T, C) buffer and scatter-adds into
     it with atomics, once per gather, then adds the buffers: several passes over the whole stream.
     Here keep and src together hold every position once, so the backward writes each row of the
-    gradient once, into an uninitialised buffer; only the r dst rows accumulate.
+    gradient once, into an uninitialised buffer; only the r dst rows accumulate. Rows move with
+    ``index_select``/``index_copy_`` over (B·T, C), one index per row: a gather with the index
+    expanded to (B, n, C) reads an int64 index for every element, several times the data itself.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, keep: Tensor, src: Tensor, dst: Tensor, weight: Tensor) -> Tensor:
-        C = x.shape[-1]
+        (B, T, C), n = x.shape, keep.shape[1]
         dst_pos = keep.gather(1, dst)
-        out = x.gather(1, _rows(keep, C))
+        rows_keep, rows_src, rows_dst_pos = (_flat_rows(i, T) for i in (keep, src, dst_pos))
+        rows_dst = _flat_rows(dst, n)  # positions in the output
+        flat = x.reshape(B * T, C)
         # the weights stay float32 under AMP: the r products are rounded once, to x's dtype
-        delta = weight[..., None] * (x.gather(1, _rows(src, C)) - x.gather(1, _rows(dst_pos, C)))
-        ctx.save_for_backward(keep, src, dst, dst_pos, weight)
-        return out.scatter_add_(1, _rows(dst, C), delta.to(x.dtype))
+        delta = weight.reshape(-1, 1) * (flat.index_select(0, rows_src) - flat.index_select(0, rows_dst_pos))
+        ctx.save_for_backward(rows_keep, rows_src, rows_dst_pos, rows_dst, weight)
+        ctx.x_shape = x.shape
+        out = flat.index_select(0, rows_keep).index_add_(0, rows_dst, delta.to(x.dtype))
+        return out.view(B, n, C)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
-        keep, src, dst, dst_pos, weight = ctx.saved_tensors
-        (B, _, C), r = grad.shape, src.shape[1]
-        grad_delta = (weight[..., None] * grad.gather(1, _rows(dst, C))).to(grad.dtype)
-        grad_x = grad.new_empty(B, keep.shape[1] + r, C)
-        grad_x.scatter_(1, _rows(keep, C), grad).scatter_(1, _rows(src, C), grad_delta)
-        return grad_x.scatter_add_(1, _rows(dst_pos, C), -grad_delta), None, None, None, None
+        rows_keep, rows_src, rows_dst_pos, rows_dst, weight = ctx.saved_tensors
+        B, T, C = ctx.x_shape
+        flat = grad.reshape(-1, C)
+        grad_delta = (weight.reshape(-1, 1) * flat.index_select(0, rows_dst)).to(grad.dtype)
+        grad_x = grad.new_empty(B * T, C)
+        grad_x.index_copy_(0, rows_keep, flat).index_copy_(0, rows_src, grad_delta)
+        return grad_x.index_add_(0, rows_dst_pos, -grad_delta).view(B, T, C), None, None, None, None
 
 
-def _rows(index: Tensor, C: int) -> Tensor:
-    """(B, n) token positions as a (B, n, C) gather/scatter index over whole rows (a view, no copy)."""
-    return index[..., None].expand(-1, -1, C)
+def _flat_rows(index: Tensor, T: int) -> Tensor:
+    """(B, n) token positions in sequences of T tokens -> (B·n,) row numbers of the (B·T, C) flattened batch."""
+    return (index + torch.arange(index.shape[0], device=index.device)[:, None] * T).reshape(-1)
 
 
 def merged_positions(m: Matching) -> Tensor:

@@ -1,0 +1,111 @@
+"""A/B of the merge op: ``mergemix.merge.merge_tokens`` now against the same file at a git commit.
+
+    python benchmarks/merge_ab.py --ref 7cddc69                        # CPU, DeiT-S's first merge
+    python benchmarks/merge_ab.py --ref 7cddc69 --device cuda --dtype bfloat16 --batch-size 256
+
+Both versions run in one process on one matching, interleaved, forward without grad and forward +
+backward; the outputs and gradients are compared, so a speed-up that changed the result shows.
+Prints a table; writes JSON with --out.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mergemix import merge as merge_now
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ref", required=True, help="git commit whose src/mergemix/merge.py is the baseline")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=197, help="tokens entering the merge, CLS included")
+    p.add_argument("--channels", type=int, default=384)
+    p.add_argument("--r", type=int, default=12, help="tokens merged away")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args()
+
+
+def load_ref(commit: str):
+    """The module src/mergemix/merge.py as it was at ``commit``."""
+    text = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:src/mergemix/merge.py"],
+                          check=True, capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "merge_ref.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("merge_ref", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    args = parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    g = torch.Generator().manual_seed(0)
+    B, T, C = args.batch_size, args.tokens, args.channels
+    x = torch.randn(B, T, C, generator=g).to(device, dtype)
+    grad_out = torch.randn(B, T - args.r, C, generator=g).to(device, dtype)
+    size = torch.randint(1, 4, (B, T), generator=g).float().to(device)
+    m = merge_now.bipartite_matching(torch.randn(B, T - 1, 64, generator=g).to(device), args.r, num_prefix=1)
+    versions = {"ref": load_ref(args.ref), "now": merge_now}
+
+    def forward(mod):
+        with torch.no_grad():
+            return mod.merge_tokens(x, size, m)[0]
+
+    def forward_backward(mod):
+        xg = x.detach().requires_grad_()
+        mod.merge_tokens(xg, size, m)[0].backward(grad_out)
+        return xg.grad
+
+    results = {}
+    for label, fn in (("forward", forward), ("forward+backward", forward_backward)):
+        outs = {k: fn(mod) for k, mod in versions.items()}  # warm-up, and the outputs to compare
+        times = {k: [] for k in versions}
+        for _ in range(args.reps):
+            for k, mod in versions.items():
+                times[k].append(timed(lambda: fn(mod), device))
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        diff = (outs["now"].float() - outs["ref"].float()).abs().max().item()
+        results[label] = {"ref_ms": round(med["ref"], 4), "now_ms": round(med["now"], 4),
+                          "speedup": round(med["ref"] / med["now"], 3), "max_abs_diff": diff}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = {"device": device_name, "torch": torch.__version__, "ref": args.ref,
+              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "ref")}, "results": results}
+    print(f"merge_tokens, {device_name}, {args.dtype}, (B, T, C) = ({B}, {T}, {C}), r = {args.r}; "
+          f"median of {args.reps} interleaved calls")
+    print("| pass | at " + args.ref + " (ms) | now (ms) | speed-up | max |Δ| |")
+    print("|---|---:|---:|---:|---:|")
+    for label, r in results.items():
+        print(f"| {label} | {r['ref_ms']:.3f} | {r['now_ms']:.3f} | {r['speedup']:.2f}× | {r['max_abs_diff']:.2g} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
