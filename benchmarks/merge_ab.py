@@ -2,9 +2,12 @@
 
     python benchmarks/merge_ab.py --ref 7cddc69                        # CPU, DeiT-S's first merge
     python benchmarks/merge_ab.py --ref 7cddc69 --device cuda --dtype bfloat16 --batch-size 256
+    python benchmarks/merge_ab.py --ref 7cddc69 --model deit_small_patch16_224 --model-batch-size 32
 
 Both versions run in one process on one matching, interleaved, forward without grad and forward +
 backward; the outputs and gradients are compared, so a speed-up that changed the result shows.
+With --model, also a whole ToMe-merged forward (eval, no grad) and training forward + backward of
+that timm model (eager, 224 px, --merge-num), once with each version of the merge swapped in.
 Prints a table; writes JSON with --out.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 
 from mergemix import merge as merge_now
+from mergemix import tome
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +40,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--channels", type=int, default=384)
     p.add_argument("--r", type=int, default=12, help="tokens merged away")
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--model", default=None, help="also time a whole merged forward of this timm model")
+    p.add_argument("--model-batch-size", type=int, default=32)
+    p.add_argument("--model-reps", type=int, default=10)
+    p.add_argument("--merge-num", type=int, default=98)
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args()
 
@@ -62,6 +70,34 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t
 
 
+def model_cases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list:
+    """(label, fn(merge module)) for a merged forward and training pass of ``args.model`` with that
+    module's ``merge_tokens`` swapped into ``mergemix.tome``; fn returns the logits or a gradient."""
+    import timm
+
+    torch.manual_seed(0)
+    model = tome.patch_tome(timm.create_model(args.model), merge_num=args.merge_num).to(device)
+    x = torch.randn(args.model_batch_size, 3, 224, 224, device=device)
+    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def with_merge(mod, train: bool) -> torch.Tensor:
+        saved, tome.merge_tokens = tome.merge_tokens, mod.merge_tokens
+        try:
+            model.train(train)
+            model.zero_grad(set_to_none=True)
+            with amp, torch.set_grad_enabled(train):
+                logits = model(x)
+            if not train:
+                return logits
+            logits.float().square().mean().backward()
+            return model.patch_embed.proj.weight.grad
+        finally:
+            tome.merge_tokens = saved
+
+    return [(f"{args.model} forward (eval)", lambda mod: with_merge(mod, False)),
+            (f"{args.model} forward+backward", lambda mod: with_merge(mod, True))]
+
+
 def main() -> None:
     args = parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -82,11 +118,14 @@ def main() -> None:
         mod.merge_tokens(xg, size, m)[0].backward(grad_out)
         return xg.grad
 
+    cases = [("forward", forward, args.reps), ("forward+backward", forward_backward, args.reps)]
+    if args.model:
+        cases += [(label, fn, args.model_reps) for label, fn in model_cases(args, device, dtype)]
     results = {}
-    for label, fn in (("forward", forward), ("forward+backward", forward_backward)):
+    for label, fn, reps in cases:
         outs = {k: fn(mod) for k, mod in versions.items()}  # warm-up, and the outputs to compare
         times = {k: [] for k in versions}
-        for _ in range(args.reps):
+        for _ in range(reps):
             for k, mod in versions.items():
                 times[k].append(timed(lambda: fn(mod), device))
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -96,8 +135,9 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"device": device_name, "torch": torch.__version__, "ref": args.ref,
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "ref")}, "results": results}
-    print(f"merge_tokens, {device_name}, {args.dtype}, (B, T, C) = ({B}, {T}, {C}), r = {args.r}; "
-          f"median of {args.reps} interleaved calls")
+    print(f"merge_tokens, {device_name}, {args.dtype}, (B, T, C) = ({B}, {T}, {C}), r = {args.r}; median of "
+          f"{args.reps} interleaved calls" + (f" ({args.model_reps} for the model at batch {args.model_batch_size}, "
+                                             f"merge_num {args.merge_num})" if args.model else ""))
     print("| pass | at " + args.ref + " (ms) | now (ms) | speed-up | max |Δ| |")
     print("|---|---:|---:|---:|---:|")
     for label, r in results.items():

@@ -96,7 +96,8 @@ class _Merge(torch.autograd.Function):
 
 def _flat_rows(index: Tensor, T: int) -> Tensor:
     """(B, n) token positions in sequences of T tokens -> (B·n,) row numbers of the (B·T, C) flattened batch."""
-    return (index + torch.arange(index.shape[0], device=index.device)[:, None] * T).reshape(-1)
+    B = index.shape[0]
+    return (index + torch.arange(0, B * T, T, device=index.device)[:, None]).reshape(-1)
 
 
 def merged_positions(m: Matching) -> Tensor:
