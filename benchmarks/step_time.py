@@ -36,15 +36,18 @@ from mergemix import tome
 from mergemix.tome import patch_size, patch_tome, tome_options
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_MODEL = "vit_tiny_patch16_224"
+CPU_MODEL_KWARGS = ["patch_size=4", "depth=6", "embed_dim=128", "num_heads=4"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--model", default="vit_tiny_patch16_224")
+    p.add_argument("--model", default=None, help=f"timm model (default {DEFAULT_MODEL}, on the CPU made small)")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--model-kwargs", nargs="*", default=None,
-                   help="key=value overrides (CPU default: patch_size=4 depth=6 embed_dim=128 num_heads=4)")
+                   help="key=value overrides (default: none; for the default model on the CPU "
+                        f"{' '.join(CPU_MODEL_KWARGS)})")
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--amp", default=None, choices=[None, "bfloat16", "float16"])
@@ -71,8 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def model_kwargs(args: argparse.Namespace) -> dict:
     items = args.model_kwargs
-    if items is None:
-        items = [] if args.device.startswith("cuda") else ["patch_size=4", "depth=6", "embed_dim=128", "num_heads=4"]
+    if items is None:  # the small CPU model only when no --model was named: a named one is taken as it is
+        items = CPU_MODEL_KWARGS if args.model is None and not args.device.startswith("cuda") else []
     out = {}
     for item in items:
         k, v = item.split("=", 1)
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    base = timm.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size, **model_kwargs(args))
+    base = timm.create_model(args.model or DEFAULT_MODEL, num_classes=args.num_classes, img_size=args.img_size, **model_kwargs(args))
     L = base.patch_embed.num_patches
     merge_num = args.merge_num if args.merge_num is not None else L // 2
     methods = args.methods or mix.available()
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "torchmetrics": torchmetrics.__version__,
                      "mergemix": mergemix.__version__, "python": platform.python_version()},
-        "settings": {"model": args.model, "model_kwargs": model_kwargs(args), "img_size": args.img_size,
+        "settings": {"model": args.model or DEFAULT_MODEL, "model_kwargs": model_kwargs(args), "img_size": args.img_size,
                      "num_patches": L, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
                      "compile_mode": args.compile_mode, "compile_scope": args.compile_scope, "merge_num": merge_num,
                      "merge_every": args.merge_every,

@@ -226,3 +226,14 @@ def test_merge_ab_compares_outputs_of_both_versions(tmp_path, capsys):
     for r in report["results"].values():
         assert r["max_abs_diff"] == 0.0 and r["speedup"] == pytest.approx(r["ref_ms"] / r["now_ms"], rel=0.01)
     assert "| forward+backward |" in capsys.readouterr().out
+
+
+def test_step_time_shrinks_only_its_default_model_on_the_cpu():
+    """The small CPU model is the default's; a model named with --model is built as timm defines it."""
+    step_time = load("step_time")
+    default = step_time.parse_args([])
+    assert step_time.model_kwargs(default) == {"patch_size": 4, "depth": 6, "embed_dim": 128, "num_heads": 4}
+    assert step_time.model_kwargs(step_time.parse_args(["--model", "deit_tiny_patch16_224"])) == {}
+    assert step_time.model_kwargs(step_time.parse_args(["--device", "cuda"])) == {}
+    named = step_time.parse_args(["--model", "deit_tiny_patch16_224", "--model-kwargs", "depth=2"])
+    assert step_time.model_kwargs(named) == {"depth": 2}
