@@ -60,14 +60,10 @@ class ToMeConfig:
     readout_only: bool = False  # forward stops after the read-out block (``forward_readout``)
 
 
-def patch_grid(model: nn.Module, img_size: Sequence[int] | None = None) -> tuple[int, int]:
-    """(gh, gw) patch grid of a timm ViT for images of ``img_size`` (H, W); None: its configured size.
-
-    Models built with ``dynamic_img_size=True`` take other sizes than the configured one, so
-    callers that hold the images pass their size.
-    """
-    pe = model.patch_embed
-    return tuple(pe.grid_size) if img_size is None else tuple(pe.dynamic_feat_size(tuple(img_size)))
+def patch_grid(model: nn.Module, img_size: Sequence[int]) -> tuple[int, int]:
+    """(gh, gw) patch grid of a timm ViT for images of ``img_size`` (H, W): the configured grid, or
+    another one for a model built with ``dynamic_img_size=True`` (with ``dynamic_img_pad``, rounded up)."""
+    return tuple(model.patch_embed.dynamic_feat_size(tuple(img_size)))
 
 
 def patch_size(model: nn.Module) -> tuple[int, int]:
