@@ -89,3 +89,12 @@ def test_lam_hat_gaussian_per_sample_sigma_hand_computed():
     # the per-sample spread matters: with equal keep counts the same draw normalises differently
     same = M.lam_hat_gaussian(torch.full((5,), 50), K, L, torch.Generator().manual_seed(4))
     assert not torch.allclose(got, same, atol=1e-3)
+
+
+def test_upsample_mask_crops_to_the_image_size():
+    """A 6x6 grid of 8 px patches covers 48 px; images of 44 px (padded up by dynamic_img_pad) get
+    the top-left 44x44 of it."""
+    mask = (torch.arange(36) % 2).float()[None]
+    full = M.upsample_mask(mask, (6, 6), (8, 8))
+    cropped = M.upsample_mask(mask, (6, 6), (8, 8), (44, 44))
+    assert full.shape == (1, 1, 48, 48) and torch.equal(cropped, full[..., :44, :44])

@@ -5,6 +5,8 @@ tokens, (gh, gw) the patch grid with gh * gw = L, (H, W) pixels.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -41,15 +43,18 @@ def topk_mask(scores: Tensor, lam: Tensor | float) -> Tensor:
     return torch.zeros_like(scores).scatter_(1, order, ranks_kept)
 
 
-def upsample_mask(mask: Tensor, grid: tuple[int, int], patch: tuple[int, int]) -> Tensor:
+def upsample_mask(mask: Tensor, grid: tuple[int, int], patch: tuple[int, int],
+                  size: Sequence[int] | None = None) -> Tensor:
     """Patch mask to pixels by nearest repetition.
 
-    mask: (B, L) with L = gh * gw; grid: (gh, gw); patch: (ph, pw).
-    returns: (B, 1, gh * ph, gw * pw).
+    mask: (B, L) with L = gh * gw; grid: (gh, gw); patch: (ph, pw); size: (H, W) of the images,
+    when the grid covers more (a ViT with ``dynamic_img_pad`` pads them up to whole patches).
+    returns: (B, 1, gh * ph, gw * pw), cropped to (B, 1, H, W) when ``size`` is given.
     """
     B = mask.shape[0]
     m = mask.reshape(B, 1, grid[0], grid[1])
-    return m.repeat_interleave(patch[0], dim=2).repeat_interleave(patch[1], dim=3)
+    m = m.repeat_interleave(patch[0], dim=2).repeat_interleave(patch[1], dim=3)
+    return m if size is None else m[..., :size[0], :size[1]]
 
 
 def patch_fraction(mask: Tensor, grid: tuple[int, int]) -> Tensor:

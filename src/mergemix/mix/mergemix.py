@@ -113,8 +113,7 @@ class MergeMix(Objective):
         lam = torch.full((B,), sample_lam(self.alpha, self.generator), device=x.device)
         scores = M.recover(readout.attn, readout.index)
         patch_mask = M.topk_mask(scores, lam)
-        # cropped: with dynamic_img_pad the grid covers a padded image
-        mask = M.upsample_mask(patch_mask, readout.grid, patch_size(net))[..., :x.shape[-2], :x.shape[-1]]
+        mask = M.upsample_mask(patch_mask, readout.grid, patch_size(net), x.shape[-2:])
         x_mixed = M.mix_images(x, partner, mask)
         if self.lam_policy == "area":
             lam_hat = M.lam_hat_area(patch_mask)

@@ -74,7 +74,7 @@ class TokenMix(ReadsAttention, PairMixer):
         self.min_block, self.max_aspect, self.readout_block = min_block, max(max_aspect, 1 / max_aspect), readout_block
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Patch for the read-out and keep the model's patch embedding, whose grid the masks are drawn on."""
+        """Patch for the read-out and keep the model: its patch grid at each batch's image size is where the masks are drawn."""
         super().prepare(model)
         self.net = unwrap(model)
         return model
@@ -88,8 +88,7 @@ class TokenMix(ReadsAttention, PairMixer):
         lam = sample_lam(self.alpha, self.generator)
         count = torch.full((B,), int((1.0 - lam) * L), dtype=torch.long, device=x.device)
         taken = block_token_mask(count, grid, self.generator, self.min_block, self.max_aspect)
-        mask = upsample_mask(1.0 - taken, grid, patch)[..., :x.shape[-2], :x.shape[-1]]
-        return masked_batch(x, partner, mask, lam, "tokenmix")
+        return masked_batch(x, partner, upsample_mask(1.0 - taken, grid, patch, x.shape[-2:]), lam, "tokenmix")
 
     def relabel(self, model: nn.Module, mixed: Mixed) -> Tensor:
         return attention_lam_hat(model, mixed)
