@@ -178,7 +178,9 @@ def test_a_finished_run_is_not_overwritten(run, capsys):
     (["--batch-size", "1"], "--batch-size 1: --mix mergemix pairs every image with another"),
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "does not exist"),
     (["--resume", "/nonexistent/run"], "no checkpoint at"),
-    (["--model-kwargs", "patch_size=4", "depthh=2"], "does not take these --model-kwargs"),
+    (["--model-kwargs", "patch_size=4", "depthh=2"], "unexpected keyword argument 'depthh'"),
+    (["--model-kwargs", "patch_size=4", "depthh=2"], "cannot be built with --model-kwargs patch_size=4 depthh=2 ("),
+    (["--model-kwargs", "depth=abc"], "cannot be built with --model-kwargs depth=abc"),
     (["--opt", "adamww"], "adamww"),
     # out-of-range flags: checked with the flags, before any data or model is built
     (["--workers", "-1"], "--workers must be at least 0"),

@@ -44,7 +44,9 @@ def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_pa
             kwargs.pop("img_size")  # a model without an image size (e.g. a CNN)
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
-        raise ConfigError(f"model {name} does not take these --model-kwargs ({e})") from None
+        given = " ".join(f"{k}={v}" for k, v in (model_kwargs or {}).items())
+        raise ConfigError(f"model {name} cannot be built with --model-kwargs {given} ({e}): "
+                          "check the names and values its timm constructor takes") from None
     except (OSError, RuntimeError, ValueError) as e:
         reason = _reason(e)
         if initial_checkpoint:
