@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ref", required=True, help="git commit whose src/mergemix/merge.py is the baseline")
+    p.add_argument("--ref", required=True,
+                   help="the baseline: a git commit (its src/mergemix/merge.py), or a merge.py file (where the "
+                        "tree has no git history, e.g. a copy made with git show COMMIT:src/mergemix/merge.py)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", type=int, default=64)
@@ -48,12 +50,22 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def load_ref(commit: str):
-    """The module src/mergemix/merge.py as it was at ``commit``."""
-    text = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:src/mergemix/merge.py"],
-                          check=True, capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "merge_ref.py"
-    path.write_text(text)
+def load_ref(ref: str):
+    """The module src/mergemix/merge.py as it was at commit ``ref``, or the file ``ref``."""
+    path = Path(ref)
+    if not path.is_file():
+        try:
+            shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:src/mergemix/merge.py"],
+                                   capture_output=True, text=True)
+            why = (shown.stderr.strip() or "git show failed").splitlines()[-1] if shown.returncode else ""
+        except FileNotFoundError:
+            why = "git is not installed"
+        if why:
+            print(f"error: --ref {ref} is neither a file nor a commit git can show ({why})", file=sys.stderr)
+            raise SystemExit(2)
+        text = shown.stdout
+        path = Path(tempfile.mkdtemp()) / "merge_ref.py"
+        path.write_text(text)
     spec = importlib.util.spec_from_file_location("merge_ref", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -138,7 +150,7 @@ def main() -> None:
     print(f"merge_tokens, {device_name}, {args.dtype}, (B, T, C) = ({B}, {T}, {C}), r = {args.r}; median of "
           f"{args.reps} interleaved calls" + (f" ({args.model_reps} for the model at batch {args.model_batch_size}, "
                                              f"merge_num {args.merge_num})" if args.model else ""))
-    print("| pass | at " + args.ref + " (ms) | now (ms) | speed-up | max |Δ| |")
+    print(f"| pass | at {args.ref} (ms) | now (ms) | speed-up | max |Δ| |")
     print("|---|---:|---:|---:|---:|")
     for label, r in results.items():
         print(f"| {label} | {r['ref_ms']:.3f} | {r['now_ms']:.3f} | {r['speedup']:.2f}× | {r['max_abs_diff']:.2g} |")

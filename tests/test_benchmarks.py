@@ -210,13 +210,17 @@ def test_gpu_script_passes_its_settings_to_step_time():
     eager = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_step_time.sh")], env={**env, "EAGER": "1"},
                            capture_output=True, text=True, check=True).stdout.splitlines()[0]
     assert "--merge-num 98 --merge-every 1 --steps 20" in eager
+    ab = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_step_time.sh")], env={**env, "MERGE_AB_REF": "old.py"},
+                        capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(ab) == 3 and ab[0].startswith("benchmarks/merge_ab.py --ref old.py --device cuda")
 
 
-def test_merge_ab_compares_outputs_of_both_versions(tmp_path, capsys):
-    """merge_ab.py against HEAD's merge.py: both passes timed, and the results compared (the same
-    file must agree exactly, so a real difference would show in max_abs_diff)."""
+@pytest.mark.parametrize("ref", ["HEAD", str(ROOT / "src" / "mergemix" / "merge.py")])
+def test_merge_ab_compares_outputs_of_both_versions(tmp_path, capsys, ref):
+    """merge_ab.py against HEAD's merge.py, or a merge.py file: both passes timed, and the results
+    compared (the same code must agree exactly, so a real difference would show in max_abs_diff)."""
     out = tmp_path / "ab.json"
-    sys_argv = ["merge_ab.py", "--ref", "HEAD", "--batch-size", "2", "--tokens", "17", "--channels", "8", "--r", "4",
+    sys_argv = ["merge_ab.py", "--ref", ref, "--batch-size", "2", "--tokens", "17", "--channels", "8", "--r", "4",
                 "--reps", "2", "--out", str(out)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("sys.argv", sys_argv)
