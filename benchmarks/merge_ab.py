@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Callable
 
 import torch
 
@@ -50,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def load_ref(ref: str):
+def load_ref(ref: str) -> ModuleType:
     """The module src/mergemix/merge.py as it was at commit ``ref``, or the file ``ref``."""
     path = Path(ref)
     if not path.is_file():
@@ -72,7 +74,7 @@ def load_ref(ref: str):
     return module
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -82,7 +84,8 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def model_cases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list:
+def model_cases(args: argparse.Namespace, device: torch.device,
+                dtype: torch.dtype) -> list[tuple[str, Callable[[ModuleType], torch.Tensor]]]:
     """(label, fn(merge module)) for a merged forward and training pass of ``args.model`` with that
     module's ``merge_tokens`` swapped into ``mergemix.tome``; fn returns the logits or a gradient."""
     import timm
