@@ -8,7 +8,7 @@
                                                    # at 60: does mixing pay off once the model over-fits?
     python benchmarks/accuracy.py --mode small-data --methods none mixup cutmix mergemix --jobs 2
                                                    # Fashion-MNIST, full mode's model on 1k images, batch 32,
-                                                   # 100 epochs (3200 steps): the same question on less data
+                                                   # 100 epochs (3100 steps): the same question on less data
     python benchmarks/accuracy.py --mode tokens --methods none cutmix mergemix "mergemix[merge_num=0]" "mergemix[merge_train=off]" --jobs 2
                                                    # Fashion-MNIST, the recipe's 49-token model on 5k images,
                                                    # 10 epochs: does merging help MergeMix with more tokens?
