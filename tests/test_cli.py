@@ -278,6 +278,17 @@ def test_methods_help(capsys):
     assert done.value.code == 0 and "usage: mergemix methods" in capsys.readouterr().out
 
 
+def test_train_help_shows_the_defaults(capsys):
+    """The help is printed from the parser that carries the defaults (not the copy that finds
+    which flags were given, whose defaults are all suppressed)."""
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert done.value.code == 0
+    assert "--ece-bins ECE_BINS" in out and "(default: 15)" in out
+    assert "(default: mergemix)" in out and "(default: digits)" in out
+
+
 def test_unwritable_output(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -316,6 +316,12 @@ def test_schedules():
     assert resolve_schedule(16, 4, r=[1, 2, 3, 0]) == [1, 2, 3, 0]
     with pytest.raises(ValueError, match="too large"):
         resolve_schedule(16, 4, merge_num=16)
+    # 15 over 4 blocks is 6 4 3 2: 16 -> 10 -> 6 -> 3 patch tokens, and block 3 cannot merge 2 of 3;
+    # 14 is 5 4 3 2, which fits (16 -> 11 -> 7 -> 4, each at most half), so the error names 14
+    assert resolve_schedule(16, 4, merge_num=14) == [5, 4, 3, 2]
+    with pytest.raises(ValueError, match=r"block 3 would merge 2 of the 3 patch tokens left \(at most half, 1\); "
+                                         r"the largest merge_num this schedule fits is 14$"):
+        resolve_schedule(16, 4, merge_num=15)
     with pytest.raises(ValueError, match="4 blocks"):
         resolve_schedule(16, 4, r=[1, 2])
     assert token_counts(17, [6, 2]) == [17, 11] and token_counts(17, []) == []

@@ -145,7 +145,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", default=None, help="YAML recipe whose keys are these flags' names")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="digits", choices=DATASETS)
+    g.add_argument("--dataset", default="digits", choices=DATASETS, help="data set (digits ships with scikit-learn)")
     g.add_argument("--data-dir", default=None, help="data root (dataset-specific layout, see README)")
     g.add_argument("--download", action="store_true", help="let torchvision download the data set if missing")
     g.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of N images")
@@ -171,18 +171,18 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=40)
+    g.add_argument("--epochs", type=int, default=40, help="training epochs")
     g.add_argument("--batch-size", "-b", type=int, default=32, help="per process")
     g.add_argument("--eval-batch-size", type=int, default=None, help="default: 2 x --batch-size")
     g.add_argument("--opt", default="adamw", help="timm optimizer name")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (not scaled by batch size)")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="weight decay")
     g.add_argument("--momentum", type=float, default=0.9, help="for SGD-like optimizers")
     g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
     g.add_argument("--sched", default="cosine", help="timm scheduler name")
-    g.add_argument("--warmup-epochs", type=int, default=3)
-    g.add_argument("--warmup-lr", type=float, default=1e-6)
-    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--warmup-epochs", type=int, default=3, help="linear warm-up from --warmup-lr")
+    g.add_argument("--warmup-lr", type=float, default=1e-6, help="learning rate at the first step")
+    g.add_argument("--min-lr", type=float, default=1e-5, help="floor of the schedule")
     g.add_argument("--sched-on-epochs", action="store_true", help="step the schedule per epoch, not per update")
     g.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
 
@@ -214,14 +214,14 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     g.add_argument("--amp", action="store_true", help="mixed precision")
-    g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"), help="autocast dtype with --amp")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs, "
                         "for GPU runs bound by kernel launches, as a merged model's many small kernels are")
     g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (timm ModelEmaV3)")
-    g.add_argument("--model-ema-decay", type=float, default=0.9998)
-    g.add_argument("--ece-bins", type=int, default=15)
+    g.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay per update")
+    g.add_argument("--ece-bins", type=int, default=15, help="bins of the reported ECE (10-bin ECE is reported too)")
     g.add_argument("--log-interval", type=int, default=10, help="steps between loss checks and progress updates")
     g.add_argument("--save-mix-samples", type=int, default=0, metavar="N",
                    help="every N epochs, draw the first step's mixing as a `mergemix viz` grid "
@@ -309,8 +309,8 @@ def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     parser = build_train_parser()
     argv = list(argv) if argv is not None else None
+    pre = parser.parse_args(argv)  # first, so that --help prints from the parser with its defaults
     explicit = _explicit(parser, argv)
-    pre = parser.parse_args(argv)
     layers: dict[str, Any] = {}
     resume_path = None
     if pre.resume:

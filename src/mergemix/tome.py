@@ -102,14 +102,30 @@ def resolve_schedule(num_patches: int, depth: int, r: int | Sequence[int] | None
         schedule = [int(v) for v in r]
         if len(schedule) != depth:
             raise ValueError(f"r has {len(schedule)} entries but the model has {depth} blocks")
+    overfull = _overfull_block(schedule, num_patches)
+    if overfull is not None:
+        i, ri, left = overfull
+        if merge_num is not None:
+            largest = next(n for n in range(int(merge_num), -1, -1)
+                           if _overfull_block(decreasing_schedule(n, depth, merge_every), num_patches) is None)
+            hint = f"; the largest merge_num this schedule fits is {largest}"
+        else:
+            hint = ""
+        what = f"merge_num={merge_num}" if merge_num is not None else f"r={ri}"
+        raise ValueError(f"{what} is too large: block {i} would merge {ri} of the {left} patch tokens left "
+                         f"(at most half, {left // 2}){hint}")
+    return schedule
+
+
+def _overfull_block(schedule: Sequence[int], num_patches: int) -> tuple[int, int, int] | None:
+    """(block, its r, patch tokens it receives) of the first block that would merge more than half
+    of the patch tokens it receives (or a negative count), or None when every block fits."""
     left = num_patches
     for i, ri in enumerate(schedule):
         if ri < 0 or ri > left // 2:
-            what = f"merge_num={merge_num}" if merge_num is not None else f"r={ri}"
-            raise ValueError(f"{what} is too large: block {i} would merge {ri} of the {left} patch tokens "
-                             f"left (at most {left // 2} per block, {num_patches - 1} in all)")
+            return i, ri, left
         left -= ri
-    return schedule
+    return None
 
 
 def patch_tome(model: nn.Module, r: int | Sequence[int] | None = None, *, merge_num: int | None = None,
