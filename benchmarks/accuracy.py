@@ -37,6 +37,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from bench_cli import at_least, check_outputs, one_line_errors, output_folder  # noqa: E402
+
+from mergemix.errors import ConfigError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -88,12 +91,12 @@ EQUAL_TIME = 0.6  # MergeMix (clean) costs ~1.6x CutMix per epoch: this share of
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=list(MODES), default="quick")
-    p.add_argument("--datasets", nargs="*", default=None)
+    p.add_argument("--datasets", nargs="*", choices=list(RECIPES), default=None)
     p.add_argument("--methods", nargs="*", default=None, help="subset of methods/ablation labels")
-    p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--seeds", type=at_least(1), default=None, help="seeds 0..N-1 (default: the mode's)")
+    p.add_argument("--jobs", type=at_least(1), default=1,
                    help="runs at once, each on cores/jobs threads (2 on a 2-core CPU: better throughput)")
-    p.add_argument("--runs-dir", type=Path, default=ROOT / "benchmarks" / "runs")
+    p.add_argument("--runs-dir", type=output_folder, default=str(ROOT / "benchmarks" / "runs"))
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run")
     return p.parse_args(argv)
 
@@ -108,6 +111,33 @@ def plan(mode: str, dataset: str, recipe: list[str], methods: list[str] | None) 
     if methods:
         labels = {k: v for k, v in labels.items() if k in methods}
     return labels
+
+
+def mode_recipes(mode: str, datasets: list[str]) -> dict[str, list[str]]:
+    """dataset -> its recipe in ``mode``; ConfigError for a dataset that has none."""
+    for dataset in datasets:
+        if mode not in RECIPES[dataset]:
+            raise ConfigError(f"{dataset} has no {mode} recipe; its modes: {', '.join(RECIPES[dataset])}")
+    return {dataset: RECIPES[dataset][mode] for dataset in datasets}
+
+
+def plans(mode: str, recipes: dict[str, list[str]], methods: list[str] | None) -> dict[str, dict[str, list[str]]]:
+    """dataset -> label -> mixing flags. ConfigError for a ``--methods`` label that no dataset runs in
+    this mode, or a dataset that runs none of them: either would quietly leave a table empty."""
+    every = [plan(mode, dataset, recipe, None) for dataset, recipe in recipes.items()]
+    valid = list(dict.fromkeys(label for labels in every for label in labels))
+    unknown = [m for m in methods or [] if m not in valid]
+    if unknown:
+        with_ablations = ", ".join(m for m, spec in MODES.items() if spec["ablations"])
+        hint = f" (ablations run in modes {with_ablations})" if any(m.startswith("mergemix[") for m in unknown) else ""
+        raise ConfigError(f"--methods {' '.join(unknown)}: not a label of {mode} mode on {', '.join(recipes)}{hint}; "
+                          f"choose from: {', '.join(valid)}")
+    chosen = {dataset: plan(mode, dataset, recipe, methods) for dataset, recipe in recipes.items()}
+    for dataset, labels in chosen.items():
+        if not labels:
+            raise ConfigError(f"none of --methods runs on {dataset} in {mode} mode; leave it out with --datasets "
+                              f"{' '.join(d for d in chosen if chosen[d])}")
+    return chosen
 
 
 def label_seeds(label: str, mode: str, seeds: list[int]) -> list[int]:
@@ -189,34 +219,43 @@ def figure(dataset: str, table: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def run_dataset(args: argparse.Namespace, dataset: str, recipe: list[str], labels: dict[str, list[str]],
+                seeds: list[int]) -> tuple[dict, dict]:
+    """Run every label's seeds, ``args.jobs`` at once; (label -> aggregate, label -> per-seed figures)."""
+    table, raw = {}, {}
+    t0 = time.time()
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    jobs = {}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for label, flags in labels.items():
+            for seed in label_seeds(label, args.mode, seeds):
+                name = f"{dataset}-{label}-s{seed}".replace("[", "_").replace("]", "").replace("=", "-").replace(" ", "_")
+                run_dir = args.runs_dir / args.mode / name
+                cmd = [sys.executable, "-m", "mergemix", "train", "--dataset", dataset, *recipe, *flags,
+                       "--seed", str(seed), "--output", str(run_dir.parent), "--experiment", run_dir.name,
+                       *args.extra]
+                jobs.setdefault(label, []).append(pool.submit(run_one, cmd, run_dir, threads))
+        for i, (label, futures) in enumerate(jobs.items()):
+            runs = [f.result() for f in futures]
+            table[label], raw[label] = aggregate(runs), runs
+            t = table[label]
+            print(f"[{dataset} {i + 1}/{len(jobs)} {time.time() - t0:.0f}s] {label}: top-1 {t['top1']:.2f} ± "
+                  f"{t['top1_std']:.2f}, ECE {t['ece']:.4f}", flush=True)
+    return table, raw
+
+
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    mode = MODES[args.mode]
-    seeds = list(range(args.seeds or mode["seeds"]))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for dataset in args.datasets or mode["datasets"]:
-        recipe = RECIPES[dataset][args.mode]
-        labels = plan(args.mode, dataset, recipe, args.methods)
-        table, raw = {}, {}
-        t0 = time.time()
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        jobs = {}
-        with ThreadPoolExecutor(args.jobs) as pool:
-            for label, flags in labels.items():
-                for seed in label_seeds(label, args.mode, seeds):
-                    name = f"{dataset}-{label}-s{seed}".replace("[", "_").replace("]", "").replace("=", "-").replace(" ", "_")
-                    run_dir = args.runs_dir / args.mode / name
-                    cmd = [sys.executable, "-m", "mergemix", "train", "--dataset", dataset, *recipe, *flags,
-                           "--seed", str(seed), "--output", str(run_dir.parent), "--experiment", run_dir.name,
-                           *args.extra]
-                    jobs.setdefault(label, []).append(pool.submit(run_one, cmd, run_dir, threads))
-            for i, (label, futures) in enumerate(jobs.items()):
-                runs = [f.result() for f in futures]
-                table[label], raw[label] = aggregate(runs), runs
-                t = table[label]
-                print(f"[{dataset} {i + 1}/{len(jobs)} {time.time() - t0:.0f}s] {label}: top-1 {t['top1']:.2f} ± "
-                      f"{t['top1_std']:.2f}, ECE {t['ece']:.4f}", flush=True)
-        stem = RESULTS / f"{dataset}{'' if args.mode == 'full' else '_' + args.mode}"
+    seeds = list(range(args.seeds if args.seeds is not None else MODES[args.mode]["seeds"]))
+    recipes = mode_recipes(args.mode, args.datasets or MODES[args.mode]["datasets"])
+    labels = plans(args.mode, recipes, args.methods)
+    stems = {dataset: RESULTS / f"{dataset}{'' if args.mode == 'full' else '_' + args.mode}" for dataset in recipes}
+    check_outputs([stem.with_suffix(suffix) for stem in stems.values() for suffix in (".json", ".md", ".png")],
+                  "result files")
+    for dataset, recipe in recipes.items():
+        table, raw = run_dataset(args, dataset, recipe, labels[dataset], seeds)
+        stem = stems[dataset]
         flags = [*recipe, *args.extra]  # the table names every flag its runs had
         table, raw = merge_previous(stem.with_suffix(".json"), flags, table, raw)
         stem.with_suffix(".json").write_text(json.dumps({"mode": args.mode, "recipe": flags, "table": table,

@@ -16,17 +16,50 @@
 # eager, against an older merge.py (benchmarks/merge_ab.py, about a minute; the device's copy of
 # the tree has no git history, so pass a file: git show COMMIT:src/mergemix/merge.py > FILE in a
 # carried folder) and writes benchmarks/results/merge_ab_cuda.json.
+# A failed step does not stop the later ones; the script then exits 1, naming the failed steps on stderr.
 set -uo pipefail
+if (( $# )); then
+    if [[ "$1" == -h || "$1" == --help ]]; then
+        echo "usage: $0  (no arguments: the settings are the environment variables below)"
+        sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+        exit 0
+    fi
+    echo "error: $0 takes no arguments, got '$*': it reads its settings from environment variables (see --help)" >&2
+    exit 2
+fi
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
+failed=()
+# Run one step; a failure is recorded, not fatal, so that the later steps still use the GPU session.
+step() {
+    local name=$1 code
+    shift
+    "$@"
+    code=$?
+    if (( code == 124 )); then
+        failed+=("$name (timed out)")
+    elif (( code )); then
+        failed+=("$name (exit $code)")
+    fi
+}
 read -r -a every <<< "${MERGE_EVERY:-1}"
 common=(--device cuda --model deit_small_patch16_224 --img-size 224 --batch-size 256 --amp bfloat16 --merge-num 98
         --merge-every "${every[@]}")
-[[ -n "${MERGE_AB_REF:-}" ]] && timeout 150 "$py" benchmarks/merge_ab.py --ref "$MERGE_AB_REF" --device cuda \
-    --dtype bfloat16 --batch-size 256 --model deit_small_patch16_224 --model-batch-size 256 \
-    --out benchmarks/results/merge_ab_cuda.json
-[[ "${EAGER:-1}" == 1 ]] && timeout 200 "$py" benchmarks/step_time.py "${common[@]}" --steps 20
+if [[ -n "${MERGE_AB_REF:-}" ]]; then
+    step merge_ab timeout 150 "$py" benchmarks/merge_ab.py --ref "$MERGE_AB_REF" --device cuda \
+        --dtype bfloat16 --batch-size 256 --model deit_small_patch16_224 --model-batch-size 256 \
+        --out benchmarks/results/merge_ab_cuda.json
+fi
+if [[ "${EAGER:-1}" == 1 ]]; then
+    step eager timeout 200 "$py" benchmarks/step_time.py "${common[@]}" --steps 20
+fi
 mode=${COMPILE_MODE:-reduce-overhead}
 read -r -a configs <<< "${CONFIGS:-clean,merge}"
-timeout "${COMPILED_TIMEOUT:-300}" "$py" benchmarks/step_time.py "${common[@]}" --warmup 3 --steps 10 --compile \
-    --compile-mode "$mode" --compile-scope "${SCOPE:-model}" --methods cutmix mergemix --mergemix-configs "${configs[@]}"
+step compiled timeout "${COMPILED_TIMEOUT:-300}" "$py" benchmarks/step_time.py "${common[@]}" --warmup 3 --steps 10 \
+    --compile --compile-mode "$mode" --compile-scope "${SCOPE:-model}" --methods cutmix mergemix \
+    --mergemix-configs "${configs[@]}"
+if (( ${#failed[@]} )); then
+    printf -v list '%s, ' "${failed[@]}"
+    echo "$0: failed steps: ${list%, }" >&2
+    exit 1
+fi

@@ -26,30 +26,35 @@ from typing import Callable
 
 import torch
 
+from bench_cli import at_least, device, merged_copy, model_name, one_line_errors, output_file
 from mergemix import merge as merge_now
 from mergemix import tome
+from mergemix.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ref", required=True,
                    help="the baseline: a git commit (its src/mergemix/merge.py), or a merge.py file (where the "
                         "tree has no git history, e.g. a copy made with git show COMMIT:src/mergemix/merge.py)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--tokens", type=int, default=197, help="tokens entering the merge, CLS included")
-    p.add_argument("--channels", type=int, default=384)
-    p.add_argument("--r", type=int, default=12, help="tokens merged away")
-    p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--model", default=None, help="also time a whole merged forward of this timm model")
-    p.add_argument("--model-batch-size", type=int, default=32)
-    p.add_argument("--model-reps", type=int, default=10)
-    p.add_argument("--merge-num", type=int, default=98)
-    p.add_argument("--out", type=Path, default=None)
-    return p.parse_args()
+    p.add_argument("--batch-size", type=at_least(1), default=64)
+    p.add_argument("--tokens", type=at_least(3), default=197, help="tokens entering the merge, CLS included")
+    p.add_argument("--channels", type=at_least(1), default=384)
+    p.add_argument("--r", type=at_least(0), default=12, help="tokens merged away, at most half the patch tokens")
+    p.add_argument("--reps", type=at_least(1), default=30)
+    p.add_argument("--model", type=model_name, default=None, help="also time a whole merged forward of this timm model")
+    p.add_argument("--model-batch-size", type=at_least(1), default=32)
+    p.add_argument("--model-reps", type=at_least(1), default=10)
+    p.add_argument("--merge-num", type=at_least(0), default=98)
+    p.add_argument("--out", type=output_file, default=None)
+    args = p.parse_args(argv)
+    if args.r > (args.tokens - 1) // 2:  # the matching pairs the patch tokens' two alternating halves
+        p.error(f"--r {args.r} is more than half of the {args.tokens - 1} patch tokens of --tokens {args.tokens}")
+    return args
 
 
 def load_ref(ref: str) -> ModuleType:
@@ -63,14 +68,18 @@ def load_ref(ref: str) -> ModuleType:
         except FileNotFoundError:
             why = "git is not installed"
         if why:
-            print(f"error: --ref {ref} is neither a file nor a commit git can show ({why})", file=sys.stderr)
-            raise SystemExit(2)
+            raise ConfigError(f"--ref {ref} is neither a file nor a commit git can show ({why})")
         text = shown.stdout
         path = Path(tempfile.mkdtemp()) / "merge_ref.py"
         path.write_text(text)
     spec = importlib.util.spec_from_file_location("merge_ref", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # whatever the file raises on import, it is not a usable baseline
+        raise ConfigError(f"--ref {ref}: importing it failed ({type(e).__name__}: {e})") from None
+    if not callable(getattr(module, "merge_tokens", None)):
+        raise ConfigError(f"--ref {ref} has no merge_tokens function: give a version of src/mergemix/merge.py")
     return module
 
 
@@ -91,7 +100,7 @@ def model_cases(args: argparse.Namespace, device: torch.device,
     import timm
 
     torch.manual_seed(0)
-    model = tome.patch_tome(timm.create_model(args.model), merge_num=args.merge_num).to(device)
+    model = merged_copy(timm.create_model(args.model), merge_num=args.merge_num).to(device)
     x = torch.randn(args.model_batch_size, 3, 224, 224, device=device)
     amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -113,9 +122,10 @@ def model_cases(args: argparse.Namespace, device: torch.device,
             (f"{args.model} forward+backward", lambda mod: with_merge(mod, True))]
 
 
-def main() -> None:
-    args = parse_args()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+@one_line_errors
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device, dtype = args.device, getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
     B, T, C = args.batch_size, args.tokens, args.channels
     x = torch.randn(B, T, C, generator=g).to(device, dtype)
@@ -134,7 +144,7 @@ def main() -> None:
         return xg.grad
 
     cases = [("forward", forward, args.reps), ("forward+backward", forward_backward, args.reps)]
-    if args.model:
+    if args.model:  # built before any timing, so that a model that does not fit fails at once
         cases += [(label, fn, args.model_reps) for label, fn in model_cases(args, device, dtype)]
     results = {}
     for label, fn, reps in cases:
@@ -149,7 +159,8 @@ def main() -> None:
                           "speedup": round(med["ref"] / med["now"], 3), "max_abs_diff": diff}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"device": device_name, "torch": torch.__version__, "ref": args.ref,
-              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "ref")}, "results": results}
+              "settings": {k: str(v) if k == "device" else v for k, v in vars(args).items() if k not in ("out", "ref")},
+              "results": results}
     print(f"merge_tokens, {device_name}, {args.dtype}, (B, T, C) = ({B}, {T}, {C}), r = {args.r}; median of "
           f"{args.reps} interleaved calls" + (f" ({args.model_reps} for the model at batch {args.model_batch_size}, "
                                              f"merge_num {args.merge_num})" if args.model else ""))
@@ -160,6 +171,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,29 +13,31 @@ Prints a report; writes it as JSON with --out.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import statistics
+import sys
 import time
-from pathlib import Path
+from typing import Sequence
 
 import timm
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mergemix.tome import patch_tome
+from bench_cli import at_least, device, merged_copy, model_name, one_line_errors, output_file, save_json
+from mergemix.mix.mergemix import default_readout_block
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--model", default="deit_small_patch16_224")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--merge-num", type=int, default=98)
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--model", type=model_name, default="deit_small_patch16_224")
+    p.add_argument("--batch-size", type=at_least(1), default=256)
+    p.add_argument("--merge-num", type=at_least(0), default=98)
+    p.add_argument("--readout-block", type=at_least(0), default=None,
+                   help="0-based block the source index is tracked to (default: the library's, 8 of 12 blocks)")
+    p.add_argument("--reps", type=at_least(1), default=20)
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--out", type=Path, default=None)
-    return p.parse_args()
+    p.add_argument("--out", type=output_file, default=None)
+    return p.parse_args(argv)
 
 
 def sync(device: torch.device) -> None:
@@ -95,21 +97,44 @@ def efficient_attention(net, x):
     return call
 
 
-def main() -> None:
-    args = parse_args()
-    device = torch.device(args.device)
+def build_nets(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    """The plain model and its merged variants, on ``args.device``, in evaluation mode."""
+    base = timm.create_model(args.model).to(args.device).eval()
+    readout = args.readout_block if args.readout_block is not None else default_readout_block(len(base.blocks))
+    return {"plain": base,
+            "merged": merged_copy(base, merge_num=args.merge_num),
+            "merged_no_prop_attn": merged_copy(base, merge_num=args.merge_num, prop_attn=False),
+            f"merged_index_to_block_{readout}": merged_copy(base, merge_num=args.merge_num, readout_block=readout)}
+
+
+def profile_tables(calls: dict, device: torch.device) -> dict[str, str]:
+    """The profiler's top kernels (by self CUDA time) of 3 calls of the plain and the merged forward."""
+    tables = {}
+    for k in ("plain", "merged"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                calls[k]()
+            sync(device)
+        tables[f"{k}_profile_3_calls"] = table = prof.key_averages().table(
+            sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+        print(k, table, sep="\n", flush=True)
+    return tables
+
+
+@one_line_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = args.device
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = cuda  # as training does
-    base = timm.create_model(args.model).to(device).eval()
-    nets = {"plain": base,
-            "merged": patch_tome(copy.deepcopy(base), merge_num=args.merge_num),
-            "merged_no_prop_attn": patch_tome(copy.deepcopy(base), merge_num=args.merge_num, prop_attn=False),
-            "merged_index_to_block_8": patch_tome(copy.deepcopy(base), merge_num=args.merge_num, readout_block=8)}
-    x = torch.randn(args.batch_size, 3, *base.patch_embed.img_size, device=device)
+    nets = build_nets(args)
+    x = torch.randn(args.batch_size, 3, *nets["plain"].patch_embed.img_size, device=device)
     dtype = torch.bfloat16 if cuda else torch.float32
     report: dict = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
-                    "timm": timm.__version__, "cudnn_benchmark": cuda, "model": args.model, "batch": args.batch_size, "merge_num": args.merge_num}
+                    "timm": timm.__version__, "cudnn_benchmark": cuda, "model": args.model, "batch": args.batch_size,
+                    "merge_num": args.merge_num}
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=cuda):
         calls = {k: (lambda n=n: n(x)) for k, n in nets.items()}
         if cuda:
@@ -118,27 +143,20 @@ def main() -> None:
                 calls["merged_efficient_attn"] = efficient
         report["eager_ms"] = median_ms(calls, device, args.reps)
         print("eager ms:", {k: round(v, 2) for k, v in report["eager_ms"].items()}, flush=True)
+        save_json(report, args.out)
         if cuda:
             report["cuda_graph_ms"] = median_ms({k: as_graph(f) for k, f in calls.items()}, device, args.reps)
             print("CUDA-graph replay ms:", {k: round(v, 2) for k, v in report["cuda_graph_ms"].items()}, flush=True)
-            for k in ("plain", "merged"):
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                        torch.profiler.ProfilerActivity.CUDA]) as prof:
-                    for _ in range(3):
-                        calls[k]()
-                    sync(device)
-                table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
-                                                  max_name_column_width=70)
-                report[f"{k}_profile_3_calls"] = table
-                print(k, table, sep="\n", flush=True)
+            report.update(profile_tables(calls, device))
+            save_json(report, args.out)
         if not args.no_compile:
             report["compiled"] = {}
             for k in ("plain", "merged"):
                 report["compiled"][k] = r = compile_and_time(nets[k], x, device, args.reps)
                 print(f"compiled {k}: first call {r['compile_and_first_call_s']:.1f} s, {r['ms']:.2f} ms", flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+                save_json(report, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

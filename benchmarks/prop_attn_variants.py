@@ -19,15 +19,14 @@ counts). It is exact (float32 output and input gradient within 1e-7 of the mask 
 but compiling the whole merged model with it fails in torch 2.11's inductor ("convert
 FlexibleLayout to FixedLayout first", a known bug with score_mod buffers computed in the graph),
 so the library keeps the SDPA mask. Each is timed eager, as a CUDA-graph replay and compiled. On CPU, ``--check``
-prints each form's largest difference from the masked one (float32). Writes JSON with --out.
+prints each form's largest difference from the masked one (float32). Both write JSON with --out.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
-from pathlib import Path
+from typing import Sequence
 
 import timm
 import torch
@@ -36,9 +35,8 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
 import mergemix.tome as tome
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_profile import as_graph, compile_and_time, median_ms  # noqa: E402
+from bench_cli import at_least, device, output_file, save_json
+from merge_profile import as_graph, compile_and_time, median_ms
 
 MASKED = tome._attention
 PAD = 8  # head_dim 64 -> 72, a size the fused kernels accept
@@ -133,28 +131,34 @@ def flex_gradient_difference(attn: torch.nn.Module, device: torch.device) -> dic
             "input_grad_scale": grad_m.abs().max().item()}
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--check", action="store_true", help="only the exactness check (tiny model)")
-    p.add_argument("--forms", nargs="*", default=None, metavar="FORM",
+    p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--check", action="store_true", help="only the exactness check (tiny model, CPU)")
+    p.add_argument("--forms", nargs="+", default=None, choices=("plain", "no_prop_attn", *VARIANTS), metavar="FORM",
                    help=f"subset of: plain no_prop_attn {' '.join(VARIANTS)} (default: all)")
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args()
-    device = torch.device(args.device)
+    p.add_argument("--reps", type=at_least(1), default=20)
+    p.add_argument("--out", type=output_file, default=None)
+    args = p.parse_args(argv)
+    if not args.check and args.device.type != "cuda":  # before minutes of building and timing
+        p.error("timing needs a CUDA device (--device cuda); on the CPU run --check")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = args.device
     torch.manual_seed(0)
     if args.check:
         net = tome.patch_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8), merge_num=30)
-        print(max_differences(net.eval(), torch.randn(3, 3, 64, 64)))
-        return
+        diffs = max_differences(net.eval(), torch.randn(3, 3, 64, 64))
+        print(diffs)
+        save_json(diffs, args.out)
+        return 0
     torch.backends.cudnn.benchmark = True
     base = timm.create_model("deit_small_patch16_224").to(device).eval()
     nets = {"plain": base, "no_prop_attn": tome.patch_tome(copy.deepcopy(base), merge_num=98, prop_attn=False)}
     nets.update({k: tome.patch_tome(copy.deepcopy(base), merge_num=98) for k in VARIANTS})
-    unknown = set(args.forms or ()) - set(nets)
-    if unknown:
-        p.error(f"unknown forms: {' '.join(sorted(unknown))}")
     nets = {k: net for k, net in nets.items() if args.forms is None or k in args.forms}
     x = torch.randn(256, 3, 224, 224, device=device)
     report: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "batch": 256,
@@ -179,10 +183,10 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - e.g. a FlexAttention lowering this torch lacks
                 print(f"{name}: compile failed: {str(e).splitlines()[0]}", flush=True)
             print(name, {k: round(v, 2) for k, v in report[name].items()}, flush=True)
-            if args.out:  # after each form, so a later failure keeps the earlier ones
-                args.out.write_text(json.dumps(report, indent=2))
+            save_json(report, args.out)  # after each form, so a later failure keeps the earlier ones
         tome._attention = MASKED
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

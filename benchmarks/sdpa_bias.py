@@ -1,7 +1,7 @@
 """What SDPA's additive key bias costs, per backend and sequence length (an experiment, kept as evidence).
 
     python benchmarks/sdpa_bias.py --device cuda --out benchmarks/results/sdpa_bias_cuda.json
-    python benchmarks/sdpa_bias.py --check      # CPU: each biased form against explicit softmax
+    python benchmarks/sdpa_bias.py --check      # CPU: each biased form against explicit softmax (--out: as JSON)
 
 Proportional attention adds log(size) to the logits as a (B, 1, 1, N) float mask. On an H200 the
 merged model's attention took 143 µs per call with that mask against 86 µs unmasked at more
@@ -21,13 +21,15 @@ import argparse
 import contextlib
 import json
 import statistics
-from pathlib import Path
+import sys
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench_cli import at_least, device, output_file, save_json
 from mergemix.merge import decreasing_schedule, token_counts
 
 TOKENS = token_counts(197, decreasing_schedule(98, 12))  # entering DeiT-S/224's blocks at merge_num 98: 197 ... 103
@@ -81,19 +83,26 @@ def check() -> dict:
             for form in ("bias", "bias_pad8")}
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--check", action="store_true", help="only the exactness check (CPU)")
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args()
-    if args.check:
-        print(json.dumps(check(), indent=1))
-        return
-    device = torch.device(args.device)
-    if device.type != "cuda":
+    p.add_argument("--reps", type=at_least(1), default=20)
+    p.add_argument("--out", type=output_file, default=None)
+    args = p.parse_args(argv)
+    if not args.check and args.device.type != "cuda":
         p.error("timing needs a CUDA device (--device cuda); on the CPU run --check")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.check:
+        diffs = check()
+        print(json.dumps(diffs, indent=1))
+        save_json(diffs, args.out)
+        return 0
+    device = args.device
     torch.manual_seed(0)
     forms = ("plain", "bias", "bias_cudnn", "bias_efficient", "bias_pad8")
     report: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
@@ -115,13 +124,14 @@ def main() -> None:
                 except RuntimeError as e:  # a forced backend may refuse this shape
                     report[key].setdefault(form, {})[N] = f"failed: {str(e).splitlines()[0][:120]}"
         print(N, {form: report["forward_backward"][form][N] for form in forms}, flush=True)
+        save_json(report, args.out)  # after each token count, so a later failure keeps the earlier ones
     for key in ("forward", "forward_backward"):
         report[f"{key}_sum_over_blocks"] = {
             form: round(sum(v for v in ms.values() if isinstance(v, float)), 3) for form, ms in report[key].items()}
     print(json.dumps({k: v for k, v in report.items() if k.endswith("sum_over_blocks")}, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+    save_json(report, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -31,41 +31,50 @@ from tqdm import tqdm
 
 import mergemix
 import mergemix.mix as mix
+from bench_cli import at_least, device, model_name, one_line_errors, output_file
 from mergemix import mask as M
-from mergemix import tome
-from mergemix.tome import patch_size, patch_tome, tome_options
+from mergemix import models, tome
+from mergemix.config import COMPILE_MODES, key_value
+from mergemix.errors import ConfigError
+from mergemix.mix.mergemix import AUX_LOSSES
+from mergemix.tome import patch_size, patch_tome, resolve_schedule, tome_options
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODEL = "vit_tiny_patch16_224"
-CPU_MODEL_KWARGS = ["patch_size=4", "depth=6", "embed_dim=128", "num_heads=4"]
+CPU_MODEL_KWARGS = {"patch_size": 4, "depth": 6, "embed_dim": 128, "num_heads": 4}
+MERGEMIX_CONFIGS = [f"{aux},{merge}" for aux in AUX_LOSSES for merge in ("merge", "nomerge")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--model", default=None, help=f"timm model (default {DEFAULT_MODEL}, on the CPU made small)")
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--model-kwargs", nargs="*", default=None,
+    p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--model", type=model_name, default=None,
+                   help=f"timm model (default {DEFAULT_MODEL}, on the CPU made small)")
+    p.add_argument("--img-size", type=at_least(1), default=32)
+    p.add_argument("--model-kwargs", nargs="*", type=key_value, default=None,
                    help="key=value overrides (default: none; for the default model on the CPU "
-                        f"{' '.join(CPU_MODEL_KWARGS)})")
-    p.add_argument("--num-classes", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=64)
+                        f"{' '.join(f'{k}={v}' for k, v in CPU_MODEL_KWARGS.items())})")
+    p.add_argument("--num-classes", type=at_least(2), default=100)
+    p.add_argument("--batch-size", type=at_least(2), default=64, help="at least 2: mixing pairs images of a batch")
     p.add_argument("--amp", default=None, choices=[None, "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (implies --compile)")
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                   help="torch.compile mode, e.g. reduce-overhead (implies --compile)")
     p.add_argument("--compile-scope", default=None, choices=("model", "blocks"),
                    help="whole model (default) or, an experiment, block by block (implies --compile; see compile_model)")
-    p.add_argument("--merge-num", type=int, default=None, help="default: half the patches")
-    p.add_argument("--merge-every", type=int, nargs="+", default=[1], metavar="K",
+    p.add_argument("--merge-num", type=at_least(0), default=None, help="default: half the patches")
+    p.add_argument("--merge-every", type=at_least(1), nargs="+", default=[1], metavar="K",
                    help="MergeMix and merged evaluation merging in every K-th block; several values are timed "
                         "side by side (labels gain ',everyK' for K > 1)")
-    p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
-    p.add_argument("--mergemix-configs", nargs="*", default=None, metavar="AUX,MERGE",
-                   help="MergeMix configurations, e.g. clean,merge none,merge (default: every aux mode, merge and nomerge)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--methods", nargs="*", default=None, choices=mix.available(), metavar="METHOD",
+                   help=f"default: every registered method ({', '.join(mix.available())})")
+    p.add_argument("--mergemix-configs", nargs="*", default=None, choices=MERGEMIX_CONFIGS, metavar="AUX,MERGE",
+                   help=f"MergeMix configurations ({' '.join(MERGEMIX_CONFIGS)}; default: all of them)")
+    p.add_argument("--warmup", type=at_least(1), default=3)
+    p.add_argument("--steps", type=at_least(1), default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=output_file, default=None,
+                   help="JSON file (a markdown table goes next to it); default: under benchmarks/results/")
     args = p.parse_args(argv)
     args.compile = args.compile or args.compile_mode is not None or args.compile_scope is not None
     args.compile_scope = args.compile_scope or "model"
@@ -73,14 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
-    items = args.model_kwargs
-    if items is None:  # the small CPU model only when no --model was named: a named one is taken as it is
-        items = CPU_MODEL_KWARGS if args.model is None and not args.device.startswith("cuda") else []
-    out = {}
-    for item in items:
-        k, v = item.split("=", 1)
-        out[k] = int(v) if v.lstrip("-").isdigit() else float(v) if v.replace(".", "", 1).isdigit() else v
-    return out
+    if args.model_kwargs is not None:
+        return dict(args.model_kwargs)
+    # the small CPU model only when no --model was named: a named one is taken as it is
+    return dict(CPU_MODEL_KWARGS) if args.model is None and args.device.type != "cuda" else {}
 
 
 def configurations(methods: list[str], merge_num: int | None, mergemix_configs: list[str] | None = None,
@@ -225,13 +230,20 @@ def eval_throughput(base_model, x, merge_num, args, device, autocast) -> dict:
     return out
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     torch.manual_seed(args.seed)
-    base = timm.create_model(args.model or DEFAULT_MODEL, num_classes=args.num_classes, img_size=args.img_size, **model_kwargs(args))
+    base = models.create(args.model or DEFAULT_MODEL, num_classes=args.num_classes, img_size=args.img_size,
+                         in_chans=3, model_kwargs=model_kwargs(args))
     L = base.patch_embed.num_patches
     merge_num = args.merge_num if args.merge_num is not None else L // 2
+    for k in args.merge_every:  # before minutes of timing, not at the merged evaluation after them
+        try:
+            resolve_schedule(L, len(base.blocks), merge_num=merge_num, merge_every=k)
+        except ValueError as e:
+            raise ConfigError(f"--merge-num {merge_num} --merge-every {k} does not fit {L} patches: {e}") from None
     methods = args.methods or mix.available()
     if "cutmix" not in methods:
         methods = ["cutmix", *methods]
@@ -245,7 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as training does (see Trainer)
     configs = configurations(methods, merge_num, args.mergemix_configs, args.merge_every)
-    runners = [Runner(label, m, opts, base, args, device) for label, m, opts in configs]
+    runners = []
+    for label, method, options in configs:
+        try:
+            runners.append(Runner(label, method, options, base, args, device))
+        except ValueError as e:  # a method that does not fit the model (e.g. its read-out block)
+            raise ConfigError(f"{label} does not fit {args.model or DEFAULT_MODEL}: {e}") from None
     for r in tqdm(runners, desc="warm-up", file=sys.stderr):
         t = time.perf_counter()
         for _ in range(args.warmup):

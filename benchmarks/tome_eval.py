@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from bench_cli import at_least, check_outputs, one_line_errors  # noqa: E402
 
 from mergemix import cli  # noqa: E402
 
@@ -31,7 +32,8 @@ KEYS = ("top1", "ece", "nll", "brier", "images_per_s")
 
 def evaluate(checkpoint: str, merge_num: int | None, merge_every: int, extra: list[str], out: Path) -> dict | None:
     """One `mergemix eval`; its results.json figures. None when the schedule does not fit the model
-    (exit 2: a block would merge more than half its tokens; eval has printed why); raises on any other failure."""
+    (exit 2: a block would merge more than half its tokens; eval has printed why); on any other failure,
+    exits with eval's code (eval has printed its one-line error)."""
     argv = ["eval", "--checkpoint", checkpoint, "--output", str(out), *extra]
     if merge_num is not None:
         argv += ["--merge-num", str(merge_num), "--merge-every", str(merge_every)]
@@ -39,7 +41,7 @@ def evaluate(checkpoint: str, merge_num: int | None, merge_every: int, extra: li
     if code == 2 and merge_num:
         return None
     if code != 0:
-        raise SystemExit(f"mergemix {' '.join(argv)} failed")
+        raise SystemExit(code)
     return json.loads((out / "results.json").read_text())
 
 
@@ -59,8 +61,8 @@ def markdown(report: dict) -> str:
     plain = report["points"][0]["images_per_s"]
     T = report["num_tokens"]
     for p in report["points"]:
-        if p["merge_num"] is None:
-            n, every, tokens = "–", "–", f"plain ({T})"
+        if p["merge_num"] is None:  # T is None when no merged point ran: the plain pass does not count tokens
+            n, every, tokens = "–", "–", "plain" if T is None else f"plain ({T})"
         else:
             n, every = p["merge_num"], "every block" if p["merge_every"] == 1 else f"every {p['merge_every']}"
             tokens = f"{p['tokens_per_block'][0]} → {p['tokens_per_block'][-1]}, {mean_tokens(p, T):.1f}"
@@ -106,16 +108,19 @@ def figure(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a .pth.tar file or a run folder")
-    p.add_argument("--merge-nums", type=int, nargs="+", default=[0, 8, 16, 24, 32])
-    p.add_argument("--merge-every", type=int, nargs="+", default=[1], metavar="K",
+    p.add_argument("--merge-nums", type=at_least(0), nargs="+", default=[0, 8, 16, 24, 32])
+    p.add_argument("--merge-every", type=at_least(1), nargs="+", default=[1], metavar="K",
                    help="schedules: merging in every K-th block (each merge_num is evaluated with each K)")
     p.add_argument("--name", default="tome_eval", help="results file stem under benchmarks/results/")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every `mergemix eval`")
     args = p.parse_args(argv)
+    stem = args.results_dir / args.name
+    check_outputs([stem.with_suffix(suffix) for suffix in (".json", ".md", ".png")], f"--results-dir {args.results_dir}")
     # (merge_num, K); merge_num 0 is the plain model whatever K, so it is evaluated once
     runs = [(None, 1)] + [(n, k) for k in args.merge_every for n in args.merge_nums if n or k == args.merge_every[0]]
     points, skipped = [], []
@@ -132,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     tokens = next((p["tokens_per_block"][0] for p in points if p["tokens_per_block"]), None)
     report = {"checkpoint": args.checkpoint, "model": info["model"], "dataset": info["dataset"],
               "num_images": info["num_images"], "num_tokens": tokens, "points": points, "skipped": skipped}
-    stem = args.results_dir / args.name
-    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
     stem.with_suffix(".md").write_text(text + "\n")

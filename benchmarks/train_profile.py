@@ -13,33 +13,41 @@ backwards) can be read off. Prints a report; writes it as JSON with --out.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import sys
-from pathlib import Path
+from typing import Sequence
 
 import timm
 import torch
 
-from mergemix.tome import patch_tome
+from bench_cli import at_least, device, merged_copy, model_name, one_line_errors, output_file, save_json
+from merge_profile import median_ms, sync
+from mergemix.config import COMPILE_MODES
+from mergemix.errors import ConfigError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_profile import median_ms, sync  # noqa: E402
 
-
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--model", default="deit_small_patch16_224")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--merge-num", type=int, default=98)
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--rows", type=int, default=25, help="kernels kept per profile")
+    p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--model", type=model_name, default="deit_small_patch16_224")
+    p.add_argument("--img-size", type=at_least(1), default=224)
+    p.add_argument("--batch-size", type=at_least(1), default=256)
+    p.add_argument("--merge-num", type=at_least(0), default=98)
+    p.add_argument("--reps", type=at_least(1), default=10)
+    p.add_argument("--rows", type=at_least(1), default=25, help="kernels kept per profile")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
-    p.add_argument("--out", type=Path, default=None)
-    return p.parse_args()
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES, help="torch.compile mode")
+    p.add_argument("--out", type=output_file, default=None)
+    args = p.parse_args(argv)
+    if args.no_compile and args.compile_mode is not None:
+        p.error("--compile-mode has no effect with --no-compile; drop one of them")
+    return args
+
+
+def create_vit(name: str, img_size: int) -> torch.nn.Module:
+    try:
+        return timm.create_model(name, img_size=img_size)
+    except TypeError as e:  # a model without img_size is no ViT, which merging needs anyway
+        raise ConfigError(f"--model {name} is not a timm ViT: {e}") from None
 
 
 def training_pass(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device):
@@ -65,13 +73,14 @@ def profile_table(fn, device: torch.device, rows: int) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=90)
 
 
-def main() -> None:
-    args = parse_args()
-    device = torch.device(args.device)
+@one_line_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = args.device
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    base = timm.create_model(args.model, img_size=args.img_size).to(device).train()
-    nets = {"plain": base, "merged": patch_tome(copy.deepcopy(base), merge_num=args.merge_num)}
+    base = create_vit(args.model, args.img_size).to(device).train()
+    nets = {"plain": base, "merged": merged_copy(base, merge_num=args.merge_num)}
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, base.num_classes, (args.batch_size,), device=device)
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -88,9 +97,9 @@ def main() -> None:
         for k, fn in calls.items():
             report[mode][f"{k}_profile_3_passes"] = table = profile_table(fn, device, args.rows)
             print(f"{mode} {k}", table, sep="\n", flush=True)
-        if args.out:  # after each mode, so a timeout in compiling keeps the eager report
-            args.out.write_text(json.dumps(report, indent=2))
+        save_json(report, args.out)  # after each mode, so a timeout in compiling keeps the eager report
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,21 +1,13 @@
 """The step-time benchmark runs end to end on a tiny ViT and reports consistent ratios."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import ROOT, load
 
 
 def test_step_time_ratios(tmp_path, capsys):
@@ -82,7 +74,6 @@ def test_step_time_block_scope_matches_eager_and_does_not_grow_with_depth(monkey
     merged model's, and the number of graphs is set by the flag combinations (first merge,
     read-out block, after it), not by the depth."""
     import timm
-    import torch
 
     from mergemix import tome
     step_time = load("step_time")
@@ -116,7 +107,6 @@ def test_step_time_block_scope_matches_eager_and_does_not_grow_with_depth(monkey
 
 def test_sdpa_bias_forms_equal_explicit_softmax():
     """Padding keys to a multiple of 8 with -inf bias leaves the attention unchanged."""
-    import torch
     sdpa_bias = load("sdpa_bias")
     assert all(d < 1e-5 for d in sdpa_bias.check().values())
     q, k, v, bias = sdpa_bias.inputs(2, 3, 13, 8, torch.device("cpu"), torch.float32)
@@ -129,7 +119,6 @@ def test_sdpa_bias_forms_equal_explicit_softmax():
 def test_prop_attn_variants_match_the_mask():
     """The mask-free forms of proportional attention give the masked form's logits (float32)."""
     import timm
-    import torch
     from mergemix.tome import patch_tome
     variants = load("prop_attn_variants")
     torch.manual_seed(0)
@@ -220,11 +209,8 @@ def test_merge_ab_compares_outputs_of_both_versions(tmp_path, capsys, ref):
     """merge_ab.py against HEAD's merge.py, or a merge.py file: both passes timed, and the results
     compared (the same code must agree exactly, so a real difference would show in max_abs_diff)."""
     out = tmp_path / "ab.json"
-    sys_argv = ["merge_ab.py", "--ref", ref, "--batch-size", "2", "--tokens", "17", "--channels", "8", "--r", "4",
-                "--reps", "2", "--out", str(out)]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("sys.argv", sys_argv)
-        load("merge_ab").main()
+    assert load("merge_ab").main(["--ref", ref, "--batch-size", "2", "--tokens", "17", "--channels", "8", "--r", "4",
+                                  "--reps", "2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"forward", "forward+backward"}
     for r in report["results"].values():
@@ -238,6 +224,50 @@ def test_step_time_shrinks_only_its_default_model_on_the_cpu():
     default = step_time.parse_args([])
     assert step_time.model_kwargs(default) == {"patch_size": 4, "depth": 6, "embed_dim": 128, "num_heads": 4}
     assert step_time.model_kwargs(step_time.parse_args(["--model", "deit_tiny_patch16_224"])) == {}
-    assert step_time.model_kwargs(step_time.parse_args(["--device", "cuda"])) == {}
+    on_gpu = step_time.parse_args([])
+    on_gpu.device = torch.device("cuda")  # set after parsing: --device cuda is rejected on a machine without one
+    assert step_time.model_kwargs(on_gpu) == {}
     named = step_time.parse_args(["--model", "deit_tiny_patch16_224", "--model-kwargs", "depth=2"])
     assert step_time.model_kwargs(named) == {"depth": 2}
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("step_time", ["--out", "{tmp}"], "is a folder; give a file"),
+    ("step_time", ["--out", "/proc/x.json"], "cannot write /proc/x.json"),
+    ("step_time", ["--steps", "0"], "--steps: must be at least 1, got 0"),
+    ("step_time", ["--batch-size", "1"], "--batch-size: must be at least 2, got 1"),
+    ("step_time", ["--methods", "nosuch"], "invalid choice: 'nosuch'"),
+    ("step_time", ["--mergemix-configs", "bogus"], "invalid choice: 'bogus'"),
+    ("step_time", ["--model-kwargs", "depth"], "expected key=value, got 'depth'"),
+    ("step_time", ["--compile-mode", "bogus"], "invalid choice: 'bogus'"),
+    ("step_time", ["--merge-every", "0"], "--merge-every: must be at least 1, got 0"),
+    ("merge_ab", ["--ref", "HEAD", "--r", "9", "--tokens", "17"], "--r 9 is more than half of the 16 patch tokens"),
+    ("merge_ab", ["--ref", "HEAD", "--reps", "0"], "--reps: must be at least 1, got 0"),
+    ("merge_ab", ["--ref", "HEAD", "--model", "nosuch"], "unknown model 'nosuch'"),
+])
+def test_step_time_and_merge_ab_reject_bad_flags_while_parsing(script, argv, message, tmp_path, capsys):
+    """Checked before any timing: a usage error (exit 2) and no output file."""
+    with pytest.raises(SystemExit) as done:
+        load(script).main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert done.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    # 8x8 patches of 4 px: 64 tokens; the decreasing schedule of 100 over 6 blocks overfills block 1
+    ("step_time", ["--methods", "cutmix", "--merge-num", "100"], "--merge-num 100 --merge-every 1 does not fit 64 "
+                                                                 "patches: merge_num=100 is too large"),
+    ("step_time", ["--model-kwargs", "foo=1"], "cannot be built with --model-kwargs foo=1"),
+    ("merge_ab", ["--ref", "{tmp}/empty.py"], "has no merge_tokens function"),
+    ("merge_ab", ["--ref", "{tmp}/broken.py"], "importing it failed (SyntaxError"),
+    ("merge_ab", ["--ref", "no-such-commit"], "is neither a file nor a commit git can show"),
+])
+def test_step_time_and_merge_ab_report_unfit_input_in_one_line(script, argv, message, tmp_path, capsys):
+    """Input that needs the model or the baseline file to judge: one error line, exit 2, before timing."""
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    (tmp_path / "broken.py").write_text("def (\n")
+    out = tmp_path / "out.json"
+    assert load(script).main([*[a.replace("{tmp}", str(tmp_path)) for a in argv], "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()

@@ -30,7 +30,9 @@ class Context:
         return self.world_size > 1
 
 
-def _device(name: str, local_rank: int) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device a ``--device`` value names (auto: CUDA, else MPS, else CPU; cuda: this process's
+    GPU); ``ConfigError`` for a name torch does not know or a GPU that is not there."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
@@ -42,6 +44,9 @@ def _device(name: str, local_rank: int) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda but no CUDA device is visible: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
@@ -52,7 +57,7 @@ def setup(device_name: str) -> Context:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(device_name, local_rank)
+    device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():

@@ -13,10 +13,14 @@ from . import checkpoint
 from .errors import CheckpointError, ConfigError
 
 
-def _unknown_model(name: str) -> ConfigError:
-    close = difflib.get_close_matches(name, timm.list_models(), n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    return ConfigError(f"unknown model {name!r}{hint}; list them with: python -c \"import timm; print(timm.list_models('vit*'))\"")
+def check_name(name: str) -> str:
+    """``name`` if timm knows the model, else a ``ConfigError`` that suggests close names."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown model {name!r}{hint}; list them with: "
+                          f"python -c \"import timm; print(timm.list_models('vit*'))\"")
+    return name
 
 
 def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_path_rate: float = 0.0,
@@ -28,8 +32,7 @@ def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_pa
     weights file through timm's pretrained path, which drops a classifier of another size and
     resamples position embeddings for another image size.
     """
-    if not timm.is_model(name):
-        raise _unknown_model(name)
+    check_name(name)
     kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate,
                                   img_size=img_size, **(model_kwargs or {}))
     if initial_checkpoint:

@@ -1,0 +1,130 @@
+"""Command-line pieces the benchmark scripts share.
+
+A benchmark may time for minutes before it writes anything, so a bad value must fail while the
+flags are parsed, not after the timing: the argument types below check devices, model names,
+counts and output files up front (argparse then prints its usage line and exits 2). Checks that
+need the built model raise ``ConfigError``; ``one_line_errors`` turns those into one ``error: ...``
+line and exit code 2, as ``mergemix`` itself does.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from mergemix.cli import one_line
+from mergemix.distributed import resolve_device
+from mergemix.errors import ConfigError, MergeMixError
+from mergemix.models import check_name
+from mergemix.tome import patch_tome
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """Argument type: an int of at least ``minimum``."""
+    def parse(text: str) -> int:
+        value = int(text)  # a ValueError is reported by argparse as "invalid int value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot be written as a file, or None if it can; creates its folder. Probed by
+    opening it for appending (and removing it again if it was not there)."""
+    if path.is_dir():
+        return f"{path} is a folder; give a file, e.g. {path / 'result.json'}"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file; give a folder"
+            break
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):
+            pass
+    except OSError as e:
+        return f"cannot write {path}: {e.strerror or e}"
+    if not existed:
+        path.unlink()
+    return None
+
+
+def output_file(text: str) -> Path:
+    """Argument type: a file the script can write (``unwritable``), so that a bad path fails
+    before the timing, not after it."""
+    why = unwritable(Path(text))
+    if why:
+        raise argparse.ArgumentTypeError(why)
+    return Path(text)
+
+
+def output_folder(text: str) -> Path:
+    """Argument type: a folder files can be written to, created now."""
+    why = unwritable(Path(text) / ".probe")
+    if why:
+        raise argparse.ArgumentTypeError(why)
+    return Path(text)
+
+
+def check_outputs(paths: Sequence[Path], what: str) -> None:
+    """``ConfigError`` for the first of ``paths`` that cannot be written (``what`` names the flag
+    that chose them): for output files derived from several flags, checked before the work."""
+    for path in paths:
+        why = unwritable(path)
+        if why:
+            raise ConfigError(f"{what}: {why}")
+
+
+def save_json(report: dict, out: Path | None) -> None:
+    """Write ``report`` to ``out`` (if given). Scripts call it after each stage, so that a later
+    failure or timeout keeps what was measured."""
+    if out is not None:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def merged_copy(net: nn.Module, **options: Any) -> nn.Module:
+    """``patch_tome`` on a copy of ``net``; its ValueError (a merge_num too large for the model, a
+    read-out block out of range, not a ViT) is an input error, raised before any timing."""
+    try:
+        return patch_tome(copy.deepcopy(net), **options)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def device(text: str) -> torch.device:
+    """Argument type: a torch device that is present (``auto``: CUDA if there is one, else CPU)."""
+    try:
+        return resolve_device(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def model_name(text: str) -> str:
+    """Argument type: a model name timm knows."""
+    try:
+        return check_name(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def one_line_errors(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
+    """Wrap a script's ``main(argv)``: an input error (``MergeMixError``) prints one line and
+    returns its exit code; anything else is a bug and keeps its traceback."""
+    @functools.wraps(main)
+    def wrapper(argv: Sequence[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except MergeMixError as e:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return e.exit_code
+    return wrapper

@@ -1,0 +1,211 @@
+"""accuracy.py, tome_eval.py and gpu_step_time.sh reject bad input up front: one line, exit 2, and no
+run launched or file written; a failed step of the GPU script shows in its exit status."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from benchmark_scripts import ROOT, load
+
+GPU_SCRIPT = ROOT / "benchmarks" / "gpu_step_time.sh"
+FIGURES = {"top1": 90.0, "ece": 0.05, "nll": 0.3, "brier": 0.1, "epoch_time": 1.0}
+
+
+def files_under(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file()]
+
+
+def error_line(capsys) -> str:
+    """The one line a ConfigError printed (and nothing else on stderr)."""
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.fixture
+def accuracy(tmp_path, monkeypatch):
+    """accuracy.py writing its tables under tmp_path/results; run_one records the runs instead of training."""
+    module = load("accuracy")
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    module.launched = []
+
+    def run_one(cmd: list[str], run_dir: Path, threads: int) -> dict:
+        module.launched.append(run_dir.name)
+        return dict(FIGURES)
+    monkeypatch.setattr(module, "run_one", run_one)
+    return module
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--datasets", "bogus"], "invalid choice: 'bogus'"),
+    (["--jobs", "0"], "--jobs: must be at least 1, got 0"),
+    (["--jobs", "-1"], "--jobs: must be at least 1, got -1"),
+    (["--seeds", "-1"], "--seeds: must be at least 1, got -1"),
+    (["--seeds", "0"], "--seeds: must be at least 1, got 0"),  # not "the mode's default"
+])
+def test_accuracy_rejects_bad_flags_while_parsing(accuracy, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        accuracy.main([*argv, "--runs-dir", str(tmp_path / "runs")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert accuracy.launched == [] and files_under(tmp_path) == []
+
+
+def test_accuracy_rejects_a_file_as_runs_dir(accuracy, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        accuracy.main(["--runs-dir", str(runs)])
+    assert e.value.code == 2 and "is a file; give a folder" in capsys.readouterr().err
+    assert accuracy.launched == [] and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--datasets", "fashion-mnist"], "fashion-mnist has no quick recipe; its modes: full, long, small-data"),
+    (["--mode", "gpu", "--datasets", "digits"], "digits has no gpu recipe; its modes: quick, full, long"),
+    (["--methods", "bogus"], "--methods bogus: not a label of quick mode on digits; choose from: none, mixup,"),
+    # quick mode has no ablations: the label must not be dropped silently
+    (["--methods", "mergemix", "mergemix[lam=gaussian]"], "--methods mergemix[lam=gaussian]: not a label of quick mode"),
+    # full mode runs the ablations on digits only: Fashion-MNIST would get an empty table
+    (["--mode", "full", "--methods", "mergemix[lam=gaussian]"], "none of --methods runs on fashion-mnist in full mode; "
+                                                                "leave it out with --datasets digits"),
+])
+def test_accuracy_rejects_datasets_and_methods_the_mode_does_not_run(accuracy, tmp_path, capsys, argv, message):
+    assert accuracy.main([*argv, "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert message in error_line(capsys)
+    assert accuracy.launched == [] and not (tmp_path / "results").exists()
+
+
+def test_accuracy_checks_its_result_files_before_the_runs(accuracy, tmp_path, capsys):
+    (tmp_path / "results" / "digits_quick.md").mkdir(parents=True)  # a folder where the table goes
+    assert accuracy.main(["--methods", "none", "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "digits_quick.md is a folder" in error_line(capsys)
+    assert accuracy.launched == [] and files_under(tmp_path / "results") == []
+
+
+def test_accuracy_runs_the_labels_each_dataset_has(accuracy, tmp_path):
+    """Valid input gets through the checks: an ablation runs on the datasets that have it, every seed
+    asked for, and each dataset's table is written."""
+    argv = ["--mode", "full", "--methods", "mergemix", "mergemix[lam=gaussian]", "--seeds", "1",
+            "--runs-dir", str(tmp_path / "runs")]
+    assert accuracy.main(argv) == 0
+    assert sorted(accuracy.launched) == ["digits-mergemix-s0", "digits-mergemix_lam-gaussian-s0",
+                                         "fashion-mnist-mergemix-s0"]
+    assert {p.name for p in files_under(tmp_path / "results")} == {
+        f"{d}.{suffix}" for d in ("digits", "fashion-mnist") for suffix in ("json", "md", "png")}
+
+
+@pytest.fixture
+def tome_eval(monkeypatch):
+    """tome_eval.py with `mergemix eval` replaced: the plain pass gives figures, every merged point
+    is too large for the model (None, as exit 2 of eval gives)."""
+    module = load("tome_eval")
+    module.evaluated = []
+
+    def evaluate(checkpoint: str, merge_num: int | None, merge_every: int, extra: list[str], out: Path) -> dict | None:
+        module.evaluated.append(merge_num)
+        if merge_num:
+            return None
+        return {"model": "vit", "dataset": "digits", "num_images": 10, "images_per_s": 100.0, **FIGURES}
+    monkeypatch.setattr(module, "evaluate", evaluate)
+    return module
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--merge-nums", "0", "-4"], "--merge-nums: must be at least 0, got -4"),
+    (["--merge-every", "0"], "--merge-every: must be at least 1, got 0"),
+])
+def test_tome_eval_rejects_bad_schedules_while_parsing(tome_eval, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        tome_eval.main(["--checkpoint", "ckpt", "--results-dir", str(tmp_path / "res"), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert tome_eval.evaluated == [] and not (tmp_path / "res").exists()
+
+
+def test_tome_eval_checks_its_result_files_before_evaluating(tome_eval, tmp_path, capsys):
+    res = tmp_path / "res"
+    res.write_text("a file")
+    assert tome_eval.main(["--checkpoint", "ckpt", "--results-dir", str(res)]) == 2
+    assert f"--results-dir {res}: {res} is a file; give a folder" in error_line(capsys)
+    res.unlink()
+    (res / "tome_eval.png").mkdir(parents=True)
+    assert tome_eval.main(["--checkpoint", "ckpt", "--results-dir", str(res)]) == 2
+    assert "tome_eval.png is a folder" in error_line(capsys)
+    if Path("/proc/self").is_dir():  # a folder no file can be created in
+        assert tome_eval.main(["--checkpoint", "ckpt", "--results-dir", "/proc"]) == 2
+        assert "cannot write /proc/tome_eval.json" in error_line(capsys)
+    assert tome_eval.evaluated == [] and files_under(res) == []
+
+
+def test_tome_eval_table_without_merged_points(tome_eval, tmp_path):
+    """Every merged point too large: the plain row shows no token count rather than 'None'."""
+    assert tome_eval.main(["--checkpoint", "ckpt", "--merge-nums", "40", "--results-dir", str(tmp_path)]) == 0
+    assert tome_eval.evaluated == [None, None, 40]  # warm-up, plain, the merged point
+    table = (tmp_path / "tome_eval.md").read_text()
+    assert "| – | – | plain | 90.00 |" in table and "None" not in table
+    assert "merge_num 40 every 1 blocks." in table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "{tmp}/missing"], "error: no checkpoint at"),
+    (["--checkpoint", "{tmp}/missing", "--extra", "--bogus"], "error: unrecognized arguments: --bogus"),
+])
+def test_tome_eval_reports_a_failed_eval_once(tmp_path, capsys, argv, message):
+    """The real `mergemix eval` fails at the warm-up pass: its error line alone, and its exit code."""
+    tome_eval = load("tome_eval")
+    with pytest.raises(SystemExit) as e:
+        tome_eval.main([a.format(tmp=tmp_path) for a in argv] + ["--results-dir", str(tmp_path / "res")])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert files_under(tmp_path) == []
+
+
+def gpu_script(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run the GPU script with a stand-in interpreter that logs each call's script to tmp_path/calls
+    and exits with $FAIL_CODE when its arguments match $FAIL (a shell pattern)."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/bin/sh\necho "$1" >> "$CALLS"\n'
+                        'case "$*" in $FAIL) [ "$FAIL_CODE" = sleep ] && exec sleep 5; exit "$FAIL_CODE";; esac\n')
+    stand_in.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stand_in), "CALLS": str(tmp_path / "calls"), "FAIL": "", "FAIL_CODE": "0",
+           **env}
+    return subprocess.run(["bash", str(GPU_SCRIPT), *args], env=env, capture_output=True, text=True, timeout=30)
+
+
+def calls(tmp_path: Path) -> list[str]:
+    path = tmp_path / "calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_gpu_script_help_lists_its_settings_and_runs_nothing(tmp_path):
+    for flag in ("-h", "--help"):
+        r = gpu_script(tmp_path, flag)
+        assert r.returncode == 0 and r.stdout.startswith("usage: ")
+        read = set(re.findall(r"\$\{([A-Z_]+)", GPU_SCRIPT.read_text()))  # every setting the script reads
+        assert read >= {"PYTHON", "MERGE_AB_REF", "CONFIGS"} and all(name in r.stdout for name in read)
+    assert calls(tmp_path) == []
+
+
+def test_gpu_script_rejects_arguments(tmp_path):
+    r = gpu_script(tmp_path, "--steps", "5")
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and "takes no arguments, got '--steps 5'" in r.stderr
+    assert calls(tmp_path) == []
+
+
+def test_gpu_script_runs_every_step_and_fails_if_one_did(tmp_path):
+    r = gpu_script(tmp_path, MERGE_AB_REF="/nonexistent/merge.py", FAIL="*merge_ab.py*", FAIL_CODE="3")
+    assert r.returncode == 1
+    assert calls(tmp_path) == ["benchmarks/merge_ab.py", "benchmarks/step_time.py", "benchmarks/step_time.py"]
+    assert r.stderr.strip().endswith("failed steps: merge_ab (exit 3)")
+    (tmp_path / "calls").unlink()
+    # a step stopped by its time limit is named as such; the steps that passed are not named
+    r = gpu_script(tmp_path, FAIL="*--compile*", FAIL_CODE="sleep", COMPILED_TIMEOUT="0.2")
+    assert r.returncode == 1 and len(calls(tmp_path)) == 2
+    assert r.stderr.strip().endswith("failed steps: compiled (timed out)")
+    (tmp_path / "calls").unlink()
+    assert gpu_script(tmp_path).returncode == 0 and len(calls(tmp_path)) == 2
