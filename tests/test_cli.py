@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,6 +166,18 @@ def test_a_finished_run_is_not_overwritten(run, capsys):
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+def test_resuming_into_another_runs_folder_does_not_overwrite_it(run, tmp_path, capsys):
+    """--resume continues a run in its own folder; pointed (by --output/--experiment) at a folder
+    that holds another run, it must not replace that run's files."""
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    assert cli.main(["train", "--resume", str(run), "--epochs", "3", "--output", str(tmp_path),
+                     "--experiment", "other"]) == 2
+    assert f"{other} already holds a run" in error_line(capsys)
+    assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--model", "vit_tiny_patch16_2244"], "unknown model"),
     (["--mix", "mergemixx"], "unknown method"),
@@ -179,8 +192,8 @@ def test_a_finished_run_is_not_overwritten(run, capsys):
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "does not exist"),
     (["--resume", "/nonexistent/run"], "no checkpoint at"),
     (["--model-kwargs", "patch_size=4", "depthh=2"], "unexpected keyword argument 'depthh'"),
-    (["--model-kwargs", "patch_size=4", "depthh=2"], "cannot be built with --model-kwargs patch_size=4 depthh=2 ("),
-    (["--model-kwargs", "depth=abc"], "cannot be built with --model-kwargs depth=abc"),
+    (["--model-kwargs", "patch_size=4", "depthh=2"], "depthh=2 ("),  # the digits ViT's kwargs, changed by these
+    (["--model-kwargs", "depth=abc"], "cannot be built with --model-kwargs patch_size=4 embed_dim=96 depth=abc num_heads=3"),
     (["--opt", "adamww"], "adamww"),
     # out-of-range flags: checked with the flags, before any data or model is built
     (["--workers", "-1"], "--workers must be at least 0"),
@@ -190,6 +203,11 @@ def test_a_finished_run_is_not_overwritten(run, capsys):
     (["--train-subset", "0"], "--train-subset must be at least 1"),
     (["--eval-batch-size", "0"], "--eval-batch-size must be at least 1"),
     (["--warmup-epochs", "-1"], "--warmup-epochs must be at least 0"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--warmup-lr", "nan"], "--warmup-lr must be a finite number, got nan"),
+    (["--experiment", ""], "--experiment must be a folder name, got ''"),
+    (["--experiment", "a/b"], "--experiment must be a folder name, got 'a/b': set the parent folder with --output"),
+    (["--mix-opt", "bogus=1"], "--mix mergemix has no option bogus; its options: alpha, aux_loss, lam_policy"),
     # method options: checked when the method is created, naming the option
     (["--mix-alpha", "-1"], "--mix mergemix: alpha must be > 0, got -1.0"),
     (["--mix-opt", "alpha=-1"], "--mix mergemix: alpha must be > 0, got -1"),

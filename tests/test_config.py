@@ -23,7 +23,7 @@ def test_flags_override_recipe_which_overrides_defaults(tmp_path):
     assert args.epochs == 3  # flag wins
     assert args.lr == pytest.approx(1e-3) and isinstance(args.lr, float)  # YAML's "1e-3" string coerced
     assert args.batch_size == 16  # dashes accepted in keys
-    assert args.model_kwargs == {"depth": 3}
+    assert args.model_kwargs == {**config.DEFAULT_MODEL_KWARGS, "depth": 3}  # the digits ViT, 3 blocks deep
     assert args.weight_decay == config.build_train_parser().get_default("weight_decay")
 
 
@@ -52,8 +52,10 @@ def test_cifar_recipe_is_the_papers():
 def test_default_model_kwargs_belong_to_the_default_model(tmp_path):
     assert parse().model_kwargs == config.DEFAULT_MODEL_KWARGS
     assert parse("--model", "vit_small_patch16_224").model_kwargs == {}
+    # given alone, --model-kwargs change the digits ViT's kwargs (a named model starts from none)
     assert parse("--model-kwargs", "depth=2", "drop_rate=0.1", "qkv_bias=false").model_kwargs == {
-        "depth": 2, "drop_rate": 0.1, "qkv_bias": False}
+        "patch_size": 4, "embed_dim": 96, "depth": 2, "num_heads": 3, "drop_rate": 0.1, "qkv_bias": False}
+    assert parse("--model", "vit_small_patch16_224", "--model-kwargs", "depth=2").model_kwargs == {"depth": 2}
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -63,6 +65,10 @@ def test_default_model_kwargs_belong_to_the_default_model(tmp_path):
     ("epochs: many\n", "epochs must be of type int"),
     ("amp: 1\n", "amp must be true or false"),
     ("lam_policy: uniform\n", "lam_policy must be one of"),
+    ("resume: /some/run\n", "a recipe cannot resume a run (key resume); pass --resume on the command line"),
+    ("model_kwargs: [1, 2]\n", "model_kwargs must be a mapping or a list of key=value"),
+    ("model_kwargs: [abc]\n", "model_kwargs must be a mapping or a list of key=value"),
+    ("mix_opt: [[a]]\n", "mix_opt must be a mapping or a list of key=value"),
 ])
 def test_bad_recipes_are_one_line_errors(tmp_path, text, fragment):
     recipe = tmp_path / "bad.yaml"
@@ -148,4 +154,11 @@ def test_a_runs_args_yaml_is_a_recipe_for_a_new_run(tmp_path):
     assert config.parse_train_args(["-c", str(recipe)]).experiment == "old"
     recipe.write_text("config: other.yaml\n")
     with pytest.raises(ConfigError, match="cannot load another recipe"):
+        parse("-c", str(recipe))
+
+
+def test_a_recipe_that_is_not_text_is_one_line(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="is not a UTF-8 text file"):
         parse("-c", str(recipe))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,9 +126,20 @@ def as_dict(value: Any, what: str) -> dict[str, Any]:
     if isinstance(value, dict):
         return {str(k).replace("-", "_"): v for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        items = [key_value(v) if isinstance(v, str) else tuple(v) for v in value]
-        return dict(items)
+        try:
+            return dict(_item(v) for v in value)
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+            raise ConfigError(f"{what} must be a mapping or a list of key=value, got {value!r} ({e})") from None
     raise ConfigError(f"{what} must be a mapping or a list of key=value, got {value!r}")
+
+
+def _item(value: Any) -> tuple[str, Any]:
+    """One ``key=value`` text (a flag) or (key, value) pair (a parsed ``--mix-opt``)."""
+    if isinstance(value, str):
+        return key_value(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str):
+        return value[0], value[1]
+    raise ValueError(f"{value!r} is not key=value")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -261,9 +273,11 @@ def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
     """Read a YAML recipe into flag defaults; unknown keys and ill-typed values are errors."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not a UTF-8 text file: give a YAML recipe") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -277,6 +291,9 @@ def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
     values = {str(k).replace("-", "_"): v for k, v in data.items()}
     if values.pop("config", None) is not None:  # an args.yaml of an older version holds `config: null`
         raise ConfigError(f"{path}: a recipe cannot load another recipe (key config); remove that key")
+    if values.pop("resume", None) is not None:
+        # a recipe is a layer above the checkpoint's args, so it cannot choose that checkpoint
+        raise ConfigError(f"{path}: a recipe cannot resume a run (key resume); pass --resume on the command line")
     return _check_keys(values, parser, str(path))
 
 
@@ -322,10 +339,10 @@ def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     layers.update(recipe)
     parser.set_defaults(**layers)
     args = parser.parse_args(argv)
-    if args.model_kwargs is None:
-        model_set = "model" in explicit or "model" in layers
-        args.model_kwargs = {} if model_set else dict(DEFAULT_MODEL_KWARGS)
     args.model_kwargs = as_dict(args.model_kwargs, "model_kwargs")
+    if not ("model" in explicit or "model" in layers):
+        # the digits ViT: --model-kwargs given alone change its kwargs rather than replace them all
+        args.model_kwargs = {**DEFAULT_MODEL_KWARGS, **args.model_kwargs}
     args.mix_opt = as_dict(args.mix_opt, "mix_opt")
     args.compile = args.compile or args.compile_mode is not None
     if resume_path is not None:
@@ -335,6 +352,9 @@ def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             args.output, args.experiment = str(resume_path.parent.parent), resume_path.parent.name
     if args.experiment is None:
         args.experiment = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.dataset}-{args.model}-{args.mix}"
+    elif args.experiment in ("", ".", "..") or Path(args.experiment).name != args.experiment:
+        raise ConfigError(f"--experiment must be a folder name, got {args.experiment!r}: "
+                          "set the parent folder with --output")
     check_limits(args)
     return args
 
@@ -342,9 +362,13 @@ def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def check_limits(args: argparse.Namespace) -> None:
     """``ConfigError`` naming the first flag of ``args`` outside its range in ``LIMITS`` (None: unset, not checked)."""
     for name, limit in LIMITS.items():
-        value = getattr(args, name, None)
-        if value is not None and not limit.admits(value):
-            raise ConfigError(f"--{name.replace('_', '-')} must be {limit}, got {value}")
+        value, flag = getattr(args, name, None), f"--{name.replace('_', '-')}"
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
+        if not limit.admits(value):
+            raise ConfigError(f"{flag} must be {limit}, got {value}")
 
 
 def method_options(args: argparse.Namespace, accepted: set[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -102,7 +102,12 @@ def build_objective(args: argparse.Namespace, num_classes: int,
 
     if args.mix not in mix.available():
         raise ConfigError(f"unknown method --mix {args.mix!r}; choose one of: {', '.join(mix.available())}")
-    options, unused = config.method_options(args, accepted_options(mix.get_class(args.mix)))
+    accepted = accepted_options(mix.get_class(args.mix))
+    options, unused = config.method_options(args, accepted)
+    foreign = sorted(set(args.mix_opt) - accepted) if accepted is not None else []
+    if foreign:
+        takes = ", ".join(sorted(accepted - {"num_classes", "generator"}))
+        raise ConfigError(f"--mix {args.mix} has no option {', '.join(foreign)}; its options: {takes}")
     try:
         return mix.create(args.mix, num_classes, generator=generator, **options), unused
     except (TypeError, ValueError) as e:
@@ -219,7 +224,9 @@ class Trainer:
 
     def _open_run_dir(self) -> None:
         args = self.args
-        if not args.resume and (self.run_dir / checkpoint.LAST).exists():
+        continuing = args.resume and Path(args.resume).resolve().parent == self.run_dir.resolve()
+        if not continuing and (self.run_dir / checkpoint.LAST).exists():
+            # only a run's own checkpoint may continue in its folder: anything else would overwrite it
             raise ConfigError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir}, "
                               f"or pick another --experiment")
         self.made_dir = checkpoint.make_dir(self.run_dir, "--output")
