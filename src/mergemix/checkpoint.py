@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import random
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -93,9 +91,31 @@ def remove_dir(folder: Path, made: Path) -> None:
 
 def unreadable(path: Path, err: BaseException, what: str = "checkpoint") -> CheckpointError:
     """The one-line error for a checkpoint file that ``torch.load`` cannot read."""
+    if not _looks_saved_by_torch(path):
+        return CheckpointError(f"cannot read {what} {path}: it is not a PyTorch checkpoint; "
+                               f"give a file written by torch.save, e.g. RUN/{BEST}")
+    return CheckpointError(f"cannot read {what} {path} (truncated or corrupt: {_first_line(err)}); "
+                           f"use {BEST} or an earlier copy")
+
+
+def _looks_saved_by_torch(path: Path) -> bool:
+    """Whether ``path`` starts the way ``torch.save`` files do (a zip archive, or the legacy format's
+    pickle); an empty or unreadable file counts, as it may be a truncated checkpoint."""
+    if path.suffix == ".safetensors":  # timm reads these with safetensors: no torch.save header
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return True
+    return not head or head.startswith((b"PK", b"\x80"))
+
+
+def _first_line(err: BaseException) -> str:
+    """The first sentence of an error, with its type when the text alone means nothing (a KeyError's "101")."""
     text = str(err).strip()
-    reason = text.splitlines()[0].split(". ")[0][:120] if text else type(err).__name__
-    return CheckpointError(f"cannot read {what} {path} (truncated or corrupt: {reason}); use {BEST} or an earlier copy")
+    line = text.splitlines()[0].split(". ")[0][:120] if text else ""
+    return line if any(c.isalpha() for c in line) else f"{type(err).__name__} {line}".strip()
 
 
 def save(obj: dict[str, Any], path: str | Path) -> None:
@@ -125,7 +145,7 @@ def load(path: str | Path) -> dict[str, Any]:
     path = resolve(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # unpickling a file the user named: anything can come out (a text file: KeyError)
         raise unreadable(path, e) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no state_dict in it)")

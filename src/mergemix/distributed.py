@@ -32,7 +32,7 @@ class Context:
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """The device a ``--device`` value names (auto: CUDA, else MPS, else CPU; cuda: this process's
-    GPU); ``ConfigError`` for a name torch does not know or a GPU that is not there."""
+    GPU); ``ConfigError`` for a name torch does not know or a GPU (CUDA or MPS) that is not there."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
@@ -41,9 +41,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name} but this machine has no MPS (Apple GPU) device: use --device cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("--device cuda but no CUDA device is visible: use --device cpu")
+            raise ConfigError(f"--device {name} but no CUDA device is visible: use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible "
                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")

@@ -1,11 +1,13 @@
 """Build any timm model by name, sized for the data, with clear errors for what does not fit."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import timm
+from huggingface_hub.utils import logging as hub_logging
 from timm.models import get_pretrained_cfg_value, load_state_dict
 from torch import nn
 
@@ -39,29 +41,52 @@ def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_pa
         kwargs["pretrained_cfg_overlay"] = _file_overlay(name, Path(initial_checkpoint))
         pretrained = True
     try:
-        try:
-            model = timm.create_model(name, pretrained=pretrained, **kwargs)
-        except TypeError as e:
-            if "img_size" not in str(e) or "img_size" in (model_kwargs or {}):
-                raise
-            kwargs.pop("img_size")  # a model without an image size (e.g. a CNN)
-            model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as e:
-        given = " ".join(f"{k}={v}" for k, v in (model_kwargs or {}).items())
-        raise ConfigError(f"model {name} cannot be built with --model-kwargs {given} ({e}): "
-                          "check the names and values its timm constructor takes") from None
-    except (OSError, RuntimeError, ValueError) as e:
-        reason = _reason(e)
-        if initial_checkpoint:
-            raise CheckpointError(f"--initial-checkpoint {initial_checkpoint} does not fit {name} ({reason}): give the "
-                                  f"architecture it holds (--model, --model-kwargs); only the classifier and the "
-                                  f"position embeddings may differ") from None
-        if pretrained:
-            raise CheckpointError(f"could not load pretrained weights for {name} from the hub ({reason}): "
-                                  f"offline? use --initial-checkpoint FILE") from None
-        raise ConfigError(f"cannot build model {name} with {kwargs}: {reason}") from None
+        with _quiet_hub():
+            model = _construct(name, pretrained, kwargs, model_kwargs or {})
+    except Exception as e:
+        if not pretrained or isinstance(e, TypeError):
+            # no weights loaded: the constructor rejected an argument (a TypeError, an assert, a division by 0...)
+            given = " ".join(f"{k}={v}" for k, v in (model_kwargs or {}).items())
+            raise ConfigError(f"model {name} cannot be built with --model-kwargs {given} ({_reason(e)}): "
+                              "check the names and values its timm constructor takes") from None
+        if isinstance(e, (OSError, RuntimeError, ValueError)):
+            raise _weights_error(name, e, initial_checkpoint) from None
+        raise  # anything else while loading weights is a bug: keep its traceback
     _check_patches(model, name)
     return model
+
+
+def _construct(name: str, pretrained: bool, kwargs: dict[str, Any], model_kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model``, again without ``img_size`` for a model that takes none (e.g. a CNN)."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e) or "img_size" in model_kwargs:
+            raise
+        return timm.create_model(name, pretrained=pretrained, **{k: v for k, v in kwargs.items() if k != "img_size"})
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Hide the hub's warnings (offline: two lines per retry, about 22) for one build: a failed
+    download is then reported in one line by ``_weights_error``."""
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(verbosity)
+
+
+def _weights_error(name: str, err: BaseException, initial_checkpoint: str | None) -> CheckpointError:
+    """The one-line error for weights that could not be loaded into a freshly built model."""
+    reason = _reason(err)
+    if initial_checkpoint:
+        return CheckpointError(f"--initial-checkpoint {initial_checkpoint} does not fit {name} ({reason}): give the "
+                               f"architecture it holds (--model, --model-kwargs); only the classifier and the "
+                               f"position embeddings may differ")
+    return CheckpointError(f"could not load pretrained weights for {name} from the hub ({reason}): "
+                           f"offline? use --initial-checkpoint FILE")
 
 
 def _reason(err: BaseException) -> str:
