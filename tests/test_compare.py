@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from mergemix.compare import main
+from mergemix.errors import MergeMixError
 from mergemix.metrics import EvalMetrics
 
 
@@ -93,3 +94,91 @@ def test_compare_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, argv, words
     assert main([a.format(ok=ok) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and words.format(ok=ok) in err[0], err
+
+
+def snapshot(*folders) -> dict:
+    """Every file under ``folders`` -> its bytes, to show that a refused command changed nothing."""
+    return {p: p.read_bytes() for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_error(capsys, fragment: str) -> None:
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    assert out.out == "", "the table is printed only once --out is known to be writable"
+
+
+@pytest.mark.parametrize("out, fragment", [
+    ("{b}/results.json", "results.json does not end in an image format's suffix: use one of "),
+    ("{b}/args.yaml", "args.yaml does not end in an image format's suffix"),
+    ("{tmp}/fig.txt", "fig.txt does not end in an image format's suffix"),
+    ("{tmp}/fig", "fig does not end in an image format's suffix"),
+    ("{b}", "--out {b} is a folder: give the figure's file name, e.g. {b}/figure.png"),
+    ("{b}/reliability.png", "--out {b}/reliability.png would replace a file of the run or evaluation in {b}"),
+    ("{b}/eval/reliability.png", "would replace a file of the run or evaluation in {b}/eval"),
+])
+def test_compare_out_never_replaces_a_run_file(tmp_path, capsys, out, fragment):
+    make_run(tmp_path, "a", "cutmix", seed=0)
+    make_run(tmp_path, "b", "mergemix", seed=1)
+    b = tmp_path / "b"
+    (b / "reliability.png").write_bytes(b"\x89PNG the run's own figure")
+    (b / "eval").mkdir()  # an evaluation's folder: results.json and its figure
+    (b / "eval" / "results.json").write_text("{}")
+    (b / "eval" / "reliability.png").write_bytes(b"\x89PNG the evaluation's figure")
+    before = snapshot(tmp_path)
+    names = dict(b=b, tmp=tmp_path)
+    assert main([str(tmp_path / "a"), "--out", out.format(**names)]) == 2
+    assert_one_error(capsys, fragment.format(**names))
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("suffix, magic", [(".pdf", b"%PDF"), (".svg", b"<?xml"), (".PNG", b"\x89PNG"),
+                                           (".jpg", b"\xff\xd8\xff")])
+def test_compare_writes_the_format_its_suffix_names(tmp_path, suffix, magic):
+    make_run(tmp_path, "a", "cutmix", seed=0)
+    fig = tmp_path / f"fig{suffix}"
+    assert main([str(tmp_path / "a"), "--out", str(fig)]) == 0
+    assert fig.read_bytes().startswith(magic)
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == [fig.name]  # no temporary file left
+
+
+def test_compare_takes_debug(tmp_path, capsys):
+    make_run(tmp_path, "a", "cutmix", seed=0)
+    assert main([str(tmp_path / "a"), "--debug", "--out", str(tmp_path / "fig.png")]) == 0
+    with pytest.raises(MergeMixError, match="no such run directory"):
+        main([str(tmp_path / "nope"), "--debug"])
+
+
+def _strings_in_bins(run) -> None:
+    results = json.loads((run / "results.json").read_text())
+    results["bins"]["count"] = [str(c) for c in results["bins"]["count"]]
+    (run / "results.json").write_text(json.dumps(results))
+
+
+def _bins_of_two_lengths(run) -> None:
+    results = json.loads((run / "results.json").read_text())
+    results["bins"]["lower"].pop()
+    (run / "results.json").write_text(json.dumps(results))
+
+
+def _string_top1(run) -> None:
+    results = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({**results, "top1": "97.5 %"}))
+
+
+@pytest.mark.parametrize("spoil, fragment", [
+    (_strings_in_bins, "results.json: 'bins' must hold lists of one length under lower, upper, count"),
+    (_bins_of_two_lengths, "results.json: 'bins' must hold lists of one length"),
+    (_string_top1, "results.json: top1 must be a number, got '97.5 %'"),
+    (lambda run: (run / "summary.csv").write_bytes(b"epoch,epoch_time\n0,\xff\xfe\n"),
+     "summary.csv: not UTF-8 text (invalid start byte at byte 19)"),
+    (lambda run: (run / "args.yaml").write_bytes(b"mix: \xe9\n"), "args.yaml: not UTF-8 text"),
+    (lambda run: (run / "results.json").write_bytes(b'{"top1": "\xff"}'), "results.json: not UTF-8 text"),
+])
+def test_compare_corrupt_run_files_are_one_line_naming_the_file(tmp_path, capsys, spoil, fragment):
+    make_run(tmp_path, "ok", "cutmix", seed=0)
+    make_run(tmp_path, "bad", "mergemix", seed=1)
+    spoil(tmp_path / "bad")
+    assert main([str(tmp_path / "ok"), str(tmp_path / "bad"), "--out", str(tmp_path / "cmp.png")]) == 2
+    assert_one_error(capsys, f"{tmp_path / 'bad'}/{fragment}")
+    assert not (tmp_path / "cmp.png").exists()

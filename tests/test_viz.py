@@ -87,3 +87,29 @@ def test_mix_grid_draws_every_registered_method(tmp_path):
         expected = 1 + sum(v is not None for v in (out.partner, out.scores, out.extras.get("readout"), out.mask,
                                                    out.x_mixed))
         assert grid_shape(path) == (400, expected * 200), name
+
+
+@pytest.mark.parametrize("out, fragment", [
+    ("{run}", "--out {run} is a folder: give the figure's file name, e.g. {run}/figure.png"),
+    ("{run}/results.json", "results.json does not end in an image format's suffix: use one of "),
+    ("{tmp}/grid.txt", "grid.txt does not end in an image format's suffix"),
+    ("{run}/reliability.png", "--out {run}/reliability.png would replace a file of the run or evaluation in {run}"),
+])
+def test_viz_out_never_replaces_a_run_file(tmp_path, capsys, out, fragment):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, content in (("args.yaml", b"mix: cutmix\n"), ("results.json", b"{}"), ("reliability.png", b"\x89PNG")):
+        (run / name).write_bytes(content)
+    names = dict(run=run, tmp=tmp_path)
+    assert main([*TINY, "-n", "2", "--out", out.format(**names), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment.format(**names) in err[0], err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == {
+        "args.yaml": b"mix: cutmix\n", "results.json": b"{}", "reliability.png": b"\x89PNG"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_viz_writes_the_format_its_suffix_names(tmp_path):
+    out = tmp_path / "grid.svg"
+    assert main(["--mix", "cutmix", *TINY, "-n", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert out.read_bytes().startswith(b"<?xml") and b"<svg" in out.read_bytes()

@@ -89,6 +89,13 @@ def remove_dir(folder: Path, made: Path) -> None:
             break
 
 
+def holds_training_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a training run, finished or not: the args.yaml, summary.csv or
+    checkpoints ``mergemix train`` writes there (the trainer's own check looks for last.pth.tar only: it may
+    restart a run killed before its first checkpoint in its folder)."""
+    return any((folder / name).is_file() for name in ("args.yaml", "summary.csv")) or any(folder.glob("*.pth.tar"))
+
+
 def unreadable(path: Path, err: BaseException, what: str = "checkpoint") -> CheckpointError:
     """The one-line error for a checkpoint file that ``torch.load`` cannot read."""
     if not _looks_saved_by_torch(path):

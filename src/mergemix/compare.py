@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import statistics
@@ -23,6 +24,7 @@ import yaml
 from . import checkpoint
 from .config import ArgumentParser
 from .errors import MergeMixError
+from .plots import check_figure_out
 from .plots import overlay_reliability
 
 __all__ = ["Run", "command", "load_run", "main", "markdown_table", "method_table"]
@@ -48,23 +50,66 @@ def _number(value: Any) -> float:
         return math.nan
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # JSON true/false are no figures
+
+
+def _read_text(path: Path) -> str:
+    """The text of a run file; one that cannot be read as UTF-8 text is a ``MergeMixError`` naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise MergeMixError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); is it the file a run "
+                            "writes?") from None
+    except OSError as err:
+        raise MergeMixError(f"cannot read {path}: {err.strerror or err}") from None
+
+
 def _mean_epoch_time(summary_csv: Path) -> float:
-    """Mean of the ``epoch_time`` column (seconds); NaN if the file or column is missing."""
+    """Mean of the ``epoch_time`` column (seconds); NaN if the file, the column or its numbers are missing."""
     if not summary_csv.is_file():
         return math.nan
-    with open(summary_csv, newline="") as f:
-        times = [_number(row.get("epoch_time")) for row in csv.DictReader(f)]
-    times = [t for t in times if math.isfinite(t)]
+    try:
+        rows = list(csv.DictReader(io.StringIO(_read_text(summary_csv), newline="")))
+    except csv.Error as err:
+        raise MergeMixError(f"{summary_csv}: not readable as CSV ({err})") from None
+    times = [t for t in (_number(row.get("epoch_time")) for row in rows) if math.isfinite(t)]
     return statistics.fmean(times) if times else math.nan
+
+
+def _figure(results: dict[str, Any], key: str, path: Path) -> float:
+    """``results[key]`` as a float, NaN if absent or null; anything but a number is an error naming ``path``."""
+    value = results.get(key)
+    if value is None:
+        return math.nan
+    if not _is_number(value):
+        raise MergeMixError(f"{path}: {key} must be a number, got {value!r:.40}")
+    return float(value)
 
 
 _BIN_KEYS = ("lower", "upper", "count", "confidence", "accuracy")
 
 
-def _usable_bins(bins: Any) -> bool:
-    """Whether ``bins`` has the per-bin lists of ``metrics.reliability_bins``, all of one length."""
-    return (isinstance(bins, dict) and all(isinstance(bins.get(k), list) for k in _BIN_KEYS)
-            and len({len(bins[k]) for k in _BIN_KEYS}) == 1 and sum(bins["count"]) > 0)
+def _well_formed(bins: Any) -> bool:
+    """Whether ``bins`` has the per-bin lists of ``metrics.reliability_bins``, all of one length, of numbers."""
+    if not (isinstance(bins, dict) and all(isinstance(bins.get(k), list) for k in _BIN_KEYS)
+            and len({len(bins[k]) for k in _BIN_KEYS}) == 1):
+        return False
+    # an empty bin has no mean confidence or accuracy: reliability_bins writes null there
+    return all(_is_number(lo) and _is_number(hi) and _is_number(n) and (n == 0 or _is_number(p) and _is_number(a))
+               for lo, hi, n, p, a in zip(*(bins[k] for k in _BIN_KEYS)))
+
+
+def _bins(results: dict[str, Any], path: Path) -> dict[str, list] | None:
+    """The reliability bins in ``results``; None if absent or empty of samples, an error naming ``path`` if
+    ill-formed (the figure could not be drawn from them)."""
+    bins = results.get("bins")
+    if bins is None:
+        return None
+    if not _well_formed(bins):
+        raise MergeMixError(f"{path}: 'bins' must hold lists of one length under {', '.join(_BIN_KEYS)}, "
+                            "of numbers (null only for the confidence and accuracy of an empty bin)")
+    return bins if sum(bins["count"]) > 0 else None
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -76,8 +121,8 @@ def load_run(run_dir: str | Path) -> Run:
     if not results_path.is_file():
         raise MergeMixError(f"{run_dir}: no results.json (has this run finished its evaluation?)")
     try:
-        results = json.loads(results_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        results = json.loads(_read_text(results_path))
+    except json.JSONDecodeError as err:
         raise MergeMixError(f"{results_path}: not readable as JSON ({err})") from None
     if not isinstance(results, dict):
         raise MergeMixError(f"{results_path}: expected a JSON object, got {type(results).__name__}")
@@ -85,15 +130,15 @@ def load_run(run_dir: str | Path) -> Run:
     args_path = path / "args.yaml"
     if args_path.is_file():
         try:
-            args = yaml.safe_load(args_path.read_text())
+            args = yaml.safe_load(_read_text(args_path))
         except yaml.YAMLError as err:
             raise MergeMixError(f"{args_path}: invalid YAML ({str(err).splitlines()[0]})") from None
         if isinstance(args, dict) and args.get("mix") is not None:
             method = str(args["mix"])
-    return Run(label=str(run_dir).rstrip("/") or str(run_dir), method=method, top1=_number(results.get("top1")),
-               ece=_number(results.get("ece")), nll=_number(results.get("nll")),
-               epoch_time=_mean_epoch_time(path / "summary.csv"),
-               bins=results["bins"] if _usable_bins(results.get("bins")) else None)
+    return Run(label=str(run_dir).rstrip("/") or str(run_dir), method=method,
+               top1=_figure(results, "top1", results_path), ece=_figure(results, "ece", results_path),
+               nll=_figure(results, "nll", results_path), epoch_time=_mean_epoch_time(path / "summary.csv"),
+               bins=_bins(results, results_path))
 
 
 def _cell(value: float, digits: int, std: float | None = None) -> str:
@@ -136,13 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (<output>/<experiment>)")
     p.add_argument("--out", default="compare_reliability.png", metavar="FIG.png",
-                   help="where to write the overlaid reliability diagrams (default: %(default)s)")
+                   help="file to draw the overlaid reliability diagrams to, in the format its suffix names "
+                        "(.png, .pdf, .svg, ...); not a file of a run (default: %(default)s)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
 def command(argv: Sequence[str]) -> int:
     """``mergemix compare`` without the error handling of ``cli.main`` (bad input raises ``MergeMixError``)."""
     args = build_parser().parse_args(argv)
+    check_figure_out(args.out)
     runs = [load_run(d) for d in args.runs]
     named_bins = {f"{r.label} ({r.method})": r.bins for r in runs if r.bins}
     if named_bins:  # a figure is to be written: check where before printing anything

@@ -23,6 +23,7 @@ from .errors import CheckpointError, ConfigError
 from .tome import patch_tome, tokens_per_block
 
 RESULT_KEYS = ("top1", "top5", "nll", "brier", "ece", "ece10", "mce")
+# what `mergemix train` writes into a run folder besides results.json and figures (checkpoints: *.pth.tar)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -74,9 +75,14 @@ def build_eval_parser() -> argparse.ArgumentParser:
                    help="default: the data set the checkpoint was trained on")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--download", action="store_true")
-    p.add_argument("--model", default=None, help="only for checkpoints without saved args")
-    p.add_argument("--model-kwargs", nargs="*", type=key_value, default=None, help="only for checkpoints without saved args")
-    p.add_argument("--img-size", type=int, default=None, help="only for checkpoints without saved args")
+    p.add_argument("--model", default=None,
+                   help="timm model name: required for a checkpoint without saved training args; otherwise "
+                        "it must be the one the checkpoint holds")
+    p.add_argument("--model-kwargs", nargs="*", type=key_value, default=None, metavar="KEY=VALUE",
+                   help="override the checkpoint's saved model kwargs key by key (the others stay as saved), "
+                        "e.g. drop_rate=0; the model must still fit the saved weights")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="override the checkpoint's saved image size (default: the saved one, else the data set's)")
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights (state_dict_ema)")
     p.add_argument("--batch-size", "-b", type=int, default=256)
     p.add_argument("--workers", type=int, default=None)
@@ -91,7 +97,9 @@ def build_eval_parser() -> argparse.ArgumentParser:
                    help="with --merge-num: merge in every k-th block only, the same total in fewer steps "
                         "(default 1: every block)")
     p.add_argument("--output", default=None,
-                   help="folder for results (default: <checkpoint folder>/eval-<dataset>[-merge<N>[-every<k>]])")
+                   help="folder for results; not a training run's folder (default: <checkpoint folder>/"
+                        "eval-<checkpoint>-<dataset>[-merge<N>[-every<k>]], <checkpoint>: its file name without "
+                        ".pth.tar, e.g. model_best)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -108,9 +116,10 @@ def run_args(ckpt: dict[str, Any], cli: argparse.Namespace) -> argparse.Namespac
     for key in ("dataset", "data_dir", "model", "img_size"):
         if getattr(cli, key) is not None:
             setattr(args, key, getattr(cli, key))
-    if cli.model_kwargs is not None:
-        args.model_kwargs = cli.model_kwargs
-    args.model_kwargs = as_dict(args.model_kwargs, "model_kwargs")
+    # key by key, as `mergemix train --model-kwargs` does on the digits ViT's: replacing all of them
+    # would build another architecture than the weights' from a flag meant to change one setting
+    args.model_kwargs = {**as_dict(args.model_kwargs, "model_kwargs"),
+                         **as_dict(cli.model_kwargs, "--model-kwargs")}
     args.download = cli.download
     args.train_subset = None
     arch = ckpt.get("arch")
@@ -131,6 +140,7 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
         path = path / checkpoint.BEST if (path / checkpoint.BEST).is_file() else path / checkpoint.LAST
     ckpt = checkpoint.load(path)
     args = run_args(ckpt, cli)
+    out = eval_folder(cli, path, args.dataset)
     ctx = setup(cli.device)
     bundle = data.build(args)
     num_classes = args.num_classes or bundle.num_classes
@@ -151,8 +161,6 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     metrics = evaluate(model, loader, num_classes, cli.ece_bins, ctx.device, amp_dtype)
     seconds = time.perf_counter() - start
-    suffix = (f"-merge{cli.merge_num}" + (f"-every{cli.merge_every}" if cli.merge_every != 1 else "")) if merging else ""
-    out = Path(cli.output) if cli.output else path.parent / f"eval-{args.dataset}{suffix}"
     checkpoint.make_dir(out, "--output")
     n = len(bundle.eval)
     # wall time of the whole pass, data loading included: a rough figure (step_time.py times forwards alone)
@@ -166,6 +174,23 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tome += f": {tokens[0]} tokens into the first block, {tokens[-1]} into the last"
     print(f"{summary_line(metrics)}  ({n} images, {n / seconds:.0f} img/s{tome}) -> {out}/results.json")
     return results
+
+
+def eval_folder(cli: argparse.Namespace, path: Path, dataset: str) -> Path:
+    """Where ``mergemix eval`` of checkpoint ``path`` writes: ``--output``, else a folder next to the
+    checkpoint named after it, the data set and the merging; never a training run's folder."""
+    if cli.output:
+        out = Path(cli.output)
+    else:
+        # the checkpoint's name: evaluating model_best.pth.tar must not replace last.pth.tar's results
+        name = path.name.removesuffix(".pth.tar") if path.name.endswith(".pth.tar") else path.stem
+        merge = f"-merge{cli.merge_num}" if cli.merge_num is not None else ""
+        merge += f"-every{cli.merge_every}" if merge and cli.merge_every != 1 else ""
+        out = path.parent / f"eval-{name}-{dataset}{merge}"
+    if checkpoint.holds_training_run(out):
+        raise ConfigError(f"--output {out} holds a training run: its results.json and reliability.png are not "
+                          "eval's to replace; choose another --output (by default eval writes next to the checkpoint)")
+    return out
 
 
 def merge_for_eval(model: nn.Module, merge_num: int, merge_every: int = 1) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""PNG figures: reliability diagrams, training curves, and the grid of mixed samples.
+"""Figures: reliability diagrams, training curves, and the grid of mixed samples.
+
+Each is written in the image format its file name's suffix names (``FORMATS``: png, pdf, svg, ...).
 
 Figures are drawn with matplotlib's object API on an Agg canvas, never through ``pyplot``, so
 importing this module changes no global backend and works headless and from worker threads.
@@ -20,19 +22,35 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
-__all__ = ["bins_ece", "mix_grid", "overlay_reliability", "reliability_diagram", "training_curves"]
+from .checkpoint import holds_training_run
+from .errors import ConfigError
+
+__all__ = ["FORMATS", "bins_ece", "figure_format", "mix_grid", "overlay_reliability", "reliability_diagram",
+           "training_curves"]
 
 DPI = 100
 ACCURACY_COLOR = "#3b6fb6"
 GAP_COLOR = "#d9534f"
+# what savefig writes, by suffix; not pgf: LaTeX code that needs a TeX installation to be written at all
+FORMATS = tuple(sorted(set(FigureCanvasAgg.get_supported_filetypes()) - {"pgf"}))
+
+
+def figure_format(path: str | Path) -> str:
+    """The format of ``path``'s suffix, lower case (``fig.PDF`` -> ``pdf``); ValueError if not in ``FORMATS``."""
+    fmt = Path(path).suffix.lower().removeprefix(".")
+    if fmt not in FORMATS:
+        raise ValueError(f"{Path(path).name} does not end in an image format's suffix: "
+                         f"use one of {', '.join('.' + f for f in FORMATS)}")
+    return fmt
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` as PNG at ``path`` (parent folders created) and return the path."""
+    """Write ``fig`` at ``path`` (parent folders created) in the format of its suffix; return the path."""
     path = Path(path)
+    fmt = figure_format(path)  # before the folder: a bad name leaves nothing behind
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=DPI)
+    fig.savefig(path, format=fmt, dpi=DPI)
     return path
 
 
@@ -78,7 +96,7 @@ def _accuracy_axes(ax: Axes) -> None:
 
 
 def reliability_diagram(bins: Mapping[str, Sequence], path: str | Path, title: str = "") -> Path:
-    """Reliability diagram of one evaluation, written as PNG (600 x 700 px).
+    """Reliability diagram of one evaluation (600 x 700 px as PNG).
 
     bins: per-bin lists ``lower``, ``upper``, ``count``, ``confidence``, ``accuracy`` (as in
     ``EvalMetrics.compute()['bins']``). Top: accuracy per bin as bars, the diagonal, and the gap
@@ -115,7 +133,7 @@ def reliability_diagram(bins: Mapping[str, Sequence], path: str | Path, title: s
 
 
 def overlay_reliability(named_bins: Mapping[str, Mapping[str, Sequence]], path: str | Path) -> Path:
-    """Reliability curves of several runs on one figure, written as PNG (700 x 700 px).
+    """Reliability curves of several runs on one figure (700 x 700 px as PNG).
 
     named_bins: run label -> per-bin lists (as for ``reliability_diagram``). Top: accuracy against
     mean confidence of each non-empty bin, one line per run, ECE in the legend; bottom: each run's
@@ -159,7 +177,7 @@ def _read_summary(summary_csv: str | Path) -> dict[str, np.ndarray]:
 
 
 def training_curves(summary_csv: str | Path, path: str | Path) -> Path:
-    """Loss, top-1 and ECE per epoch from a run's summary.csv, written as PNG (1500 x 450 px).
+    """Loss, top-1 and ECE per epoch from a run's summary.csv (1500 x 450 px as PNG).
 
     summary_csv: columns epoch, train_loss, eval_loss, eval_top1, eval_top5, eval_ece, lr,
     epoch_time (missing columns or cells are skipped). ECE is a fraction, as in results.json.
@@ -264,7 +282,7 @@ def _show(ax: Axes, image: np.ndarray, title: str, **kwargs: Any) -> None:
 def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float] | None = None,
              std: Sequence[float] | None = None, patch_size: int | Sequence[int] | None = None,
              max_samples: int = 8) -> Path:
-    """Grid of what one mixing step did, one row per sample, written as PNG.
+    """Grid of what one mixing step did, one row per sample.
 
     x: (B, C, H, W) the clean batch, normalised with ``mean``/``std`` (per channel) if given.
     step_output: a ``mix.StepOutput``; its fields used, when present: ``partner`` (B,) long,
@@ -330,3 +348,23 @@ def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float
                 _show(ax, mixed[b], f"mixed{ratios}")
     fig.tight_layout(pad=0.3)
     return _save(fig, path)
+
+
+def check_figure_out(out: str | Path, flag: str = "--out") -> Path:
+    """``out`` as the file a command is to draw its figure to, checked before the work; creates nothing.
+
+    Its suffix must name an image format (``FORMATS``, the format written), and it must be neither
+    a folder nor an existing file of a run or an evaluation (a folder holding results.json or a
+    training run): a figure must not replace what another command wrote.
+    """
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {out} is a folder: give the figure's file name, e.g. {path / 'figure.png'}")
+    try:
+        figure_format(path)
+    except ValueError as e:
+        raise ConfigError(f"{flag} {out}: {e}") from None
+    if path.exists() and ((path.parent / "results.json").is_file() or holds_training_run(path.parent)):
+        raise ConfigError(f"{flag} {out} would replace a file of the run or evaluation in {path.parent}: "
+                          f"choose another {flag}")
+    return path

@@ -19,6 +19,7 @@ from .config import DATASETS, ArgumentParser, as_dict, check_limits, key_value, 
 from .distributed import setup
 from .errors import ConfigError
 from .evaluate import run_args
+from .plots import check_figure_out
 from .mix import StepOutput, unwrap
 from .plots import mix_grid
 from .train import build_objective, prepare_model
@@ -43,10 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which images: eval (no augmentation) or train (augmented as in training)")
     p.add_argument("--model", default=None, help="timm model name (default: the checkpoint's, else the train default)")
     p.add_argument("--model-kwargs", nargs="*", type=key_value, default=None,
-                   help="timm.create_model kwargs, e.g. patch_size=2 depth=4")
+                   help="timm.create_model kwargs, e.g. patch_size=2 depth=4 (with --checkpoint: override its "
+                        "saved ones key by key)")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--num-samples", "-n", type=int, default=DEFAULT_SAMPLES, help="images in the batch (rows of the grid)")
-    p.add_argument("--out", default="mix_grid.png", help="PNG to write")
+    p.add_argument("--out", default="mix_grid.png",
+                   help="file to draw to, in the format its suffix names (.png, .pdf, .svg, ...); not a file of a run")
     p.add_argument("--seed", type=int, default=0, help="picks the images, partners, λ")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -70,7 +73,7 @@ def _fresh_args(cli: argparse.Namespace) -> argparse.Namespace:
 
 def draw_step(x: Tensor, out: StepOutput, model: nn.Module, path: str | Path, mean: Sequence[float],
               std: Sequence[float], max_samples: int = DEFAULT_SAMPLES) -> Path:
-    """Draw one step of a method (``plots.mix_grid`` on the model's patch grid) to a PNG, atomically."""
+    """Draw one step of a method (``plots.mix_grid`` on the model's patch grid) to ``path``, atomically."""
     pe = getattr(unwrap(model), "patch_embed", None)
     path = Path(path)
     with checkpoint.atomic_path(path) as tmp:
@@ -82,6 +85,7 @@ def draw_step(x: Tensor, out: StepOutput, model: nn.Module, path: str | Path, me
 def run_viz(cli: argparse.Namespace) -> Path:
     """Build data, model and objective from ``cli`` (see ``build_parser``), run one step, draw it."""
     check_limits(cli)
+    check_figure_out(cli.out)
     ckpt = checkpoint.load(cli.checkpoint) if cli.checkpoint else None
     args = run_args(ckpt, cli) if ckpt is not None else _fresh_args(cli)
     if cli.mix and cli.mix != args.mix:

@@ -1,0 +1,95 @@
+"""``mergemix eval``'s outputs: where they go by default, and never over a training run's files."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from mergemix import cli, models
+from mergemix.config import build_train_parser
+
+KWARGS = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A run folder as ``mergemix train`` leaves it (an untrained tiny ViT on digits as its checkpoints)."""
+    args = build_train_parser().parse_args(["--model", "vit_tiny_patch16_224", "--mix", "cutmix"])
+    args.model_kwargs = KWARGS
+    model = models.create(args.model, num_classes=10, img_size=16, in_chans=1, model_kwargs=KWARGS)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"epoch": 1, "arch": args.model, "state_dict": model.state_dict(), "args": vars(args)},
+               run / "last.pth.tar")
+    shutil.copy(run / "last.pth.tar", run / "model_best.pth.tar")
+    (run / "args.yaml").write_text("mix: cutmix\n")
+    (run / "summary.csv").write_text("epoch,eval_top1\n0,10.0\n1,11.0\n")
+    (run / "results.json").write_text(json.dumps({"top1": 11.0, "best_top1": 11.0, "train_time_s": 5.0}))
+    (run / "reliability.png").write_bytes(b"\x89PNG the run's own figure")
+    return run
+
+
+def files(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def evaluate(*argv: str) -> int:
+    return cli.main(["eval", *argv, "--device", "cpu"])
+
+
+@pytest.mark.parametrize("marker", [None, "args.yaml", "summary.csv", "last.pth.tar", "other.pth.tar"])
+def test_eval_refuses_a_training_run_folder_as_output(run, tmp_path, capsys, marker):
+    # the run's own folder, or any folder holding one file of a run (args.yaml alone: killed in its first epoch)
+    out = run
+    if marker is not None:
+        out = tmp_path / "other"
+        out.mkdir()
+        (out / marker).write_bytes(b"x")
+    before, before_out = files(run), files(out)
+    assert evaluate("--checkpoint", str(run), "--output", str(out)) == 2
+    assert f"--output {out} holds a training run" in error_line(capsys)
+    assert files(run) == before and files(out) == before_out
+
+
+def test_eval_default_folder_names_the_checkpoint(run, capsys):
+    # evaluating model_best after last must not replace last's results
+    assert evaluate("--checkpoint", str(run / "last.pth.tar")) == 0
+    first = files(run / "eval-last-digits")
+    assert set(first) == {"results.json", "reliability.png"}
+    assert evaluate("--checkpoint", str(run / "model_best.pth.tar")) == 0
+    assert files(run / "eval-last-digits") == first
+    assert evaluate("--checkpoint", str(run / "last.pth.tar"), "--merge-num", "2", "--merge-every", "2") == 0
+    assert files(run / "eval-last-digits") == first
+    out = capsys.readouterr().out
+    for folder in ("eval-last-digits", "eval-model_best-digits", "eval-last-digits-merge2-every2"):
+        assert f"{run}/{folder}/results.json" in out, folder
+    results = {n: json.loads((run / f"eval-{n}-digits" / "results.json").read_text()) for n in ("last", "model_best")}
+    assert results["last"]["checkpoint"].endswith("last.pth.tar")
+    assert results["model_best"]["checkpoint"].endswith("model_best.pth.tar")
+    assert json.loads((run / "results.json").read_text())["best_top1"] == 11.0  # the run's own, untouched
+
+
+def test_eval_model_kwargs_override_the_saved_ones_key_by_key(run, capsys):
+    # depth=2 is the saved depth: the other saved kwargs (patch_size=4, embed_dim=32, ...) stay
+    assert evaluate("--checkpoint", str(run), "--model-kwargs", "depth=2", "--output", str(run / "ev")) == 0
+    # another depth builds another model: the weights do not fit it
+    assert evaluate("--checkpoint", str(run), "--model-kwargs", "depth=3", "--output", str(run / "ev3")) == 2
+    assert "weights missing (e.g. blocks.2." in error_line(capsys)
+    assert not (run / "ev3").exists()
+
+
+def test_eval_help_says_the_model_flags_override(capsys):
+    with pytest.raises(SystemExit):
+        evaluate("--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "only for checkpoints without saved args" not in text
+    assert "override the checkpoint's saved model kwargs key by key" in text
+    assert "override the checkpoint's saved image size" in text
