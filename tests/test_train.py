@@ -145,3 +145,15 @@ def test_compiled_mergemix_run_matches_the_eager_run(tmp_path):
     assert "compile: true" in (tmp_path / "compiled" / "args.yaml").read_text()
     assert compiled["nll"] == pytest.approx(eager["nll"], rel=1e-3)
     assert compiled["top1"] == pytest.approx(eager["top1"], abs=0.5)
+
+
+def test_schedule_notes_flag_likely_mistakes_only():
+    from mergemix.config import parse_train_args
+    from mergemix.train import schedule_notes
+
+    assert schedule_notes(parse_train_args(["--epochs", "10", "--warmup-epochs", "3"])) == []
+    notes = schedule_notes(parse_train_args(["--epochs", "3", "--warmup-epochs", "3", "--lr", "1e-5",
+                                             "--min-lr", "1e-4"]))
+    assert len(notes) == 2
+    assert notes[0].startswith("--min-lr 0.0001 is above --lr 1e-05")
+    assert notes[1].startswith("--warmup-epochs 3 >= --epochs 3")

@@ -113,3 +113,14 @@ def test_viz_writes_the_format_its_suffix_names(tmp_path):
     out = tmp_path / "grid.svg"
     assert main(["--mix", "cutmix", *TINY, "-n", "2", "--out", str(out), "--device", "cpu"]) == 0
     assert out.read_bytes().startswith(b"<?xml") and b"<svg" in out.read_bytes()
+
+
+def test_model_kwargs_without_a_model_change_the_digits_vits():
+    """As in `mergemix train`: without --model they change the default ViT's kwargs key by key."""
+    from mergemix.config import DEFAULT_MODEL_KWARGS
+    from mergemix.viz import _fresh_args, build_parser
+
+    alone = _fresh_args(build_parser().parse_args(["--model-kwargs", "depth=2"]))
+    assert alone.model_kwargs == {**DEFAULT_MODEL_KWARGS, "depth": 2}
+    named = _fresh_args(build_parser().parse_args(["--model", "vit_small_patch16_224", "--model-kwargs", "depth=2"]))
+    assert named.model_kwargs == {"depth": 2}

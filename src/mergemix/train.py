@@ -95,6 +95,17 @@ def accepted_options(cls: type) -> set[str] | None:
     return None
 
 
+def schedule_notes(args: argparse.Namespace) -> list[str]:
+    """Learning-rate settings that run but are likely mistakes (a floor above the peak, a warm-up
+    as long as the run): worth a line, not an error, since a user may mean them."""
+    notes = []
+    if args.min_lr > args.lr:
+        notes.append(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the schedule ends higher than its peak")
+    if args.warmup_epochs >= args.epochs:
+        notes.append(f"--warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: the run ends inside its warm-up")
+    return notes
+
+
 def build_objective(args: argparse.Namespace, num_classes: int,
                     generator: torch.Generator) -> tuple[Objective, dict[str, Any]]:
     """The method's objective with the options its ``__init__`` takes; returns (objective, ignored options)."""
@@ -438,6 +449,8 @@ class Trainer:
         if self.unused_options:
             self.log(f"note   --mix {args.mix} takes no {', '.join(f'{k}={v}' for k, v in self.unused_options.items())}: "
                      f"ignored (its options: `mergemix methods`; set them with --mix-alpha or --mix-opt)")
+        for note in schedule_notes(args):
+            self.log(f"note   {note}")
         self.log(f"train  {args.epochs} epochs x {self.steps_per_epoch} steps, batch {args.batch_size} x "
                  f"{ctx.world_size} process(es), {args.opt} lr {args.lr:g}, {ctx.device}"
                  + (f", amp {args.amp_dtype}" if args.amp else "") + (", compiled" if args.compile else ""))

@@ -66,8 +66,8 @@ def _fresh_args(cli: argparse.Namespace) -> argparse.Namespace:
     if cli.download:
         flags.append("--download")
     args = parse_train_args(flags)
-    if cli.model_kwargs is not None:
-        args.model_kwargs = as_dict(cli.model_kwargs, "--model-kwargs")
+    # as in train: on the digits ViT (no --model) they change its kwargs; a named model has none
+    args.model_kwargs = {**args.model_kwargs, **as_dict(cli.model_kwargs, "--model-kwargs")}
     return args
 
 
