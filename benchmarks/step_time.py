@@ -199,8 +199,7 @@ def mask_work_seconds(runner: Runner, x, device, reps: int) -> float:
     grid, patch = ro.grid, patch_size(net)
 
     def work():
-        scores = M.recover(ro.attn, ro.index)
-        m = M.upsample_mask(M.topk_mask(scores, 0.6), grid, patch)
+        _, _, m = M.attention_mask(ro.attn, ro.index, 0.6, grid, patch, x.shape[-2:])
         return M.mix_images(x, partner, m)
 
     return time_fn(work, device, reps)

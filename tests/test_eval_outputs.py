@@ -93,3 +93,14 @@ def test_eval_help_says_the_model_flags_override(capsys):
     assert "only for checkpoints without saved args" not in text
     assert "override the checkpoint's saved model kwargs key by key" in text
     assert "override the checkpoint's saved image size" in text
+
+
+def test_a_run_folder_means_its_best_model_to_eval_and_viz_and_its_last_to_resume(tmp_path):
+    from mergemix import checkpoint
+
+    (tmp_path / checkpoint.LAST).write_bytes(b"")
+    assert checkpoint.resolve(tmp_path) == tmp_path / checkpoint.LAST
+    assert checkpoint.resolve(tmp_path, best=True) == tmp_path / checkpoint.LAST  # no best yet
+    (tmp_path / checkpoint.BEST).write_bytes(b"")
+    assert checkpoint.resolve(tmp_path) == tmp_path / checkpoint.LAST
+    assert checkpoint.resolve(tmp_path, best=True) == tmp_path / checkpoint.BEST

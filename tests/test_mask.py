@@ -98,3 +98,15 @@ def test_upsample_mask_crops_to_the_image_size():
     full = M.upsample_mask(mask, (6, 6), (8, 8))
     cropped = M.upsample_mask(mask, (6, 6), (8, 8), (44, 44))
     assert full.shape == (1, 1, 48, 48) and torch.equal(cropped, full[..., :44, :44])
+
+
+def test_attention_mask_by_hand():
+    """Tokens [CLS, t1, t2] with scores 0.5, 0.3, 0.2; a 2x2 grid whose patches t1 holds (0, 3) and
+    t2 holds (1, 2). λ = 0.5 keeps ⌊0.5·4⌋ = 2 patches: t1's, the higher scored, i.e. the diagonal."""
+    attn = torch.tensor([[0.5, 0.3, 0.2]])
+    source = torch.tensor([[1, 2, 2, 1]])
+    scores, patch_mask, pixels = M.attention_mask(attn, source, 0.5, (2, 2), (2, 2), (4, 3))
+    assert torch.equal(scores, torch.tensor([[0.3, 0.2, 0.2, 0.3]]))
+    assert torch.equal(patch_mask, torch.tensor([[1.0, 0.0, 0.0, 1.0]]))
+    expected = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])  # cropped to 4x3
+    assert torch.equal(pixels, expected[None, None])

@@ -137,19 +137,20 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def resolve(path: str | Path) -> Path:
-    """A checkpoint file, or a run folder (-> its last.pth.tar); error if there is nothing to load."""
+def resolve(path: str | Path, best: bool = False) -> Path:
+    """A checkpoint file, or a run folder: its last.pth.tar (to resume), or with ``best`` its
+    model_best.pth.tar if there is one (to evaluate or draw); error if there is nothing to load."""
     path = Path(path)
     if path.is_dir():
-        path = path / LAST
+        path = path / BEST if best and (path / BEST).is_file() else path / LAST
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: give a .pth.tar file or a run folder that holds {LAST}")
     return path
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU; a truncated or corrupt file is a one-line error."""
-    path = resolve(path)
+def load(path: str | Path, best: bool = False) -> dict[str, Any]:
+    """Read a checkpoint (``resolve``) onto the CPU; a truncated or corrupt file is a one-line error."""
+    path = resolve(path, best)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling a file the user named: anything can come out (a text file: KeyError)

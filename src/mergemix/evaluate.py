@@ -23,7 +23,6 @@ from .errors import CheckpointError, ConfigError
 from .tome import patch_tome, tokens_per_block
 
 RESULT_KEYS = ("top1", "top5", "nll", "brier", "ece", "ece10", "mce")
-# what `mergemix train` writes into a run folder besides results.json and figures (checkpoints: *.pth.tar)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -135,9 +134,7 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if cli.merge_every is not None and cli.merge_num is None:
         raise ConfigError("--merge-every spreads --merge-num's tokens over the blocks: give --merge-num too")
     cli.merge_every = 1 if cli.merge_every is None else cli.merge_every
-    path = Path(cli.checkpoint)
-    if path.is_dir():
-        path = path / checkpoint.BEST if (path / checkpoint.BEST).is_file() else path / checkpoint.LAST
+    path = checkpoint.resolve(cli.checkpoint, best=True)
     ckpt = checkpoint.load(path)
     args = run_args(ckpt, cli)
     out = eval_folder(cli, path, args.dataset)

@@ -57,6 +57,18 @@ def upsample_mask(mask: Tensor, grid: tuple[int, int], patch: tuple[int, int],
     return m if size is None else m[..., :size[0], :size[1]]
 
 
+def attention_mask(attn: Tensor, source: Tensor, lam: Tensor | float, grid: tuple[int, int],
+                   patch: tuple[int, int], size: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """MergeMix's mask from a read-out: recover the token scores to patches, keep the top ⌊λ·L⌋.
+
+    attn: (B, K); source: (B, L) token of each patch; lam: scalar or (B,). Returns (patch scores
+    (B, L), patch mask (B, L), pixel mask (B, 1, H, W) of ``size``, 1 where the sample keeps its own).
+    """
+    scores = recover(attn, source)
+    patch_mask = topk_mask(scores, lam)
+    return scores, patch_mask, upsample_mask(patch_mask, grid, patch, size)
+
+
 def patch_fraction(mask: Tensor, grid: tuple[int, int]) -> Tensor:
     """Pixel mask (B, 1, H, W) -> (B, L) share of each patch's pixels that are 1 (area pooling)."""
     pooled = torch.nn.functional.adaptive_avg_pool2d(mask.float(), grid)

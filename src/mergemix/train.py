@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from . import checkpoint, config, data, distributed, models
 from .errors import ConfigError, Interrupted, TrainingError
-from .evaluate import autocast, evaluate, summary_line, write_results
+from .evaluate import RESULT_KEYS, autocast, evaluate, summary_line, write_results
 from .mix.base import Objective
 from .mix.plain import NoMix
 
@@ -444,8 +444,7 @@ class Trainer:
         self.log(f"data   {args.dataset}: {len(d.train)} train / {len(d.eval)} eval images, "
                  f"{d.img_size}x{d.img_size}x{d.in_chans}, {d.num_classes} classes")
         self.log(f"model  {args.model}: {models.describe(self.model)}")
-        defaults = self.objective.defaults() if hasattr(self.objective, "defaults") else {}
-        self.log(f"mix    {args.mix} ({self.objective.passes}) {defaults or ''}")
+        self.log(f"mix    {args.mix} ({self.objective.passes}) {self.objective.defaults() or ''}")
         if self.unused_options:
             self.log(f"note   --mix {args.mix} takes no {', '.join(f'{k}={v}' for k, v in self.unused_options.items())}: "
                      f"ignored (its options: `mergemix methods`; set them with --mix-alpha or --mix-opt)")
@@ -469,7 +468,7 @@ class Trainer:
             "world_size": self.ctx.world_size,
         }
         if ema_metrics is not None:
-            extra["ema"] = {k: ema_metrics[k] for k in ("top1", "top5", "nll", "brier", "ece", "ece10", "mce")}
+            extra["ema"] = {k: ema_metrics[k] for k in RESULT_KEYS}
         results = write_results(self.run_dir, metrics, extra, title=f"{args.model}, {args.mix}, {args.dataset}")
         with checkpoint.atomic_path(self.run_dir / "curves.png") as tmp:
             training_curves(self.run_dir / "summary.csv", tmp)

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixing method (default: the checkpoint's, else mergemix); see `mergemix methods`")
     p.add_argument("--mix-opt", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="method option, e.g. merge_num=8 or lam_policy=gaussian (repeatable)")
-    p.add_argument("--checkpoint", default=None, help="a .pth.tar file or a run folder; default: a fresh model")
+    p.add_argument("--checkpoint", default=None, help="a .pth.tar file or a run folder (uses its model_best.pth.tar); default: a fresh model")
     p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the checkpoint's, else the train default")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--download", action="store_true")
@@ -86,7 +86,7 @@ def run_viz(cli: argparse.Namespace) -> Path:
     """Build data, model and objective from ``cli`` (see ``build_parser``), run one step, draw it."""
     check_limits(cli)
     check_figure_out(cli.out)
-    ckpt = checkpoint.load(cli.checkpoint) if cli.checkpoint else None
+    ckpt = checkpoint.load(cli.checkpoint, best=True) if cli.checkpoint else None
     args = run_args(ckpt, cli) if ckpt is not None else _fresh_args(cli)
     if cli.mix and cli.mix != args.mix:
         args.mix, args.mix_opt = cli.mix, {}  # the saved --mix-opt items belong to the saved method

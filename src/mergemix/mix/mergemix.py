@@ -111,9 +111,8 @@ class MergeMix(Objective):
         B, L = readout.index.shape
         partner = M.derangement(B, self.generator, x.device)
         lam = torch.full((B,), sample_lam(self.alpha, self.generator), device=x.device)
-        scores = M.recover(readout.attn, readout.index)
-        patch_mask = M.topk_mask(scores, lam)
-        mask = M.upsample_mask(patch_mask, readout.grid, patch_size(net), x.shape[-2:])
+        scores, patch_mask, mask = M.attention_mask(readout.attn, readout.index, lam, readout.grid, patch_size(net),
+                                                    x.shape[-2:])
         x_mixed = M.mix_images(x, partner, mask)
         if self.lam_policy == "area":
             lam_hat = M.lam_hat_area(patch_mask)
