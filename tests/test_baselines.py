@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergemix.mask import patch_fraction, recover
-from mergemix.mix import available, create
+from mergemix.mix import available, create, get_class
 from mergemix.mix.attention import attention_mass
 from mergemix.mix.base import smooth_one_hot
 from mergemix.tome import forward_readout
@@ -255,3 +255,12 @@ def test_tokenmix_draws_on_the_grid_of_the_input_size():
     patches = out.mask.view(5, 1, 6, 8, 6, 8)
     assert out.mask.shape == (5, 1, 48, 48)
     assert (patches.amax(dim=(3, 5)) == patches.amin(dim=(3, 5))).all()
+
+
+def test_every_option_a_method_takes_is_listed_with_its_default():
+    """`mergemix methods` prints defaults(): it must name every option the constructor accepts."""
+    from mergemix.train import accepted_options
+
+    for name in available():
+        listed = set(create(name, NUM_CLASSES).defaults())
+        assert accepted_options(get_class(name)) - {"num_classes", "generator"} <= listed, name

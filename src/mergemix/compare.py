@@ -23,9 +23,8 @@ import yaml
 
 from . import checkpoint
 from .config import ArgumentParser
-from .errors import MergeMixError
-from .plots import check_figure_out
-from .plots import overlay_reliability
+from .errors import DataError
+from .plots import check_figure_out, number, overlay_reliability
 
 __all__ = ["Run", "command", "load_run", "main", "markdown_table", "method_table"]
 
@@ -43,26 +42,19 @@ class Run:
     bins: dict[str, list] | None = field(default=None, repr=False)
 
 
-def _number(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)  # JSON true/false are no figures
 
 
 def _read_text(path: Path) -> str:
-    """The text of a run file; one that cannot be read as UTF-8 text is a ``MergeMixError`` naming it."""
+    """The text of a run file; one that cannot be read as UTF-8 text is a ``DataError`` naming it."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise MergeMixError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); is it the file a run "
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); is it the file a run "
                             "writes?") from None
     except OSError as err:
-        raise MergeMixError(f"cannot read {path}: {err.strerror or err}") from None
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def _mean_epoch_time(summary_csv: Path) -> float:
@@ -72,8 +64,8 @@ def _mean_epoch_time(summary_csv: Path) -> float:
     try:
         rows = list(csv.DictReader(io.StringIO(_read_text(summary_csv), newline="")))
     except csv.Error as err:
-        raise MergeMixError(f"{summary_csv}: not readable as CSV ({err})") from None
-    times = [t for t in (_number(row.get("epoch_time")) for row in rows) if math.isfinite(t)]
+        raise DataError(f"{summary_csv}: not readable as CSV ({err})") from None
+    times = [t for t in (number(row.get("epoch_time")) for row in rows) if math.isfinite(t)]
     return statistics.fmean(times) if times else math.nan
 
 
@@ -83,7 +75,7 @@ def _figure(results: dict[str, Any], key: str, path: Path) -> float:
     if value is None:
         return math.nan
     if not _is_number(value):
-        raise MergeMixError(f"{path}: {key} must be a number, got {value!r:.40}")
+        raise DataError(f"{path}: {key} must be a number, got {value!r:.40}")
     return float(value)
 
 
@@ -107,32 +99,32 @@ def _bins(results: dict[str, Any], path: Path) -> dict[str, list] | None:
     if bins is None:
         return None
     if not _well_formed(bins):
-        raise MergeMixError(f"{path}: 'bins' must hold lists of one length under {', '.join(_BIN_KEYS)}, "
+        raise DataError(f"{path}: 'bins' must hold lists of one length under {', '.join(_BIN_KEYS)}, "
                             "of numbers (null only for the confidence and accuracy of an empty bin)")
     return bins if sum(bins["count"]) > 0 else None
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """Read one run directory; raises ``MergeMixError`` if it or its results.json is missing or unreadable."""
+    """Read one run directory; raises ``DataError`` if it or its results.json is missing or unreadable."""
     path = Path(run_dir)
     if not path.is_dir():
-        raise MergeMixError(f"{run_dir}: no such run directory")
+        raise DataError(f"{run_dir}: no such run directory")
     results_path = path / "results.json"
     if not results_path.is_file():
-        raise MergeMixError(f"{run_dir}: no results.json (has this run finished its evaluation?)")
+        raise DataError(f"{run_dir}: no results.json (has this run finished its evaluation?)")
     try:
         results = json.loads(_read_text(results_path))
     except json.JSONDecodeError as err:
-        raise MergeMixError(f"{results_path}: not readable as JSON ({err})") from None
+        raise DataError(f"{results_path}: not readable as JSON ({err})") from None
     if not isinstance(results, dict):
-        raise MergeMixError(f"{results_path}: expected a JSON object, got {type(results).__name__}")
+        raise DataError(f"{results_path}: expected a JSON object, got {type(results).__name__}")
     method = "?"
     args_path = path / "args.yaml"
     if args_path.is_file():
         try:
             args = yaml.safe_load(_read_text(args_path))
         except yaml.YAMLError as err:
-            raise MergeMixError(f"{args_path}: invalid YAML ({str(err).splitlines()[0]})") from None
+            raise DataError(f"{args_path}: invalid YAML ({str(err).splitlines()[0]})") from None
         if isinstance(args, dict) and args.get("mix") is not None:
             method = str(args["mix"])
     return Run(label=str(run_dir).rstrip("/") or str(run_dir), method=method,
@@ -177,6 +169,7 @@ def method_table(runs: Sequence[Run]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``mergemix compare``'s arguments (a bad flag raises ``ConfigError``)."""
     p = ArgumentParser(prog="mergemix compare", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (<output>/<experiment>)")
@@ -188,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command(argv: Sequence[str]) -> int:
-    """``mergemix compare`` without the error handling of ``cli.main`` (bad input raises ``MergeMixError``)."""
+    """``mergemix compare`` without the error handling of ``cli.main`` (bad input raises a ``MergeMixError``:
+    ``ConfigError`` for flags, ``DataError`` for run files)."""
     args = build_parser().parse_args(argv)
     check_figure_out(args.out)
     runs = [load_run(d) for d in args.runs]

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import yaml
 
@@ -65,6 +65,7 @@ class Limit:
     note: str = ""  # what a boundary value means, e.g. "0: never"
 
     def admits(self, value: float) -> bool:
+        """Whether ``value`` lies within the limit."""
         above = value > self.low if self.low_open else value >= self.low
         below = self.high is None or (value < self.high if self.high_open else value <= self.high)
         return above and below
@@ -145,7 +146,7 @@ def _item(value: Any) -> tuple[str, Any]:
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises ``ConfigError`` (one line, exit 2) instead of printing usage and exiting."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
 

@@ -16,6 +16,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .errors import DataError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = {
@@ -138,7 +142,13 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 
 def fashion_mnist_dir(data_dir: str | None, download: bool) -> Path:
-    """The folder holding the four Fashion-MNIST IDX files (see module docstring for the search order)."""
+    """The folder holding the four Fashion-MNIST IDX files (each as ``NAME.gz`` or, failing that, ``NAME``).
+
+    Searched in order: ``data_dir``, then ``data_dir/FashionMNIST/raw``; without ``data_dir``, only
+    ``FASHION_SYSTEM_DIR`` (/usr/share/datasets/fashion-mnist). Found in none of them: with ``download``,
+    torchvision downloads the set into ``data_dir`` (``./data`` when None) and its ``FashionMNIST/raw`` is
+    returned; without, ``DataError``.
+    """
     stems = [s for pair in FASHION_FILES.values() for s in pair]
     roots = [Path(data_dir), Path(data_dir) / "FashionMNIST" / "raw"] if data_dir else [FASHION_SYSTEM_DIR]
     for folder in roots:
@@ -159,6 +169,7 @@ def fashion_mnist_dir(data_dir: str | None, download: bool) -> Path:
 
 
 def load_fashion_mnist(data_dir: str | None, download: bool, img_size: int | None) -> DataBundle:
+    """Fashion-MNIST from its IDX files (found by ``fashion_mnist_dir``), held in memory."""
     folder = fashion_mnist_dir(data_dir, download)
     parts = {}
     for split, (images, labels) in FASHION_FILES.items():
@@ -180,6 +191,7 @@ def _rgb_transforms(args: argparse.Namespace, img_size: int, mean, std, crop_pct
 
 
 def load_cifar(args: argparse.Namespace) -> DataBundle:
+    """CIFAR-10 or CIFAR-100 (``args.dataset``) through torchvision, with timm's train and eval transforms."""
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if args.dataset == "cifar10" else datasets.CIFAR100
@@ -198,7 +210,7 @@ def load_cifar(args: argparse.Namespace) -> DataBundle:
     return DataBundle(train, test, len(train.classes), size, 3, mean, std, in_memory=False)
 
 
-def read_image(path: str):
+def read_image(path: str) -> Image.Image:
     """PIL loader for ImageFolder that names the file when it cannot be read."""
     from PIL import Image
 
@@ -210,6 +222,7 @@ def read_image(path: str):
 
 
 def load_imagefolder(args: argparse.Namespace) -> DataBundle:
+    """``<data-dir>/train/<class>/*`` and ``<data-dir>/val/<class>/*`` (or ``validation``/``test``), timm transforms."""
     from torchvision.datasets import ImageFolder
 
     if not args.data_dir:

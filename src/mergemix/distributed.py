@@ -16,6 +16,8 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class Context:
+    """This process's place in the run: its rank, the number of processes, its GPU index and device."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -68,11 +70,13 @@ def setup(device_name: str) -> Context:
 
 
 def cleanup() -> None:
+    """Leave the process group, if one was joined."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier(ctx: Context) -> None:
+    """Wait until every process gets here (nothing to wait for in a single process)."""
     if ctx.distributed:
         dist.barrier()
 

@@ -160,18 +160,20 @@ def overlay_reliability(named_bins: Mapping[str, Mapping[str, Sequence]], path: 
     return _save(fig, path)
 
 
+def number(value: Any) -> float:
+    """``float(value)``, or NaN where that fails (an empty or missing cell, a word, None)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def _read_summary(summary_csv: str | Path) -> dict[str, np.ndarray]:
     """Columns of a summary.csv as float arrays (NaN where a cell is empty or not a number)."""
     with open(summary_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{summary_csv} has no rows")
-
-    def number(cell: str | None) -> float:
-        try:
-            return float(cell)
-        except (TypeError, ValueError):
-            return math.nan
 
     return {key: np.array([number(row.get(key)) for row in rows]) for key in rows[0]}
 

@@ -39,7 +39,6 @@ from . import checkpoint, config, data, distributed, models
 from .errors import ConfigError, Interrupted, TrainingError
 from .evaluate import RESULT_KEYS, autocast, evaluate, summary_line, write_results
 from .mix.base import Objective
-from .mix.plain import NoMix
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "eval_ece", "lr", "epoch_time"]
 
@@ -190,7 +189,7 @@ class Trainer:
                                    initial_checkpoint=args.initial_checkpoint)
 
         self.objective, self.unused_options = build_objective(args, args.num_classes, self.generator)
-        if args.batch_size < 2 and not isinstance(self.objective, NoMix):
+        if args.batch_size < 2 and self.objective.pairs_images:
             raise ConfigError(f"--batch-size {args.batch_size}: --mix {args.mix} pairs every image with another "
                               f"of its batch, so it needs at least 2 per process; raise --batch-size or use --mix none")
         self.model = prepare_model(self.objective, self.model, args).to(ctx.device)

@@ -4,7 +4,7 @@ Each method lives in a module named after it; importing this package registers t
 """
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .base import (Objective, StepOutput, check_option_types, mixed_targets, sample_lam, smooth_one_hot,
                    soft_cross_entropy, unwrap)
@@ -27,12 +27,13 @@ def available() -> list[str]:
 
 
 def get_class(name: str) -> type[Objective]:
+    """The class registered as ``name``; ValueError listing the available names if there is none."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown mixing method {name!r}; choose one of: {', '.join(available())}")
     return _REGISTRY[name]
 
 
-def create(name: str, num_classes: int, **options) -> Objective:
+def create(name: str, num_classes: int, **options: Any) -> Objective:
     """Build the training objective of method ``name``.
 
     Unknown or ill-typed options raise ``TypeError``, out-of-range ones ``ValueError``, each naming the option.

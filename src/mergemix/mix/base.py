@@ -8,6 +8,7 @@ from __future__ import annotations
 import numbers
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -62,13 +63,40 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
+def derive_seed(generator: torch.Generator | None) -> int:
+    """A seed for another RNG, drawn from ``generator`` (the global torch RNG when None)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
 def sample_lam(alpha: float, generator: torch.Generator | None = None) -> float:
     """λ ~ Beta(α, α), reproducible from ``generator`` (the global torch RNG when None).
 
     torch's Beta sampler takes no generator, so a numpy one is seeded from ours.
     """
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
+    return float(np.random.default_rng(derive_seed(generator)).beta(alpha, alpha))
+
+
+def check_positive(**values: float | list[float] | None) -> None:
+    """Raise ValueError naming the first option that is not > 0 (e.g. ``check_positive(alpha=alpha)``);
+    a list must hold only such values, None (unset) passes."""
+    _check_values(values, lambda v: v > 0, "> 0")
+
+
+def check_non_negative(**values: float | list[float] | None) -> None:
+    """Raise ValueError naming the first option that is not >= 0 (a list: any of its values; None passes)."""
+    _check_values(values, lambda v: v >= 0, ">= 0")
+
+
+def check_probability(**values: float | list[float] | None) -> None:
+    """Raise ValueError naming the first option that is not in [0, 1] (a list: any of its values; None passes)."""
+    _check_values(values, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+
+
+def _check_values(values: dict[str, Any], ok: Callable[[Any], bool], wanted: str) -> None:
+    for key, value in values.items():
+        items = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+        if not all(ok(v) for v in items):
+            raise ValueError(f"{key} must be {wanted}, got {value}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -119,7 +147,7 @@ def check_option_types(cls: type, options: dict[str, Any]) -> None:
     """
     try:
         hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # an annotation that does not resolve: nothing to check against
+    except (NameError, TypeError):  # an annotation that does not resolve: nothing to check against
         return
     for key, value in options.items():
         if key in hints and not _fits(value, hints[key]):
@@ -139,10 +167,10 @@ class Objective:
     description: ClassVar[str] = ""
     passes: ClassVar[str] = "1 fwd + 1 bwd"
     needs_attention: ClassVar[bool] = False
+    pairs_images: ClassVar[bool] = True  # mixes each image with a partner from its batch (needs at least 2)
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None):
-        if not 0.0 <= smoothing <= 1.0:
-            raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
+        check_probability(smoothing=smoothing)
         self.num_classes = num_classes
         self.smoothing = smoothing
         self.generator = generator
@@ -152,7 +180,10 @@ class Objective:
         return model
 
     def clean_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
-        """Plain label-smoothed CE: the step when mixing is switched off."""
+        """Plain label-smoothed CE: the step when mixing is switched off.
+
+        x: (B, C, H, W) images; y: (B,) class indices. Returns the loss and the (B, num_classes) logits.
+        """
         logits = model(x)
         return StepOutput(soft_cross_entropy(logits, smooth_one_hot(y, self.num_classes, self.smoothing)), logits)
 
@@ -160,5 +191,5 @@ class Objective:
         raise NotImplementedError
 
     def defaults(self) -> dict[str, Any]:
-        """Options of this instance worth printing (``mergemix methods``)."""
-        return {}
+        """Options of this instance worth printing (``mergemix methods``); subclasses add theirs."""
+        return {"smoothing": self.smoothing}

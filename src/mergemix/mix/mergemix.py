@@ -92,7 +92,8 @@ class MergeMix(Objective):
         return {"alpha": self.alpha, "merge_num": self.merge_num, "r": self.r, "merge_every": self.merge_every,
                 "readout_block": self.readout_block,
                 "lam_policy": self.lam_policy, "aux_loss": self.aux_loss, "score": self.score,
-                "merge_train": self.merge_train, "smoothing": self.smoothing}
+                "merge_train": self.merge_train, "mixup_alpha": self.mixup_alpha, "prop_attn": self.prop_attn,
+                "smoothing": self.smoothing}
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         if not self.mixup_enabled:

@@ -14,8 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from ..mask import derangement, mix_images
-from .base import Objective, StepOutput, mixed_targets, smooth_one_hot, soft_cross_entropy
+from .base import (Objective, StepOutput, check_non_negative, check_positive, check_probability, derive_seed,
+                   mixed_targets, smooth_one_hot, soft_cross_entropy)
 from .boxes import box_mask, boxes_at, paste_windows
+
+# check_positive, check_non_negative and check_probability live in .base (Objective checks its smoothing
+# with them, and .base cannot import this module); the method modules import them from here.
+__all__ = ["ImageMixer", "Mixed", "PairMixer", "check_interval", "check_non_negative", "check_positive",
+           "check_probability", "device_generator", "kept_area", "masked_batch", "unmixed", "window_batch"]
 
 
 @dataclass
@@ -61,27 +67,12 @@ def window_batch(x: Tensor, partner: Tensor, patches: Tensor, corners: Tensor, l
 
 
 def unmixed(x: Tensor, partner: Tensor) -> Mixed:
-    """The batch left as it is: mask 1, λ = λ̂ = 1 (targets are the smoothed one-hot labels)."""
+    """The batch left as it is: mask 1, λ = λ̂ = 1 (targets are the smoothed one-hot labels).
+
+    x: (B, C, H, W); partner: (B,). Returns x itself, a (B, 1, H, W) mask of ones and (B,) ones as λ and λ̂.
+    """
     ones = torch.ones(x.shape[0], device=x.device)
     return Mixed(x, torch.ones_like(x[:, :1]), ones, ones, partner, "none")
-
-
-def check_positive(**values: float | list[float] | None) -> None:
-    """Raise ValueError naming the first option that is not > 0 (e.g. ``check_positive(alpha=alpha)``);
-    a list must hold only such values, None (unset) passes."""
-    _check_above(0, True, values)
-
-
-def check_non_negative(**values: float | list[float] | None) -> None:
-    """Raise ValueError naming the first option that is not >= 0 (a list: any of its values; None passes)."""
-    _check_above(0, False, values)
-
-
-def _check_above(low: float, strict: bool, values: dict[str, Any]) -> None:
-    for key, value in values.items():
-        items = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
-        if not all(v > low if strict else v >= low for v in items):
-            raise ValueError(f"{key} must be {'>' if strict else '>='} {low}, got {value}")
 
 
 def check_interval(name: str, value: tuple[float, float], low: float, high: float = math.inf,
@@ -100,8 +91,7 @@ def device_generator(generator: torch.Generator | None, device: torch.device) ->
     """
     if generator is None:
         return None
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(derive_seed(generator))
 
 
 class PairMixer(Objective):
@@ -119,8 +109,7 @@ class PairMixer(Objective):
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None,
                  prob: float = 1.0, alpha: float | None = None):
         super().__init__(num_classes, smoothing, generator)
-        if not 0.0 <= prob <= 1.0:
-            raise ValueError(f"prob must be in [0, 1], got {prob}")
+        check_probability(prob=prob)
         self.prob = prob
         self.alpha = self.default_alpha if alpha is None else alpha
         if self.alpha is not None:
@@ -136,7 +125,11 @@ class PairMixer(Objective):
         return partner, self.prob >= 1.0 or float(torch.rand(1, generator=self.generator)) < self.prob
 
     def mix(self, x: Tensor) -> Mixed:
-        """Pair and paste, or leave the batch as it is (kind "none") when this batch is not mixed."""
+        """Pair and paste, or leave the batch as it is (kind "none") when this batch is not mixed.
+
+        x: (B, C, H, W), B >= 2. Returns a ``Mixed`` of (B, C, H, W) images, a (B, 1, H, W) mask and (B,) λ,
+        λ̂ and partners.
+        """
         partner, apply = self.pair(x)
         return self.paste(x, partner) if apply else unmixed(x, partner)
 
@@ -145,7 +138,11 @@ class PairMixer(Objective):
         return mixed.lam_hat
 
     def step(self, model: nn.Module, y: Tensor, mixed: Mixed) -> StepOutput:
-        """Forward the mixed batch, label it, and return the loss against the soft targets."""
+        """Forward the mixed batch, label it, and return the loss against the soft targets.
+
+        y: (B,) class indices; mixed: the batch ``mix`` made. Returns the loss, the (B, num_classes) logits and
+        the mixed batch's (B, C, H, W) images, (B, 1, H, W) mask and (B,) λ, λ̂ and partners.
+        """
         logits = model(mixed.x)
         lam_hat = mixed.lam_hat if mixed.kind == "none" else self.relabel(model, mixed)
         targets = mixed_targets(y, mixed.partner, lam_hat, self.num_classes, self.smoothing)
@@ -159,7 +156,7 @@ class PairMixer(Objective):
 
     def defaults(self) -> dict[str, Any]:
         alpha = {} if self.alpha is None else {"alpha": self.alpha}
-        return {**alpha, "prob": self.prob, "smoothing": self.smoothing}
+        return {**alpha, "prob": self.prob, **super().defaults()}
 
 
 class ImageMixer(PairMixer):

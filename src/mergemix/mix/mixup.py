@@ -17,7 +17,7 @@ from ..mask import mix_images
 from . import register
 from .base import sample_lam
 from .boxes import box_mask, cutmix_boxes
-from .mixer import ImageMixer, Mixed, PairMixer, masked_batch
+from .mixer import ImageMixer, Mixed, PairMixer, check_non_negative, check_probability, masked_batch
 
 
 def mixup_batch(x: Tensor, partner: Tensor, lam: float) -> Mixed:
@@ -40,6 +40,8 @@ def mixup_or_cutmix(x: Tensor, partner: Tensor, mixup_alpha: float, cutmix_alpha
     """timm's switch: CutMix(cutmix_alpha) with probability switch_prob, else MixUp(mixup_alpha).
 
     An alpha of 0 switches that branch off (as timm's ``--mixup 0`` / ``--cutmix 0``).
+    x: (B, C, H, W); partner: (B,). Returns a ``Mixed`` of (B, C, H, W) images, a (B, 1, H, W) mask and
+    (B,) λ and λ̂ (kind "mixup" or "cutmix").
     """
     use_cutmix = mixup_alpha <= 0 or (cutmix_alpha > 0 and float(torch.rand(1, generator=generator)) < switch_prob)
     if use_cutmix:
@@ -75,11 +77,11 @@ class SwitchMixer(PairMixer):
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None,
                  prob: float = 1.0, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_prob: float = 0.5):
         super().__init__(num_classes, smoothing, generator, prob)
-        if min(mixup_alpha, cutmix_alpha) < 0 or max(mixup_alpha, cutmix_alpha) <= 0:
+        check_non_negative(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha)
+        if max(mixup_alpha, cutmix_alpha) <= 0:
             raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0 and one of them > 0, "
                              f"got {mixup_alpha} and {cutmix_alpha}")
-        if not 0.0 <= switch_prob <= 1.0:
-            raise ValueError(f"switch_prob must be in [0, 1], got {switch_prob}")
+        check_probability(switch_prob=switch_prob)
         self.mixup_alpha, self.cutmix_alpha, self.switch_prob = mixup_alpha, cutmix_alpha, switch_prob
 
     def paste(self, x: Tensor, partner: Tensor) -> Mixed:

@@ -22,7 +22,11 @@ from .mixer import ImageMixer, Mixed, check_interval, window_batch
 
 
 def resizemix_batch(x: Tensor, partner: Tensor, tau: float, generator: torch.Generator | None) -> Mixed:
-    """Paste x[partner] resized to round(τ·H) x round(τ·W) pixels (at least 1) into x at a random place per sample."""
+    """Paste x[partner] resized to round(τ·H) x round(τ·W) pixels (at least 1) into x at a random place per sample.
+
+    x: (B, C, H, W); partner: (B,); tau: the scale, in (0, 1]. Returns a ``Mixed`` of (B, C, H, W) images,
+    a (B, 1, H, W) mask, (B,) λ = 1 − τ² and (B,) λ̂ = the kept area.
+    """
     B, size = x.shape[0], tuple(x.shape[-2:])
     box = (max(round(tau * size[0]), 1), max(round(tau * size[1]), 1))
     small = F.interpolate(x[partner], size=box, mode="bilinear", align_corners=False, antialias=True)
