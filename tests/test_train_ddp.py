@@ -38,3 +38,15 @@ def test_torchrun_two_processes(tmp_path):
     assert alone["num_images"] == 360 and results["bins"]["count"] == alone["bins"]["count"]
     for key in ("top1", "top5", "nll", "ece", "brier"):
         assert results[key] == pytest.approx(alone[key], abs=1e-6), key
+
+    # `mergemix eval` under torchrun shards the images too: counted once, one report, one writer
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "mergemix", "eval", "--checkpoint", str(run / "last.pth.tar"), "--output", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("results.json") == 1
+    sharded = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert sharded["bins"]["count"] == alone["bins"]["count"] and sum(sharded["bins"]["count"]) == 360
+    for key in ("top1", "top5", "nll", "ece", "brier"):
+        assert sharded[key] == pytest.approx(alone[key], abs=1e-6), key

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import checkpoint, data, models
 from .config import DATASETS, ArgumentParser, as_dict, build_train_parser, check_limits, key_value
-from .distributed import setup
+from .distributed import Context, cleanup, setup
 from .errors import CheckpointError, ConfigError
 from .tome import patch_tome, tokens_per_block
 
@@ -139,6 +139,16 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = run_args(ckpt, cli)
     out = eval_folder(cli, path, args.dataset)
     ctx = setup(cli.device)
+    try:
+        return _evaluate_checkpoint(cli, ckpt, path, args, out, ctx)
+    finally:
+        cleanup()
+
+
+def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Path, args: argparse.Namespace,
+                         out: Path, ctx: Context) -> dict[str, Any]:
+    """Build the model of ``ckpt``, evaluate it on this process's shard (metrics synced over the
+    processes under torchrun) and, on rank 0, write and print the results."""
     bundle = data.build(args)
     num_classes = args.num_classes or bundle.num_classes
     if num_classes != bundle.num_classes:
@@ -153,11 +163,13 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     merging = merge_for_eval(model, cli.merge_num, cli.merge_every) if cli.merge_num is not None else {}
     model.to(ctx.device)
     workers = cli.workers if cli.workers is not None else (0 if bundle.in_memory else 4)
-    loader = data.eval_loader(bundle, cli.batch_size, workers, 0, 1, ctx.device)
+    loader = data.eval_loader(bundle, cli.batch_size, workers, ctx.rank, ctx.world_size, ctx.device)
     amp_dtype = getattr(torch, cli.amp_dtype) if cli.amp else None
     start = time.perf_counter()
     metrics = evaluate(model, loader, num_classes, cli.ece_bins, ctx.device, amp_dtype)
     seconds = time.perf_counter() - start
+    if not ctx.is_main:
+        return {}
     checkpoint.make_dir(out, "--output")
     n = len(bundle.eval)
     # wall time of the whole pass, data loading included: a rough figure (step_time.py times forwards alone)
