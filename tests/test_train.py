@@ -157,3 +157,31 @@ def test_schedule_notes_flag_likely_mistakes_only():
     assert len(notes) == 2
     assert notes[0].startswith("--min-lr 0.0001 is above --lr 1e-05")
     assert notes[1].startswith("--warmup-epochs 3 >= --epochs 3")
+
+
+def test_resume_with_more_epochs_schedules_over_them(tmp_path, capsys):
+    """Raising --epochs on resume must train on with a schedule over the new total: the saved
+    schedule ends at the old run's last update, so epochs past it would all run at --min-lr."""
+    def train(*extra: str) -> int:
+        return cli.main(["train", "--output", str(tmp_path), *TINY, "--mix", "none", "--batch-size", "32",
+                         "--train-subset", "128", "--min-lr", "1e-5", *extra])
+
+    assert train("--experiment", "r", "--epochs", "1") == 0
+    assert train("--resume", str(tmp_path / "r"), "--epochs", "3") == 0
+    assert "the learning-rate schedule now spans 3 epochs x 4 steps (the checkpoint's: 1 x 4)" in capsys.readouterr().out
+    lrs = [float(row["lr"]) for row in summary(tmp_path / "r")]
+    assert len(lrs) == 3 and lrs[1] > 10 * 1e-5  # cosine over 12 updates: still high after update 8
+
+
+def test_resume_inside_an_epoch_of_another_size_is_refused(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert cli.main(["train", "--output", str(tmp_path), "--experiment", "r", *TINY, "--mix", "none",
+                     *SHORT]) == 0
+    ckpt = torch.load(run / "last.pth.tar", map_location="cpu", weights_only=True)
+    ckpt.update(epoch=0, step=3)  # as a run stopped at step 3 of epoch 1 writes it
+    checkpoint.save(ckpt, run / "last.pth.tar")
+    before = (run / "last.pth.tar").read_bytes()
+    assert cli.main(["train", "--resume", str(run), "--batch-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "stopped inside an epoch of 8 steps, but this run has 4 steps per epoch" in err
+    assert (run / "last.pth.tar").read_bytes() == before

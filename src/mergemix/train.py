@@ -264,24 +264,44 @@ class Trainer:
             "metric": metric,
             "step": p.step,
             "global_step": p.global_step,
+            "steps_per_epoch": self.steps_per_epoch,
             "partial": [r[1] for r in per_rank],
             "best": {"top1": p.best_top1, "epoch": p.best_epoch},
             "rows": p.rows,
             "rng": [r[0] for r in per_rank],
         }
 
+    def _restore_schedule(self, ckpt: dict[str, Any]) -> None:
+        """The saved learning-rate schedule, or a new one when this run's epochs or steps per epoch
+        differ (more --epochs to train on; another --batch-size or process count): the schedule
+        counts updates, so the saved one would end at the old run's last update."""
+        args, p = self.args, self.progress
+        saved_steps = ckpt.get("steps_per_epoch", self.steps_per_epoch)
+        saved_epochs = (ckpt.get("args") or {}).get("epochs", args.epochs)
+        if saved_steps != self.steps_per_epoch:
+            if p.step:  # the position inside the epoch counts batches of the old size
+                raise ConfigError(f"{args.resume} stopped inside an epoch of {saved_steps} steps, but this run has "
+                                  f"{self.steps_per_epoch} steps per epoch (another --batch-size, process count or "
+                                  f"data): resume with the run's settings, or from a checkpoint at an epoch's end")
+            p.global_step = p.epoch * self.steps_per_epoch
+        if saved_steps == self.steps_per_epoch and saved_epochs == args.epochs:
+            if ckpt.get("scheduler"):
+                self.scheduler.load_state_dict(ckpt["scheduler"])
+        else:
+            self.log(f"note: the learning-rate schedule now spans {args.epochs} epochs x {self.steps_per_epoch} "
+                     f"steps (the checkpoint's: {saved_epochs} x {saved_steps})")
+
     def _restore(self, ckpt: dict[str, Any]) -> None:
         args, p = self.args, self.progress
         checkpoint.load_weights(self.model, ckpt["state_dict"], f"--resume {args.resume}")
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scheduler"):
-            self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler and ckpt.get("amp_scaler"):
             self.scaler.load_state_dict(ckpt["amp_scaler"])
         if self.ema and ckpt.get("state_dict_ema"):
             self.ema.module.load_state_dict(ckpt["state_dict_ema"])
         p.epoch, p.step = ckpt["epoch"] + 1, ckpt.get("step", 0)
         p.global_step = ckpt.get("global_step", p.epoch * self.steps_per_epoch + p.step)
+        self._restore_schedule(ckpt)
         best = ckpt.get("best") or {}
         p.best_top1, p.best_epoch = best.get("top1", float("-inf")), best.get("epoch", -1)
         p.rows = [r for r in ckpt.get("rows", []) if r["epoch"] < p.epoch]
