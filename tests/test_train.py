@@ -185,3 +185,20 @@ def test_resume_inside_an_epoch_of_another_size_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "stopped inside an epoch of 8 steps, but this run has 4 steps per epoch" in err
     assert (run / "last.pth.tar").read_bytes() == before
+
+
+def test_a_signal_repeated_at_once_is_one_request_to_stop(monkeypatch):
+    """Under torchrun a worker gets SIGTERM/SIGINT from its process group and again from torchrun:
+    that must still end in a checkpoint; a second signal seconds later stops at once."""
+    from mergemix import train as train_module
+
+    now = [100.0]
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: now[0])
+    stop = train_module.StopSignal()
+    stop._handle(signal.SIGTERM, None)
+    now[0] += 0.01
+    stop._handle(signal.SIGINT, None)  # the forwarded duplicate
+    assert stop.signum == signal.SIGTERM
+    now[0] += train_module.StopSignal.DUPLICATE_S
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)

@@ -59,10 +59,18 @@ class Progress:
 
 
 class StopSignal:
-    """Turns the first SIGINT/SIGTERM into a flag the loop checks; a second one stops at once."""
+    """Turns the first SIGINT/SIGTERM into a flag the loop checks; a second one stops at once.
+
+    A second signal within ``DUPLICATE_S`` of the first is the same request, not an insistence:
+    under torchrun a worker gets the signal from its process group (Ctrl-C, ``docker stop``,
+    ``timeout``) and again as torchrun forwards it, milliseconds apart.
+    """
+
+    DUPLICATE_S = 2.0
 
     def __init__(self) -> None:
         self.signum = 0
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignal":
@@ -71,9 +79,10 @@ class StopSignal:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum:
+        if not self.signum:
+            self.signum, self._first_at = signum, time.monotonic()
+        elif time.monotonic() - self._first_at > self.DUPLICATE_S:
             raise KeyboardInterrupt
-        self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
