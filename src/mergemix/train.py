@@ -236,8 +236,16 @@ class Trainer:
 
         # last: whatever fails above leaves no folder behind; from here on train() removes it
         self.run_dir = Path(args.output) / args.experiment
+        error = None
         if ctx.is_main:
-            self._open_run_dir()
+            try:
+                self._open_run_dir()
+            except ConfigError as e:
+                error = e
+        # the other processes would otherwise wait in their first collective for a rank 0 that has
+        # left, and fail with a connection error of their own
+        if distributed.any_true([error is not None], ctx)[0]:
+            raise error or ConfigError(f"rank 0 could not open {self.run_dir} (its error says why)")
 
     # -- run folder and checkpoints ------------------------------------------------------------
 
