@@ -306,6 +306,14 @@ def train_loader(bundle: DataBundle, batch_size: int, workers: int, rank: int, w
                       generator=torch.Generator().manual_seed(seed + rank))
 
 
+def loader_workers(bundle: DataBundle, requested: int | None) -> int:
+    """Loader processes: ``--workers``, else 0 for data held in memory (workers would only copy
+    its tensors) and 4 for files to decode."""
+    if requested is not None:
+        return requested
+    return 0 if bundle.in_memory else 4
+
+
 def eval_loader(bundle: DataBundle, batch_size: int, workers: int, rank: int, world_size: int,
                 device: torch.device) -> DataLoader:
     """Every evaluation image exactly once over all processes (no padding duplicates)."""

@@ -25,6 +25,11 @@ from .tome import patch_tome, tokens_per_block
 RESULT_KEYS = ("top1", "top5", "nll", "brier", "ece", "ece10", "mce")
 
 
+def autocast_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    """The autocast dtype that ``--amp`` and ``--amp-dtype`` ask for, or None without ``--amp``."""
+    return getattr(torch, args.amp_dtype) if args.amp else None
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Mixed precision when ``dtype`` is given, else nothing."""
     if dtype is None:
@@ -162,9 +167,9 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
     checkpoint.load_weights(model, ckpt[key], str(path))
     merging = merge_for_eval(model, cli.merge_num, cli.merge_every) if cli.merge_num is not None else {}
     model.to(ctx.device)
-    workers = cli.workers if cli.workers is not None else (0 if bundle.in_memory else 4)
+    workers = data.loader_workers(bundle, cli.workers)
     loader = data.eval_loader(bundle, cli.batch_size, workers, ctx.rank, ctx.world_size, ctx.device)
-    amp_dtype = getattr(torch, cli.amp_dtype) if cli.amp else None
+    amp_dtype = autocast_dtype(cli)
     start = time.perf_counter()
     metrics = evaluate(model, loader, num_classes, cli.ece_bins, ctx.device, amp_dtype)
     seconds = time.perf_counter() - start

@@ -15,6 +15,17 @@ from . import checkpoint
 from .errors import CheckpointError, ConfigError
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
 def check_name(name: str) -> str:
     """``name`` if timm knows the model, else a ``ConfigError`` that suggests close names."""
     if not timm.is_model(name):

@@ -20,6 +20,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from .merge import bipartite_matching, decreasing_schedule, merge_tokens, merged_positions, token_counts
+from .models import unwrap
 
 SCORES = ("cls_row", "cls_col")
 
@@ -197,7 +198,7 @@ def forward_readout(model: nn.Module, x: Tensor) -> Readout:
     ``model`` may be wrapped (torch.compile, DDP): the call goes through the wrapper, so a
     compiled model compiles this partial forward as a graph of its own.
     """
-    net = _unwrap(model)
+    net = unwrap(model)
     if _config(net).readout_block is None:
         raise ValueError("forward_readout needs a read-out block: patch_tome(..., readout_block=l)")
     with tome_options(net, readout=True, readout_only=True):
@@ -205,13 +206,8 @@ def forward_readout(model: nn.Module, x: Tensor) -> Readout:
     return net.tome_readout
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    from .mix.base import unwrap
-    return unwrap(model)
-
-
 def _config(model: nn.Module) -> ToMeConfig:
-    cfg = getattr(_unwrap(model), "tome", None)
+    cfg = getattr(unwrap(model), "tome", None)
     if not isinstance(cfg, ToMeConfig):
         raise ValueError("the model is not patched for token merging: call mergemix.tome.patch_tome(model) first")
     return cfg

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from . import checkpoint, config, data, distributed, models
 from .errors import ConfigError, Interrupted, TrainingError
-from .evaluate import RESULT_KEYS, autocast, evaluate, summary_line, write_results
+from .evaluate import RESULT_KEYS, autocast, autocast_dtype, evaluate, summary_line, write_results
 from .mix.base import Objective
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "eval_ece", "lr", "epoch_time"]
@@ -203,7 +203,7 @@ class Trainer:
                               f"of its batch, so it needs at least 2 per process; raise --batch-size or use --mix none")
         self.model = prepare_model(self.objective, self.model, args).to(ctx.device)
 
-        workers = args.workers if args.workers is not None else (0 if self.data.in_memory else 4)
+        workers = data.loader_workers(self.data, args.workers)
         self.train_loader = data.train_loader(self.data, args.batch_size, workers, ctx.rank, ctx.world_size,
                                               args.seed, ctx.device)
         self.steps_per_epoch = len(self.train_loader)
@@ -218,7 +218,7 @@ class Trainer:
                 updates_per_epoch=self.steps_per_epoch)
         except ValueError as e:
             raise ConfigError(f"{e} (see timm's optimizer and scheduler names)") from None
-        self.amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
+        self.amp_dtype = autocast_dtype(args)
         fp16 = self.amp_dtype is torch.float16
         self.scaler = torch.amp.GradScaler(ctx.device.type) if fp16 else None
         self.ema = ModelEmaV3(self.model, decay=args.model_ema_decay) if args.model_ema else None

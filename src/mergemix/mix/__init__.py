@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from ..models import unwrap
 from .base import (Objective, StepOutput, check_option_types, mixed_targets, sample_lam, smooth_one_hot,
-                   soft_cross_entropy, unwrap)
+                   soft_cross_entropy)
 
 _REGISTRY: dict[str, type[Objective]] = {}
 T = TypeVar("T", bound=type[Objective])

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..mask import patch_fraction, recover
 from ..tome import Readout, patch_tome
-from .base import unwrap
+from ..models import unwrap
 from .mixer import Mixed
 
 

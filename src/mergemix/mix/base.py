@@ -99,17 +99,6 @@ def _check_values(values: dict[str, Any], ok: Callable[[Any], bool], wanted: str
             raise ValueError(f"{key} must be {wanted}, got {value}")
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
 _WORDS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
           str: ("a word", "words"), type(None): ("null", "nulls")}
 

@@ -21,7 +21,8 @@ from .. import mask as M
 from ..tome import SCORES, configure_tome, forward_readout, patch_size, patch_tome, tome_options
 from . import register
 from .attention import resolve_block
-from .base import Objective, StepOutput, mixed_targets, sample_lam, smooth_one_hot, soft_cross_entropy, unwrap
+from ..models import unwrap
+from .base import Objective, StepOutput, mixed_targets, sample_lam, smooth_one_hot, soft_cross_entropy
 from .mixer import check_non_negative, check_positive
 
 LAM_POLICIES = ("area", "gaussian")

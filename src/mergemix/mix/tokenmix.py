@@ -22,7 +22,8 @@ from ..mask import upsample_mask
 from ..tome import patch_grid, patch_size
 from . import register
 from .attention import ReadsAttention, attention_lam_hat
-from .base import sample_lam, unwrap
+from ..models import unwrap
+from .base import sample_lam
 from .boxes import box_mask
 from .mixer import Mixed, PairMixer, check_positive, masked_batch
 
