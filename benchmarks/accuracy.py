@@ -37,7 +37,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from bench_cli import at_least, check_outputs, one_line_errors, output_folder  # noqa: E402
+from bench_common import at_least, check_outputs, one_line_errors, output_folder  # noqa: E402
 
 from mergemix.errors import ConfigError  # noqa: E402
 

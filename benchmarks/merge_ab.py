@@ -19,14 +19,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
 import torch
 
-from bench_cli import at_least, device, merged_copy, model_name, one_line_errors, output_file
+from bench_common import at_least, device, merged_copy, model_name, one_line_errors, output_file, seconds
 from mergemix import merge as merge_now
 from mergemix import tome
 from mergemix.errors import ConfigError
@@ -81,16 +80,6 @@ def load_ref(ref: str) -> ModuleType:
     if not callable(getattr(module, "merge_tokens", None)):
         raise ConfigError(f"--ref {ref} has no merge_tokens function: give a version of src/mergemix/merge.py")
     return module
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 def model_cases(args: argparse.Namespace, device: torch.device,
@@ -152,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         times = {k: [] for k in versions}
         for _ in range(reps):
             for k, mod in versions.items():
-                times[k].append(timed(lambda: fn(mod), device))
+                times[k].append(seconds(lambda: fn(mod), device))
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         diff = (outs["now"].float() - outs["ref"].float()).abs().max().item()
         results[label] = {"ref_ms": round(med["ref"], 4), "now_ms": round(med["now"], 4),

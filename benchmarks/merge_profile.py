@@ -22,7 +22,7 @@ import timm
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_cli import at_least, device, merged_copy, model_name, one_line_errors, output_file, save_json
+from bench_common import at_least, device, merged_copy, model_name, one_line_errors, output_file, save_json, seconds, sync
 from mergemix.mix.mergemix import default_readout_block
 
 
@@ -40,11 +40,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_ms(fns: dict, device: torch.device, reps: int) -> dict[str, float]:
     """Median ms per call of each fn, calls interleaved round-robin after one warm-up each."""
     times = {k: [] for k in fns}
@@ -52,11 +47,7 @@ def median_ms(fns: dict, device: torch.device, reps: int) -> dict[str, float]:
         fn()
     for _ in range(reps):
         for k, fn in fns.items():
-            sync(device)
-            t = time.perf_counter()
-            fn()
-            sync(device)
-            times[k].append((time.perf_counter() - t) * 1e3)
+            times[k].append(seconds(fn, device) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

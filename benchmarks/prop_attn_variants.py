@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
 import mergemix.tome as tome
-from bench_cli import at_least, device, output_file, save_json
+from bench_common import at_least, device, output_file, save_json
 from merge_profile import as_graph, compile_and_time, median_ms
 
 MASKED = tome._attention

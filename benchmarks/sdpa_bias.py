@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_cli import at_least, device, output_file, save_json
+from bench_common import at_least, device, output_file, save_json
 from mergemix.merge import decreasing_schedule, token_counts
 
 TOKENS = token_counts(197, decreasing_schedule(98, 12))  # entering DeiT-S/224's blocks at merge_num 98: 197 ... 103

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import mergemix
 import mergemix.mix as mix
-from bench_cli import at_least, device, model_name, one_line_errors, output_file
+from bench_common import at_least, device, model_name, one_line_errors, output_file, seconds, sync
 from mergemix import mask as M
 from mergemix import models, tome
 from mergemix.config import COMPILE_MODES, key_value
@@ -136,11 +136,6 @@ def compile_model(model: torch.nn.Module, scope: str, **compile_kwargs) -> torch
     return model
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Runner:
     """One configuration: its own model copy, optimizer and objective."""
 
@@ -179,14 +174,7 @@ class Runner:
 def time_fn(fn, device, reps: int) -> float:
     """Median seconds of ``fn()`` over ``reps`` calls after one warm-up."""
     fn()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(seconds(fn, device) for _ in range(reps))
 
 
 def mask_work_seconds(runner: Runner, x, device, reps: int) -> float:

@@ -19,8 +19,8 @@ from typing import Sequence
 import timm
 import torch
 
-from bench_cli import at_least, device, merged_copy, model_name, one_line_errors, output_file, save_json
-from merge_profile import median_ms, sync
+from bench_common import at_least, device, merged_copy, model_name, one_line_errors, output_file, save_json, sync
+from merge_profile import median_ms
 from mergemix.config import COMPILE_MODES
 from mergemix.errors import ConfigError
 

@@ -1,5 +1,5 @@
 """The benchmark scripts, loaded in a test as ``python benchmarks/NAME.py`` loads them: with their
-folder on ``sys.path``, where their shared ``bench_cli`` module lives."""
+folder on ``sys.path``, where their shared ``bench_common`` module lives."""
 from __future__ import annotations
 
 import importlib.util

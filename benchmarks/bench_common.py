@@ -1,4 +1,4 @@
-"""Command-line pieces the benchmark scripts share.
+"""What the benchmark scripts share: checks of their command line, output helpers and a timer.
 
 A benchmark may time for minutes before it writes anything, so a bad value must fail while the
 flags are parsed, not after the timing: the argument types below check devices, model names,
@@ -13,6 +13,7 @@ import copy
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -115,6 +116,21 @@ def model_name(text: str) -> str:
         return check_name(text)
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a wall-clock time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of one ``fn()``, the device's queued work included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def one_line_errors(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
