@@ -183,14 +183,7 @@ class Trainer:
         else:  # cuDNN times its kernels per shape; untimed, it ran DeiT-S's patch embedding as a slow implicit sgemm
             torch.backends.cudnn.benchmark = True
 
-        download_first = ctx.distributed and args.download  # rank 0 fetches, the others wait and read
-        if download_first and not ctx.is_main:
-            distributed.barrier(ctx)
-        self.data = data.build(args)
-        if download_first and ctx.is_main:
-            distributed.barrier(ctx)
-        if args.num_classes is not None and args.num_classes != self.data.num_classes:
-            raise ConfigError(f"--num-classes {args.num_classes} but {args.dataset} has {self.data.num_classes} classes")
+        self.data = self._build_data()
         args.num_classes, args.img_size = self.data.num_classes, self.data.img_size
         self.model = models.create(args.model, num_classes=args.num_classes, img_size=args.img_size,
                                    in_chans=self.data.in_chans, drop_path_rate=args.drop_path,
@@ -209,19 +202,7 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         eval_batch = args.eval_batch_size if args.eval_batch_size is not None else 2 * args.batch_size
         self.eval_loader = data.eval_loader(self.data, eval_batch, workers, ctx.rank, ctx.world_size, ctx.device)
-        try:
-            self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr,
-                                                 weight_decay=args.weight_decay, momentum=args.momentum)
-            self.scheduler, _ = create_scheduler_v2(
-                self.optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=args.sched_on_epochs,
-                updates_per_epoch=self.steps_per_epoch)
-        except ValueError as e:
-            raise ConfigError(f"{e} (see timm's optimizer and scheduler names)") from None
-        self.amp_dtype = autocast_dtype(args)
-        fp16 = self.amp_dtype is torch.float16
-        self.scaler = torch.amp.GradScaler(ctx.device.type) if fp16 else None
-        self.ema = ModelEmaV3(self.model, decay=args.model_ema_decay) if args.model_ema else None
+        self._build_optimization()
 
         self.progress = Progress()
         self.made_dir: Path | None = None  # the outermost folder this run created (its run folder or a parent)
@@ -233,18 +214,51 @@ class Trainer:
         if ctx.distributed:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(compiled, device_ids=ids)
-
         # last: whatever fails above leaves no folder behind; from here on train() removes it
         self.run_dir = Path(args.output) / args.experiment
+        self._claim_run_dir()
+
+    def _build_data(self) -> data.DataBundle:
+        """The data set; under torchrun with --download, rank 0 fetches while the others wait."""
+        args, ctx = self.args, self.ctx
+        download_first = ctx.distributed and args.download
+        if download_first and not ctx.is_main:
+            distributed.barrier(ctx)
+        bundle = data.build(args)
+        if download_first and ctx.is_main:
+            distributed.barrier(ctx)
+        if args.num_classes is not None and args.num_classes != bundle.num_classes:
+            raise ConfigError(f"--num-classes {args.num_classes} but {args.dataset} has {bundle.num_classes} classes")
+        return bundle
+
+    def _build_optimization(self) -> None:
+        """timm's optimizer and per-update schedule, the fp16 loss scaler and the weights' EMA."""
+        args = self.args
+        try:
+            self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr,
+                                                 weight_decay=args.weight_decay, momentum=args.momentum)
+            self.scheduler, _ = create_scheduler_v2(
+                self.optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+                warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=args.sched_on_epochs,
+                updates_per_epoch=self.steps_per_epoch)
+        except ValueError as e:
+            raise ConfigError(f"{e} (see timm's optimizer and scheduler names)") from None
+        self.amp_dtype = autocast_dtype(args)
+        fp16 = self.amp_dtype is torch.float16
+        self.scaler = torch.amp.GradScaler(self.ctx.device.type) if fp16 else None
+        self.ema = ModelEmaV3(self.model, decay=args.model_ema_decay) if args.model_ema else None
+
+    def _claim_run_dir(self) -> None:
+        """Rank 0 opens the run folder; its refusal is every rank's error."""
         error = None
-        if ctx.is_main:
+        if self.ctx.is_main:
             try:
                 self._open_run_dir()
             except ConfigError as e:
                 error = e
         # the other processes would otherwise wait in their first collective for a rank 0 that has
         # left, and fail with a connection error of their own
-        if distributed.any_true([error is not None], ctx)[0]:
+        if distributed.any_true([error is not None], self.ctx)[0]:
             raise error or ConfigError(f"rank 0 could not open {self.run_dir} (its error says why)")
 
     # -- run folder and checkpoints ------------------------------------------------------------
