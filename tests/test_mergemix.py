@@ -235,22 +235,27 @@ def test_rejects_bad_options():
         obj(model, *batch(1))
 
 
-@pytest.mark.parametrize("merge_train, graphs", [(True, 1), (False, 2)])
-def test_compiled_clean_step_traces_one_graph_for_both_passes(merge_train, graphs):
-    """With merging on in training, the mixed pass repeats the clean pass's settings, so
-    torch.compile traces (and compiles) the model once per step shape, not twice."""
-    traced = []
+def compile_counting_graphs(model: torch.nn.Module) -> tuple[torch.nn.Module, list]:
+    """``torch.compile`` with a backend that runs each traced graph as it is and records it."""
+    traced: list = []
 
     def counting_backend(gm, example_inputs):
         traced.append(gm)
         return gm.forward
 
+    return torch.compile(model, backend=counting_backend), traced
+
+
+@pytest.mark.parametrize("merge_train, graphs", [(True, 1), (False, 2)])
+def test_compiled_clean_step_traces_one_graph_for_both_passes(merge_train, graphs):
+    """With merging on in training, the mixed pass repeats the clean pass's settings, so
+    torch.compile traces (and compiles) the model once per step shape, not twice."""
     torch._dynamo.reset()
     model = tiny_vit()
     obj = mix.create("mergemix", 10, aux_loss="clean", merge_train=merge_train,
                      generator=torch.Generator().manual_seed(0))
     obj.prepare(model)
-    compiled = torch.compile(model, backend=counting_backend)
+    compiled, traced = compile_counting_graphs(model)
     x, y = batch()
     for _ in range(2):
         out = obj(compiled, x, y)
@@ -267,17 +272,11 @@ def test_compiled_none_step_compiles_the_readout_pass_too():
     """aux_loss='none' takes its mask from a partial forward; it goes through the compiled
     wrapper, so both the read-out pass and the training pass are traced, and the read-out
     equals the eager one."""
-    traced = []
-
-    def counting_backend(gm, example_inputs):
-        traced.append(gm)
-        return gm.forward
-
     torch._dynamo.reset()
     model = tiny_vit()
     obj = mix.create("mergemix", 10, aux_loss="none", generator=torch.Generator().manual_seed(0))
     obj.prepare(model)
-    compiled = torch.compile(model, backend=counting_backend)
+    compiled, traced = compile_counting_graphs(model)
     x, y = batch()
     out = obj(compiled, x, y)
     out.loss.backward()
