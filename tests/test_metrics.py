@@ -224,3 +224,31 @@ def test_rejects_bad_shapes():
         classification_metrics(torch.zeros(4, 3), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError):
         EvalMetrics(10).update(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
+
+
+def test_top1_is_the_logits_argmax_as_timm_takes_it():
+    """Logits 1e-9 apart round to one fp32 softmax value; the prediction is still the larger logit."""
+    from timm.utils import accuracy
+
+    logits, target = torch.tensor([[0.0, 1e-9, -5.0], [2.0, 0.0, 1.0]]), torch.tensor([1, 0])
+    assert classification_metrics(logits, target)["top1"] == pytest.approx(accuracy(logits, target, topk=(1,))[0].item())
+    assert classification_metrics(logits, target)["top1"] == 100.0
+
+
+def test_nan_or_infinite_logits_are_counted_and_stop_an_evaluation():
+    from mergemix.errors import TrainingError
+    from mergemix.evaluate import evaluate
+
+    metrics = EvalMetrics(3)
+    metrics.update(torch.tensor([[float("nan"), 0.0, 1.0], [0.0, 1.0, 2.0], [float("inf"), 0.0, 0.0]]),
+                   torch.tensor([0, 2, 0]))
+    assert metrics.compute()["nonfinite"] == 2
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 3), float("nan"))
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 1), torch.zeros(4).long()),
+                                         batch_size=2)
+    with pytest.raises(TrainingError, match="4 evaluation images got NaN or infinite logits"):
+        evaluate(Broken(), loader, 3, 15, torch.device("cpu"), show=False)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import checkpoint, data, models
 from .config import DATASETS, ArgumentParser, as_dict, build_train_parser, check_limits, key_value
 from .distributed import Context, cleanup, setup
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, TrainingError
 from .tome import patch_tome, tokens_per_block
 
 RESULT_KEYS = ("top1", "top5", "nll", "brier", "ece", "ece10", "mce")
@@ -46,14 +46,20 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes:
 
     was_training = model.training
     model.eval()
-    metrics = EvalMetrics(num_classes, n_bins=n_bins).to(device)
+    # the metric sums are fp64, which Apple GPUs lack: there they are kept on the CPU
+    on = torch.device("cpu") if device.type == "mps" else device
+    metrics = EvalMetrics(num_classes, n_bins=n_bins).to(on)
     for x, y in tqdm(loader, desc=desc, leave=False, disable=None if show else True):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             logits = model(x)
-        metrics.update(logits, y)
+        metrics.update(logits.to(on), y.to(on))
     model.train(was_training)
-    return metrics.compute()
+    result = metrics.compute()
+    if result["nonfinite"]:
+        raise TrainingError(f"{result['nonfinite']} evaluation images got NaN or infinite logits, so the figures "
+                            f"would mean nothing (fp16 overflow? try --amp-dtype bfloat16)")
+    return result
 
 
 def write_results(run_dir: Path, metrics: dict[str, Any], extra: dict[str, Any], title: str) -> dict[str, Any]:

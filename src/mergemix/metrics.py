@@ -22,13 +22,17 @@ from torchmetrics import Metric
 __all__ = ["EvalMetrics", "classification_metrics", "expected_calibration_error", "maximum_calibration_error",
            "reliability_bins"]
 
-_STATES = ("bins", "bins10", "correct1", "correct5", "nll_sum", "brier_sum", "n")
+_STATES = ("bins", "bins10", "correct1", "correct5", "nll_sum", "brier_sum", "n", "nonfinite")
 
 
 def _top_label(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """(N, C) logits, (N,) class indices -> (N,) fp32 top softmax probability, (N,) bool correct."""
-    confidence, prediction = torch.softmax(logits.float(), dim=1).max(dim=1)
-    return confidence, prediction.eq(target)
+    """(N, C) logits, (N,) class indices -> (N,) fp32 top softmax probability, (N,) bool correct.
+
+    The prediction is the logits' argmax, as timm's accuracy takes it: two logits 1e-9 apart are
+    one tie after an fp32 softmax, and the softmax's argmax would then pick the lower index.
+    """
+    confidence = torch.softmax(logits.float(), dim=1).amax(dim=1)
+    return confidence, logits.argmax(dim=1).eq(target)
 
 
 def _bin_sums(confidence: Tensor, correct: Tensor, n_bins: int) -> Tensor:
@@ -79,7 +83,7 @@ def _batch_stats(logits: Tensor, target: Tensor, n_bins: int) -> dict[str, Tenso
 
     Returns fp64 tensors: ``bins`` (3, n_bins + 1) and ``bins10`` (3, 11) per-bin sums (see
     ``_bin_sums``), and scalars ``correct1``, ``correct5`` (top-min(5, C)), ``nll_sum``,
-    ``brier_sum``, ``n``.
+    ``brier_sum``, ``n``, ``nonfinite`` (rows with a NaN or infinite logit: their figures mean nothing).
     """
     if logits.ndim != 2 or target.shape != logits.shape[:1]:
         raise ValueError(f"expected logits (N, C) and target (N,), got {tuple(logits.shape)} and {tuple(target.shape)}")
@@ -97,6 +101,7 @@ def _batch_stats(logits: Tensor, target: Tensor, n_bins: int) -> dict[str, Tenso
         "nll_sum": F.cross_entropy(logits, target, reduction="none").double().sum(),
         "brier_sum": brier.double().sum(),
         "n": torch.tensor(float(target.shape[0]), dtype=torch.float64, device=logits.device),
+        "nonfinite": (~logits.isfinite().all(dim=1)).sum().double(),
     }
 
 
@@ -173,7 +178,7 @@ class EvalMetrics(Metric):
         self.n_bins = n_bins
         self.add_state("bins", torch.zeros(3, n_bins + 1, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("bins10", torch.zeros(3, 11, dtype=torch.float64), dist_reduce_fx="sum")
-        for name in ("correct1", "correct5", "nll_sum", "brier_sum", "n"):
+        for name in ("correct1", "correct5", "nll_sum", "brier_sum", "n", "nonfinite"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, logits: Tensor, target: Tensor) -> None:
@@ -185,5 +190,7 @@ class EvalMetrics(Metric):
             setattr(self, name, getattr(self, name) + stats[name])
 
     def compute(self) -> dict[str, Any]:
-        """Figures over everything seen since the last ``reset()``, plus ``bins``."""
-        return {**_summarise({name: getattr(self, name) for name in _STATES}), "bins": reliability_bins(self.bins)}
+        """Figures over everything seen since the last ``reset()``, plus ``bins`` and ``nonfinite``
+        (the number of predictions with a NaN or infinite logit)."""
+        return {**_summarise({name: getattr(self, name) for name in _STATES}), "bins": reliability_bins(self.bins),
+                "nonfinite": int(self.nonfinite)}
