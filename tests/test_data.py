@@ -144,3 +144,32 @@ def test_train_subset_and_sampler_skip():
     assert len(loader) == 10  # skip applies to one pass only
     with pytest.raises(DataError, match="--train-subset 0 must be between 1 and the 1437"):
         data.build(args_for(train_subset=0))  # 0 is not "unset"
+
+
+def test_imagefolder_skips_hidden_files_and_folders(tmp_path):
+    """macOS's AppleDouble ._x.png next to each image and a .ipynb_checkpoints folder are no data."""
+    make_imagefolder(tmp_path)
+    for split in ("train", "val"):
+        (tmp_path / split / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 not an image")
+        (tmp_path / split / ".ipynb_checkpoints").mkdir()
+        Image.new("RGB", (20, 20)).save(tmp_path / split / ".ipynb_checkpoints" / "x.png")
+    bundle = data.build(args_for(dataset="imagefolder", data_dir=str(tmp_path), img_size=16))
+    assert (len(bundle.train), len(bundle.eval), bundle.classes) == (6, 6, ("cat", "dog"))
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    gradient = (np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)  # 0 .. 65535
+    Image.fromarray(gradient).save(tmp_path / "g16.png")
+    rgb = np.asarray(data.read_image(str(tmp_path / "g16.png")))
+    assert rgb.shape == (16, 16, 3) and np.array_equal(rgb[..., 0], (gradient >> 8).astype(np.uint8))
+    assert len(np.unique(rgb)) == 256  # PIL's own convert("RGB") leaves only 0 and 255
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(DataError, match="float pixels"):
+        data.read_image(str(tmp_path / "f.tif"))
+
+
+def test_imagefolder_class_mismatch_names_the_classes(tmp_path):
+    make_imagefolder(tmp_path)
+    (tmp_path / "val" / "dog").rename(tmp_path / "val" / "zebra")
+    with pytest.raises(DataError, match="dog, zebra in one only"):
+        data.build(args_for(dataset="imagefolder", data_dir=str(tmp_path), img_size=16))

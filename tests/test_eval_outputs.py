@@ -104,3 +104,29 @@ def test_a_run_folder_means_its_best_model_to_eval_and_viz_and_its_last_to_resum
     (tmp_path / checkpoint.BEST).write_bytes(b"")
     assert checkpoint.resolve(tmp_path) == tmp_path / checkpoint.LAST
     assert checkpoint.resolve(tmp_path, best=True) == tmp_path / checkpoint.BEST
+
+
+def test_eval_and_viz_refuse_data_whose_classes_are_named_otherwise(tmp_path, capsys):
+    """Same class count, one folder renamed: the label indices of the moved classes would shift."""
+    from test_data import make_imagefolder
+
+    make_imagefolder(tmp_path / "data", classes=("ant", "bee", "cat"), per_class=2)
+    assert cli.main(["train", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--workers", "0",
+                     "--img-size", "16", "--batch-size", "2", "--epochs", "1", "--mix", "none",
+                     "--model-kwargs", "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2",
+                     "--output", str(tmp_path), "--experiment", "run"]) == 0
+    ckpt = tmp_path / "run" / "last.pth.tar"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["classes"] == ["ant", "bee", "cat"]
+    shutil.copytree(tmp_path / "data", tmp_path / "renamed")
+    for split in ("train", "val"):
+        (tmp_path / "renamed" / split / "bee").rename(tmp_path / "renamed" / split / "zebra")
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "renamed"), "--workers", "0",
+                     "--output", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on the classes ant, bee, cat, but this data has ant, cat, zebra (bee, zebra differ)" in err
+    assert not (tmp_path / "ev").exists()
+    assert cli.main(["viz", "--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "renamed"), "--num-samples", "2",
+                     "--out", str(tmp_path / "v.png")]) == 2
+    assert "(bee, zebra differ)" in capsys.readouterr().err
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--workers", "0", "--output", str(tmp_path / "ok")]) == 0

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .errors import DataError
 
@@ -29,6 +33,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = 10
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "eval": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -52,6 +57,7 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     in_memory: bool
+    classes: tuple[str, ...] | None = None  # class names by index, where the data names them (image folders)
 
 
 class TensorImages(Dataset):
@@ -95,7 +101,8 @@ def _grey_bundle(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], img_
     return DataBundle(
         train=TensorImages(xs[0], train[1], mean, std, pad=pad, flip=flip),
         eval=TensorImages(xs[1], test[1], mean, std),
-        num_classes=int(train[1].max()) + 1, img_size=size, in_chans=1, mean=(mean,), std=(std,), in_memory=True)
+        num_classes=int(max(train[1].max(), test[1].max())) + 1, img_size=size, in_chans=1, mean=(mean,),
+        std=(std,), in_memory=True)
 
 
 DIGITS_SIZE = 16  # 8x8 digits upsampled x2: with 4x4 patches a 4x4 grid of 16 tokens for MergeMix to merge
@@ -131,6 +138,8 @@ def read_idx(path: Path) -> Tensor:
     if len(raw) - header != expected:
         raise DataError(f"{path} is truncated or padded: {len(raw) - header} data bytes for shape {dims}, "
                         f"expected {expected}; download it again")
+    if expected == 0:
+        raise DataError(f"{path} holds no items (shape {dims}): download it again")
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
 
 
@@ -176,6 +185,9 @@ def load_fashion_mnist(data_dir: str | None, download: bool, img_size: int | Non
         x, y = read_idx(_find_idx(folder, images)), read_idx(_find_idx(folder, labels))
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise DataError(f"{folder}: {images} holds {tuple(x.shape)} but {labels} holds {tuple(y.shape)}")
+        if int(y.max()) >= FASHION_CLASSES:
+            raise DataError(f"{folder}: {labels} holds label {int(y.max())}, but Fashion-MNIST has {FASHION_CLASSES} "
+                            f"classes (0..{FASHION_CLASSES - 1}): download it again")
         parts[split] = (x.float() / 255.0, y.long())
     return _grey_bundle(parts["train"], parts["eval"], img_size, pad=2, flip=True)
 
@@ -211,20 +223,46 @@ def load_cifar(args: argparse.Namespace) -> DataBundle:
 
 
 def read_image(path: str) -> Image.Image:
-    """PIL loader for ImageFolder that names the file when it cannot be read."""
+    """PIL loader for ImageFolder that names the file when it cannot be read.
+
+    16-bit images are scaled to 8 bits (PIL's own conversion clips them to 0 or 255); float images,
+    whose range PIL cannot know, are an error.
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            if im.mode == "F":
+                raise DataError(f"image {path} has float pixels (mode F), whose range is unknown: "
+                                f"save it as 8-bit or 16-bit")
+            if im.mode.startswith("I"):  # I;16 (16-bit PNG) or I (32-bit ints holding 16-bit values)
+                pixels = np.asarray(im, dtype=np.int64).clip(0, 65535) >> 8
+                return Image.fromarray(pixels.astype(np.uint8)).convert("RGB")
             return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path} ({e}): replace or remove it") from None
+
+
+class VisibleImageFolder(ImageFolder):
+    """torchvision's ImageFolder without hidden entries: a dot-folder (``.ipynb_checkpoints``) is no
+    class and a dot-file (macOS's ``._photo.jpg``) or anything in a dot-folder no image."""
+
+    def __init__(self, root: Path, transform: Any) -> None:
+        def visible_image(path: str) -> bool:
+            hidden = any(part.startswith(".") for part in Path(path).relative_to(root).parts)
+            return not hidden and has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+        super().__init__(str(root), transform=transform, loader=read_image, is_valid_file=visible_image)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
 
 
 def load_imagefolder(args: argparse.Namespace) -> DataBundle:
     """``<data-dir>/train/<class>/*`` and ``<data-dir>/val/<class>/*`` (or ``validation``/``test``), timm transforms."""
-    from torchvision.datasets import ImageFolder
-
     if not args.data_dir:
         raise DataError("--dataset imagefolder needs --data-dir DIR with DIR/train/<class>/ and DIR/val/<class>/")
     root = Path(args.data_dir)
@@ -239,15 +277,20 @@ def load_imagefolder(args: argparse.Namespace) -> DataBundle:
         splits[split] = folder
     size = args.img_size or 224
     train_tf, eval_tf = _rgb_transforms(args, size, IMAGENET_MEAN, IMAGENET_STD, crop_pct=0.875)
-    try:
-        train = ImageFolder(str(splits["train"]), transform=train_tf, loader=read_image)
-        test = ImageFolder(str(splits["eval"]), transform=eval_tf, loader=read_image)
-    except FileNotFoundError as e:
-        raise DataError(f"{str(e).rstrip('.')}: put images in <split>/<class>/ folders") from None
+    folders = {}
+    for split, transform in (("train", train_tf), ("eval", eval_tf)):
+        try:
+            folders[split] = VisibleImageFolder(splits[split], transform)
+        except FileNotFoundError as e:
+            raise DataError(f"{splits[split]}: {str(e).rstrip('. ')}: put images in <split>/<class>/ folders") from None
+    train, test = folders["train"], folders["eval"]
     if train.classes != test.classes:
+        only = sorted(set(train.classes) ^ set(test.classes))
         raise DataError(f"class folders differ between {splits['train']} ({len(train.classes)}) and "
-                        f"{splits['eval']} ({len(test.classes)}): they must hold the same class names")
-    return DataBundle(train, test, len(train.classes), size, 3, IMAGENET_MEAN, IMAGENET_STD, in_memory=False)
+                        f"{splits['eval']} ({len(test.classes)}): {', '.join(only) or 'the order'} in one only; "
+                        f"they must hold the same class names")
+    return DataBundle(train, test, len(train.classes), size, 3, IMAGENET_MEAN, IMAGENET_STD, in_memory=False,
+                      classes=tuple(train.classes))
 
 
 def build(args: argparse.Namespace) -> DataBundle:

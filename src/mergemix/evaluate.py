@@ -138,6 +138,17 @@ def run_args(ckpt: dict[str, Any], cli: argparse.Namespace) -> argparse.Namespac
     return args
 
 
+def check_classes(ckpt: dict[str, Any], bundle: data.DataBundle, path: str | Path) -> None:
+    """``CheckpointError`` when the data names its classes otherwise than the data the checkpoint was
+    trained on: the same count in another order (a renamed class folder) would score every image of
+    a moved class against the wrong label, silently."""
+    saved, now = ckpt.get("classes"), bundle.classes
+    if saved and now and list(saved) != list(now):
+        differ = sorted(set(saved) ^ set(now)) or ["their order"]
+        raise CheckpointError(f"{path} was trained on the classes {', '.join(saved)}, but this data has "
+                              f"{', '.join(now)} ({', '.join(differ)} differ): name the class folders as in training")
+
+
 def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``mergemix eval``: rebuild, load, evaluate, write results."""
     cli = build_eval_parser().parse_args(argv)
@@ -165,6 +176,7 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
     if num_classes != bundle.num_classes:
         raise CheckpointError(f"the checkpoint classifies {num_classes} classes but {args.dataset} has "
                               f"{bundle.num_classes}: evaluate it on the data set it was trained for")
+    check_classes(ckpt, bundle, path)
     model = models.create(args.model, num_classes=num_classes, img_size=args.img_size or bundle.img_size,
                           in_chans=bundle.in_chans, model_kwargs=args.model_kwargs)
     key = "state_dict_ema" if cli.use_ema else "state_dict"

@@ -296,6 +296,7 @@ class Trainer:
             "step": p.step,
             "global_step": p.global_step,
             "steps_per_epoch": self.steps_per_epoch,
+            "classes": list(self.data.classes) if self.data.classes else None,
             "partial": [r[1] for r in per_rank],
             "best": {"top1": p.best_top1, "epoch": p.best_epoch},
             "rows": p.rows,

@@ -18,7 +18,7 @@ from . import checkpoint, data, models
 from .config import DATASETS, ArgumentParser, as_dict, check_limits, key_value, parse_train_args
 from .distributed import setup
 from .errors import ConfigError
-from .evaluate import run_args
+from .evaluate import check_classes, run_args
 from .plots import check_figure_out
 from .mix import StepOutput, unwrap
 from .plots import mix_grid
@@ -103,6 +103,8 @@ def run_viz(cli: argparse.Namespace) -> Path:
     x, y = torch.stack(images).to(device), torch.as_tensor(labels).to(device)
 
     num_classes = args.num_classes or bundle.num_classes
+    if ckpt is not None:
+        check_classes(ckpt, bundle, cli.checkpoint)
     model = models.create(args.model, num_classes=num_classes, img_size=args.img_size or bundle.img_size,
                           in_chans=bundle.in_chans, model_kwargs=args.model_kwargs)
     if ckpt is not None:
