@@ -130,3 +130,15 @@ def test_eval_and_viz_refuse_data_whose_classes_are_named_otherwise(tmp_path, ca
                      "--out", str(tmp_path / "v.png")]) == 2
     assert "(bee, zebra differ)" in capsys.readouterr().err
     assert cli.main(["eval", "--checkpoint", str(ckpt), "--workers", "0", "--output", str(tmp_path / "ok")]) == 0
+
+
+def test_a_saved_relative_data_dir_that_is_not_here_says_so(tmp_path, monkeypatch):
+    from mergemix.errors import DataError
+    from mergemix.evaluate import build_eval_parser, run_args
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = {"args": {"dataset": "imagefolder", "data_dir": "data/flowers"}, "arch": "vit_tiny_patch16_224"}
+    with pytest.raises(DataError, match="the checkpoint's --data-dir data/flowers does not exist here"):
+        run_args(ckpt, build_eval_parser().parse_args(["--checkpoint", "x"]))
+    (tmp_path / "data" / "flowers").mkdir(parents=True)
+    assert run_args(ckpt, build_eval_parser().parse_args(["--checkpoint", "x"])).data_dir == "data/flowers"

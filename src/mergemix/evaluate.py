@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import checkpoint, data, models
 from .config import DATASETS, ArgumentParser, as_dict, build_train_parser, check_limits, key_value
 from .distributed import Context, cleanup, setup
-from .errors import CheckpointError, ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .tome import patch_tome, tokens_per_block
 
 RESULT_KEYS = ("top1", "top5", "nll", "brier", "ece", "ece10", "mce")
@@ -126,6 +126,9 @@ def run_args(ckpt: dict[str, Any], cli: argparse.Namespace) -> argparse.Namespac
     for key in ("dataset", "data_dir", "model", "img_size"):
         if getattr(cli, key) is not None:
             setattr(args, key, getattr(cli, key))
+    if cli.data_dir is None and args.data_dir and not Path(args.data_dir).exists() and not cli.download:
+        raise DataError(f"the checkpoint's --data-dir {args.data_dir} does not exist here (a relative path counts "
+                        f"from where training ran): pass --data-dir")
     # key by key, as `mergemix train --model-kwargs` does on the digits ViT's: replacing all of them
     # would build another architecture than the weights' from a flag meant to change one setting
     args.model_kwargs = {**as_dict(args.model_kwargs, "model_kwargs"),
