@@ -130,6 +130,15 @@ def test_eval_and_viz_refuse_data_whose_classes_are_named_otherwise(tmp_path, ca
                      "--out", str(tmp_path / "v.png")]) == 2
     assert "(bee, zebra differ)" in capsys.readouterr().err
     assert cli.main(["eval", "--checkpoint", str(ckpt), "--workers", "0", "--output", str(tmp_path / "ok")]) == 0
+    # evaluation reads the val/ split alone: a folder without train/ serves eval and viz of val
+    shutil.copytree(tmp_path / "data" / "val", tmp_path / "val_only" / "val")
+    only = ["--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "val_only")]
+    assert cli.main(["eval", *only, "--workers", "0", "--output", str(tmp_path / "ev_val")]) == 0
+    assert json.loads((tmp_path / "ev_val" / "results.json").read_text())["num_images"] == 6
+    assert cli.main(["viz", *only, "--num-samples", "2", "--out", str(tmp_path / "v.png")]) == 0
+    capsys.readouterr()
+    assert cli.main(["viz", *only, "--split", "train", "--num-samples", "2", "--out", str(tmp_path / "t.png")]) == 2
+    assert "has no train/ folder" in capsys.readouterr().err
 
 
 def test_a_saved_relative_data_dir_that_is_not_here_says_so(tmp_path, monkeypatch):

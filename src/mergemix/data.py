@@ -49,7 +49,7 @@ CIFAR_STATS = {
 class DataBundle:
     """Train and evaluation sets and what the model needs to know about them."""
 
-    train: Dataset
+    train: Dataset | None  # None where only the evaluation split was read
     eval: Dataset
     num_classes: int
     img_size: int
@@ -261,8 +261,9 @@ class VisibleImageFolder(ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
 
-def load_imagefolder(args: argparse.Namespace) -> DataBundle:
-    """``<data-dir>/train/<class>/*`` and ``<data-dir>/val/<class>/*`` (or ``validation``/``test``), timm transforms."""
+def load_imagefolder(args: argparse.Namespace, with_train: bool = True) -> DataBundle:
+    """``<data-dir>/train/<class>/*`` and ``<data-dir>/val/<class>/*`` (or ``validation``/``test``), timm transforms.
+    Without ``with_train`` only the evaluation split is read (and needed): ``train`` is ``None``."""
     if not args.data_dir:
         raise DataError("--dataset imagefolder needs --data-dir DIR with DIR/train/<class>/ and DIR/val/<class>/")
     root = Path(args.data_dir)
@@ -270,7 +271,8 @@ def load_imagefolder(args: argparse.Namespace) -> DataBundle:
         raise DataError(f"data directory {root} does not exist: pass --data-dir DIR with DIR/train/<class>/<image> "
                         f"and DIR/val/<class>/<image>")
     splits = {}
-    for split, names in (("train", ("train",)), ("eval", ("val", "validation", "test"))):
+    wanted = (("train", ("train",)),) * with_train + (("eval", ("val", "validation", "test")),)
+    for split, names in wanted:
         folder = next((root / n for n in names if (root / n).is_dir()), None)
         if folder is None:
             raise DataError(f"{root} has no {' or '.join(names)}/ folder: expected {root}/{names[0]}/<class>/<image>")
@@ -279,22 +281,26 @@ def load_imagefolder(args: argparse.Namespace) -> DataBundle:
     train_tf, eval_tf = _rgb_transforms(args, size, IMAGENET_MEAN, IMAGENET_STD, crop_pct=0.875)
     folders = {}
     for split, transform in (("train", train_tf), ("eval", eval_tf)):
+        if split not in splits:
+            continue
         try:
             folders[split] = VisibleImageFolder(splits[split], transform)
         except FileNotFoundError as e:
             raise DataError(f"{splits[split]}: {str(e).rstrip('. ')}: put images in <split>/<class>/ folders") from None
-    train, test = folders["train"], folders["eval"]
-    if train.classes != test.classes:
+    train, test = folders.get("train"), folders["eval"]
+    if train is not None and train.classes != test.classes:
         only = sorted(set(train.classes) ^ set(test.classes))
         raise DataError(f"class folders differ between {splits['train']} ({len(train.classes)}) and "
                         f"{splits['eval']} ({len(test.classes)}): {', '.join(only) or 'the order'} in one only; "
                         f"they must hold the same class names")
-    return DataBundle(train, test, len(train.classes), size, 3, IMAGENET_MEAN, IMAGENET_STD, in_memory=False,
-                      classes=tuple(train.classes))
+    return DataBundle(train, test, len(test.classes), size, 3, IMAGENET_MEAN, IMAGENET_STD, in_memory=False,
+                      classes=tuple(test.classes))
 
 
-def build(args: argparse.Namespace) -> DataBundle:
-    """The data set named by ``args.dataset`` (with ``--train-subset`` applied)."""
+def build(args: argparse.Namespace, with_train: bool = True) -> DataBundle:
+    """The data set named by ``args.dataset`` (with ``--train-subset`` applied). ``with_train=False``
+    is for evaluation: an image folder then needs no ``train/`` split (other data sets load it anyway,
+    since they hold both splits in one place or normalise with the training statistics)."""
     data_dir = Path(args.data_dir) if args.data_dir else None
     if args.dataset != "digits" and data_dir is not None and data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"data directory {data_dir} is a file, not a directory: pass --data-dir DIR, the directory "
@@ -306,10 +312,10 @@ def build(args: argparse.Namespace) -> DataBundle:
     elif args.dataset in CIFAR_STATS:
         bundle = load_cifar(args)
     elif args.dataset == "imagefolder":
-        bundle = load_imagefolder(args)
+        bundle = load_imagefolder(args, with_train)
     else:
         raise DataError(f"unknown dataset {args.dataset!r}")
-    if getattr(args, "train_subset", None) is not None:
+    if getattr(args, "train_subset", None) is not None and bundle.train is not None:
         n = len(bundle.train)
         if not 0 < args.train_subset <= n:
             raise DataError(f"--train-subset {args.train_subset} must be between 1 and the {n} training images")

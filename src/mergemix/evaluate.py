@@ -174,7 +174,7 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
                          out: Path, ctx: Context) -> dict[str, Any]:
     """Build the model of ``ckpt``, evaluate it on this process's shard (metrics synced over the
     processes under torchrun) and, on rank 0, write and print the results."""
-    bundle = data.build(args)
+    bundle = data.build(args, with_train=False)
     num_classes = args.num_classes or bundle.num_classes
     if num_classes != bundle.num_classes:
         raise CheckpointError(f"the checkpoint classifies {num_classes} classes but {args.dataset} has "

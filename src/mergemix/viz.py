@@ -94,7 +94,7 @@ def run_viz(cli: argparse.Namespace) -> Path:
     device = setup(cli.device).device
     torch.manual_seed(cli.seed)
 
-    bundle = data.build(args)
+    bundle = data.build(args, with_train=cli.split == "train")
     dataset = bundle.eval if cli.split == "eval" else bundle.train
     if len(dataset) < cli.num_samples:
         raise ConfigError(f"--num-samples {cli.num_samples} is more than the {len(dataset)} images of that split")
