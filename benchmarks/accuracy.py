@@ -54,7 +54,7 @@ ABLATIONS = {
     "mergemix[score=cls_col]": ["--score", "cls_col"],
     "mergemix[readout=last]": ["--readout-block", "-1"],
     "mergemix[merge_num=0]": ["--merge-num", "0"],
-    "mergemix[merge_train=off]": ["--no-merge-train"],  # the read-out pass merges, the mixed pass does not
+    "mergemix[merge_train=off]": ["--no-merge-train"],  # the clean pass (mask and clean loss) merges, the mixed pass does not
     "mergemix[merge_every=2]": ["--merge-every", "2"],  # the same total merged in every 2nd block only
     "mergemix[merge_every=3]": ["--merge-every", "3"],
 }

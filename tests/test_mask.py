@@ -83,12 +83,19 @@ def test_lam_hat_gaussian_per_sample_sigma_hand_computed():
     keep, K, L = torch.tensor([3, 10, 50, 90, 196]), 98, 196
     n = torch.randn(5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     z = K / L + keep.double() / L * n
-    expected = (z - z.min()) / (z.max() - z.min() + 1e-6)
+    expected = (z - z.min()) / (z.max() - z.min())
     got = M.lam_hat_gaussian(keep, K, L, torch.Generator().manual_seed(4))
-    assert torch.allclose(got, expected.float(), atol=1e-6)
+    assert torch.allclose(got, expected.float(), atol=1e-7) and got.max() == 1.0
     # the per-sample spread matters: with equal keep counts the same draw normalises differently
     same = M.lam_hat_gaussian(torch.full((5,), 50), K, L, torch.Generator().manual_seed(4))
     assert not torch.allclose(got, same, atol=1e-3)
+
+
+def test_lam_hat_gaussian_without_spread_is_the_kept_fraction():
+    """Min-max is undefined when every draw is equal: one sample, or nothing kept (σ_b = 0)."""
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(M.lam_hat_gaussian(torch.zeros(4, dtype=torch.long), 98, 196, g), torch.zeros(4))
+    assert torch.equal(M.lam_hat_gaussian(torch.tensor([49]), 98, 196, g), torch.tensor([0.25]))
 
 
 def test_upsample_mask_crops_to_the_image_size():

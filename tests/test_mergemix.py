@@ -200,6 +200,29 @@ def test_state_dict_keys_unchanged_and_loadable():
     model.load_state_dict(plain.state_dict())
 
 
+def test_prepare_resolves_the_model_dependent_defaults_for_each_model():
+    """read-out block ⌊0.75·depth⌋ − 1 and merge_num half the patches, of the model prepared last."""
+    obj = mix.create("mergemix", 10)
+    obj.prepare(tiny_vit())  # depth 4, 16 patches
+    assert (obj.readout_block, obj.merge_num) == (2, 8)
+    deeper = timm.create_model("deit_tiny_patch16_224", img_size=64, patch_size=8, depth=8, embed_dim=48,
+                               num_heads=3, num_classes=10)
+    obj.prepare(deeper)  # depth 8, 64 patches
+    assert (obj.readout_block, obj.merge_num) == (5, 32)
+
+
+@pytest.mark.parametrize("aux", ["clean", "none"])
+def test_a_batch_of_one_fails_before_any_forward(aux):
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10, aux_loss=aux)
+    obj.prepare(model)
+    calls = []
+    model.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError, match="at least 2"):
+        obj(model, *batch(1))
+    assert calls == []
+
+
 def test_same_seed_same_step():
     outs = []
     for _ in range(2):

@@ -107,17 +107,20 @@ def lam_hat_area(mask: Tensor) -> Tensor:
 
 
 def lam_hat_gaussian(keep: Tensor, num_tokens: int, num_patches: int,
-                     generator: torch.Generator | None = None, eps: float = 1e-6) -> Tensor:
+                     generator: torch.Generator | None = None) -> Tensor:
     """The method's Step 3 as the reference code computes it.
 
     Per sample z_b ~ N(μ, σ_b) with μ = K/L (K patch tokens left at the read-out block) and
     σ_b = p_b/L (p_b = keep[b] patches kept), then min-max normalised across the batch to [0, 1].
     Note: min-max normalisation cancels μ and the common scale of σ, so the result is
     batch-normalised noise with mean about 0.5, independent of how much of the image was kept.
+    Where the batch's draws do not differ (a batch of one, or nothing kept anywhere: every σ_b = 0)
+    min-max is undefined, and the kept fraction p_b/L stands in.
     keep: (B,) long; returns (B,).
     """
     mu = num_tokens / num_patches
     sigma = keep.double().cpu() / num_patches
     z = mu + sigma * torch.randn(keep.shape[0], generator=generator, dtype=torch.float64)
-    z = (z - z.min()) / (z.max() - z.min() + eps)
-    return z.float().to(keep.device)
+    spread = z.max() - z.min()
+    lam_hat = (z - z.min()) / spread if spread > 0 else sigma
+    return lam_hat.float().to(keep.device)

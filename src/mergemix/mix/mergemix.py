@@ -66,6 +66,8 @@ class MergeMix(Objective):
         check_positive(merge_every=merge_every)
         self.alpha, self.mixup_alpha = alpha, mixup_alpha
         self.merge_num, self.r, self.merge_every, self.readout_block = merge_num, r, merge_every, readout_block
+        # as given: prepare() resolves the model-dependent defaults anew for each model
+        self._requested = {"merge_num": merge_num, "readout_block": readout_block}
         self.lam_policy, self.aux_loss, self.score = lam_policy, aux_loss, score
         self.merge_train, self.prop_attn = merge_train, prop_attn
         self.passes = PASSES[aux_loss]
@@ -78,12 +80,12 @@ class MergeMix(Objective):
         """
         net = unwrap(model)
         depth = len(getattr(net, "blocks", ()))
-        if self.readout_block is None:
-            self.readout_block = default_readout_block(depth)
-        else:  # negative: counted from the end, as Python indexes
-            self.readout_block = resolve_block(net, self.readout_block)
-        if self.merge_num is None and self.r is None:
-            self.merge_num = getattr(getattr(net, "patch_embed", None), "num_patches", 0) // 2
+        block, merge_num = self._requested["readout_block"], self._requested["merge_num"]
+        # negative: counted from the end, as Python indexes
+        self.readout_block = default_readout_block(depth) if block is None else resolve_block(net, block)
+        if merge_num is None and self.r is None:
+            merge_num = getattr(getattr(net, "patch_embed", None), "num_patches", 0) // 2
+        self.merge_num = merge_num
         patch_tome(net, self.r, merge_num=self.merge_num, merge_every=self.merge_every,
                    prop_attn=self.prop_attn, readout_block=self.readout_block, score=self.score)
         configure_tome(net, merge=False, readout=False)
@@ -101,17 +103,20 @@ class MergeMix(Objective):
             with tome_options(model, merge=self.merge_train, readout=False):
                 return self.clean_step(model, x, y)
         net = unwrap(model)
+        # drawn first so that a batch too small to pair fails before any forward
+        partner = M.derangement(x.shape[0], self.generator, x.device)
         clean_logits = None
         if self.aux_loss == "clean":
             with tome_options(model, merge=True, readout=True):
                 clean_logits = model(x)
             readout = net.tome_readout
         else:
+            # in the model's current mode: in training, drop-path and dropout shape this mask too,
+            # as they shape the clean pass's
             with torch.no_grad(), tome_options(model, merge=True, readout=True):
                 readout = forward_readout(model, x)
 
         B, L = readout.index.shape
-        partner = M.derangement(B, self.generator, x.device)
         lam = torch.full((B,), sample_lam(self.alpha, self.generator), device=x.device)
         scores, patch_mask, mask = M.attention_mask(readout.attn, readout.index, lam, readout.grid, patch_size(net),
                                                     x.shape[-2:])
