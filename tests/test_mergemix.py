@@ -223,6 +223,23 @@ def test_a_batch_of_one_fails_before_any_forward(aux):
     assert calls == []
 
 
+def test_hybrid_vit_masks_whole_tokens_of_its_backbone_stride():
+    """A ResNet stem (stride 16) under 8x8 patches: each token covers 32x32 pixels."""
+    from mergemix.tome import patch_size
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_r_s16_p8_224", img_size=128, depth=2, num_classes=10)
+    obj = mix.create("mergemix", 10, readout_block=1, alpha=0.5)
+    obj.prepare(model)
+    assert patch_size(model) == (32, 32) and model.patch_embed.patch_size == (8, 8)
+    x, y = torch.randn(4, 3, 128, 128), torch.randint(0, 10, (4,))
+    out = obj(model, x, y)
+    assert out.mask.shape == (4, 1, 128, 128)
+    blocks = out.mask.reshape(4, 4, 32, 4, 32)  # (B, gh, 32, gw, 32): constant inside each token's square
+    assert torch.equal(blocks.amax(dim=(2, 4)), blocks.amin(dim=(2, 4)))
+    assert torch.allclose(out.mask.mean(dim=(1, 2, 3)), out.lam_hat)
+
+
 def test_same_seed_same_step():
     outs = []
     for _ in range(2):

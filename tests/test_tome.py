@@ -9,7 +9,8 @@ from timm.layers import LayerScale
 
 from mergemix.mask import recover
 from mergemix.merge import bipartite_matching, decreasing_schedule, merge_tokens, merged_positions, token_counts
-from mergemix.tome import _attention, configure_tome, forward_readout, patch_tome, resolve_schedule, tokens_per_block
+from mergemix.tome import (_attention, configure_tome, forward_readout, patch_tome, resolve_schedule, tokens_per_block,
+                           tome_options)
 
 MODELS = {
     "deit": ("deit_tiny_patch16_224", {}),
@@ -283,6 +284,95 @@ def test_avg_pool_model_merges_with_weighted_mean():
     assert torch.allclose(pooled, take(tokens, model.tome_readout.index).mean(1), atol=1e-5)
 
 
+def test_avg_pool_of_forward_features_is_size_weighted_too():
+    """timm's idiom forward_head(forward_features(x)) gives forward(x), pre_logits included; with
+    pool_include_prefix the prefix tokens join the mean once each, as in timm's own pooling."""
+    x = torch.randn(2, 3, 32, 32)
+    for include_prefix in (False, True):
+        torch.manual_seed(0)
+        model = patch_tome(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                                             num_classes=5, global_pool="avg", reg_tokens=2,
+                                             pool_include_prefix=include_prefix).eval(), r=[4, 0], readout_block=1)
+        with torch.no_grad():
+            logits = model(x)
+            tokens = model.forward_features(x)
+            assert torch.equal(model.forward_head(tokens), logits)
+            pre = model.forward_head(tokens, pre_logits=True)
+        ro, npt = model.tome_readout, model.num_prefix_tokens
+        expanded = take(tokens, ro.index)  # one row per original patch
+        if include_prefix:
+            expanded = torch.cat([tokens[:, :npt], expanded], dim=1)
+        assert (ro.size > 1).any() and torch.allclose(pre, model.fc_norm(expanded.mean(1)), atol=1e-5)
+
+
+def test_token_sizes_stay_exact_in_a_bfloat16_model():
+    """bfloat16 holds integers exactly only up to 256; one token here ends up holding 512 patches."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=128, patch_size=4, depth=4, embed_dim=48,
+                              num_heads=3, num_classes=5).eval().bfloat16()
+    patch_tome(model, r=[512, 256, 128, 64], readout_block=3)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 128, 128).bfloat16())
+    ro = model.tome_readout
+    assert ro.size.dtype == torch.float32 and ro.size[0, 1:].sum() == 1024
+    assert torch.equal(ro.size, ro.source.sum(2) + (torch.arange(ro.size.shape[1]) == 0))
+
+
+def test_patched_model_pickles_and_loads_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    model = patch_tome(make("deit"), r=2, readout_block=1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    torch.save({"model": model, "x": x, "expected": expected}, tmp_path / "m.pt")
+    code = ("import torch; d = torch.load(%r, weights_only=False); m = d['model']; "
+            "assert type(m).__name__ == 'ToMeVisionTransformer' and m.tome.r == [2, 2, 2, 2]; "
+            "assert torch.equal(m(d['x']), d['expected'])" % str(tmp_path / "m.pt"))
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_attn_mask_and_is_causal_pass_to_timm_only_without_merging():
+    model = patch_tome(make("deit"), r=2, readout_block=1)
+    x, mask = torch.randn(2, 3, 32, 32), torch.zeros(17, 17)
+    with pytest.raises(ValueError, match="turn merging and the read-out off"):
+        model(x, attn_mask=mask)
+    plain = make("deit")
+    mask[:, 5] = float("-inf")  # no query may look at token 5
+    with torch.no_grad(), tome_options(model, merge=False, readout=False):
+        assert torch.equal(model(x, attn_mask=mask), plain(x, attn_mask=mask))
+        assert not torch.allclose(model(x, attn_mask=mask), plain(x), atol=1e-3)
+    assert model.tome_readout is None
+
+
+def test_gradient_checkpointing_recomputes_blocks_with_equal_gradients():
+    x = torch.randn(2, 3, 32, 32)
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model = patch_tome(make("deit").train(), r=2, readout_block=2)
+        model.set_grad_checkpointing(checkpointing)
+        hook = model.blocks[1].mlp.register_forward_hook(lambda *_: calls.append(checkpointing))
+        # early stop would end a recomputation as soon as the tensors the backward needs are back
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            model(x).square().sum().backward()
+        hook.remove()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert calls.count(False) == 1 and calls.count(True) == 2  # run again in the backward
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_patch_tome_takes_numpy_and_tensor_counts_and_wrapped_models():
+    import numpy as np
+
+    assert patch_tome(make("deit"), r=np.int64(2)).tome.r == [2, 2, 2, 2]
+    assert patch_tome(make("deit"), r=torch.tensor(1)).tome.r == [1, 1, 1, 1]
+    model = make("deit")
+    compiled = torch.compile(model)
+    assert patch_tome(compiled, r=1) is compiled and model.tome.r == [1, 1, 1, 1]
+    assert model.tome_readout is None and model.tome_size is None  # before any forward
+
+
 def seeded(model, x, seed):
     """Final tokens (B, K, C) of one forward after seeding the RNG (the drop-path draws)."""
     torch.manual_seed(seed)
@@ -356,6 +446,12 @@ def test_bad_configurations():
         patch_tome(torch.nn.Linear(3, 3), r=0)
     with pytest.raises(ValueError, match="too large"):
         patch_tome(make("deit"), r=9)
+    # patch dropout keeps random patches: a read-out index over the whole grid would point at wrong ones
+    with pytest.raises(ValueError, match="patch dropout"):
+        patch_tome(make("deit", patch_drop_rate=0.5), r=0, readout_block=1)
+    from timm.models.vision_transformer import ParallelScalingBlock
+    with pytest.raises(ValueError, match="ParallelScalingBlock with NoneType"):
+        patch_tome(make("deit", block_fn=ParallelScalingBlock), r=0)
 
 
 def test_patched_model_traces_as_one_graph():

@@ -10,12 +10,15 @@ patches each of those tokens holds. Every block but the read-out one stays on
 from __future__ import annotations
 
 import contextlib
+import functools
+import numbers
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -33,6 +36,7 @@ class Readout:
         sequence order), head-averaged, proportional attention applied, detached.
     index: (B, L) long, the token (0..K-1) holding each original patch.
     size: (B, K) number of original patches in each token (1 for prefix tokens).
+    grid: (gh, gw) patches of the input; patch: (ph, pw) pixels per patch (None: unknown).
     """
 
     attn: Tensor
@@ -40,6 +44,7 @@ class Readout:
     size: Tensor
     num_prefix_tokens: int
     grid: tuple[int, int]
+    patch: tuple[int, int] | None = None
 
     @property
     def source(self) -> Tensor:
@@ -68,16 +73,17 @@ def patch_grid(model: nn.Module, img_size: Sequence[int]) -> tuple[int, int]:
 
 
 def patch_size(model: nn.Module) -> tuple[int, int]:
-    """(ph, pw) pixel size of one patch."""
-    return tuple(model.patch_embed.patch_size)
+    """(ph, pw) pixels per token: the patch size, times the backbone's stride for a hybrid ViT."""
+    return tuple(model.patch_embed.feat_ratio(as_scalar=False))
 
 
 def _check_vit(model: nn.Module) -> None:
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"token merging and attention read-out need a timm VisionTransformer, got {type(model).__name__}")
     for i, blk in enumerate(model.blocks):
-        if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
-            raise ValueError(f"block {i} is a {type(blk).__name__} with {type(blk.attn).__name__}; "
+        attn = getattr(blk, "attn", None)
+        if not isinstance(blk, Block) or not isinstance(attn, Attention):
+            raise ValueError(f"block {i} is a {type(blk).__name__} with {type(attn).__name__}; "
                              "only timm's standard Block with Attention is supported")
 
 
@@ -97,8 +103,8 @@ def resolve_schedule(num_patches: int, depth: int, r: int | Sequence[int] | None
         schedule = decreasing_schedule(int(merge_num), depth, merge_every)
     elif r is None:
         schedule = [0] * depth
-    elif isinstance(r, int):
-        schedule = [r] * depth
+    elif isinstance(r, numbers.Integral) or (isinstance(r, Tensor) and r.ndim == 0):
+        schedule = [int(r)] * depth
     else:
         schedule = [int(v) for v in r]
         if len(schedule) != depth:
@@ -138,8 +144,9 @@ def patch_tome(model: nn.Module, r: int | Sequence[int] | None = None, *, merge_
     as a decreasing schedule over every ``merge_every``-th block. readout_block: 0-based index of the block whose CLS attention is
     read out (None: no read-out). score: "cls_row" (the CLS query's attention over the tokens)
     or "cls_col" (each token's attention to CLS). Adds no parameters; calling it again
-    reconfigures. Returns the model.
+    reconfigures. Returns the model; a wrapped one (torch.compile, DDP) has the model inside patched.
     """
+    wrapper, model = model, unwrap(model)
     _check_vit(model)
     depth = len(model.blocks)
     num_patches = model.patch_embed.num_patches
@@ -150,15 +157,18 @@ def patch_tome(model: nn.Module, r: int | Sequence[int] | None = None, *, merge_
         raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     if readout_block is not None and model.cls_token is None:
         raise ValueError("the attention read-out needs a class token; this model has none (class_token=False)")
-    if any(schedule):
-        if model.global_pool not in ("token", "avg") or model.attn_pool is not None:
-            raise ValueError(f"token merging supports global_pool 'token' or 'avg', not {model.global_pool!r}")
-        if model.patch_drop.__class__ is not nn.Identity:
-            raise ValueError("token merging cannot be combined with patch dropout (patch_drop_rate > 0)")
+    if any(schedule) and (model.global_pool not in ("token", "avg") or model.attn_pool is not None):
+        raise ValueError(f"token merging supports global_pool 'token' or 'avg', not {model.global_pool!r}")
+    # patch dropout keeps a random subset of the patches, which neither merging nor the read-out's
+    # patch index (one entry per patch of the grid) follows
+    if (any(schedule) or readout_block is not None) and model.patch_drop.__class__ is not nn.Identity:
+        raise ValueError("token merging and the attention read-out cannot be combined with patch dropout "
+                         "(patch_drop_rate > 0)")
     model.tome = ToMeConfig(schedule, prop_attn, readout_block, score)
     if not isinstance(model, ToMeMixin):
         model.__class__ = _tome_class(type(model))
-    return model
+        model.tome_readout = model.tome_size = None
+    return wrapper
 
 
 def configure_tome(model: nn.Module, merge: bool | None = None, readout: bool | None = None,
@@ -266,8 +276,8 @@ def _run_block(blk: Block, x: Tensor, size: Tensor | None, index: Tensor | None,
         return None, size, index, scores
     x = x + blk.drop_path1(blk.ls1(h))
     if r > 0:
-        if size is None:
-            size = x.new_ones(x.shape[:2])
+        if size is None:  # float32 whatever the model's dtype: bf16 counts only to 256 exactly
+            size = x.new_ones(x.shape[:2], dtype=torch.float32)
         m = bipartite_matching(keys[:, :, npt:].mean(dim=1), r, num_prefix=npt)
         if track_index:
             pos = merged_positions(m)
@@ -294,48 +304,73 @@ def _run_blocks(model: VisionTransformer, x: Tensor) -> tuple[Tensor | None, Ten
     # (1 for prefix tokens, so log(size) is the whole additive bias); index (B, L) is the
     # position of the token holding each original patch.
     size = index = readout = None
+    run_block = _run_block
+    if model.grad_checkpointing and torch.is_grad_enabled():  # recompute each block in the backward
+        run_block = functools.partial(checkpoint, _run_block, use_reentrant=False)
     for i, blk in enumerate(model.blocks):
         at_readout = i == readout_at
         size_in, index_in = size, index
-        x, size, index, scores = _run_block(
+        x, size, index, scores = run_block(
             blk, x, size, index, cfg.r[i] if cfg.merge else 0, npt=npt, prop_attn=cfg.prop_attn,
             score=cfg.score if at_readout else None,
             track_index=readout_at is not None and i < readout_at,  # the source is only needed up to the read-out
             need_output=not (at_readout and cfg.readout_only))
         if at_readout:
-            readout = _make_readout(scores, index_in, size_in, npt, L, grid)
+            readout = _make_readout(scores, index_in, size_in, npt, L, grid, patch_size(model))
             if cfg.readout_only:
                 return None, None, readout
     return model.norm(x), None if size is None else size[:, npt:], readout
 
 
 def _make_readout(scores: Tensor, index: Tensor | None, size: Tensor | None, npt: int, L: int,
-                  grid: tuple[int, int]) -> Readout:
+                  grid: tuple[int, int], patch: tuple[int, int]) -> Readout:
     B = scores.shape[0]
     if index is None:
         index = torch.arange(npt, npt + L, device=scores.device).expand(B, L)
     full_size = scores.new_ones(B, npt + L) if size is None else size
-    return Readout(scores.float(), index, full_size.detach(), npt, grid)
+    return Readout(scores.float(), index, full_size.detach(), npt, grid, patch)
 
 
 class ToMeMixin:
-    """Forward of a token-merging VisionTransformer; mixed into the model's own class."""
+    """Forward of a token-merging VisionTransformer; mixed into the model's own class.
+
+    ``forward_features`` leaves the read-out (``tome_readout``) and the patch tokens' sizes
+    (``tome_size``, (B, K - prefix), None if nothing merged) of its input on the model, so that
+    ``forward_head`` of its output pools a merged sequence as the unmerged one would be.
+    """
 
     tome: ToMeConfig
     tome_readout: Readout | None
+    tome_size: Tensor | None
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        return _run_blocks(self, x)[0]
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor | None:
+        """Tokens (B, K, C) after the final norm; None in a read-out-only forward."""
+        if attn_mask is not None or is_causal:
+            cfg = self.tome
+            if (cfg.merge and any(cfg.r)) or (cfg.readout and cfg.readout_block is not None):
+                raise ValueError("attn_mask and is_causal apply to a fixed sequence: turn merging and the "
+                                 "read-out off (configure_tome) to use them")
+            self.tome_readout = self.tome_size = None
+            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        x, self.tome_size, self.tome_readout = _run_blocks(self, x)
+        return x
 
-    def forward(self, x: Tensor) -> Tensor:
-        x, size, readout = _run_blocks(self, x)
-        self.tome_readout = readout
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        size, npt = self.tome_size, self.num_prefix_tokens
+        merged = size is not None and size.shape == (x.shape[0], x.shape[1] - npt)
+        if not merged or (pool_type or self.global_pool) != "avg" or self.attn_pool is not None:
+            return super().pool(x, pool_type)
+        # a merged token stands for `size` patches: the size-weighted mean is the plain mean
+        if self.pool_include_prefix:  # prefix tokens count once each
+            size = torch.cat([size.new_ones(size.shape[0], npt), size], dim=1)
+        else:
+            x = x[:, npt:]
+        return ((x * size[..., None]).sum(1) / size.sum(1, keepdim=True)).to(x.dtype)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        x = self.forward_features(x, attn_mask, is_causal)
         if x is None:  # read-out only: the blocks after it never ran
-            return readout.attn
-        if size is not None and self.global_pool == "avg":
-            # a merged token stands for `size` patches: the size-weighted mean is the plain mean
-            pooled = (x[:, self.num_prefix_tokens:] * size[..., None]).sum(1) / size.sum(1, keepdim=True)
-            return self.head(self.head_drop(self.fc_norm(pooled)))
+            return self.tome_readout.attn
         return self.forward_head(x)
 
 
@@ -343,7 +378,25 @@ _CLASSES: dict[type, type] = {}
 
 
 def _tome_class(base: type) -> type:
-    """One cached subclass per model class, so isinstance checks and repr stay meaningful."""
+    """One cached subclass per model class, so isinstance checks and repr stay meaningful. It is
+    named as an attribute of this module (see ``__getattr__``), so a patched model pickles."""
     if base not in _CLASSES:
-        _CLASSES[base] = type(f"ToMe{base.__name__}", (ToMeMixin, base), {})
+        name = f"ToMe{base.__name__}"
+        _CLASSES[base] = type(name, (ToMeMixin, base), {"__module__": __name__, "__qualname__": name})
     return _CLASSES[base]
+
+
+def __getattr__(name: str) -> type:
+    """``ToMe<Base>``, the patched class of any VisionTransformer class loaded: what unpickling a
+    patched model (``torch.save(model)``) looks up."""
+    if name.startswith("ToMe"):
+        bases, seen = [VisionTransformer], []
+        while bases:
+            base = bases.pop()
+            if not issubclass(base, ToMeMixin):
+                seen.append(base)
+                bases.extend(base.__subclasses__())
+        for base in seen:
+            if base.__name__ == name[4:]:
+                return _tome_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import mask as M
-from ..tome import SCORES, configure_tome, forward_readout, patch_size, patch_tome, tome_options
+from ..tome import SCORES, configure_tome, forward_readout, patch_tome, tome_options
 from . import register
 from .attention import resolve_block
 from ..models import unwrap
@@ -118,7 +118,7 @@ class MergeMix(Objective):
 
         B, L = readout.index.shape
         lam = torch.full((B,), sample_lam(self.alpha, self.generator), device=x.device)
-        scores, patch_mask, mask = M.attention_mask(readout.attn, readout.index, lam, readout.grid, patch_size(net),
+        scores, patch_mask, mask = M.attention_mask(readout.attn, readout.index, lam, readout.grid, readout.patch,
                                                     x.shape[-2:])
         x_mixed = M.mix_images(x, partner, mask)
         if self.lam_policy == "area":
