@@ -141,6 +141,10 @@ def test_transmix_and_tokenmix_labels_are_attention_mass_of_kept_pixels():
     torch.testing.assert_close(attention_lam_hat(model, mixed), expected)
     transmix = create("transmix", NUM_CLASSES)
     torch.testing.assert_close(transmix.relabel(model, mixed), expected)
+    # the authors' code averages area and attention: λ̂ = (λ_area + λ_attention) / 2
+    mixed.lam_hat = torch.tensor([0.5, 0.75])  # the own pixels' share of each image above
+    parity = create("transmix", NUM_CLASSES, area_weight=0.5)
+    torch.testing.assert_close(parity.relabel(model, mixed), torch.tensor([(0.5 + 3 / 8) / 2, (0.75 + 0.75) / 2]))
     mixed.kind = "mixup"  # MixUp batches keep λ, as in the paper
     torch.testing.assert_close(transmix.relabel(model, mixed), mixed.lam_hat)
     torch.testing.assert_close(create("tokenmix", NUM_CLASSES).relabel(model, mixed), expected)
@@ -261,7 +265,7 @@ def test_attention_swap_moves_partner_hot_window_onto_own_cold_window():
     scores = torch.rand(B, 16, generator=torch.Generator().manual_seed(0))
     partner = torch.tensor([1, 0])
     lam = 0.75  # window: floor(4 * sqrt(0.25)) = 2 patches = 8 pixels
-    mixed = attention_swap(x, partner, scores, grid, lam)
+    mixed = attention_swap(x, partner, scores, grid, (4, 4), lam)
     for b in range(B):
         src = extreme_windows(scores[partner[b]][None], grid, (2, 2), True)[0] * 4
         dst = extreme_windows(scores[b][None], grid, (2, 2), False)[0] * 4
@@ -269,8 +273,23 @@ def test_attention_swap_moves_partner_hot_window_onto_own_cold_window():
         assert torch.equal(pasted, x[partner[b], 0, src[0]:src[0] + 8, src[1]:src[1] + 8])
         assert mixed.mask[b, 0, dst[0]:dst[0] + 8, dst[1]:dst[1] + 8].sum() == 0
     torch.testing.assert_close(mixed.lam_hat, torch.full((B,), 0.75))
-    nothing = attention_swap(x, partner, scores, grid, 1.0)  # zero-size window pastes nothing
+    nothing = attention_swap(x, partner, scores, grid, (4, 4), 1.0)  # zero-size window pastes nothing
     assert torch.equal(nothing.x, x) and nothing.lam_hat.eq(1).all()
+    # images padded up to whole patches (dynamic_img_pad): 14 px are not 4 patches of 4 px
+    with pytest.raises(ValueError, match="14x16 pixels are not a 4x4 grid of 4x4 patches"):
+        attention_swap(x[..., :14, :], partner, scores, grid, (4, 4), lam)
+
+
+def test_resizemix_takes_bfloat16_images():
+    """The CPU's antialiased resize has no bfloat16 kernel: the resize runs in float32."""
+    from mergemix.mix.resizemix import resizemix_batch
+
+    x = torch.rand(4, 3, 16, 16)
+    partner = torch.tensor([1, 2, 3, 0])
+    half = resizemix_batch(x.bfloat16(), partner, 0.5, torch.Generator().manual_seed(0))
+    full = resizemix_batch(x, partner, 0.5, torch.Generator().manual_seed(0))
+    assert half.x.dtype == torch.bfloat16 and torch.allclose(half.x.float(), full.x, atol=1e-2)
+    assert torch.equal(half.mask, full.mask) and torch.equal(half.lam_hat, full.lam_hat)
 
 
 def test_resizemix_pastes_the_resized_partner():

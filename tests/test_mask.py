@@ -98,6 +98,16 @@ def test_lam_hat_gaussian_without_spread_is_the_kept_fraction():
     assert torch.equal(M.lam_hat_gaussian(torch.tensor([49]), 98, 196, g), torch.tensor([0.25]))
 
 
+def test_patch_fraction_of_an_image_padded_to_whole_patches():
+    """6x6 pixels on a 2x2 grid of 4x4 patches (dynamic_img_pad pads 2 rows and columns): the
+    right and bottom patches hold 4x2, 2x4 and 2x2 real pixels."""
+    mask = torch.ones(1, 1, 6, 6)
+    mask[..., :4, :4] = 0  # exactly the top-left patch
+    assert torch.equal(M.patch_fraction(mask, (2, 2), (4, 4)), torch.tensor([[0.0, 1, 1, 1]]))
+    mask[..., 5, :] = 0  # the last real row: half of the bottom patches' real pixels
+    assert torch.equal(M.patch_fraction(mask, (2, 2), (4, 4)), torch.tensor([[0.0, 1, 0.5, 0.5]]))
+
+
 def test_upsample_mask_crops_to_the_image_size():
     """A 6x6 grid of 8 px patches covers 48 px; images of 44 px (padded up by dynamic_img_pad) get
     the top-left 44x44 of it."""

@@ -69,10 +69,19 @@ def attention_mask(attn: Tensor, source: Tensor, lam: Tensor | float, grid: tupl
     return scores, patch_mask, upsample_mask(patch_mask, grid, patch, size)
 
 
-def patch_fraction(mask: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Pixel mask (B, 1, H, W) -> (B, L) share of each patch's pixels that are 1 (area pooling)."""
-    pooled = torch.nn.functional.adaptive_avg_pool2d(mask.float(), grid)
-    return pooled.flatten(1)
+def patch_fraction(mask: Tensor, grid: tuple[int, int], patch: tuple[int, int] | None = None) -> Tensor:
+    """Pixel mask (B, 1, H, W) -> (B, L) share of each patch's pixels that are 1 (area pooling).
+
+    patch: (ph, pw), needed where the image does not fill the grid (a model with ``dynamic_img_pad``
+    pads it at the bottom and right): the share is then of each patch's real pixels.
+    """
+    H, W = mask.shape[-2:]
+    if patch is None or (H, W) == (grid[0] * patch[0], grid[1] * patch[1]):
+        return torch.nn.functional.adaptive_avg_pool2d(mask.float(), grid).flatten(1)
+    pad = (0, grid[1] * patch[1] - W, 0, grid[0] * patch[0] - H)
+    real = torch.nn.functional.pad(mask.new_ones(1, 1, H, W, dtype=torch.float32), pad)
+    kept = torch.nn.functional.pad(mask.float(), pad)
+    return (torch.nn.functional.avg_pool2d(kept, patch) / torch.nn.functional.avg_pool2d(real, patch)).flatten(1)
 
 
 def derangement(batch_size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:

@@ -68,7 +68,8 @@ def attention_lam_hat(model: nn.Module, mixed: Mixed) -> Tensor:
     kept fraction of that patch.
     """
     readout = last_readout(model)
-    return attention_mass(recover(readout.attn, readout.index), patch_fraction(mixed.mask, readout.grid))
+    kept = patch_fraction(mixed.mask, readout.grid, readout.patch)
+    return attention_mass(recover(readout.attn, readout.index), kept)
 
 
 class ReadsAttention:

@@ -29,7 +29,9 @@ def resizemix_batch(x: Tensor, partner: Tensor, tau: float, generator: torch.Gen
     """
     B, size = x.shape[0], tuple(x.shape[-2:])
     box = (max(round(tau * size[0]), 1), max(round(tau * size[1]), 1))
-    small = F.interpolate(x[partner], size=box, mode="bilinear", align_corners=False, antialias=True)
+    # in float32: the CPU's antialiased resize has no bfloat16 kernel
+    small = F.interpolate(x[partner].float(), size=box, mode="bilinear", align_corners=False,
+                          antialias=True).to(x.dtype)
     corners = random_corners(B, box, size, generator, x.device)
     return window_batch(x, partner, small, corners, 1.0 - tau * tau, "resizemix")
 

@@ -3,9 +3,10 @@
 The box of CutMix (side lengths from λ ~ Beta(α, α), one λ per batch) is centred on the most
 salient pixel of the partner image, and the partner's pixels in that box replace the same box of
 the own image; label weight = kept area. Saliency is the spectral residual of Hou & Zhang (CVPR
-2007), computed as OpenCV's ``StaticSaliencySpectralResidual`` (which the paper uses) does: grey
-image resized to 64 x 64; residual R = log|F| − 3x3 mean of log|F|; saliency = |F⁻¹(exp(R + i·phase))|²
-smoothed by a 5x5 Gaussian with σ = 8. All batched on the device.
+2007), as this project's design chose; the authors' code uses OpenCV's fine-grained static saliency
+instead. Computed after OpenCV's ``StaticSaliencySpectralResidual``: grey image (channel mean) resized
+to 64 x 64; residual R = log|F| − 3x3 mean of log|F|; saliency = |F⁻¹(exp(R + i·phase))|² smoothed
+by a 5x5 Gaussian with σ = 8 (OpenCV smooths before squaring). All batched on the device.
 """
 from __future__ import annotations
 

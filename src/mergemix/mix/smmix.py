@@ -40,13 +40,18 @@ def extreme_windows(scores: Tensor, grid: tuple[int, int], window: tuple[int, in
     return torch.stack([idx // cols, idx % cols], dim=1)
 
 
-def attention_swap(x: Tensor, partner: Tensor, scores: Tensor, grid: tuple[int, int], lam: float) -> Mixed:
+def attention_swap(x: Tensor, partner: Tensor, scores: Tensor, grid: tuple[int, int], patch: tuple[int, int],
+                   lam: float) -> Mixed:
     """Paste the partner's most-attended kh x kw patch window over the own least-attended one.
 
-    x: (B, C, H, W); scores: (B, L) per-patch attention of x; grid: (gh, gw) with H, W multiples.
-    (kh, kw) = ⌊(gh, gw)·√(1−λ)⌋; a zero-size window pastes nothing. Label weight = kept area.
+    x: (B, C, H, W) with (H, W) = grid·patch; scores: (B, L) per-patch attention of x on the (gh, gw)
+    grid of (ph, pw)-pixel patches. (kh, kw) = ⌊(gh, gw)·√(1−λ)⌋, floored as CutMix's box sides are,
+    so on a coarse grid the window is often smaller than 1 − λ asks, or empty (a zero-size window
+    pastes nothing); the label follows what was pasted: weight = kept area.
     """
-    patch = (x.shape[-2] // grid[0], x.shape[-1] // grid[1])
+    if tuple(x.shape[-2:]) != (grid[0] * patch[0], grid[1] * patch[1]):
+        raise ValueError(f"smmix swaps whole patches: images of {x.shape[-2]}x{x.shape[-1]} pixels are not a "
+                         f"{grid[0]}x{grid[1]} grid of {patch[0]}x{patch[1]} patches (pad them to whole patches)")
     window = cut_size(lam, grid)
     search = (max(window[0], 1), max(window[1], 1))
     scale = torch.tensor(patch, device=x.device)
@@ -78,6 +83,6 @@ class SMMix(ReadsAttention, PairMixer):
             readout = forward_readout(model, x)
         scores = recover(readout.attn, readout.index)
         lam = sample_lam(self.alpha, self.generator)
-        out = self.step(model, y, attention_swap(x, partner, scores, readout.grid, lam))
+        out = self.step(model, y, attention_swap(x, partner, scores, readout.grid, readout.patch, lam))
         out.scores = scores
         return out
