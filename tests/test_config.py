@@ -96,6 +96,21 @@ def test_method_options_pass_only_what_the_method_takes():
     assert "merge_num" not in used and unused == {"merge_num": 4}
 
 
+def test_timm_mixup_and_cutmix_flags_set_the_alpha_of_the_method_of_that_name():
+    """timm: --mixup 0.2 is MixUp's α. For --mix mixup it used to be dropped with a note."""
+    for method, flag in (("mixup", "--mixup"), ("cutmix", "--cutmix")):
+        used, unused = config.method_options(parse("--mix", method, flag, "0.3"), accepted={"alpha", "smoothing"})
+        assert used["alpha"] == 0.3 and unused == {}
+        same = parse("--mix", method, flag, "0.3", "--mix-alpha", "0.3")
+        assert config.method_options(same, accepted={"alpha"})[0] == {"alpha": 0.3}
+        with pytest.raises(ConfigError, match=f"--mix-alpha 0.5 and {flag} 0.3 both set"):
+            config.method_options(parse("--mix", method, flag, "0.3", "--mix-alpha", "0.5"), accepted={"alpha"})
+    # the DeiT recipe takes both, each under its own name
+    used, _ = config.method_options(parse("--mix", "deit", "--mixup", "0.3", "--cutmix", "0.7"),
+                                    accepted={"mixup_alpha", "cutmix_alpha"})
+    assert used == {"mixup_alpha": 0.3, "cutmix_alpha": 0.7}
+
+
 def test_parse_value():
     assert [config.parse_value(t) for t in ("4", "0.5", "1e-3", "true", "[1, 2]", "null", "none", "cls_row")] == [
         4, 0.5, 1e-3, True, [1, 2], None, "none", "cls_row"]

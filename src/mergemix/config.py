@@ -202,8 +202,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("mixing")
     g.add_argument("--mix", default="mergemix", help="mixing method (see `mergemix methods`)")
     g.add_argument("--mix-alpha", type=float, default=None, help="Beta(alpha, alpha) of the method (option alpha)")
-    g.add_argument("--mixup", type=float, default=None, help="MixUp alpha (option mixup_alpha)")
-    g.add_argument("--cutmix", type=float, default=None, help="CutMix alpha (option cutmix_alpha)")
+    g.add_argument("--mixup", type=float, default=None, help="MixUp alpha (option mixup_alpha; alpha of --mix mixup)")
+    g.add_argument("--cutmix", type=float, default=None, help="CutMix alpha (option cutmix_alpha; alpha of --mix cutmix)")
     g.add_argument("--mixup-prob", type=float, default=None, help="probability of mixing a batch (option prob)")
     g.add_argument("--mixup-switch-prob", type=float, default=None, help="MixUp/CutMix switch probability (option switch_prob)")
     g.add_argument("--mixup-off-epoch", type=int, default=0, help="stop mixing from this epoch on (0: never)")
@@ -380,6 +380,13 @@ def method_options(args: argparse.Namespace, accepted: set[str] | None) -> tuple
     are always passed, so a misspelt one fails loudly.
     """
     named = {opt: getattr(args, flag) for flag, opt in METHOD_OPTION_FLAGS.items() if getattr(args, flag) is not None}
+    # timm's --mixup / --cutmix set the α of the method of that name, which calls it plain `alpha`
+    own = f"{args.mix}_alpha"
+    if args.mix in ("mixup", "cutmix") and own in named:
+        if named.get("alpha", named[own]) != named[own]:
+            raise ConfigError(f"--mix-alpha {named['alpha']} and --{args.mix} {named[own]} both set {args.mix}'s "
+                              f"alpha: give one")
+        named["alpha"] = named.pop(own)
     used = {k: v for k, v in named.items() if accepted is None or k in accepted}
     unused = {k: v for k, v in named.items() if k not in used}
     return {**used, **args.mix_opt}, unused
