@@ -173,6 +173,25 @@ def test_resume_with_more_epochs_schedules_over_them(tmp_path, capsys):
     assert len(lrs) == 3 and lrs[1] > 10 * 1e-5  # cosine over 12 updates: still high after update 8
 
 
+def test_model_ema_first_given_at_a_resume_averages_from_the_resumed_weights(tmp_path):
+    """timm builds the EMA after resuming; built before, it started from the random initial weights.
+    The summary's EMA columns, absent from the earlier rows, are left empty there."""
+    def train(*extra: str) -> int:
+        return cli.main(["train", "--output", str(tmp_path), *TINY, "--mix", "none", "--batch-size", "32",
+                         "--train-subset", "128", *extra])
+
+    assert train("--experiment", "r", "--epochs", "1") == 0
+    resumed = torch.load(tmp_path / "r" / "last.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
+    # a decay this close to 1 keeps the EMA where it started over the next 4 updates
+    assert train("--resume", str(tmp_path / "r"), "--epochs", "2", "--model-ema", "--model-ema-decay", "0.999999") == 0
+    ckpt = torch.load(tmp_path / "r" / "last.pth.tar", map_location="cpu", weights_only=True)
+    moved = max((ckpt["state_dict"][k] - v).abs().max().item() for k, v in resumed.items())
+    drift = max((ckpt["state_dict_ema"][k] - v).abs().max().item() for k, v in resumed.items())
+    assert moved > 1e-4 and drift < 0.01 * moved
+    rows = summary(tmp_path / "r")
+    assert [row["ema_eval_top1"] == "" for row in rows] == [True, False]
+
+
 def test_resume_inside_an_epoch_of_another_size_is_refused(tmp_path, capsys):
     run = tmp_path / "r"
     assert cli.main(["train", "--output", str(tmp_path), "--experiment", "r", *TINY, "--mix", "none",

@@ -161,7 +161,8 @@ def prepare_model(objective: Objective, model: nn.Module, args: argparse.Namespa
 
 
 def _rows_csv(rows: list[dict[str, float]]) -> str:
-    fields = SUMMARY_FIELDS + [k for k in (rows[0] if rows else {}) if k not in SUMMARY_FIELDS]
+    # every row's columns: a run resumed with --model-ema adds EMA columns its earlier rows lack (left empty)
+    fields = SUMMARY_FIELDS + list(dict.fromkeys(k for row in rows for k in row if k not in SUMMARY_FIELDS))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
@@ -331,6 +332,8 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["amp_scaler"])
         if self.ema and ckpt.get("state_dict_ema"):
             self.ema.module.load_state_dict(ckpt["state_dict_ema"])
+        elif self.ema:  # --model-ema new at this resume: average from the resumed weights, not the initial ones
+            self.ema.set(self.model)
         p.epoch, p.step = ckpt["epoch"] + 1, ckpt.get("step", 0)
         p.global_step = ckpt.get("global_step", p.epoch * self.steps_per_epoch + p.step)
         self._restore_schedule(ckpt)
