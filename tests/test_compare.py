@@ -182,3 +182,43 @@ def test_compare_corrupt_run_files_are_one_line_naming_the_file(tmp_path, capsys
     assert main([str(tmp_path / "ok"), str(tmp_path / "bad"), "--out", str(tmp_path / "cmp.png")]) == 2
     assert_one_error(capsys, f"{tmp_path / 'bad'}/{fragment}")
     assert not (tmp_path / "cmp.png").exists()
+
+
+def test_compare_groups_only_runs_that_differ_in_their_seed(tmp_path, capsys):
+    """Same method on another data set, or with another option, is another group; a folder given
+    twice counts once; ECEs over different bin counts get a note."""
+    def run(name, seed, **args):
+        make_run(tmp_path, name, "cutmix", seed)
+        full = {"mix": "cutmix", "seed": seed, "model": "vit_tiny", "dataset": "digits", "ece_bins": 15,
+                "output": str(tmp_path), "experiment": name, **args}
+        (tmp_path / name / "args.yaml").write_text(yaml.safe_dump(full))
+        return str(tmp_path / name)
+
+    dirs = [run("a0", 0), run("a1", 1, workers=4), run("f0", 0, dataset="fashion-mnist"),
+            run("e0", 0, epochs=9, ece_bins=10)]
+    assert main([*dirs, dirs[0] + "/", "--out", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr()
+    groups = table_rows(out.out[out.out.index("| method | runs |"):])
+    assert groups['cutmix [dataset="digits", ece_bins=15, epochs=null]'][0] == "2"  # workers is no setting
+    assert groups['cutmix [dataset="fashion-mnist", ece_bins=15, epochs=null]'][0] == "1"
+    assert groups['cutmix [dataset="digits", ece_bins=10, epochs=9]'][0] == "1"
+    assert "is given twice; counted once" in out.err and "different bin counts (10, 15)" in out.err
+
+
+def test_an_evaluation_folder_counts_with_its_training_settings_apart_from_training_runs(tmp_path, capsys):
+    dirs = []
+    for name, seed in (("e0", 0), ("e1", 1)):  # what `mergemix eval` writes: no args.yaml, the run's args inside
+        make_run(tmp_path, name, "mergemix", seed)
+        (tmp_path / name / "args.yaml").unlink()
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        results.update(method="mergemix", seed=seed, weights="state_dict", dataset="digits", ece_bins=15,
+                       checkpoint=f"/x/run{seed}/model_best.pth.tar",
+                       train_args={"mix": "mergemix", "seed": seed, "model": "vit_tiny", "experiment": f"run{seed}"})
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+        dirs.append(str(tmp_path / name))
+    make_run(tmp_path, "t0", "mergemix", 0)
+    assert main([*dirs, str(tmp_path / "t0"), "--out", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert table_rows(out)[dirs[0]][0] == "mergemix"  # the method, not "?"
+    groups = table_rows(out[out.index("| method | runs |"):])
+    assert [row[0] for row in groups.values()] == ["2", "1"]  # the two evaluations; the training run alone

@@ -1,9 +1,10 @@
 """``mergemix compare RUN_DIR... [--out FIG.png]``: several runs side by side.
 
 Reads each run directory's ``results.json`` (``top1``, ``ece``, ``nll``, ``bins``), ``args.yaml``
-(``mix``: the method) and ``summary.csv`` (mean ``epoch_time``), prints a markdown table, one row
-per run, plus mean ± std per method when a method has several runs (seeds), and draws the runs'
-reliability curves on one figure.
+(``mix``: the method; the settings) and ``summary.csv`` (mean ``epoch_time``), prints a markdown
+table, one row per run, plus mean ± std over the runs that differ only in their seed, when some do,
+and draws the runs' reliability curves on one figure. An evaluation folder (``mergemix eval``) counts
+with the training settings its results record, and never in a group with training runs.
 """
 from __future__ import annotations
 
@@ -40,6 +41,18 @@ class Run:
     nll: float
     epoch_time: float
     bins: dict[str, list] | None = field(default=None, repr=False)
+    settings: dict[str, Any] = field(default_factory=dict, repr=False)  # what the run trained, but its seed
+
+
+# args that say where, how fast or under which seed a run ran, not what it trained: runs that
+# differ only in these are repeats of one setting
+_NOT_SETTINGS = {"seed", "output", "experiment", "resume", "data_dir", "download", "workers", "device",
+                 "deterministic", "compile", "compile_mode", "eval_batch_size", "log_interval",
+                 "save_mix_samples", "debug"}
+
+
+def _settings(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in args.items() if k not in _NOT_SETTINGS}
 
 
 def _is_number(value: Any) -> bool:
@@ -118,19 +131,26 @@ def load_run(run_dir: str | Path) -> Run:
         raise DataError(f"{results_path}: not readable as JSON ({err})") from None
     if not isinstance(results, dict):
         raise DataError(f"{results_path}: expected a JSON object, got {type(results).__name__}")
-    method = "?"
+    args: Any = None
     args_path = path / "args.yaml"
     if args_path.is_file():
         try:
             args = yaml.safe_load(_read_text(args_path))
         except yaml.YAMLError as err:
             raise DataError(f"{args_path}: invalid YAML ({str(err).splitlines()[0]})") from None
-        if isinstance(args, dict) and args.get("mix") is not None:
-            method = str(args["mix"])
-    return Run(label=str(run_dir).rstrip("/") or str(run_dir), method=method,
+    if isinstance(args, dict):  # a training run
+        settings = _settings(args)
+    elif isinstance(results.get("train_args"), dict) and results["train_args"]:  # an evaluation
+        evaluated = {k: results.get(k) for k in ("weights", "dataset", "merge_num", "merge_every", "ece_bins")}
+        evaluated["checkpoint"] = Path(str(results.get("checkpoint", ""))).name  # model_best or last
+        settings = {**_settings(results["train_args"]), "evaluated": evaluated}
+    else:  # nothing says what it trained: a group of its own
+        settings = {"run": str(path.resolve())}
+    method = settings.get("mix") or results.get("method")
+    return Run(label=str(run_dir).rstrip("/") or str(run_dir), method="?" if method is None else str(method),
                top1=_figure(results, "top1", results_path), ece=_figure(results, "ece", results_path),
                nll=_figure(results, "nll", results_path), epoch_time=_mean_epoch_time(path / "summary.csv"),
-               bins=_bins(results, results_path))
+               bins=_bins(results, results_path), settings=settings)
 
 
 def _cell(value: float, digits: int, std: float | None = None) -> str:
@@ -149,13 +169,27 @@ def markdown_table(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
-def method_table(runs: Sequence[Run]) -> str:
-    """Mean ± sample std of each figure over the runs of each method (in first-seen order)."""
-    by_method: dict[str, list[Run]] = {}
+def seed_groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by their settings (all but the seed), in first-seen order, each group named by its
+    method plus the settings that set it apart from the other groups of that method
+    (``mergemix [aux_loss=none]``)."""
+    groups: dict[str, list[Run]] = {}
     for r in runs:
-        by_method.setdefault(r.method, []).append(r)
+        groups.setdefault(json.dumps(r.settings, sort_keys=True, default=str), []).append(r)
+    named: dict[str, list[Run]] = {}
+    for key, group in groups.items():
+        mine = group[0].settings
+        others = [g[0].settings for k, g in groups.items() if k != key and g[0].method == group[0].method]
+        differ = sorted({k for o in others for k in mine.keys() | o.keys() if mine.get(k) != o.get(k)})
+        detail = ", ".join(f"{k}={json.dumps(mine.get(k), default=str)}" for k in differ)
+        named[group[0].method + (f" [{detail}]" if detail else "")] = group
+    return named
+
+
+def method_table(runs: Sequence[Run]) -> str:
+    """Mean ± sample std of each figure over each group of runs that differ only in their seed."""
     lines = ["| method | runs | top-1 (%) | ECE | NLL | time/epoch (s) |", "|---|---:|---:|---:|---:|---:|"]
-    for method, group in by_method.items():
+    for method, group in seed_groups(runs).items():
         cells = []
         for name, digits in (("top1", 2), ("ece", 4), ("nll", 4), ("epoch_time", 2)):
             values = [getattr(r, name) for r in group if math.isfinite(getattr(r, name))]
@@ -185,12 +219,22 @@ def command(argv: Sequence[str]) -> int:
     ``ConfigError`` for flags, ``DataError`` for run files)."""
     args = build_parser().parse_args(argv)
     check_figure_out(args.out)
-    runs = [load_run(d) for d in args.runs]
+    runs, seen = [], set()
+    for d in args.runs:
+        if Path(d).resolve() in seen:
+            print(f"note: {d} is given twice; counted once", file=sys.stderr)
+            continue
+        seen.add(Path(d).resolve())
+        runs.append(load_run(d))
+    bins = {r.settings.get("ece_bins", r.settings.get("evaluated", {}).get("ece_bins")) for r in runs} - {None}
+    if len(bins) > 1:
+        print(f"note: the runs' ECEs use different bin counts ({', '.join(map(str, sorted(bins)))}): "
+              f"they do not compare exactly", file=sys.stderr)
     named_bins = {f"{r.label} ({r.method})": r.bins for r in runs if r.bins}
     if named_bins:  # a figure is to be written: check where before printing anything
         checkpoint.make_dir(Path(args.out).parent, "--out")
     print(markdown_table(runs))
-    if any(len([r for r in runs if r.method == m]) > 1 for m in {r.method for r in runs}):
+    if any(len(group) > 1 for group in seed_groups(runs).values()):
         print("\n" + method_table(runs))
     for r in runs:
         if not r.bins:

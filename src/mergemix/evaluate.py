@@ -199,11 +199,14 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
     checkpoint.make_dir(out, "--output")
     n = len(bundle.eval)
     # wall time of the whole pass, data loading included: a rough figure (step_time.py times forwards alone)
-    extra = {"checkpoint": str(path), "epoch": ckpt.get("epoch"), "weights": key, "model": args.model,
-             "dataset": args.dataset, "num_images": n, **merging, "eval_seconds": seconds, "images_per_s": n / seconds}
+    # the training run's method, seed and args let `mergemix compare` group evaluations as it groups runs
+    extra = {"checkpoint": str(path.resolve()), "epoch": ckpt.get("epoch"), "weights": key, "model": args.model,
+             "dataset": args.dataset, "method": args.mix, "seed": args.seed, "ece_bins": cli.ece_bins,
+             "num_images": n, **merging, "eval_seconds": seconds, "images_per_s": n / seconds,
+             "train_args": ckpt.get("args") or {}}
     every = f", merging every {cli.merge_every} blocks" if cli.merge_every != 1 else ""
     tome = f", ToMe merge_num {cli.merge_num}{every}" if merging else ""
-    results = write_results(out, metrics, extra, title=f"{args.model} on {args.dataset}{tome}")
+    results = write_results(out, metrics, extra, title=f"{args.model}{', EMA weights' if cli.use_ema else ''} on {args.dataset}{tome}")
     if merging:
         tokens = merging["tokens_per_block"]
         tome += f": {tokens[0]} tokens into the first block, {tokens[-1]} into the last"

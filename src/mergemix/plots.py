@@ -112,8 +112,10 @@ def reliability_diagram(bins: Mapping[str, Sequence], path: str | Path, title: s
     x, w = d["lower"][filled], d["width"][filled]
     acc, conf = d["accuracy"][filled], d["confidence"][filled]
     top.bar(x, acc, width=w, align="edge", color=ACCURACY_COLOR, edgecolor="black", lw=0.5, label="accuracy")
-    top.bar(x, conf - acc, bottom=acc, width=w, align="edge", color=GAP_COLOR, alpha=0.35,
-            edgecolor=GAP_COLOR, hatch="//", lw=0.5, label="gap to mean confidence")
+    # hatched but unfilled: where a bin is under-confident the gap lies inside its accuracy bar, and a
+    # filled gap would make that bar seem to end at the confidence
+    top.bar(x, conf - acc, bottom=acc, width=w, align="edge", facecolor="none", edgecolor=GAP_COLOR,
+            hatch="//", lw=0.5, label="gap to mean confidence")
     top.legend(loc="upper left", fontsize=9)
     ece = bins_ece(bins)
     figures = f"ECE {ece:.4f}  ({len(d['count'])} bins, n={int(total)})"

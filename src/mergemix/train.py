@@ -519,7 +519,7 @@ class Trainer:
             "epochs": args.epochs, "best_top1": p.best_top1, "best_epoch": p.best_epoch,
             "train_time_s": sum(r["epoch_time"] for r in p.rows), "method": args.mix, "model": args.model,
             "dataset": args.dataset, "num_images": len(self.data.eval), "seed": args.seed,
-            "world_size": self.ctx.world_size,
+            "ece_bins": args.ece_bins, "world_size": self.ctx.world_size,
         }
         if ema_metrics is not None:
             extra["ema"] = {k: ema_metrics[k] for k in RESULT_KEYS}
