@@ -85,6 +85,22 @@ def test_training_curves(tmp_path):
         w.writerow([6, 0.3, "", "", "", "", 1e-3, 3.5])  # an epoch without evaluation
     assert_picture(training_curves(csv_path, tmp_path / "curves.png"), 450, 1500)
 
+    # the EMA's columns are drawn too: the same run with them gives another picture
+    with open(tmp_path / "ema.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header + ["ema_eval_top1", "ema_eval_ece"])
+        for e in range(6):
+            w.writerow([e, 2.0 / (e + 1), 2.2 / (e + 1), 40 + 8 * e, 70 + 4 * e, 0.2 - 0.02 * e, 1e-3, 3.5,
+                        30 + 5 * e, 0.3 - 0.01 * e])
+    with open(tmp_path / "no_ema.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for e in range(6):
+            w.writerow([e, 2.0 / (e + 1), 2.2 / (e + 1), 40 + 8 * e, 70 + 4 * e, 0.2 - 0.02 * e, 1e-3, 3.5])
+    with_ema = mpimg.imread(training_curves(tmp_path / "ema.csv", tmp_path / "ema.png"))
+    without = mpimg.imread(training_curves(tmp_path / "no_ema.csv", tmp_path / "no_ema.png"))
+    assert with_ema.shape == without.shape and not np.array_equal(with_ema, without)
+
     (tmp_path / "empty.csv").write_text(",".join(header) + "\n")
     with pytest.raises(ValueError):
         training_curves(tmp_path / "empty.csv", tmp_path / "none.png")

@@ -204,7 +204,7 @@ def method_table(runs: Sequence[Run]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``mergemix compare``'s arguments (a bad flag raises ``ConfigError``)."""
-    p = ArgumentParser(prog="mergemix compare", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="mergemix compare", description=__doc__.split("\n\n")[1].replace("``", "`"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (<output>/<experiment>)")
     p.add_argument("--out", default="compare_reliability.png", metavar="FIG.png",

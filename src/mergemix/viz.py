@@ -30,7 +30,7 @@ DEFAULT_SAMPLES = 8  # rows of a grid
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="mergemix viz", description=__doc__.split("\n\n")[1].replace("\n", " "),
+    p = ArgumentParser(prog="mergemix viz", description=__doc__.split("\n\n")[1].replace("\n", " ").replace("``", "`"),
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--mix", default=None,
                    help="mixing method (default: the checkpoint's, else mergemix); see `mergemix methods`")
