@@ -49,6 +49,9 @@ def _methods(argv: Sequence[str]) -> int:
         print(f"{name:<12} {objective.passes:<16} {objective.description}")
         for key, value in objective.defaults().items():
             print(f"{'':<14}{key} = {value}")
+    print("\nThese are the library's defaults (mix.create). mergemix train passes its own --smoothing "
+          "(default 0.0,\nthe digits recipe); MergeMix's merge_num and readout_block, None here, resolve "
+          "per model to half\nthe patches and block ⌊0.75·depth⌋ − 1.")
     return 0
 
 

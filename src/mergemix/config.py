@@ -221,7 +221,7 @@ def build_train_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--output", default="output", help="parent folder of the run folder")
-    g.add_argument("--experiment", default=None, help="run folder name (default: date-dataset-model-mix)")
+    g.add_argument("--experiment", default=None, help="run folder name (default: DATE-TIME-dataset-model-mix)")
     g.add_argument("--resume", default=None, help="checkpoint (or run folder) to continue from")
     g.add_argument("--seed", type=int, default=42, help="seed; process r uses seed + r")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")

@@ -1,9 +1,10 @@
 """Data sets and loaders.
 
 - ``digits``: scikit-learn's 8x8 digits, a fixed stratified 80/20 split (seed 0), held in memory.
-- ``fashion-mnist``: the four IDX ``.gz`` files, read here, held in memory; test set for evaluation.
+- ``fashion-mnist``: the four IDX files (``.gz`` or not), read here, held in memory; test set for evaluation.
 - ``cifar10`` / ``cifar100``: torchvision, with timm's ``create_transform`` (RandAugment, erasing).
-- ``imagefolder``: ``<data-dir>/train/<class>/*`` and ``<data-dir>/val/<class>/*``, timm transforms.
+- ``imagefolder``: ``<data-dir>/train/<class>/*`` and ``<data-dir>/val/<class>/*`` (or ``validation``,
+  ``test``), timm transforms; evaluation reads the latter alone.
 
 Grey in-memory sets get a simple pipeline: random crop with zero padding (and horizontal flips for
 Fashion-MNIST; not for digits), then normalisation.
@@ -264,12 +265,12 @@ class VisibleImageFolder(ImageFolder):
 def load_imagefolder(args: argparse.Namespace, with_train: bool = True) -> DataBundle:
     """``<data-dir>/train/<class>/*`` and ``<data-dir>/val/<class>/*`` (or ``validation``/``test``), timm transforms.
     Without ``with_train`` only the evaluation split is read (and needed): ``train`` is ``None``."""
+    layout = ("DIR/train/<class>/<image> and " if with_train else "") + "DIR/val/<class>/<image>"
     if not args.data_dir:
-        raise DataError("--dataset imagefolder needs --data-dir DIR with DIR/train/<class>/ and DIR/val/<class>/")
+        raise DataError(f"--dataset imagefolder needs --data-dir DIR with {layout}")
     root = Path(args.data_dir)
     if not root.is_dir():
-        raise DataError(f"data directory {root} does not exist: pass --data-dir DIR with DIR/train/<class>/<image> "
-                        f"and DIR/val/<class>/<image>")
+        raise DataError(f"data directory {root} does not exist: pass --data-dir DIR with {layout}")
     splits = {}
     wanted = (("train", ("train",)),) * with_train + (("eval", ("val", "validation", "test")),)
     for split, names in wanted:

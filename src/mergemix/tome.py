@@ -4,8 +4,9 @@
 blocks, with the same parameters, but merges r tokens per block (after the attention residual,
 before the MLP), keeps token sizes for proportional attention, and at the read-out block leaves
 ``model.tome_readout``: the CLS attention over the tokens entering that block and which original
-patches each of those tokens holds. Every block but the read-out one stays on
-``F.scaled_dot_product_attention``; log(size) enters it as a (B, 1, 1, N) additive float mask.
+patches each of those tokens holds. Every block stays on ``F.scaled_dot_product_attention``; log(size)
+enters it as a (B, 1, 1, N) additive float mask. The read-out block adds one CLS-row product for its
+score (``cls_row``), or runs unfused (``cls_col``, which needs every query's attention to CLS).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class Readout:
         sequence order), head-averaged, proportional attention applied, detached.
     index: (B, L) long, the token (0..K-1) holding each original patch.
     size: (B, K) number of original patches in each token (1 for prefix tokens).
-    grid: (gh, gw) patches of the input; patch: (ph, pw) pixels per patch (None: unknown).
+    grid: (gh, gw) patches of the input; patch: (ph, pw) pixels per token: the patch size, times the
+        backbone's stride for a hybrid ViT (None: unknown).
     """
 
     attn: Tensor
