@@ -106,6 +106,17 @@ def test_training_curves(tmp_path):
         training_curves(tmp_path / "empty.csv", tmp_path / "none.png")
 
 
+def test_token_tint_gives_the_patches_of_one_token_one_colour():
+    """Token 0 holds the two diagonal patches of a 2x2 grid, which do not touch: one colour for both."""
+    from mergemix.plots import _token_tint
+
+    tint = _token_tint(np.full((4, 4, 1), 0.5), np.array([[0, 1], [1, 0]]))
+    assert tint.shape == (4, 4, 3)
+    assert np.array_equal(tint[0, 0], tint[3, 3]) and np.array_equal(tint[0, 3], tint[3, 0])
+    assert not np.array_equal(tint[0, 0], tint[0, 3])
+    assert np.array_equal(tint[:2, :2], np.broadcast_to(tint[0, 0], (2, 2, 3)))  # constant over a patch
+
+
 def test_cluster_boundaries_on_hand_example():
     # 2 x 3 patch grid over a 4 x 6 image (2 px patches): top row token 0, bottom row tokens 1, 1, 2
     index = np.array([[0, 0, 0], [1, 1, 2]])

@@ -286,6 +286,19 @@ def _show(ax: Axes, image: np.ndarray, title: str, **kwargs: Any) -> None:
     ax.set_title(title, fontsize=8)
 
 
+def _token_tint(image: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """image (H, W, C) in [0, 1] blended with one colour per token of tokens (gh, gw), so that the
+    patches of one token share a colour even where they do not touch (colours repeat after 20)."""
+    from matplotlib import colormaps
+
+    H, W = image.shape[:2]
+    (gh, gw), rank = tokens.shape, np.unique(tokens, return_inverse=True)[1].reshape(tokens.shape)
+    colours = colormaps["tab20"](rank % 20)[..., :3]
+    tint = np.repeat(np.repeat(colours, -(-H // gh), axis=0), -(-W // gw), axis=1)[:H, :W]
+    grey = image.mean(axis=-1, keepdims=True)
+    return 0.5 * grey + 0.5 * tint
+
+
 def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float] | None = None,
              std: Sequence[float] | None = None, patch_size: int | Sequence[int] | None = None,
              max_samples: int = 8) -> Path:
@@ -298,8 +311,9 @@ def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float
     ``lam_hat`` (B,) or scalars. patch_size: pixels per patch (int or (ph, pw)); by default the
     read-out's grid, or a grid with the image's aspect ratio.
 
-    Columns: original, partner, attention heat-map over the patch grid, merge clusters (boundaries
-    between patches held by different tokens, over the dimmed original), mask, mixed image. A column whose field is
+    Columns: original, partner, attention heat-map over the patch grid, merge clusters (a colour per
+    token and the boundaries between patches held by different tokens, over the original in grey),
+    mask, mixed image. A column whose field is
     absent for this method (e.g. CutMix has no scores or read-out) is left out. Each panel is
     200 x 200 px.
     """
@@ -344,9 +358,9 @@ def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float
             elif column == "clusters":
                 index = readout.index[b].detach().cpu()
                 gh, gw = _patch_grid(index.numel(), H, W, patch_size, grid)
-                _show(ax, images[b] * 0.6 + 0.4, f"{index.unique().numel()} tokens")
-                ax.add_collection(LineCollection(_cluster_boundaries(index.reshape(gh, gw).numpy(), H, W),
-                                                 colors="#ff2d2d", linewidths=1.2))
+                tokens = index.reshape(gh, gw).numpy()
+                _show(ax, _token_tint(images[b], tokens), f"{index.unique().numel()} tokens")
+                ax.add_collection(LineCollection(_cluster_boundaries(tokens, H, W), colors="#ff2d2d", linewidths=1.2))
             elif column == "mask":
                 keep = float(out.mask[b].float().mean())
                 _show(ax, out.mask[b, 0].detach().float().cpu().numpy(), f"mask (kept {keep:.2f})",
