@@ -24,14 +24,16 @@ def test_viz_draws_every_column_the_method_has(tmp_path, capsys, method: str, co
     out = tmp_path / f"{method}.png"
     assert main(["--mix", method, *TINY, "--num-samples", "3", "--out", str(out), "--device", "cpu"]) == 0
     assert str(out) in capsys.readouterr().out
-    assert grid_shape(out) == (3 * 200, columns * 200)
+    assert grid_shape(out) == (3 * 200 + 30, columns * 200)  # a 30 px strip on top names the method
+    title_strip = mpimg.imread(out)[:30, :, :3]
+    assert title_strip.min() < 0.5  # dark text on white
 
 
 def test_viz_with_no_model_flags_uses_the_training_default(tmp_path):
     # the digits ViT `mergemix train` builds by default, and its default method, mergemix
     out = tmp_path / "default.png"
     assert main(["-n", "2", "--out", str(out), "--device", "cpu"]) == 0
-    assert grid_shape(out) == (2 * 200, 6 * 200)
+    assert grid_shape(out) == (2 * 200 + 30, 6 * 200)
 
 
 def test_viz_is_reproducible_from_the_seed(tmp_path):
@@ -51,7 +53,7 @@ def test_viz_from_a_checkpoint_with_its_method(tmp_path):
     torch.save({"epoch": 1, "arch": args.model, "state_dict": model.state_dict(), "args": vars(args)}, ckpt)
     out = tmp_path / "grid.png"
     assert main(["--checkpoint", str(ckpt.parent), "-n", "2", "--out", str(out), "--device", "cpu"]) == 0
-    assert grid_shape(out) == (2 * 200, 4 * 200)  # the checkpoint's method, cutmix: 4 columns
+    assert grid_shape(out) == (2 * 200 + 30, 4 * 200)  # the checkpoint's method, cutmix: 4 columns
 
 
 @pytest.mark.parametrize("argv, words", [

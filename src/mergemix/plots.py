@@ -146,13 +146,15 @@ def overlay_reliability(named_bins: Mapping[str, Mapping[str, Sequence]], path: 
     fig = Figure(figsize=(7, 7))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     _accuracy_axes(top)
-    for name, bins in named_bins.items():
+    for i, (name, bins) in enumerate(named_bins.items()):
         d = _display_bins(bins)
         filled = d["count"] > 0
-        line, = top.plot(d["confidence"][filled], d["accuracy"][filled], marker="o", ms=4,
-                         label=f"{name} (ECE {bins_ece(bins):.4f})")
+        # a line style and marker per run as well as a colour: equal curves must not hide each other
+        style = {"ls": ("-", "--", ":", "-.")[i % 4], "lw": 1.5}
+        line, = top.plot(d["confidence"][filled], d["accuracy"][filled], marker="osD^v"[i % 5], ms=5 - i % 3,
+                         label=f"{name} (ECE {bins_ece(bins):.4f})", **style)
         edges = np.append(d["lower"], d["lower"][-1] + d["width"][-1])
-        bottom.stairs(d["count"] / max(d["count"].sum(), 1.0), edges, color=line.get_color(), lw=1.5)
+        bottom.stairs(d["count"] / max(d["count"].sum(), 1.0), edges, color=line.get_color(), **style)
     top.legend(loc="upper left", fontsize=8)
     top.set_title("reliability")
     bottom.set_xlabel("confidence (top softmax probability)")
@@ -301,7 +303,7 @@ def _token_tint(image: np.ndarray, tokens: np.ndarray) -> np.ndarray:
 
 def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float] | None = None,
              std: Sequence[float] | None = None, patch_size: int | Sequence[int] | None = None,
-             max_samples: int = 8) -> Path:
+             max_samples: int = 8, title: str | None = None) -> Path:
     """Grid of what one mixing step did, one row per sample.
 
     x: (B, C, H, W) the clean batch, normalised with ``mean``/``std`` (per channel) if given.
@@ -315,7 +317,7 @@ def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float
     token and the boundaries between patches held by different tokens, over the original in grey),
     mask, mixed image. A column whose field is
     absent for this method (e.g. CutMix has no scores or read-out) is left out. Each panel is
-    200 x 200 px.
+    200 x 200 px; ``title`` (the method, the weights) goes above them, in 30 px more.
     """
     n = min(x.shape[0], max_samples)
     H, W = x.shape[-2:]
@@ -368,6 +370,14 @@ def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float
             else:
                 _show(ax, mixed[b], f"mixed{ratios}")
     fig.tight_layout(pad=0.3)
+    if title:  # in a strip added on top: the panels keep their size and place in inches
+        height, head = fig.get_figheight(), 0.3
+        fig.set_figheight(height + head)
+        shrink = height / (height + head)
+        for ax in fig.axes:
+            box = ax.get_position()
+            ax.set_position([box.x0, box.y0 * shrink, box.width, box.height * shrink])
+        fig.text(0.5, 1 - 0.5 * head / (height + head), title, ha="center", va="center", fontsize=9)
     return _save(fig, path)
 
 

@@ -414,7 +414,7 @@ class Trainer:
                 from .viz import draw_step
 
                 draw_step(x, out, self.model, self.run_dir / "mix_samples" / f"epoch{p.epoch:03d}.png",
-                          self.data.mean, self.data.std)
+                          self.data.mean, self.data.std, title=f"--mix {args.mix}, epoch {p.epoch}, first step")
             self._update(out.loss)
             p.step += 1
             p.global_step += 1

@@ -19,9 +19,9 @@ from .config import DATASETS, ArgumentParser, as_dict, check_limits, key_value, 
 from .distributed import setup
 from .errors import ConfigError
 from .evaluate import check_classes, run_args
-from .plots import check_figure_out
 from .mix import StepOutput, unwrap
-from .plots import mix_grid
+from .plots import check_figure_out, mix_grid
+from .tome import patch_size
 from .train import build_objective, prepare_model
 
 __all__ = ["build_parser", "command", "draw_step", "main", "mix_grid", "run_viz"]
@@ -72,13 +72,13 @@ def _fresh_args(cli: argparse.Namespace) -> argparse.Namespace:
 
 
 def draw_step(x: Tensor, out: StepOutput, model: nn.Module, path: str | Path, mean: Sequence[float],
-              std: Sequence[float], max_samples: int = DEFAULT_SAMPLES) -> Path:
+              std: Sequence[float], max_samples: int = DEFAULT_SAMPLES, title: str | None = None) -> Path:
     """Draw one step of a method (``plots.mix_grid`` on the model's patch grid) to ``path``, atomically."""
-    pe = getattr(unwrap(model), "patch_embed", None)
+    net = unwrap(model)
+    patch = patch_size(net) if hasattr(getattr(net, "patch_embed", None), "feat_ratio") else None
     path = Path(path)
     with checkpoint.atomic_path(path) as tmp:
-        mix_grid(x, out, tmp, mean=mean, std=std, patch_size=tuple(pe.patch_size) if pe is not None else None,
-                 max_samples=max_samples)
+        mix_grid(x, out, tmp, mean=mean, std=std, patch_size=patch, max_samples=max_samples, title=title)
     return path
 
 
@@ -114,7 +114,10 @@ def run_viz(cli: argparse.Namespace) -> Path:
     with torch.no_grad():
         out = objective(model, x, y)
     checkpoint.make_dir(Path(cli.out).parent, "--out")
-    return draw_step(x, out, model, cli.out, bundle.mean, bundle.std, max_samples=cli.num_samples)
+    options = "".join(f" {k}={v}" for k, v in args.mix_opt.items())
+    weights = f"weights of {cli.checkpoint}" if ckpt is not None else "untrained model"
+    return draw_step(x, out, model, cli.out, bundle.mean, bundle.std, max_samples=cli.num_samples,
+                     title=f"--mix {args.mix}{options}, {weights}, {cli.split} split, seed {cli.seed}")
 
 
 def command(argv: Sequence[str]) -> int:
