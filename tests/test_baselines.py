@@ -115,6 +115,8 @@ def test_prob_zero_leaves_the_batch_unmixed(name):
     x, y = batch()
     out = obj(model, x, y)
     assert torch.equal(out.x_mixed, x) and out.lam_hat.eq(1).all() and out.extras["kind"] == "none"
+    one = obj(model, x[:1], y[:1])  # never mixing, it needs no partner: a batch of one will do
+    assert torch.equal(one.x_mixed, x[:1]) and one.extras["kind"] == "none"
 
 
 @pytest.mark.parametrize("name", IMAGE_FREE)

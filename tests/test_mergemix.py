@@ -240,6 +240,15 @@ def test_hybrid_vit_masks_whole_tokens_of_its_backbone_stride():
     assert torch.allclose(out.mask.mean(dim=(1, 2, 3)), out.lam_hat)
 
 
+def test_a_readout_before_any_merge_gets_a_note():
+    obj = mix.create("mergemix", 10, readout_block=0)
+    obj.prepare(tiny_vit())
+    assert obj.notes() and "comes before any merge" in obj.notes()[0]
+    default = mix.create("mergemix", 10)
+    default.prepare(tiny_vit())  # read-out at block 2, after the merges of blocks 0 and 1
+    assert default.notes() == [] and mix.create("cutmix", 10).notes() == []
+
+
 def test_same_seed_same_step():
     outs = []
     for _ in range(2):

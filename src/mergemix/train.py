@@ -502,7 +502,7 @@ class Trainer:
         if self.unused_options:
             self.log(f"note   --mix {args.mix} takes no {', '.join(f'{k}={v}' for k, v in self.unused_options.items())}: "
                      f"ignored (its options: `mergemix methods`; set them with --mix-alpha or --mix-opt)")
-        for note in schedule_notes(args):
+        for note in schedule_notes(args) + self.objective.notes():
             self.log(f"note   {note}")
         self.log(f"train  {args.epochs} epochs x {self.steps_per_epoch} steps, batch {args.batch_size} x "
                  f"{ctx.world_size} process(es), {args.opt} lr {args.lr:g}, {ctx.device}"

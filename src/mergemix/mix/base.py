@@ -182,3 +182,7 @@ class Objective:
     def defaults(self) -> dict[str, Any]:
         """Options of this instance worth printing (``mergemix methods``); subclasses add theirs."""
         return {"smoothing": self.smoothing}
+
+    def notes(self) -> list[str]:
+        """After ``prepare``: settings that run but likely not as the user means (printed by ``train``)."""
+        return []

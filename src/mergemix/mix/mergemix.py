@@ -68,6 +68,7 @@ class MergeMix(Objective):
         self.merge_num, self.r, self.merge_every, self.readout_block = merge_num, r, merge_every, readout_block
         # as given: prepare() resolves the model-dependent defaults anew for each model
         self._requested = {"merge_num": merge_num, "readout_block": readout_block}
+        self._schedule: list[int] = []  # merges per block, known once prepare() patched a model
         self.lam_policy, self.aux_loss, self.score = lam_policy, aux_loss, score
         self.merge_train, self.prop_attn = merge_train, prop_attn
         self.passes = PASSES[aux_loss]
@@ -88,8 +89,17 @@ class MergeMix(Objective):
         self.merge_num = merge_num
         patch_tome(net, self.r, merge_num=self.merge_num, merge_every=self.merge_every,
                    prop_attn=self.prop_attn, readout_block=self.readout_block, score=self.score)
+        self._schedule = list(net.tome.r)
         configure_tome(net, merge=False, readout=False)
         return model
+
+    def notes(self) -> list[str]:
+        schedule = self._schedule
+        if any(schedule) and not any(schedule[: self.readout_block]):
+            return [f"the read-out block {self.readout_block} comes before any merge (merges per block: "
+                    f"{schedule}): MergeMix's mask is then a plain top-k of the attention; a later "
+                    f"--readout-block reads merged tokens"]
+        return []
 
     def defaults(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "merge_num": self.merge_num, "r": self.r, "merge_every": self.merge_every,

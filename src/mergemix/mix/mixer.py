@@ -121,6 +121,8 @@ class PairMixer(Objective):
 
     def pair(self, x: Tensor) -> tuple[Tensor, bool]:
         """(B,) partners (B >= 2, else ValueError) and whether to mix this batch (probability ``prob``)."""
+        if self.prob <= 0.0:  # never mixes: no partner needed, so any batch size will do
+            return torch.arange(x.shape[0], device=x.device), False
         partner = derangement(x.shape[0], self.generator, x.device)
         return partner, self.prob >= 1.0 or float(torch.rand(1, generator=self.generator)) < self.prob
 
