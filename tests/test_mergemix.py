@@ -350,3 +350,17 @@ def test_mask_follows_the_input_size_of_a_dynamic_size_model():
     out = obj(model, x, y)
     assert out.mask.shape == (6, 1, 48, 48) and out.scores.shape == (6, 36)
     assert torch.equal(kept_patches(out).sum(1), torch.floor(out.lam * 36).long())
+
+
+def test_area_label_of_images_padded_to_whole_patches_is_the_kept_pixel_share():
+    """30x22 px under 8 px patches (dynamic_img_pad): a 4x3 grid whose last row and column hold
+    fewer real pixels, so the share of patches kept is not the share of the image."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=48,
+                              num_heads=3, num_classes=10, dynamic_img_size=True, dynamic_img_pad=True)
+    obj = mix.create("mergemix", 10, merge_num=4, generator=torch.Generator().manual_seed(0))
+    obj.prepare(model)
+    out = obj(model, torch.randn(6, 3, 30, 22), torch.randint(0, 10, (6,)))
+    assert out.mask.shape == (6, 1, 30, 22)
+    torch.testing.assert_close(out.lam_hat, out.mask.mean(dim=(1, 2, 3)))
+    assert not torch.allclose(out.lam_hat, out.lam_hat[:1].expand(6))  # the patch share would be equal for all

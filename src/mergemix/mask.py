@@ -113,7 +113,7 @@ def mix_images(x: Tensor, partner: Tensor, mask: Tensor) -> Tensor:
 
 
 def lam_hat_area(mask: Tensor) -> Tensor:
-    """Label weight of the kept sample = kept fraction of patches. mask: (B, L) -> (B,)."""
+    """Label weight of the kept sample = kept fraction of its patches (B, L), or pixels (B, H·W). -> (B,)."""
     return mask.float().mean(dim=1)
 
 

@@ -132,7 +132,9 @@ class MergeMix(Objective):
                                                     x.shape[-2:])
         x_mixed = M.mix_images(x, partner, mask)
         if self.lam_policy == "area":
-            lam_hat = M.lam_hat_area(patch_mask)
+            # images padded up to whole patches (dynamic_img_pad): the kept share of the real pixels
+            whole = tuple(x.shape[-2:]) == tuple(g * p for g, p in zip(readout.grid, readout.patch))
+            lam_hat = M.lam_hat_area(patch_mask if whole else mask.flatten(1))
         else:
             keep = M.keep_count(lam, L, B, x.device)
             lam_hat = M.lam_hat_gaussian(keep, readout.attn.shape[1] - readout.num_prefix_tokens, L, self.generator)
