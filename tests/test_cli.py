@@ -38,8 +38,9 @@ def test_train_writes_every_output(run):
     for name in ("args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar", "results.json",
                  "reliability.png", "curves.png", "mix_samples/epoch000.png"):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
-    # --save-mix-samples 4: the viz grid of epochs 0, 4, ...: 8 rows x 6 columns of 200 px for MergeMix
-    assert Image.open(run / "mix_samples/epoch000.png").size == (6 * 200, 8 * 200)
+    # --save-mix-samples 4: the viz grid of epochs 0, 4, ...: 8 rows x 6 columns of 200 px for MergeMix,
+    # under a 30 px title
+    assert Image.open(run / "mix_samples/epoch000.png").size == (6 * 200, 8 * 200 + 30)
     assert not (run / "mix_samples/epoch001.png").exists()
     rows = list(csv.DictReader((run / "summary.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
