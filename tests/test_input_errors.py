@@ -111,6 +111,8 @@ def test_offline_pretrained_is_one_line_without_the_hubs_retry_warnings(monkeypa
     monkeypatch.setattr(timm, "create_model", offline)
     verbosity = hub_logging.get_verbosity()
     assert train(tmp_path, "--pretrained") == 2
-    assert "could not load pretrained weights for vit_tiny_patch16_224 from the hub" in error_line(capsys)
+    line = error_line(capsys)
+    assert "could not load pretrained weights for vit_tiny_patch16_224 from the hub" in line
+    assert "HF_HUB_OFFLINE=1" in line
     assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
     assert hub_logging.get_verbosity() == verbosity

@@ -97,7 +97,8 @@ def _weights_error(name: str, err: BaseException, initial_checkpoint: str | None
                                f"architecture it holds (--model, --model-kwargs); only the classifier and the "
                                f"position embeddings may differ")
     return CheckpointError(f"could not load pretrained weights for {name} from the hub ({reason}): "
-                           f"offline? use --initial-checkpoint FILE")
+                           f"offline? use --initial-checkpoint FILE, or set HF_HUB_OFFLINE=1 to take weights "
+                           f"from the hub's cache alone, without waiting on the network")
 
 
 def _reason(err: BaseException) -> str:
