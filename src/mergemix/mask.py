@@ -71,6 +71,12 @@ def attention_mask(attn: Tensor, source: Tensor, lam: Tensor | float, grid: tupl
     return scores, patch_mask, upsample_mask(patch_mask, grid, patch, size)
 
 
+def fills_grid(size: Sequence[int], grid: tuple[int, int], patch: tuple[int, int]) -> bool:
+    """Whether images of ``size`` (H, W) are exactly the (gh, gw) grid of (ph, pw) patches; not so for
+    images a model with ``dynamic_img_pad`` pads up to whole patches."""
+    return tuple(size) == (grid[0] * patch[0], grid[1] * patch[1])
+
+
 def patch_fraction(mask: Tensor, grid: tuple[int, int], patch: tuple[int, int] | None = None) -> Tensor:
     """Pixel mask (B, 1, H, W) -> (B, L) share of each patch's pixels that are 1 (area pooling).
 
@@ -78,7 +84,7 @@ def patch_fraction(mask: Tensor, grid: tuple[int, int], patch: tuple[int, int] |
     pads it at the bottom and right): the share is then of each patch's real pixels.
     """
     H, W = mask.shape[-2:]
-    if patch is None or (H, W) == (grid[0] * patch[0], grid[1] * patch[1]):
+    if patch is None or fills_grid((H, W), grid, patch):
         return torch.nn.functional.adaptive_avg_pool2d(mask.float(), grid).flatten(1)
     pad = (0, grid[1] * patch[1] - W, 0, grid[0] * patch[0] - H)
     real = torch.nn.functional.pad(mask.new_ones(1, 1, H, W, dtype=torch.float32), pad)

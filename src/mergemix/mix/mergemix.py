@@ -133,7 +133,7 @@ class MergeMix(Objective):
         x_mixed = M.mix_images(x, partner, mask)
         if self.lam_policy == "area":
             # images padded up to whole patches (dynamic_img_pad): the kept share of the real pixels
-            whole = tuple(x.shape[-2:]) == tuple(g * p for g, p in zip(readout.grid, readout.patch))
+            whole = M.fills_grid(x.shape[-2:], readout.grid, readout.patch)
             lam_hat = M.lam_hat_area(patch_mask if whole else mask.flatten(1))
         else:
             keep = M.keep_count(lam, L, B, x.device)

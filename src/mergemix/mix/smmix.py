@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..mask import recover
+from ..mask import fills_grid, recover
 from ..tome import forward_readout
 from . import register
 from .attention import ReadsAttention
@@ -49,7 +49,7 @@ def attention_swap(x: Tensor, partner: Tensor, scores: Tensor, grid: tuple[int, 
     so on a coarse grid the window is often smaller than 1 − λ asks, or empty (a zero-size window
     pastes nothing); the label follows what was pasted: weight = kept area.
     """
-    if tuple(x.shape[-2:]) != (grid[0] * patch[0], grid[1] * patch[1]):
+    if not fills_grid(x.shape[-2:], grid, patch):
         raise ValueError(f"smmix swaps whole patches: images of {x.shape[-2]}x{x.shape[-1]} pixels are not a "
                          f"{grid[0]}x{grid[1]} grid of {patch[0]}x{patch[1]} patches (pad them to whole patches)")
     window = cut_size(lam, grid)
