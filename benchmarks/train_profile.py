@@ -5,8 +5,9 @@
 A merged training pass saves fewer milliseconds than its token count predicts: on an H200,
 compiled, 30.1 ms against 29.1 ms plain, while its kernels take 24.0 against 27.4 ms of GPU
 time, i.e. the merged pass is bound by launching its many small kernels. This times one forward + backward (soft-target
-cross-entropy, no optimizer) of the plain model and of the same weights merged at merge_num 98,
-eager and under torch.compile, in the same run, and keeps the profiler's top kernels of each by
+cross-entropy, no optimizer) of the plain model and of the same weights merged at merge_num 98
+(as the library does by default; with proportional attention as a log-size mask, ``merged_bias``;
+merging in every 2nd block only, ``merged_every2``), eager and under torch.compile, in the same run, and keeps the profiler's top kernels of each by
 self CUDA time, so the merge's own kernels (gathers, scatters, the masked attention and their
 backwards) can be read off. Prints a report; writes it as JSON with --out.
 """
@@ -80,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     base = create_vit(args.model, args.img_size).to(device).train()
-    nets = {"plain": base, "merged": merged_copy(base, merge_num=args.merge_num)}
+    nets = {"plain": base, "merged": merged_copy(base, merge_num=args.merge_num),  # on CUDA: repeated keys
+            "merged_bias": merged_copy(base, merge_num=args.merge_num, prop_attn_impl="bias"),
+            "merged_every2": merged_copy(base, merge_num=args.merge_num, merge_every=2)}
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, base.num_classes, (args.batch_size,), device=device)
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -92,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         modes["compiled"] = {k: training_pass(torch.compile(n, mode=args.compile_mode), x, y, device) for k, n in nets.items()}
     for mode, calls in modes.items():
         report[mode] = {"ms": median_ms(calls, device, args.reps)}  # the first call compiles
-        report[mode]["merged_over_plain"] = report[mode]["ms"]["merged"] / report[mode]["ms"]["plain"]
+        for k in nets.keys() - {"plain"}:
+            report[mode][f"{k}_over_plain"] = report[mode]["ms"][k] / report[mode]["ms"]["plain"]
         print(mode, {k: round(v, 2) for k, v in report[mode]["ms"].items()}, flush=True)
         for k, fn in calls.items():
             report[mode][f"{k}_profile_3_passes"] = table = profile_table(fn, device, args.rows)
