@@ -16,8 +16,6 @@
 # eager, against an older merge.py (benchmarks/merge_ab.py, about a minute; the device's copy of
 # the tree has no git history, so pass a file: git show COMMIT:src/mergemix/merge.py > FILE in a
 # carried folder) and writes benchmarks/results/merge_ab_cuda.json.
-# PROP_ATTN_IMPL=bias|repeat picks proportional attention's form (step_time.py --prop-attn-impl;
-# default auto, repeated keys on CUDA; files gain _prop-bias or _prop-repeat).
 # A failed step does not stop the later ones; the script then exits 1, naming the failed steps on stderr.
 set -uo pipefail
 if (( $# )); then
@@ -46,7 +44,7 @@ step() {
 }
 read -r -a every <<< "${MERGE_EVERY:-1}"
 common=(--device cuda --model deit_small_patch16_224 --img-size 224 --batch-size 256 --amp bfloat16 --merge-num 98
-        --merge-every "${every[@]}" --prop-attn-impl "${PROP_ATTN_IMPL:-auto}")
+        --merge-every "${every[@]}")
 if [[ -n "${MERGE_AB_REF:-}" ]]; then
     step merge_ab timeout 150 "$py" benchmarks/merge_ab.py --ref "$MERGE_AB_REF" --device cuda \
         --dtype bfloat16 --batch-size 256 --model deit_small_patch16_224 --model-batch-size 256 \

@@ -2,11 +2,10 @@
 
     python benchmarks/merge_profile.py --device cuda      # DeiT-S/224, batch 256, bf16
 
-Times, each the median of interleaved calls in one run: plain; merged (merge_num 98) as the
-library does by default, with proportional attention as a log-size mask (``_bias``) and as
-repeated keys (``_repeat``; the default on CUDA), merging in every 2nd block only, and without
-proportional attention; merged with the source index tracked to a read-out block. On
-CUDA also: the masked form with SDPA held to the memory-efficient kernel (its log-size bias makes the
+Times, each the median of interleaved calls in one run: plain; merged (merge_num 98) with and
+without proportional attention, and merging in every 2nd block only; merged with the source
+index tracked to a read-out block. On
+CUDA also: merged with SDPA held to the memory-efficient kernel (its log-size bias makes the
 default cuDNN kernel slower per token than the unbiased one), each one replayed as a CUDA graph
 (the GPU time alone, no launch overhead), the profiler's top kernels of the plain and the
 merged forward, and the compile time and speed of plain and merged under torch.compile.
@@ -95,9 +94,7 @@ def build_nets(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     base = timm.create_model(args.model).to(args.device).eval()
     readout = args.readout_block if args.readout_block is not None else default_readout_block(len(base.blocks))
     return {"plain": base,
-            "merged": merged_copy(base, merge_num=args.merge_num),  # on CUDA: repeated keys
-            "merged_bias": merged_copy(base, merge_num=args.merge_num, prop_attn_impl="bias"),
-            "merged_repeat": merged_copy(base, merge_num=args.merge_num, prop_attn_impl="repeat"),
+            "merged": merged_copy(base, merge_num=args.merge_num),
             "merged_every2": merged_copy(base, merge_num=args.merge_num, merge_every=2),
             "merged_no_prop_attn": merged_copy(base, merge_num=args.merge_num, prop_attn=False),
             f"merged_index_to_block_{readout}": merged_copy(base, merge_num=args.merge_num, readout_block=readout)}
@@ -134,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=cuda):
         calls = {k: (lambda n=n: n(x)) for k, n in nets.items()}
         if cuda:
-            efficient = efficient_attention(nets["merged_bias"], x)
+            efficient = efficient_attention(nets["merged"], x)
             if efficient is not None:
                 calls["merged_efficient_attn"] = efficient
         report["eager_ms"] = median_ms(calls, device, args.reps)

@@ -50,7 +50,7 @@ def _padded_qkv(attn, x: Tensor) -> Tensor:
 
 def _channel_attention(fold):
     """An eval-only ``tome._attention`` that folds the log-size mask into q/k/v with ``fold``."""
-    def attention(attn, x, bias, score, need_output=True, key_index=None):
+    def attention(attn, x, bias, score, need_output=True):
         if score is not None or bias is None:
             return MASKED(attn, x, bias, score, need_output)
         B, N, _ = x.shape
@@ -80,7 +80,7 @@ def _value_channel(qkv: Tensor, log_size: Tensor, attn) -> Tensor:
     return out[..., :d] / out[..., d:d + 1]
 
 
-def _flex_attention(attn, x, bias, score, need_output=True, key_index=None):
+def _flex_attention(attn, x, bias, score, need_output=True):
     """An eval-only ``tome._attention`` adding log(size) to the scores in FlexAttention."""
     if score is not None or bias is None:
         return MASKED(attn, x, bias, score, need_output)
@@ -150,8 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = args.device
     torch.manual_seed(0)
     if args.check:
-        net = tome.patch_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8), merge_num=30,
-                              prop_attn_impl="bias")
+        net = tome.patch_tome(timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8), merge_num=30)
         diffs = max_differences(net.eval(), torch.randn(3, 3, 64, 64))
         print(diffs)
         save_json(diffs, args.out)
@@ -159,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     base = timm.create_model("deit_small_patch16_224").to(device).eval()
     nets = {"plain": base, "no_prop_attn": tome.patch_tome(copy.deepcopy(base), merge_num=98, prop_attn=False)}
-    nets.update({k: tome.patch_tome(copy.deepcopy(base), merge_num=98, prop_attn_impl="bias") for k in VARIANTS})
+    nets.update({k: tome.patch_tome(copy.deepcopy(base), merge_num=98) for k in VARIANTS})
     nets = {k: net for k, net in nets.items() if args.forms is None or k in args.forms}
     x = torch.randn(256, 3, 224, 224, device=device)
     report: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "batch": 256,
@@ -168,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["flex_fp32_max_diff_from_mask"] = flex_gradient_difference(base.blocks[3].attn, device)
         print("flex vs mask, float32:", report["flex_fp32_max_diff_from_mask"], flush=True)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        report["bf16_max_diff_from_mask"] = max_differences(tome.patch_tome(copy.deepcopy(base), merge_num=98, prop_attn_impl="bias"), x)
+        report["bf16_max_diff_from_mask"] = max_differences(tome.patch_tome(copy.deepcopy(base), merge_num=98), x)
         for name, net in nets.items():
             tome._attention = VARIANTS.get(name, MASKED)
             call = lambda net=net: net(x)  # noqa: E731

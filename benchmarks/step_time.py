@@ -37,7 +37,7 @@ from mergemix import models, tome
 from mergemix.config import COMPILE_MODES, key_value
 from mergemix.errors import ConfigError
 from mergemix.mix.mergemix import AUX_LOSSES
-from mergemix.tome import PROP_ATTN_IMPLS, patch_size, patch_tome, resolve_schedule, tome_options
+from mergemix.tome import patch_size, patch_tome, resolve_schedule, tome_options
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODEL = "vit_tiny_patch16_224"
@@ -66,9 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--merge-every", type=at_least(1), nargs="+", default=[1], metavar="K",
                    help="MergeMix and merged evaluation merging in every K-th block; several values are timed "
                         "side by side (labels gain ',everyK' for K > 1)")
-    p.add_argument("--prop-attn-impl", default="auto", choices=PROP_ATTN_IMPLS,
-                   help="proportional attention of MergeMix and merged evaluation: log-size mask (bias), "
-                        "repeated keys (repeat), or auto: repeat on CUDA, bias elsewhere (see patch_tome)")
     p.add_argument("--methods", nargs="*", default=None, choices=mix.available(), metavar="METHOD",
                    help=f"default: every registered method ({', '.join(mix.available())})")
     p.add_argument("--mergemix-configs", nargs="*", default=None, choices=MERGEMIX_CONFIGS, metavar="AUX,MERGE",
@@ -92,7 +89,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
 
 
 def configurations(methods: list[str], merge_num: int | None, mergemix_configs: list[str] | None = None,
-                   merge_every: Sequence[int] = (1,), prop_attn_impl: str = "auto") -> list[tuple[str, str, dict]]:
+                   merge_every: Sequence[int] = (1,)) -> list[tuple[str, str, dict]]:
     """(label, method, options): each method with defaults, MergeMix in every aux mode, merging on/off
     (or only the ``aux,merge|nomerge`` pairs in ``mergemix_configs``), once per ``merge_every``."""
     configs = []
@@ -108,7 +105,7 @@ def configurations(methods: list[str], merge_num: int | None, mergemix_configs: 
                 for k in merge_every:
                     configs.append((f"mergemix[{key}{every_suffix(k, ',')}]", name,
                                     {"aux_loss": aux, "merge_train": merge_train, "merge_num": merge_num,
-                                     "merge_every": k, "prop_attn_impl": prop_attn_impl}))
+                                     "merge_every": k}))
     return configs
 
 
@@ -201,8 +198,7 @@ def eval_throughput(base_model, x, merge_num, args, device, autocast) -> dict:
     ``merged_everyK`` for each K of ``--merge-every`` above 1)."""
     nets = [("plain", copy.deepcopy(base_model).to(device).eval())]
     for k in args.merge_every:
-        merged = patch_tome(copy.deepcopy(base_model).to(device).eval(), merge_num=merge_num, merge_every=k,
-                            prop_attn_impl=args.prop_attn_impl)
+        merged = patch_tome(copy.deepcopy(base_model).to(device).eval(), merge_num=merge_num, merge_every=k)
         nets.append((f"merged{every_suffix(k, '_')}", merged))
     out = {}
     for name, net in nets:
@@ -247,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as training does (see Trainer)
-    configs = configurations(methods, merge_num, args.mergemix_configs, args.merge_every, args.prop_attn_impl)
+    configs = configurations(methods, merge_num, args.mergemix_configs, args.merge_every)
     runners = []
     for label, method, options in configs:
         try:
@@ -278,9 +274,6 @@ def main(argv: list[str] | None = None) -> int:
                      "num_patches": L, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
                      "compile_mode": args.compile_mode, "compile_scope": args.compile_scope, "merge_num": merge_num,
                      "merge_every": args.merge_every,
-                     # as resolved: auto is repeat on CUDA, bias elsewhere (patch_tome)
-                     "prop_attn_impl": args.prop_attn_impl if args.prop_attn_impl != "auto"
-                     else "repeat" if device.type == "cuda" else "bias",
                      "warmup": args.warmup, "steps": args.steps,
                      "cudnn_benchmark": torch.backends.cudnn.benchmark},
         "configs": rows,
@@ -289,8 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = f"_{args.compile_mode}" if args.compile_mode not in (None, "default") else ""
     scope = "_blocks" if args.compile_scope == "blocks" else ""
     every = "" if args.merge_every == [1] else "_every" + "-".join(map(str, args.merge_every))
-    impl = "" if args.prop_attn_impl == "auto" else f"_prop-{args.prop_attn_impl}"
-    out = args.out or RESULTS / f"step_time_{tag}{'_compiled' if args.compile else ''}{mode}{scope}{every}{impl}.json"
+    out = args.out or RESULTS / f"step_time_{tag}{'_compiled' if args.compile else ''}{mode}{scope}{every}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write(result, out)  # the step times are kept even if the rest runs out of time
     # the mask work is a share of a MergeMix step: of the `clean` one, the method's default, when it
@@ -316,9 +308,6 @@ def write(result: dict, out: Path) -> str:
     return table
 
 
-PROP_ATTN_FORMS = {"bias": "log-size mask", "repeat": "repeated keys"}
-
-
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"Device: {result['device']}; model {s['model']} {s['model_kwargs']} at {s['img_size']} px, "
@@ -327,7 +316,6 @@ def markdown(result: dict) -> str:
              + (" (blocks)" if s.get("compile_scope") == "blocks" else "") + ", "
              f"merge_num {s['merge_num']}"
              + (f" merged in every K-th block for K in {s['merge_every']}" if s.get("merge_every", [1]) != [1] else "")
-             + (f", proportional attention by {PROP_ATTN_FORMS[s['prop_attn_impl']]}" if "prop_attn_impl" in s else "")
              + f"; median of {s['steps']} interleaved steps.", "",
              "| configuration | passes per step | step (ms) | × CutMix | peak memory (MB) |"
              + (" warm-up incl. compile (s) |" if s["compile"] else ""),

@@ -6,8 +6,7 @@ A merged training pass saves fewer milliseconds than its token count predicts: o
 compiled, 30.1 ms against 29.1 ms plain, while its kernels take 24.0 against 27.4 ms of GPU
 time, i.e. the merged pass is bound by launching its many small kernels. This times one forward + backward (soft-target
 cross-entropy, no optimizer) of the plain model and of the same weights merged at merge_num 98
-(as the library does by default; with proportional attention as a log-size mask, ``merged_bias``;
-merging in every 2nd block only, ``merged_every2``), eager and under torch.compile, in the same run, and keeps the profiler's top kernels of each by
+(also merging in every 2nd block only, ``merged_every2``), eager and under torch.compile, in the same run, and keeps the profiler's top kernels of each by
 self CUDA time, so the merge's own kernels (gathers, scatters, the masked attention and their
 backwards) can be read off. Prints a report; writes it as JSON with --out.
 """
@@ -81,8 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     base = create_vit(args.model, args.img_size).to(device).train()
-    nets = {"plain": base, "merged": merged_copy(base, merge_num=args.merge_num),  # on CUDA: repeated keys
-            "merged_bias": merged_copy(base, merge_num=args.merge_num, prop_attn_impl="bias"),
+    nets = {"plain": base, "merged": merged_copy(base, merge_num=args.merge_num),
             "merged_every2": merged_copy(base, merge_num=args.merge_num, merge_every=2)}
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, base.num_classes, (args.batch_size,), device=device)

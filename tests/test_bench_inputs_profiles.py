@@ -85,7 +85,7 @@ def test_train_profile_writes_its_report_into_a_new_folder(scripts, tmp_path):
     out = tmp_path / "new" / "r.json"
     assert scripts["train_profile"].main([*TINY, "--merge-num", "1", "--rows", "3", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert set(report["eager"]["ms"]) == {"plain", "merged", "merged_bias", "merged_every2"} and "compiled" not in report
+    assert set(report["eager"]["ms"]) == {"plain", "merged", "merged_every2"} and "compiled" not in report
 
 
 def test_merge_profile_rejects_what_the_model_cannot_take_before_timing(scripts, tmp_path, capsys):
@@ -104,8 +104,7 @@ def test_merge_profile_reads_out_at_the_models_default_block(scripts, tmp_path):
     assert scripts["merge_profile"].main(["--model", "test_vit", "--merge-num", "4", "--batch-size", "1",
                                           "--reps", "1", "--no-compile", "--out", str(out)]) == 0
     eager = json.loads(out.read_text())["eager_ms"]
-    assert set(eager) == {"plain", "merged", "merged_bias", "merged_repeat", "merged_every2", "merged_no_prop_attn",
-                          "merged_index_to_block_3"}
+    assert set(eager) == {"plain", "merged", "merged_every2", "merged_no_prop_attn", "merged_index_to_block_3"}
 
 
 @pytest.mark.parametrize("name", ["prop_attn_variants", "sdpa_bias"])

@@ -191,14 +191,14 @@ def test_gpu_script_passes_its_settings_to_step_time():
     out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_step_time.sh")], env=env, capture_output=True,
                          text=True, check=True).stdout.splitlines()
     eager, compiled = out
-    assert "--merge-every 1 2 --prop-attn-impl auto --steps 20" in eager and "--compile" not in eager.split()
-    assert "--merge-every 1 2 --prop-attn-impl auto --warmup 3" in compiled
+    assert "--merge-every 1 2 --steps 20" in eager and "--compile" not in eager.split()
+    assert "--merge-every 1 2 --warmup 3" in compiled
     assert compiled.endswith("--compile-mode reduce-overhead --compile-scope model --methods cutmix mergemix "
                              "--mergemix-configs none,merge clean,merge")
     env.pop("MERGE_EVERY")
     eager = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_step_time.sh")], env={**env, "EAGER": "1"},
                            capture_output=True, text=True, check=True).stdout.splitlines()[0]
-    assert "--merge-num 98 --merge-every 1 --prop-attn-impl auto --steps 20" in eager
+    assert "--merge-num 98 --merge-every 1 --steps 20" in eager
     ab = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_step_time.sh")], env={**env, "MERGE_AB_REF": "old.py"},
                         capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(ab) == 3 and ab[0].startswith("benchmarks/merge_ab.py --ref old.py --device cuda")

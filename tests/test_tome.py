@@ -9,8 +9,8 @@ from timm.layers import LayerScale
 
 from mergemix.mask import recover
 from mergemix.merge import bipartite_matching, decreasing_schedule, merge_tokens, merged_positions, token_counts
-from mergemix.tome import (_attention, _repeated_keys, configure_tome, forward_readout, patch_tome, resolve_schedule,
-                           tokens_per_block, tome_options)
+from mergemix.tome import (_attention, configure_tome, forward_readout, patch_tome, resolve_schedule, tokens_per_block,
+                           tome_options)
 
 MODELS = {
     "deit": ("deit_tiny_patch16_224", {}),
@@ -182,50 +182,6 @@ def test_proportional_attention_equals_duplicated_tokens(score):
         assert torch.allclose(scores, torch.zeros(2, 6).scatter_add_(1, index, probs[:, :, 0].mean(1)), atol=1e-6)
     else:  # each copy's attention to CLS = the token's
         assert torch.allclose(scores.gather(1, index), probs[..., 0].mean(1), atol=1e-6)
-
-
-@pytest.mark.parametrize("name, score, extra", [("registers_qknorm", "cls_row", {}), ("distilled", "cls_col", {}),
-                                               ("deit", "cls_row", {"global_pool": "avg"})])
-def test_repeated_keys_equal_the_log_size_bias(name, score, extra):
-    """prop_attn_impl="repeat" (each token's key and value once per patch it holds, no mask) gives
-    the bias form's logits, read-out and gradients (float32), and lists every token size times."""
-    results = {}
-    for impl in ("bias", "repeat"):
-        model = patch_tome(make(name, **extra), merge_num=8, readout_block=2, score=score, prop_attn_impl=impl)
-        x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
-        out = model(x)
-        out.square().sum().backward()
-        results[impl] = out, x.grad, model.tome_readout, [p.grad for p in model.parameters()]
-    (out_b, gx_b, ro_b, g_b), (out_r, gx_r, ro_r, g_r) = results["bias"], results["repeat"]
-    assert (ro_r.size > 1).any()  # tokens did merge before the read-out
-    torch.testing.assert_close(out_r, out_b, atol=1e-5, rtol=0)
-    torch.testing.assert_close(gx_r, gx_b, atol=1e-5 * gx_b.abs().max().item(), rtol=0)
-    scale = max(g.abs().max().item() for g in g_b)  # k_norm's bias has a zero gradient up to rounding
-    for gr, gb in zip(g_r, g_b):
-        torch.testing.assert_close(gr, gb, atol=1e-6 * scale, rtol=0)
-    torch.testing.assert_close(ro_r.attn, ro_b.attn)
-    keys = _repeated_keys(ro_r.index, ro_r.num_prefix_tokens)
-    counts = torch.zeros_like(ro_r.size).scatter_add_(1, keys, torch.ones_like(keys, dtype=ro_r.size.dtype))
-    assert torch.equal(counts, ro_r.size)
-
-
-def test_prop_attn_impl_auto_and_dropout_use_the_bias():
-    """"auto" adds the bias on the CPU, and in training with attention dropout "repeat" does too
-    (dropping one copy of a repeated key would drop part of a token): bitwise the bias form."""
-    x = torch.randn(2, 3, 32, 32)
-    outs = {}
-    for impl in ("bias", "auto", "repeat"):
-        model = patch_tome(make("deit", attn_drop_rate=0.3), merge_num=8, prop_attn_impl=impl)
-        with torch.no_grad():
-            outs[impl] = model(x)
-            torch.manual_seed(3)
-            outs[impl, "train"] = model.train()(x)
-    assert torch.equal(outs["auto"], outs["bias"])
-    assert not torch.equal(outs["repeat"], outs["bias"])  # eval: repeated keys, equal up to rounding
-    torch.testing.assert_close(outs["repeat"], outs["bias"], atol=1e-5, rtol=0)
-    assert torch.equal(outs["repeat", "train"], outs["bias", "train"])
-    with pytest.raises(ValueError, match="unknown prop_attn_impl 'mask'"):
-        patch_tome(make("deit"), merge_num=8, prop_attn_impl="mask")
 
 
 @pytest.mark.parametrize("score, readout", [("cls_row", 1), ("cls_col", 1), ("cls_row", 2)])
@@ -498,12 +454,11 @@ def test_bad_configurations():
         patch_tome(make("deit", block_fn=ParallelScalingBlock), r=0)
 
 
-@pytest.mark.parametrize("impl", ["bias", "repeat"])
-def test_patched_model_traces_as_one_graph(impl):
+def test_patched_model_traces_as_one_graph():
     """Static shapes and no per-call Python state: dynamo captures the merged forward, read-out
     included, without a graph break (backend 'eager' checks the tracing, not a compiler)."""
     torch._dynamo.reset()
-    model = patch_tome(make("layerscale"), merge_num=8, readout_block=2, prop_attn_impl=impl)
+    model = patch_tome(make("layerscale"), merge_num=8, readout_block=2)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

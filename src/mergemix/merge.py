@@ -94,16 +94,6 @@ class _Merge(torch.autograd.Function):
         return grad_x.index_add_(0, rows_dst_pos, -grad_delta).view(B, -1, C), None, None, None, None
 
 
-def gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """Row ``index[b, j]`` of each sequence: x (B, T, *rest), index (B, n) long -> (B, n, *rest).
-
-    One ``index_select`` over the flattened batch (one index per row, see ``_Merge``); x may be a
-    strided view whose first two dimensions flatten without a copy, e.g. a slice of a qkv projection.
-    """
-    (B, T), rest = x.shape[:2], x.shape[2:]
-    return x.flatten(0, 1).index_select(0, _flat_rows(index, T)).view(B, index.shape[1], *rest)
-
-
 def _flat_rows(index: Tensor, T: int) -> Tensor:
     """(B, n) token positions in sequences of T tokens -> (B·n,) row numbers of the (B·T, C) flattened batch."""
     B = index.shape[0]

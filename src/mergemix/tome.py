@@ -4,12 +4,9 @@
 blocks, with the same parameters, but merges r tokens per block (after the attention residual,
 before the MLP), keeps token sizes for proportional attention, and at the read-out block leaves
 ``model.tome_readout``: the CLS attention over the tokens entering that block and which original
-patches each of those tokens holds. Every block stays on ``F.scaled_dot_product_attention``.
-Proportional attention takes one of two exact forms: log(size) as a (B, 1, 1, N) additive float
-mask (``prop_attn_impl="bias"``), or each token's key and value repeated once per original token
-it holds (``"repeat"``: no mask, so the GPU's flash kernels apply; the default on CUDA). The read-out
-block adds one CLS-row product for its score (``cls_row``), or runs unfused (``cls_col``, which
-needs every query's attention to CLS).
+patches each of those tokens holds. Every block stays on ``F.scaled_dot_product_attention``; log(size)
+enters it as a (B, 1, 1, N) additive float mask. The read-out block adds one CLS-row product for its
+score (``cls_row``), or runs unfused (``cls_col``, which needs every query's attention to CLS).
 """
 from __future__ import annotations
 
@@ -26,11 +23,10 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .merge import bipartite_matching, decreasing_schedule, gather_rows, merge_tokens, merged_positions, token_counts
+from .merge import bipartite_matching, decreasing_schedule, merge_tokens, merged_positions, token_counts
 from .models import unwrap
 
 SCORES = ("cls_row", "cls_col")
-PROP_ATTN_IMPLS = ("auto", "bias", "repeat")
 
 
 @dataclass
@@ -65,7 +61,6 @@ class ToMeConfig:
 
     r: list[int]
     prop_attn: bool = True
-    prop_attn_impl: str = "auto"  # "bias", "repeat", or "auto": repeat on CUDA, bias elsewhere
     readout_block: int | None = None
     score: str = "cls_row"
     merge: bool = True  # merging switched on (off: every r counts as 0)
@@ -144,18 +139,13 @@ def _overfull_block(schedule: Sequence[int], num_patches: int) -> tuple[int, int
 
 def patch_tome(model: nn.Module, r: int | Sequence[int] | None = None, *, merge_num: int | None = None,
                merge_every: int = 1, prop_attn: bool = True, readout_block: int | None = None,
-               score: str = "cls_row", prop_attn_impl: str = "auto") -> nn.Module:
+               score: str = "cls_row") -> nn.Module:
     """Patch a timm VisionTransformer in place for token merging and attention read-out.
 
     r: tokens merged per block (int) or a per-block list; merge_num: total tokens merged, spread
     as a decreasing schedule over every ``merge_every``-th block. readout_block: 0-based index of the block whose CLS attention is
     read out (None: no read-out). score: "cls_row" (the CLS query's attention over the tokens)
-    or "cls_col" (each token's attention to CLS). prop_attn_impl: how proportional attention
-    weighs a token by its size, both exact: "bias" adds log(size) to the logits as an SDPA mask;
-    "repeat" attends to each token's key and value once per original token it holds, which keeps
-    SDPA mask-free (with a float mask no flash kernel applies) at the cost of gathering the keys
-    and attending to all original tokens' worth of them; "auto" repeats on CUDA, where the
-    masked kernels are the slower, and adds the bias elsewhere. Adds no parameters; calling it again
+    or "cls_col" (each token's attention to CLS). Adds no parameters; calling it again
     reconfigures. Returns the model; a wrapped one (torch.compile, DDP) has the model inside patched.
     """
     wrapper, model = model, unwrap(model)
@@ -167,8 +157,6 @@ def patch_tome(model: nn.Module, r: int | Sequence[int] | None = None, *, merge_
         raise ValueError(f"read-out block {readout_block} is out of range for a model with {depth} blocks (0..{depth - 1})")
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-    if prop_attn_impl not in PROP_ATTN_IMPLS:
-        raise ValueError(f"unknown prop_attn_impl {prop_attn_impl!r}; choose one of {', '.join(PROP_ATTN_IMPLS)}")
     if readout_block is not None and model.cls_token is None:
         raise ValueError("the attention read-out needs a class token; this model has none (class_token=False)")
     if any(schedule) and (model.global_pool not in ("token", "avg") or model.attn_pool is not None):
@@ -178,7 +166,7 @@ def patch_tome(model: nn.Module, r: int | Sequence[int] | None = None, *, merge_
     if (any(schedule) or readout_block is not None) and model.patch_drop.__class__ is not nn.Identity:
         raise ValueError("token merging and the attention read-out cannot be combined with patch dropout "
                          "(patch_drop_rate > 0)")
-    model.tome = ToMeConfig(schedule, prop_attn, prop_attn_impl, readout_block, score)
+    model.tome = ToMeConfig(schedule, prop_attn, readout_block, score)
     if not isinstance(model, ToMeMixin):
         model.__class__ = _tome_class(type(model))
         model.tome_readout = model.tome_size = None
@@ -238,18 +226,15 @@ def _config(model: nn.Module) -> ToMeConfig:
 
 
 def _attention(attn: Attention, x: Tensor, bias: Tensor | None, score: str | None,
-               need_output: bool = True, key_index: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor]:
+               need_output: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor]:
     """timm Attention forward with an additive key bias and an optional CLS score read-out.
 
-    x: (B, N, C); bias: (B, 1, 1, N) or None; key_index: (B, T) or None, the token each query
-    attends to in place of the bias: token t listed size[t] times (see ``_repeated_keys``).
-    Returns (output (B, N, C) or None, scores (B, N) or None, keys (B, heads, N, head_dim),
-    whose head average is ToMe's similarity metric).
+    x: (B, N, C); bias: (B, 1, 1, N) or None. Returns (output (B, N, C) or None, scores (B, N)
+    or None, keys (B, heads, N, head_dim), whose head average is ToMe's similarity metric).
     """
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     if bias is not None:
         bias = bias.to(q.dtype)
@@ -265,11 +250,7 @@ def _attention(attn: Attention, x: Tensor, bias: Tensor | None, score: str | Non
             with torch.no_grad():  # only the CLS query row: one (B, H, 1, N) product
                 logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
                 scores = (logits if bias is None else logits + bias).softmax(dim=-1)[:, :, 0].mean(dim=1)
-        if need_output and key_index is not None:
-            # e^(q·k + log s) = s·e^(q·k): s copies of a key weigh it as the bias does, mask-free
-            k_rep, v_rep = gather_rows(qkv[:, :, 1:], key_index).permute(2, 0, 3, 1, 4).unbind(0)
-            out = F.scaled_dot_product_attention(q, attn.k_norm(k_rep), v_rep)
-        elif need_output:
+        if need_output:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                                  dropout_p=attn.attn_drop.p if attn.training else 0.0)
     if out is not None:
@@ -281,23 +262,18 @@ def _attention(attn: Attention, x: Tensor, bias: Tensor | None, score: str | Non
 
 
 def _run_block(blk: Block, x: Tensor, size: Tensor | None, index: Tensor | None, r: int, *, npt: int,
-               prop_attn: bool, score: str | None, track_index: bool, repeat_keys: bool = False,
+               prop_attn: bool, score: str | None, track_index: bool,
                need_output: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """One block: attention weighing tokens by size (proportional attention), merge r tokens, MLP.
+    """One block: attention with log(size) as key bias, merge r tokens, MLP.
 
     x: (B, K, C); size: (B, K) patches per token, None before the first merge (all 1); index:
     (B, L) token holding each original patch, None until tracked (identity). ``score`` names the
     CLS read-out to compute here (None: none); ``track_index`` composes ``index`` with this
-    block's merge; ``repeat_keys`` attends to repeated keys instead of adding the log(size) bias
-    (needs ``index`` tracked from the first merge). Returns (x (B, K - r, C) or None without
-    ``need_output``, size, index, scores (B, K) or None).
+    block's merge. Returns (x (B, K - r, C) or None without ``need_output``, size, index, scores
+    (B, K) or None).
     """
     bias = size.log()[:, None, None, :] if prop_attn and size is not None else None
-    key_index = None
-    # attention dropout would drop single copies of a repeated key, unlike the bias form
-    if bias is not None and repeat_keys and not (blk.attn.training and blk.attn.attn_drop.p > 0):
-        key_index = _repeated_keys(index, npt)
-    h, scores, keys = _attention(blk.attn, blk.norm1(x), bias, score, need_output, key_index)
+    h, scores, keys = _attention(blk.attn, blk.norm1(x), bias, score, need_output)
     if not need_output:
         return None, size, index, scores
     x = x + blk.drop_path1(blk.ls1(h))
@@ -311,14 +287,6 @@ def _run_block(blk: Block, x: Tensor, size: Tensor | None, index: Tensor | None,
         x, size = merge_tokens(x, size, m)
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     return x, size, index, scores
-
-
-def _repeated_keys(index: Tensor, npt: int) -> Tensor:
-    """(B, npt + L): the token holding each original token, prefix tokens (never merged) first.
-
-    index: (B, L) token holding each patch. Token t appears size[t] times."""
-    prefix = torch.arange(npt, device=index.device).expand(index.shape[0], npt)
-    return torch.cat([prefix, index], dim=1)
 
 
 def _run_blocks(model: VisionTransformer, x: Tensor) -> tuple[Tensor | None, Tensor | None, Readout | None]:
@@ -338,7 +306,6 @@ def _run_blocks(model: VisionTransformer, x: Tensor) -> tuple[Tensor | None, Ten
     # (1 for prefix tokens, so log(size) is the whole additive bias); index (B, L) is the
     # position of the token holding each original patch.
     size = index = readout = None
-    repeat_keys = cfg.prop_attn and (cfg.prop_attn_impl == "repeat" or (cfg.prop_attn_impl == "auto" and x.is_cuda))
     run_block = _run_block
     if model.grad_checkpointing and torch.is_grad_enabled():  # recompute each block in the backward
         run_block = functools.partial(checkpoint, _run_block, use_reentrant=False)
@@ -348,8 +315,7 @@ def _run_blocks(model: VisionTransformer, x: Tensor) -> tuple[Tensor | None, Ten
         x, size, index, scores = run_block(
             blk, x, size, index, cfg.r[i] if cfg.merge else 0, npt=npt, prop_attn=cfg.prop_attn,
             score=cfg.score if at_readout else None,
-            # the read-out needs the source up to its block; repeated keys need it in every block
-            track_index=repeat_keys or (readout_at is not None and i < readout_at), repeat_keys=repeat_keys,
+            track_index=readout_at is not None and i < readout_at,  # the source is only needed up to the read-out
             need_output=not (at_readout and cfg.readout_only))
         if at_readout:
             readout = _make_readout(scores, index_in, size_in, npt, L, grid, patch_size(model))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import mask as M
-from ..tome import PROP_ATTN_IMPLS, SCORES, configure_tome, forward_readout, patch_tome, tome_options
+from ..tome import SCORES, configure_tome, forward_readout, patch_tome, tome_options
 from . import register
 from .attention import resolve_block
 from ..models import unwrap
@@ -50,7 +50,7 @@ class MergeMix(Objective):
                  alpha: float = 1.0, merge_num: int | None = None, r: int | list[int] | None = None,
                  readout_block: int | None = None, lam_policy: str = "area", aux_loss: str = "clean",
                  score: str = "cls_row", merge_train: bool = True, mixup_alpha: float = 0.8,
-                 prop_attn: bool = True, merge_every: int = 1, prop_attn_impl: str = "auto"):
+                 prop_attn: bool = True, merge_every: int = 1):
         super().__init__(num_classes, smoothing, generator)
         if lam_policy not in LAM_POLICIES:
             raise ValueError(f"unknown lam_policy {lam_policy!r}; choose one of {', '.join(LAM_POLICIES)}")
@@ -62,8 +62,6 @@ class MergeMix(Objective):
         if merge_num is not None and r is not None:
             raise ValueError(f"merge_num={merge_num} and r={r} both given: set either the total (merge_num) "
                              f"or the tokens merged per block (r), not both")
-        if prop_attn_impl not in PROP_ATTN_IMPLS:
-            raise ValueError(f"unknown prop_attn_impl {prop_attn_impl!r}; choose one of {', '.join(PROP_ATTN_IMPLS)}")
         check_non_negative(merge_num=merge_num, r=r)
         check_positive(merge_every=merge_every)
         self.alpha, self.mixup_alpha = alpha, mixup_alpha
@@ -72,7 +70,7 @@ class MergeMix(Objective):
         self._requested = {"merge_num": merge_num, "readout_block": readout_block}
         self._schedule: list[int] = []  # merges per block, known once prepare() patched a model
         self.lam_policy, self.aux_loss, self.score = lam_policy, aux_loss, score
-        self.merge_train, self.prop_attn, self.prop_attn_impl = merge_train, prop_attn, prop_attn_impl
+        self.merge_train, self.prop_attn = merge_train, prop_attn
         self.passes = PASSES[aux_loss]
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -90,8 +88,7 @@ class MergeMix(Objective):
             merge_num = getattr(getattr(net, "patch_embed", None), "num_patches", 0) // 2
         self.merge_num = merge_num
         patch_tome(net, self.r, merge_num=self.merge_num, merge_every=self.merge_every,
-                   prop_attn=self.prop_attn, prop_attn_impl=self.prop_attn_impl, readout_block=self.readout_block,
-                   score=self.score)
+                   prop_attn=self.prop_attn, readout_block=self.readout_block, score=self.score)
         self._schedule = list(net.tome.r)
         configure_tome(net, merge=False, readout=False)
         return model
@@ -109,7 +106,7 @@ class MergeMix(Objective):
                 "readout_block": self.readout_block,
                 "lam_policy": self.lam_policy, "aux_loss": self.aux_loss, "score": self.score,
                 "merge_train": self.merge_train, "mixup_alpha": self.mixup_alpha, "prop_attn": self.prop_attn,
-                "prop_attn_impl": self.prop_attn_impl, "smoothing": self.smoothing}
+                "smoothing": self.smoothing}
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         if not self.mixup_enabled:
