@@ -295,9 +295,19 @@ def main(argv: list[str] | None = None) -> int:
         result["mask_work"] = {"ms": mask_s * 1e3, "share_of_mergemix_step": mask_s / statistics.median(mm.times),
                                "measured_on": mm.label}
     result["eval_throughput"] = eval_throughput(base, x, merge_num, args, device, autocast)
+    if args.compile:
+        result["compile_diagnostics"] = compile_diagnostics()
     table = write(result, out)
     print(table)
     return 0
+
+
+def compile_diagnostics() -> dict[str, int]:
+    """What this process's compilations did that can slow a compiled run: graphs compiled, graph
+    breaks, and Inductor's CUDA-graph counters (``cudagraph_skips``: graphs that run without replay)."""
+    counters = torch._dynamo.utils.counters
+    return {"unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            **{k: v for k, v in counters["inductor"].items() if k.startswith("cudagraph")}}
 
 
 def write(result: dict, out: Path) -> str:
@@ -345,6 +355,9 @@ def markdown(result: dict) -> str:
         first = ("; first call incl. compile: " + ", ".join(f"{n.replace('_', ' ')} {ev[n + '_first_call_s']:.0f} s"
                                                             for n in ["plain", *names]) if s["compile"] else "")
         lines.append(f"Evaluation throughput: plain {ev['plain_images_per_s']:.0f} img/s, {merged}{first}.")
+    if "compile_diagnostics" in result:
+        lines.append("Compilation: " + ", ".join(f"{k.replace('_', ' ')} {v}"
+                                                 for k, v in result["compile_diagnostics"].items()) + ".")
     return "\n".join(lines)
 
 

@@ -271,3 +271,19 @@ def test_step_time_and_merge_ab_report_unfit_input_in_one_line(script, argv, mes
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists()
+
+
+def test_compile_diagnostics_count_graphs_and_breaks():
+    """The counters a compiled step_time run records: a function broken in two compiles two graphs."""
+    step_time = load("step_time")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+    def broken(x):
+        x = x + 1
+        torch._dynamo.graph_break()
+        return x * 2
+
+    assert torch.equal(torch.compile(broken, backend="eager")(torch.ones(2)), torch.full((2,), 4.0))
+    diagnostics = step_time.compile_diagnostics()
+    assert diagnostics["unique_graphs"] == 2 and diagnostics["graph_breaks"] == 1

@@ -295,7 +295,10 @@ def test_avg_pool_of_forward_features_is_size_weighted_too():
                                              pool_include_prefix=include_prefix).eval(), r=[4, 0], readout_block=1)
         with torch.no_grad():
             logits = model(x)
+            # forward keeps no sizes past the call (they would pin a CUDA-graph output), forward_features does
+            assert model.tome_size is None and model.tome_readout is not None
             tokens = model.forward_features(x)
+            assert model.tome_size.shape == (2, 16 - 4)
             assert torch.equal(model.forward_head(tokens), logits)
             pre = model.forward_head(tokens, pre_logits=True)
         ro, npt = model.tome_readout, model.num_prefix_tokens

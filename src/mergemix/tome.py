@@ -338,7 +338,8 @@ class ToMeMixin:
 
     ``forward_features`` leaves the read-out (``tome_readout``) and the patch tokens' sizes
     (``tome_size``, (B, K - prefix), None if nothing merged) of its input on the model, so that
-    ``forward_head`` of its output pools a merged sequence as the unmerged one would be.
+    ``forward_head`` of its output pools a merged sequence as the unmerged one would be;
+    ``forward`` keeps the read-out only.
     """
 
     tome: ToMeConfig
@@ -373,7 +374,11 @@ class ToMeMixin:
         x = self.forward_features(x, attn_mask, is_causal)
         if x is None:  # read-out only: the blocks after it never ran
             return self.tome_readout.attn
-        return self.forward_head(x)
+        x = self.forward_head(x)
+        # the sizes served the pooling above; kept on the model, they would hold an output of a
+        # replayed CUDA graph (torch.compile mode "reduce-overhead") alive into the next call
+        self.tome_size = None
+        return x
 
 
 _CLASSES: dict[type, type] = {}
