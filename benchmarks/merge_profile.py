@@ -23,7 +23,8 @@ import timm
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_common import at_least, device, merged_copy, model_name, one_line_errors, output_file, save_json, seconds, sync
+from bench_common import (as_graph, at_least, device, merged_copy, model_name, one_line_errors, output_file, save_json,
+                          seconds, sync)
 from mergemix.mix.mergemix import default_readout_block
 
 
@@ -50,20 +51,6 @@ def median_ms(fns: dict, device: torch.device, reps: int) -> dict[str, float]:
         for k, fn in fns.items():
             times[k].append(seconds(fn, device) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def as_graph(fn):
-    """Capture ``fn`` once as a CUDA graph; the replay is its GPU time without launch overhead."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def compile_and_time(net, x, device: torch.device, reps: int) -> dict[str, float]:

@@ -287,3 +287,19 @@ def test_compile_diagnostics_count_graphs_and_breaks():
     assert torch.equal(torch.compile(broken, backend="eager")(torch.ones(2)), torch.full((2,), 4.0))
     diagnostics = step_time.compile_diagnostics()
     assert diagnostics["unique_graphs"] == 2 and diagnostics["graph_breaks"] == 1
+
+
+def test_step_time_table_shows_the_hand_captured_graphs_and_the_compile_counters():
+    """A compiled CUDA run's extra figures: the uncompiled forwards replayed as CUDA graphs, the
+    yardstick for the compiled evaluation, and the compile counters."""
+    step_time = load("step_time")
+    settings = {"model": "m", "model_kwargs": {}, "img_size": 224, "num_patches": 196, "batch_size": 256,
+                "amp": "bfloat16", "compile": True, "compile_mode": "reduce-overhead", "merge_num": 98, "steps": 10}
+    ev = {"plain_first_call_s": 2.0, "plain_images_per_s": 27000.0, "merged_every2_first_call_s": 75.0,
+          "merged_every2_images_per_s": 17000.0, "merged_every2_speedup": 17000 / 27000,
+          "plain_eager_graph_images_per_s": 21000.0, "merged_every2_eager_graph_images_per_s": 23600.0}
+    result = {"device": "gpu", "settings": settings, "configs": {}, "eval_throughput": ev,
+              "compile_diagnostics": {"unique_graphs": 5, "graph_breaks": 0, "cudagraph_skips": 1}}
+    table = step_time.markdown(result)
+    assert "captured by hand: plain 21000 img/s, merged every2 23600 img/s." in table
+    assert "Compilation: unique graphs 5, graph breaks 0, cudagraph skips 1." in table
