@@ -4,11 +4,12 @@
 
 A merged training pass saves fewer milliseconds than its token count predicts: on an H200,
 compiled, 30.1 ms against 29.1 ms plain, while its kernels take 24.0 against 27.4 ms of GPU
-time, i.e. the merged pass is bound by launching its many small kernels. This times one forward + backward (soft-target
-cross-entropy, no optimizer) of the plain model and of the same weights merged at merge_num 98
-(also merging in every 2nd block only, ``merged_every2``), eager and under torch.compile, in the same run, and keeps the profiler's top kernels of each by
-self CUDA time, so the merge's own kernels (gathers, scatters, the masked attention and their
-backwards) can be read off. Prints a report; writes it as JSON with --out.
+time, i.e. the merged pass is bound by launching its many small kernels. This times one forward +
+backward (soft-target cross-entropy, no optimizer) of the plain model and of the same weights
+merged at merge_num 98 (also merging in every 2nd block only, ``merged_every2``), eager and under
+torch.compile, in the same run, and keeps the profiler's top kernels of each by self CUDA time, so
+the merge's own kernels (gathers, scatters, the masked attention and their backwards) can be read
+off. Prints a report; writes it as JSON with --out.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         modes["compiled"] = {k: training_pass(torch.compile(n, mode=args.compile_mode), x, y, device) for k, n in nets.items()}
     for mode, calls in modes.items():
         report[mode] = {"ms": median_ms(calls, device, args.reps)}  # the first call compiles
-        for k in nets.keys() - {"plain"}:
+        for k in [k for k in nets if k != "plain"]:
             report[mode][f"{k}_over_plain"] = report[mode]["ms"][k] / report[mode]["ms"]["plain"]
         print(mode, {k: round(v, 2) for k, v in report[mode]["ms"].items()}, flush=True)
         for k, fn in calls.items():
