@@ -55,17 +55,20 @@ def test_step_time_table_omits_peak_memory_under_cuda_graph_replay():
     settings = {"model": "m", "model_kwargs": {}, "img_size": 224, "num_patches": 196, "batch_size": 256,
                 "amp": "bfloat16", "compile": True, "compile_mode": None, "merge_num": 98, "steps": 10}
     row = {"passes": "1 fwd + 1 bwd", "median_step_ms": 30.0, "ratio_to_cutmix": 1.0, "peak_memory_mb": 8988.0,
-           "warmup_incl_compile_s": 24.0}
+           "warmup_s": 24.0}
     result = {"device": "gpu", "settings": settings, "configs": {"cutmix": row}}
-    assert "| cutmix | 1 fwd + 1 bwd | 30.0 | 1.00 | 8988 | 24 |" in step_time.markdown(result)
+    assert "| cutmix | 1 fwd + 1 bwd | 30.0 | 1.00 | 8988 | 24.0 |" in step_time.markdown(result)
     settings["compile_mode"] = "reduce-overhead"
-    assert "| cutmix | 1 fwd + 1 bwd | 30.0 | 1.00 | – | 24 |" in step_time.markdown(result)
+    assert "| cutmix | 1 fwd + 1 bwd | 30.0 | 1.00 | – | 24.0 |" in step_time.markdown(result)
     # compile seconds within one run are flagged as not comparable once MergeMix configurations can share graphs
     note = "compare compile times between processes"
     result["configs"]["mergemix[none,merge]"] = row
     assert note not in step_time.markdown(result)
     result["configs"]["mergemix[none,merge,every2]"] = row
     assert note in step_time.markdown(result)
+    # eager runs show their warm-up too (a first step builds cuDNN's plans), not as a compile
+    settings.update(compile=False, compile_mode=None)
+    assert "| peak memory (MB) | warm-up (s) |" in step_time.markdown(result)
 
 
 def test_step_time_block_scope_matches_eager_and_does_not_grow_with_depth(monkeypatch):
@@ -287,6 +290,10 @@ def test_compile_diagnostics_count_graphs_and_breaks():
     assert torch.equal(torch.compile(broken, backend="eager")(torch.ones(2)), torch.full((2,), 4.0))
     diagnostics = step_time.compile_diagnostics()
     assert diagnostics["unique_graphs"] == 2 and diagnostics["graph_breaks"] == 1
+    phases = step_time.compile_phase_seconds()
+    assert set(phases) == set(step_time.COMPILE_PHASES)
+    assert phases["bytecode_tracing"] > 0  # dynamo traced two frames
+    assert phases["compile_fx.<locals>.bw_compiler"] == 0  # the eager backend runs no Inductor
 
 
 def test_step_time_table_shows_the_hand_captured_graphs_and_the_compile_counters():
@@ -299,7 +306,9 @@ def test_step_time_table_shows_the_hand_captured_graphs_and_the_compile_counters
           "merged_every2_images_per_s": 17000.0, "merged_every2_speedup": 17000 / 27000,
           "plain_eager_graph_images_per_s": 21000.0, "merged_every2_eager_graph_images_per_s": 23600.0}
     result = {"device": "gpu", "settings": settings, "configs": {}, "eval_throughput": ev,
-              "compile_diagnostics": {"unique_graphs": 5, "graph_breaks": 0, "cudagraph_skips": 1}}
+              "compile_diagnostics": {"unique_graphs": 5, "graph_breaks": 0, "cudagraph_skips": 1},
+              "compile_phase_s": {k: 0.0 for k in step_time.COMPILE_PHASES} | {"async_compile.wait": 61.25}}
     table = step_time.markdown(result)
     assert "captured by hand: plain 21000 img/s, merged every2 23600 img/s." in table
     assert "Compilation: unique graphs 5, graph breaks 0, cudagraph skips 1." in table
+    assert "; of which waiting for kernel compiles 61.2; " in table
