@@ -312,3 +312,23 @@ def test_step_time_table_shows_the_hand_captured_graphs_and_the_compile_counters
     assert "captured by hand: plain 21000 img/s, merged every2 23600 img/s." in table
     assert "Compilation: unique graphs 5, graph breaks 0, cudagraph skips 1." in table
     assert "; of which waiting for kernel compiles 61.2; " in table
+
+
+def test_step_time_evaluation_marks_a_cuda_graph_generation_before_every_forward(monkeypatch):
+    """The evaluation throughput follows evaluate(): a new CUDA-graph generation before each forward.
+    Without it, the training steps' marks left the merged forward in reduce-overhead's warm-up, run
+    kernel by kernel (0.62x plain on an H200), since a graph output it kept alive ended no path."""
+    import argparse
+    import contextlib
+    import timm
+
+    step_time = load("step_time")
+    events = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("mark"))
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                             num_classes=3)
+    base.register_forward_pre_hook(lambda module, args: events.append("forward"))  # deep copies keep it
+    args = argparse.Namespace(merge_every=[1, 2], compile=False, compile_scope="model", compile_mode=None, steps=2)
+    ev = step_time.eval_throughput(base, torch.randn(4, 3, 32, 32), 4, args, torch.device("cpu"), contextlib.nullcontext)
+    assert set(ev) >= {"plain_images_per_s", "merged_speedup", "merged_every2_speedup"}
+    assert len(events) >= 2 * 3 * 2 and events == ["mark", "forward"] * (len(events) // 2)

@@ -252,3 +252,23 @@ def test_nan_or_infinite_logits_are_counted_and_stop_an_evaluation():
                                          batch_size=2)
     with pytest.raises(TrainingError, match="4 evaluation images got NaN or infinite logits"):
         evaluate(Broken(), loader, 3, 15, torch.device("cpu"), show=False)
+
+
+def test_evaluate_starts_a_cuda_graph_generation_before_every_batch(monkeypatch):
+    """Under torch.compile's reduce-overhead, CUDA-graph trees replay a graph only once a new
+    generation starts or every output of the last call is dead; after training has marked its
+    steps, only a mark does it. So each batch's forward must follow a mark of its own."""
+    from mergemix.evaluate import evaluate
+
+    events = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("mark"))
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            events.append("forward")
+            return torch.zeros(x.shape[0], 3)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(5, 1), torch.zeros(5).long()),
+                                         batch_size=2)
+    evaluate(Recorder(), loader, 3, 15, torch.device("cpu"), show=False)
+    assert events == ["mark", "forward"] * 3

@@ -51,6 +51,9 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes:
     metrics = EvalMetrics(num_classes, n_bins=n_bins).to(on)
     for x, y in tqdm(loader, desc=desc, leave=False, disable=None if show else True):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # a new CUDA-graph generation per batch (torch.compile's reduce-overhead): once training has
+        # marked its steps, unmarked calls would never leave the warm-up and never replay a graph
+        torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, amp_dtype):
             logits = model(x)
         metrics.update(logits.to(on), y.to(on))
