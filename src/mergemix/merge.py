@@ -74,8 +74,8 @@ class _Merge(torch.autograd.Function):
     def forward(ctx, x: Tensor, keep: Tensor, src: Tensor, dst: Tensor, weight: Tensor) -> Tensor:
         (B, T, C), n = x.shape, keep.shape[1]
         dst_pos = keep.gather(1, dst)
-        rows_keep, rows_src, rows_dst_pos = (_flat_rows(i, T) for i in (keep, src, dst_pos))
-        rows_dst = _flat_rows(dst, n)  # positions in the output
+        rows_keep, rows_src, rows_dst_pos = _flat_rows(T, keep, src, dst_pos)
+        (rows_dst,) = _flat_rows(n, dst)  # positions in the output
         flat = x.reshape(B * T, C)
         # the weights stay float32 under AMP: the r products are rounded once, to x's dtype
         delta = weight.reshape(-1, 1) * (flat.index_select(0, rows_src) - flat.index_select(0, rows_dst_pos))
@@ -94,10 +94,13 @@ class _Merge(torch.autograd.Function):
         return grad_x.index_add_(0, rows_dst_pos, -grad_delta).view(B, -1, C), None, None, None, None
 
 
-def _flat_rows(index: Tensor, T: int) -> Tensor:
-    """(B, n) token positions in sequences of T tokens -> (B·n,) row numbers of the (B·T, C) flattened batch."""
-    B = index.shape[0]
-    return (index + torch.arange(0, B * T, T, device=index.device)[:, None]).reshape(-1)
+def _flat_rows(T: int, *indices: Tensor) -> tuple[Tensor, ...]:
+    """Each (B, n) index of token positions in sequences of T tokens -> (B·n,) row numbers of the
+    (B·T, C) flattened batch. One arange of row offsets serves them all: eager GPU passes are
+    launch-bound, and a merge runs several of these per block."""
+    B = indices[0].shape[0]
+    offsets = torch.arange(0, B * T, T, device=indices[0].device)[:, None]
+    return tuple((index + offsets).reshape(-1) for index in indices)
 
 
 def merged_positions(m: Matching) -> Tensor:
