@@ -6,8 +6,9 @@
 # CONFIGS="clean,merge none,merge" adds it, with COMPILED_TIMEOUT=500; CONFIGS="none,merge" times it
 # alone (the mask work is then a share of its step). COMPILE_MODE=default
 # compiles without CUDA graphs. Writes benchmarks/results/step_time_cuda{,_compiled[_MODE]}.{json,md};
-# the compiled run writes its step times before the mask work and the evaluation throughput, so a
-# run stopped by its time limit keeps them. PYTHON picks the interpreter; EAGER=0 skips the eager run.
+# the compiled run writes its step times and compile figures (counters, seconds by phase) before the
+# mask work and the evaluation throughput, so a run stopped by its time limit keeps them. PYTHON picks
+# the interpreter; EAGER=0 skips the eager run.
 # SCOPE=blocks compiles block by block (step_time.py --compile-scope blocks, an experiment: on the
 # CPU it did not shorten MergeMix's compile) and writes step_time_cuda_compiled[_MODE]_blocks.{json,md}.
 # MERGE_EVERY=2 times MergeMix and merged evaluation merging in every 2nd block only; "1 2" times

@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     every = "" if args.merge_every == [1] else "_every" + "-".join(map(str, args.merge_every))
     out = args.out or RESULTS / f"step_time_{tag}{'_compiled' if args.compile else ''}{mode}{scope}{every}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.compile:  # the training passes' compile figures, kept even if the rest runs out of time
+        result.update(compile_record())
     write(result, out)  # the step times are kept even if the rest runs out of time
     # the mask work is a share of a MergeMix step: of the `clean` one, the method's default, when it
     # ran, else of the first MergeMix configuration (so a GPU run can time `none` alone)
@@ -311,12 +313,16 @@ def main(argv: list[str] | None = None) -> int:
         result["mask_work"] = {"ms": mask_s * 1e3, "share_of_mergemix_step": mask_s / statistics.median(mm.times),
                                "measured_on": mm.label}
     result["eval_throughput"] = eval_throughput(base, x, merge_num, args, device, autocast)
-    if args.compile:
-        result["compile_diagnostics"] = compile_diagnostics()
-        result["compile_phase_s"] = compile_phase_seconds()
+    if args.compile:  # now with the evaluation's graphs
+        result.update(compile_record())
     table = write(result, out)
     print(table)
     return 0
+
+
+def compile_record() -> dict[str, dict]:
+    """This process's compilations so far: counters and seconds by phase."""
+    return {"compile_diagnostics": compile_diagnostics(), "compile_phase_s": compile_phase_seconds()}
 
 
 def compile_diagnostics() -> dict[str, int]:

@@ -332,3 +332,27 @@ def test_step_time_evaluation_marks_a_cuda_graph_generation_before_every_forward
     ev = step_time.eval_throughput(base, torch.randn(4, 3, 32, 32), 4, args, torch.device("cpu"), contextlib.nullcontext)
     assert set(ev) >= {"plain_images_per_s", "merged_speedup", "merged_every2_speedup"}
     assert len(events) >= 2 * 3 * 2 and events == ["mark", "forward"] * (len(events) // 2)
+
+
+def test_a_compiled_step_time_run_keeps_its_compile_figures_when_the_evaluation_fails(tmp_path, monkeypatch):
+    """The compile counters and phase seconds are written with the step times, before the mask
+    work and the evaluation, so a GPU run stopped by its time limit still shows where the training
+    passes' compile went ('eager' dynamo backend: traced, not compiled, so the test stays fast)."""
+    step_time = load("step_time")
+    monkeypatch.setattr(step_time, "compile_model", lambda model, scope, **kw: torch.compile(model, backend="eager"))
+
+    def out_of_time(*args, **kwargs):
+        raise KeyboardInterrupt  # what a time limit's signal handler may raise, mid-evaluation
+
+    monkeypatch.setattr(step_time, "eval_throughput", out_of_time)
+    torch._dynamo.reset()
+    out = tmp_path / "st.json"
+    tiny = ["--model-kwargs", "patch_size=8", "depth=2", "embed_dim=32", "num_heads=2", "--img-size", "32",
+            "--batch-size", "4", "--warmup", "1", "--steps", "1", "--num-classes", "10"]
+    with pytest.raises(KeyboardInterrupt):
+        step_time.main([*tiny, "--compile", "--methods", "cutmix", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["configs"]["cutmix"]["warmup_s"] > 0 and "eval_throughput" not in result
+    assert result["compile_diagnostics"]["unique_graphs"] >= 1 and result["compile_diagnostics"]["graph_breaks"] == 0
+    assert result["compile_phase_s"]["bytecode_tracing"] > 0
+    assert "Compile seconds by phase" in out.with_suffix(".md").read_text()
