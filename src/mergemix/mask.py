@@ -53,9 +53,11 @@ def upsample_mask(mask: Tensor, grid: tuple[int, int], patch: tuple[int, int],
     when the grid covers more (a ViT with ``dynamic_img_pad`` pads them up to whole patches).
     returns: (B, 1, gh * ph, gw * pw), cropped to (B, 1, H, W) when ``size`` is given.
     """
+    (gh, gw), (ph, pw) = grid, patch
     B = mask.shape[0]
-    m = mask.reshape(B, 1, grid[0], grid[1])
-    m = m.repeat_interleave(patch[0], dim=2).repeat_interleave(patch[1], dim=3)
+    # each cell broadcast over its (ph, pw) block, then one copy: a single kernel where two
+    # repeat_interleave calls launch several each (a GPU step's mask work is launch-bound)
+    m = mask.reshape(B, 1, gh, 1, gw, 1).expand(B, 1, gh, ph, gw, pw).reshape(B, 1, gh * ph, gw * pw)
     return m if size is None else m[..., :size[0], :size[1]]
 
 
