@@ -346,6 +346,7 @@ def test_a_compiled_step_time_run_keeps_its_compile_figures_when_the_evaluation_
 
     monkeypatch.setattr(step_time, "eval_throughput", out_of_time)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # process-wide: earlier tests' graphs and breaks are not this run's
     out = tmp_path / "st.json"
     tiny = ["--model-kwargs", "patch_size=8", "depth=2", "embed_dim=32", "num_heads=2", "--img-size", "32",
             "--batch-size", "4", "--warmup", "1", "--steps", "1", "--num-classes", "10"]
