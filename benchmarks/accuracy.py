@@ -57,6 +57,8 @@ ABLATIONS = {
     "mergemix[merge_train=off]": ["--no-merge-train"],  # the clean pass (mask and clean loss) merges, the mixed pass does not
     "mergemix[merge_every=2]": ["--merge-every", "2"],  # the same total merged in every 2nd block only
     "mergemix[merge_every=3]": ["--merge-every", "3"],
+    # ToMe's log(size) attention bias off: on a GPU the bias is what slows a merged attention call
+    "mergemix[prop_attn=off]": ["--mix-opt", "prop_attn=false"],
 }
 
 # Per dataset: the recipe and the budget of each mode (flags appended to `mergemix train`).

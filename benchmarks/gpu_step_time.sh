@@ -13,7 +13,9 @@
 # CPU it did not shorten MergeMix's compile) and writes step_time_cuda_compiled[_MODE]_blocks.{json,md}.
 # MERGE_EVERY=2 times MergeMix and merged evaluation merging in every 2nd block only; "1 2" times
 # both schedules side by side, with about twice the compile time (step_time.py --merge-every; files
-# gain _every2 or _every1-2). MERGE_AB_REF=FILE first times the merge op and a merged DeiT-S,
+# gain _every2 or _every1-2). PROP_ATTN="on off" times them with ToMe's proportional attention and
+# without it side by side (labels gain ,noprop; files _prop-on-off), PROP_ATTN=off without it only
+# (_noprop): each setting compiles its own graphs. MERGE_AB_REF=FILE first times the merge op and a merged DeiT-S,
 # eager, against an older merge.py (benchmarks/merge_ab.py, about a minute; the device's copy of
 # the tree has no git history, so pass a file: git show COMMIT:src/mergemix/merge.py > FILE in a
 # carried folder) and writes benchmarks/results/merge_ab_cuda.json.
@@ -44,8 +46,9 @@ step() {
     fi
 }
 read -r -a every <<< "${MERGE_EVERY:-1}"
+read -r -a prop <<< "${PROP_ATTN:-on}"
 common=(--device cuda --model deit_small_patch16_224 --img-size 224 --batch-size 256 --amp bfloat16 --merge-num 98
-        --merge-every "${every[@]}")
+        --merge-every "${every[@]}" --prop-attn "${prop[@]}")
 if [[ -n "${MERGE_AB_REF:-}" ]]; then
     step merge_ab timeout 150 "$py" benchmarks/merge_ab.py --ref "$MERGE_AB_REF" --device cuda \
         --dtype bfloat16 --batch-size 256 --model deit_small_patch16_224 --model-batch-size 256 \

@@ -8,7 +8,7 @@ Steps of all configurations are interleaved (round-robin), so drift of the machi
 configuration alike; the median over the timed rounds is reported. Also measured: the mask work
 alone (recover, top-k, upsample, mix) as a share of a MergeMix step, and evaluation throughput
 of the ToMe-merged model against the plain timm model, in the same mode.
-Writes benchmarks/results/step_time_<device>[_compiled[_<mode>][_blocks]][_every<K-K...>].json and a
+Writes benchmarks/results/step_time_<device>[_compiled[_<mode>][_blocks]][_every<K-K...>][_noprop|_prop-on-off].json and a
 markdown table next to it.
 """
 from __future__ import annotations
@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--merge-every", type=at_least(1), nargs="+", default=[1], metavar="K",
                    help="MergeMix and merged evaluation merging in every K-th block; several values are timed "
                         "side by side (labels gain ',everyK' for K > 1)")
+    p.add_argument("--prop-attn", nargs="+", default=["on"], choices=("on", "off"),
+                   help="MergeMix and merged evaluation with ToMe's proportional attention (the log-size "
+                        "attention bias) on, off, or both side by side (labels gain ',noprop' for off)")
     p.add_argument("--methods", nargs="*", default=None, choices=mix.available(), metavar="METHOD",
                    help=f"default: every registered method ({', '.join(mix.available())})")
     p.add_argument("--mergemix-configs", nargs="*", default=None, choices=MERGEMIX_CONFIGS, metavar="AUX,MERGE",
@@ -78,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.compile = args.compile or args.compile_mode is not None or args.compile_scope is not None
     args.compile_scope = args.compile_scope or "model"
+    args.prop_attn = [v == "on" for v in dict.fromkeys(args.prop_attn)]
     return args
 
 
@@ -89,9 +93,10 @@ def model_kwargs(args: argparse.Namespace) -> dict:
 
 
 def configurations(methods: list[str], merge_num: int | None, mergemix_configs: list[str] | None = None,
-                   merge_every: Sequence[int] = (1,)) -> list[tuple[str, str, dict]]:
+                   merge_every: Sequence[int] = (1,), prop_attn: Sequence[bool] = (True,)) -> list[tuple[str, str, dict]]:
     """(label, method, options): each method with defaults, MergeMix in every aux mode, merging on/off
-    (or only the ``aux,merge|nomerge`` pairs in ``mergemix_configs``), once per ``merge_every``."""
+    (or only the ``aux,merge|nomerge`` pairs in ``mergemix_configs``), once per ``merge_every`` and
+    proportional-attention setting."""
     configs = []
     for name in methods:
         if name != "mergemix":
@@ -102,16 +107,22 @@ def configurations(methods: list[str], merge_num: int | None, mergemix_configs: 
                 key = f"{aux},{'merge' if merge_train else 'nomerge'}"
                 if mergemix_configs is not None and key not in mergemix_configs:
                     continue
-                for k in merge_every:
-                    configs.append((f"mergemix[{key}{every_suffix(k, ',')}]", name,
+                for k, prop in variants(merge_every, prop_attn):
+                    configs.append((f"mergemix[{key}{variant_suffix(k, prop, ',')}]", name,
                                     {"aux_loss": aux, "merge_train": merge_train, "merge_num": merge_num,
-                                     "merge_every": k}))
+                                     "merge_every": k, "prop_attn": prop}))
     return configs
 
 
-def every_suffix(k: int, sep: str) -> str:
-    """How a label names merging in every k-th block: nothing for every block (k = 1)."""
-    return "" if k == 1 else f"{sep}every{k}"
+def variants(merge_every: Sequence[int], prop_attn: Sequence[bool]) -> list[tuple[int, bool]]:
+    """Every (merge_every, prop_attn) pair to time, schedules outermost."""
+    return [(k, prop) for k in merge_every for prop in prop_attn]
+
+
+def variant_suffix(k: int, prop_attn: bool, sep: str) -> str:
+    """How a label names a merging variant: ``everyK`` for merging in every K-th block (K > 1),
+    ``noprop`` without proportional attention; nothing for the defaults."""
+    return ("" if k == 1 else f"{sep}every{k}") + ("" if prop_attn else f"{sep}noprop")
 
 
 def compile_model(model: torch.nn.Module, scope: str, **compile_kwargs) -> torch.nn.Module:
@@ -195,11 +206,12 @@ def mask_work_seconds(runner: Runner, x, device, reps: int) -> float:
 
 def eval_throughput(base_model, x, merge_num, args, device, autocast) -> dict:
     """Images/s of a no-grad forward: plain timm model vs the same weights merged (keys ``merged``,
-    ``merged_everyK`` for each K of ``--merge-every`` above 1)."""
+    ``merged_everyK`` for each K of ``--merge-every`` above 1, ``..._noprop`` without proportional attention)."""
     nets = [("plain", copy.deepcopy(base_model).to(device).eval())]
-    for k in args.merge_every:
-        merged = patch_tome(copy.deepcopy(base_model).to(device).eval(), merge_num=merge_num, merge_every=k)
-        nets.append((f"merged{every_suffix(k, '_')}", merged))
+    for k, prop in variants(args.merge_every, args.prop_attn):
+        merged = patch_tome(copy.deepcopy(base_model).to(device).eval(), merge_num=merge_num, merge_every=k,
+                            prop_attn=prop)
+        nets.append((f"merged{variant_suffix(k, prop, '_')}", merged))
     out = {}
     for name, net in nets:
         compiled = compile_model(net, args.compile_scope, mode=args.compile_mode) if args.compile else net
@@ -257,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as training does (see Trainer)
-    configs = configurations(methods, merge_num, args.mergemix_configs, args.merge_every)
+    configs = configurations(methods, merge_num, args.mergemix_configs, args.merge_every, args.prop_attn)
     runners = []
     for label, method, options in configs:
         try:
@@ -289,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"model": args.model or DEFAULT_MODEL, "model_kwargs": model_kwargs(args), "img_size": args.img_size,
                      "num_patches": L, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
                      "compile_mode": args.compile_mode, "compile_scope": args.compile_scope, "merge_num": merge_num,
-                     "merge_every": args.merge_every,
+                     "merge_every": args.merge_every, "prop_attn": args.prop_attn,
                      "warmup": args.warmup, "steps": args.steps,
                      "cudnn_benchmark": torch.backends.cudnn.benchmark},
         "configs": rows,
@@ -298,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = f"_{args.compile_mode}" if args.compile_mode not in (None, "default") else ""
     scope = "_blocks" if args.compile_scope == "blocks" else ""
     every = "" if args.merge_every == [1] else "_every" + "-".join(map(str, args.merge_every))
-    out = args.out or RESULTS / f"step_time_{tag}{'_compiled' if args.compile else ''}{mode}{scope}{every}.json"
+    prop = "" if args.prop_attn == [True] else "_noprop" if args.prop_attn == [False] else "_prop-on-off"
+    out = args.out or RESULTS / f"step_time_{tag}{'_compiled' if args.compile else ''}{mode}{scope}{every}{prop}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.compile:  # the training passes' compile figures, kept even if the rest runs out of time
         result.update(compile_record())
@@ -371,6 +384,8 @@ def markdown(result: dict) -> str:
              + (" (blocks)" if s.get("compile_scope") == "blocks" else "") + ", "
              f"merge_num {s['merge_num']}"
              + (f" merged in every K-th block for K in {s['merge_every']}" if s.get("merge_every", [1]) != [1] else "")
+             + ("" if s.get("prop_attn", [True]) == [True] else
+                ", proportional attention " + " and ".join("on" if p else "off (noprop)" for p in s["prop_attn"]))
              + f"; median of {s['steps']} interleaved steps.", "",
              "| configuration | passes per step | step (ms) | × CutMix | peak memory (MB) | warm-up"
              + (" incl. compile" if s["compile"] else "") + " (s) |",

@@ -50,6 +50,51 @@ def test_step_time_ratios(tmp_path, capsys):
     assert f"merged every2 {ev['merged_every2_images_per_s']:.0f} img/s ({ev['merged_every2_speedup']:.2f}×)" in table
 
 
+def test_step_time_times_merging_without_proportional_attention_side_by_side(tmp_path):
+    """--prop-attn on off: each MergeMix configuration and the merged evaluation with ToMe's
+    log-size attention bias and without it, the latter labelled 'noprop' and really run without it."""
+    import argparse
+    import contextlib
+
+    import timm
+
+    step_time = load("step_time")
+    args = step_time.parse_args(["--merge-every", "1", "2", "--prop-attn", "on", "off", "--num-classes", "3"])
+    assert args.prop_attn == [True, False]
+    configs = step_time.configurations(["cutmix", "mergemix"], 4, ["none,merge"], args.merge_every, args.prop_attn)
+    assert [label for label, _, _ in configs] == ["cutmix", "mergemix[none,merge]", "mergemix[none,merge,noprop]",
+                                                  "mergemix[none,merge,every2]", "mergemix[none,merge,every2,noprop]"]
+    assert [opts.get("prop_attn") for _, _, opts in configs] == [None, True, False, True, False]
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                             num_classes=3)
+    runner = step_time.Runner(*configs[2], base, args, torch.device("cpu"))
+    assert runner.model.tome.prop_attn is False
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    assert torch.isfinite(torch.tensor(runner.step(x, y, contextlib.nullcontext, torch.device("cpu"))))
+    # the merged evaluation names its nets the same way, and the one without the bias computes other logits
+    args.steps = 1
+    ev = step_time.eval_throughput(base, x, 4, argparse.Namespace(**{**vars(args), "merge_every": [1]}),
+                                   torch.device("cpu"), contextlib.nullcontext)
+    assert {"merged_speedup", "merged_noprop_speedup"} <= set(ev)
+    prop, noprop = (tome_patched(base, prop_attn=p) for p in (True, False))
+    with torch.no_grad():
+        assert (prop(x) - noprop(x)).abs().max() > 1e-4
+    # the run's file and table say which it timed
+    assert step_time.parse_args(["--prop-attn", "off"]).prop_attn == [False]
+    settings = {"model": "m", "model_kwargs": {}, "img_size": 32, "num_patches": 16, "batch_size": 4, "amp": None,
+                "compile": False, "merge_num": 4, "steps": 1, "prop_attn": [True, False]}
+    row = {"passes": "p", "median_step_ms": 1.0, "ratio_to_cutmix": 1.0, "peak_memory_mb": None, "warmup_s": 1.0}
+    table = step_time.markdown({"device": "cpu", "settings": settings, "configs": {"cutmix": row}})
+    assert "proportional attention on and off (noprop)" in table
+
+
+def tome_patched(base, **kwargs):
+    import copy
+
+    from mergemix.tome import patch_tome
+    return patch_tome(copy.deepcopy(base).eval(), merge_num=4, **kwargs)
+
+
 def test_step_time_table_omits_peak_memory_under_cuda_graph_replay():
     step_time = load("step_time")
     settings = {"model": "m", "model_kwargs": {}, "img_size": 224, "num_patches": 196, "batch_size": 256,
@@ -190,18 +235,19 @@ def test_gpu_script_passes_its_settings_to_step_time():
     """The one-call GPU script: what it would run, with an interpreter that only echoes its arguments."""
     import os
     import subprocess
-    env = {**os.environ, "PYTHON": "echo", "MERGE_EVERY": "1 2", "CONFIGS": "none,merge clean,merge"}
+    env = {**os.environ, "PYTHON": "echo", "MERGE_EVERY": "1 2", "CONFIGS": "none,merge clean,merge",
+           "PROP_ATTN": "on off"}
     out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_step_time.sh")], env=env, capture_output=True,
                          text=True, check=True).stdout.splitlines()
     eager, compiled = out
-    assert "--merge-every 1 2 --steps 20" in eager and "--compile" not in eager.split()
-    assert "--merge-every 1 2 --warmup 3" in compiled
+    assert "--merge-every 1 2 --prop-attn on off --steps 20" in eager and "--compile" not in eager.split()
+    assert "--merge-every 1 2 --prop-attn on off --warmup 3" in compiled
     assert compiled.endswith("--compile-mode reduce-overhead --compile-scope model --methods cutmix mergemix "
                              "--mergemix-configs none,merge clean,merge")
-    env.pop("MERGE_EVERY")
+    env.pop("MERGE_EVERY"), env.pop("PROP_ATTN")
     eager = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_step_time.sh")], env={**env, "EAGER": "1"},
                            capture_output=True, text=True, check=True).stdout.splitlines()[0]
-    assert "--merge-num 98 --merge-every 1 --steps 20" in eager
+    assert "--merge-num 98 --merge-every 1 --prop-attn on --steps 20" in eager
     ab = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_step_time.sh")], env={**env, "MERGE_AB_REF": "old.py"},
                         capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(ab) == 3 and ab[0].startswith("benchmarks/merge_ab.py --ref old.py --device cuda")
@@ -328,7 +374,8 @@ def test_step_time_evaluation_marks_a_cuda_graph_generation_before_every_forward
     base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
                              num_classes=3)
     base.register_forward_pre_hook(lambda module, args: events.append("forward"))  # deep copies keep it
-    args = argparse.Namespace(merge_every=[1, 2], compile=False, compile_scope="model", compile_mode=None, steps=2)
+    args = argparse.Namespace(merge_every=[1, 2], prop_attn=[True], compile=False, compile_scope="model",
+                              compile_mode=None, steps=2)
     ev = step_time.eval_throughput(base, torch.randn(4, 3, 32, 32), 4, args, torch.device("cpu"), contextlib.nullcontext)
     assert set(ev) >= {"plain_images_per_s", "merged_speedup", "merged_every2_speedup"}
     assert len(events) >= 2 * 3 * 2 and events == ["mark", "forward"] * (len(events) // 2)
