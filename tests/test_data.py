@@ -173,3 +173,15 @@ def test_imagefolder_class_mismatch_names_the_classes(tmp_path):
     (tmp_path / "val" / "dog").rename(tmp_path / "val" / "zebra")
     with pytest.raises(DataError, match="dog, zebra in one only"):
         data.build(args_for(dataset="imagefolder", data_dir=str(tmp_path), img_size=16))
+
+
+def test_evaluating_leaves_the_global_rng_alone():
+    """A DataLoader without a generator seeds each of its iterators from the global RNG, which
+    training's dropout and drop-path draw from: evaluating (or evaluating the EMA too) would shift
+    the rest of the run. The evaluation loader brings its own."""
+    bundle = data.build(args_for(train_subset=40))
+    loader = data.eval_loader(bundle, 64, 0, 0, 1, torch.device("cpu"))
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    assert sum(len(y) for _, y in loader) == len(bundle.eval)
+    assert torch.equal(torch.get_rng_state(), state)

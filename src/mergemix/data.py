@@ -368,5 +368,7 @@ def eval_loader(bundle: DataBundle, batch_size: int, workers: int, rank: int, wo
                 device: torch.device) -> DataLoader:
     """Every evaluation image exactly once over all processes (no padding duplicates)."""
     shard = Subset(bundle.eval, range(rank, len(bundle.eval), world_size)) if world_size > 1 else bundle.eval
+    # its own generator: without one, every pass over the loader draws its workers' seed from the
+    # global RNG, so evaluating (the EMA as well, or not) would shift training's dropout draws
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda")
+                      pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
