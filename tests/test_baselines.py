@@ -6,6 +6,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mergemix.mask import patch_fraction, recover
 from mergemix.mix import available, create, get_class
@@ -266,3 +267,53 @@ def test_every_option_a_method_takes_is_listed_with_its_default():
     for name in available():
         listed = set(create(name, NUM_CLASSES).defaults())
         assert accepted_options(get_class(name)) - {"num_classes", "generator"} <= listed, name
+
+
+class HostTraffic(TorchDispatchMode):
+    """Records what would make the CPU wait for an accelerator: blocking copies from the host to
+    it, and values read back from it. The meta device stands in for the GPU (it has no data, so a
+    read-back fails outright)."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if (name == "_to_copy" and args[0].device.type == "cpu" and kwargs.get("device") is not None
+                and kwargs["device"].type == "meta" and not kwargs.get("non_blocking", False)):
+            self.events.append(f"blocking copy of {tuple(args[0].shape)}")
+        if name == "copy_" and args[1].device.type == "cpu" and args[0].device.type == "meta" and not args[2:]:
+            self.events.append(f"blocking copy_ of {tuple(args[1].shape)}")
+        if name == "_local_scalar_dense" and args[0].device.type != "cpu":
+            self.events.append("a value read back")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name, options", [*[(n, {}) for n in available()], ("mergemix", {"aux_loss": "none"}),
+                                           ("mergemix", {"aux_loss": "mixup"}), ("mergemix", {"lam_policy": "gaussian"})])
+def test_a_training_step_never_makes_the_cpu_wait_for_the_gpu(name, options, monkeypatch):
+    """Partners, boxes and λ are drawn on the CPU; each goes to the GPU as a non-blocking copy, and
+    nothing comes back. A blocking copy would stop the CPU at every step until the GPU had run all
+    queued work (no launching ahead), which on a GPU costs every method a share of each step.
+    ``torch.tensor``/``torch.as_tensor`` of host data for the device copy blocking, out of the dispatcher's sight."""
+    traffic = HostTraffic()
+
+    def watch(make):
+        def made(data, *args, **kwargs):
+            if kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "meta" \
+                    and not (isinstance(data, torch.Tensor) and data.device.type == "meta"):
+                traffic.events.append(f"torch.{make.__name__} of host data")
+            return make(data, *args, **kwargs)
+        return made
+
+    monkeypatch.setattr(torch, "tensor", watch(torch.tensor))
+    monkeypatch.setattr(torch, "as_tensor", watch(torch.as_tensor))
+    obj = create(name, NUM_CLASSES, **options)  # no generator: fmix would make one on the device, which meta is not
+    model = obj.prepare(tiny_vit()).to("meta")
+    x, y = (t.to("meta") for t in batch(4))
+    with traffic:
+        out = obj(model, x, y)
+        out.loss.backward()
+    assert out.loss.device.type == "meta" and traffic.events == []

@@ -5,6 +5,7 @@ tokens, (gh, gw) the patch grid with gh * gw = L, (H, W) pixels.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -25,8 +26,10 @@ def recover(attn: Tensor, source: Tensor) -> Tensor:
 
 
 def keep_count(lam: Tensor | float, num_patches: int, batch_size: int, device: torch.device | None = None) -> Tensor:
-    """(B,) long: ⌊λ·L⌋ patches to keep, λ scalar or (B,), clamped to [0, L]."""
-    lam = torch.as_tensor(lam, dtype=torch.float64, device=device).expand(batch_size)
+    """(B,) long: ⌊λ·L⌋ patches to keep, λ a number or (B,), clamped to [0, L]; on ``device``."""
+    if not isinstance(lam, Tensor):  # counted here: a tensor made of a number is a blocking copy to a GPU
+        return torch.full((batch_size,), min(max(math.floor(lam * num_patches), 0), num_patches), device=device)
+    lam = lam.to(device=device, dtype=torch.float64).expand(batch_size)
     return torch.floor(lam * num_patches).long().clamp_(0, num_patches)
 
 
@@ -94,6 +97,17 @@ def patch_fraction(mask: Tensor, grid: tuple[int, int], patch: tuple[int, int] |
     return (torch.nn.functional.avg_pool2d(kept, patch) / torch.nn.functional.avg_pool2d(real, patch)).flatten(1)
 
 
+def to_device(t: Tensor, device: torch.device | str | None) -> Tensor:
+    """A small tensor drawn on the CPU, moved to ``device`` without making the CPU wait for the GPU.
+
+    A blocking copy to a GPU synchronises the stream: the CPU would stop at every training step
+    until the GPU had run all queued work, and could no longer launch ahead. A non-blocking one from
+    ordinary host memory is staged by the driver before the call returns, so ``t`` may be freed at
+    once. None: ``t`` itself.
+    """
+    return t.to(device, non_blocking=True)
+
+
 def derangement(batch_size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
     """A random partner for every sample, never itself.
 
@@ -107,7 +121,7 @@ def derangement(batch_size: int, generator: torch.Generator | None = None, devic
     shift = int(torch.randint(1, batch_size, (1,), generator=generator))
     partner = torch.empty_like(perm)
     partner[perm] = perm.roll(-shift)
-    return partner.to(device)
+    return to_device(partner, device)
 
 
 def mix_images(x: Tensor, partner: Tensor, mask: Tensor) -> Tensor:
@@ -135,11 +149,11 @@ def lam_hat_gaussian(keep: Tensor, num_tokens: int, num_patches: int,
     batch-normalised noise with mean about 0.5, independent of how much of the image was kept.
     Where the batch's draws do not differ (a batch of one, or nothing kept anywhere: every σ_b = 0)
     min-max is undefined, and the kept fraction p_b/L stands in.
-    keep: (B,) long; returns (B,).
+    keep: (B,) long, on the CPU (the noise is drawn there); returns (B,) on the CPU.
     """
     mu = num_tokens / num_patches
-    sigma = keep.double().cpu() / num_patches
+    sigma = keep.double() / num_patches
     z = mu + sigma * torch.randn(keep.shape[0], generator=generator, dtype=torch.float64)
     spread = z.max() - z.min()
     lam_hat = (z - z.min()) / spread if spread > 0 else sigma
-    return lam_hat.float().to(keep.device)
+    return lam_hat.float()

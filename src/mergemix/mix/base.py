@@ -54,7 +54,8 @@ def smooth_one_hot(y: Tensor, num_classes: int, smoothing: float) -> Tensor:
 def mixed_targets(y: Tensor, partner: Tensor, lam: Tensor | float, num_classes: int, smoothing: float) -> Tensor:
     """Soft targets lam * smooth(y) + (1 - lam) * smooth(y[partner]); lam scalar or (B,). Rows sum to 1."""
     t = smooth_one_hot(y, num_classes, smoothing)
-    lam = torch.as_tensor(lam, dtype=t.dtype, device=t.device).reshape(-1, 1)
+    if isinstance(lam, Tensor):  # a number stays one: made a tensor, it would be a blocking copy to the GPU
+        lam = lam.to(t.dtype).reshape(-1, 1)
     return t * lam + t[partner] * (1.0 - lam)
 
 

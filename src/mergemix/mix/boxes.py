@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..mask import to_device
+
 
 def box_mask(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     """(B, 4) boxes -> (B, 1, H, W) float mask: 0 inside the box (partner's pixels), 1 outside (own)."""
@@ -47,7 +49,7 @@ def cutmix_boxes(lam: float, batch_size: int, size: tuple[int, int], generator: 
     """
     cy = torch.randint(0, size[0], (batch_size,), generator=generator)
     cx = torch.randint(0, size[1], (batch_size,), generator=generator)
-    return centred_boxes(cy, cx, cut_size(lam, size), size).to(device)
+    return to_device(centred_boxes(cy, cx, cut_size(lam, size), size), device)
 
 
 def boxes_at(corners: Tensor, box: tuple[int, int]) -> Tensor:
@@ -64,7 +66,7 @@ def random_corners(batch_size: int, box: tuple[int, int], size: tuple[int, int],
     """
     y = torch.randint(0, size[0] - box[0] + 1, (batch_size,), generator=generator)
     x = torch.randint(0, size[1] - box[1] + 1, (batch_size,), generator=generator)
-    return torch.stack([y, x], dim=1).to(device)
+    return to_device(torch.stack([y, x], dim=1), device)
 
 
 def _window_index(corners: Tensor, box: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:

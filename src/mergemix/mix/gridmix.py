@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..mask import to_device
 from . import register
 from .base import sample_lam
 from .mixer import ImageMixer, Mixed, check_interval, masked_batch
@@ -24,7 +25,7 @@ def grid_masks(lam: float, cells: int, batch_size: int, size: tuple[int, int],
     Cell borders fall at ⌊i·H/cells⌋, so cells differ by at most one pixel when cells ∤ H.
     """
     H, W = size
-    keep = (torch.rand(batch_size, cells, cells, generator=generator) < lam).float().to(device)
+    keep = to_device((torch.rand(batch_size, cells, cells, generator=generator) < lam).float(), device)
     rows = torch.arange(H, device=device) * cells // H
     cols = torch.arange(W, device=device) * cells // W
     return keep[:, rows][:, :, cols][:, None]

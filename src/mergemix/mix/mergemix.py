@@ -127,7 +127,8 @@ class MergeMix(Objective):
                 readout = forward_readout(model, x)
 
         B, L = readout.index.shape
-        lam = torch.full((B,), sample_lam(self.alpha, self.generator), device=x.device)
+        lam_cpu = torch.full((B,), sample_lam(self.alpha, self.generator))  # the gaussian λ̂ draws from it there
+        lam = M.to_device(lam_cpu, x.device)
         scores, patch_mask, mask = M.attention_mask(readout.attn, readout.index, lam, readout.grid, readout.patch,
                                                     x.shape[-2:])
         x_mixed = M.mix_images(x, partner, mask)
@@ -136,8 +137,9 @@ class MergeMix(Objective):
             whole = M.fills_grid(x.shape[-2:], readout.grid, readout.patch)
             lam_hat = M.lam_hat_area(patch_mask if whole else mask.flatten(1))
         else:
-            keep = M.keep_count(lam, L, B, x.device)
-            lam_hat = M.lam_hat_gaussian(keep, readout.attn.shape[1] - readout.num_prefix_tokens, L, self.generator)
+            keep = M.keep_count(lam_cpu, L, B)  # the mask's counts, without reading them back from the GPU
+            lam_hat = M.to_device(M.lam_hat_gaussian(keep, readout.attn.shape[1] - readout.num_prefix_tokens, L,
+                                                     self.generator), x.device)
         targets = mixed_targets(y, partner, lam_hat, self.num_classes, self.smoothing)
 
         extras: dict[str, Any] = {"readout": readout}

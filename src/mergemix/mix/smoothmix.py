@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..mask import to_device
 from . import register
 from .mixer import ImageMixer, Mixed, check_interval, masked_batch
 
@@ -21,7 +22,7 @@ def gaussian_blob_masks(batch_size: int, size: tuple[int, int], sigma_range: tup
                         generator: torch.Generator | None = None, device: torch.device | None = None) -> Tensor:
     """(B, 1, H, W) own-image share 1 − G, G a Gaussian blob with a random centre and spread per sample."""
     H, W = size
-    u = torch.rand(3, batch_size, generator=generator).to(device)
+    u = to_device(torch.rand(3, batch_size, generator=generator), device)
     cy, cx = u[0] * H, u[1] * W
     sigma = sigma_range[0] + u[2] * (sigma_range[1] - sigma_range[0])
     ys = (torch.arange(H, device=device) + 0.5 - cy[:, None]) / H  # (B, H)

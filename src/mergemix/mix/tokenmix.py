@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..mask import upsample_mask
+from ..mask import to_device, upsample_mask
 from ..tome import patch_grid, patch_size
 from . import register
 from .attention import ReadsAttention, attention_lam_hat
@@ -37,7 +37,7 @@ def block_token_mask(count: Tensor, grid: tuple[int, int], generator: torch.Gene
     """
     B, (gh, gw) = count.shape[0], grid
     device = count.device
-    u = torch.rand(rounds, 4, B, generator=generator).to(device)
+    u = to_device(torch.rand(rounds, 4, B, generator=generator), device)
     log_aspect = math.log(max_aspect)
     chosen = torch.zeros(B, gh, gw, dtype=torch.bool, device=device)
     filled = torch.zeros(B, dtype=torch.long, device=device)
