@@ -291,8 +291,12 @@ class HostTraffic(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("name, options", [*[(n, {}) for n in available()], ("mergemix", {"aux_loss": "none"}),
-                                           ("mergemix", {"aux_loss": "mixup"}), ("mergemix", {"lam_policy": "gaussian"})])
+# every method with its defaults, and MergeMix's other code paths
+EVERY_STEP = [*[(n, {}) for n in available()], ("mergemix", {"aux_loss": "none"}), ("mergemix", {"aux_loss": "mixup"}),
+              ("mergemix", {"lam_policy": "gaussian"})]
+
+
+@pytest.mark.parametrize("name, options", EVERY_STEP)
 def test_a_training_step_never_makes_the_cpu_wait_for_the_gpu(name, options, monkeypatch):
     """Partners, boxes and λ are drawn on the CPU; each goes to the GPU as a non-blocking copy, and
     nothing comes back. A blocking copy would stop the CPU at every step until the GPU had run all
@@ -317,3 +321,22 @@ def test_a_training_step_never_makes_the_cpu_wait_for_the_gpu(name, options, mon
         out = obj(model, x, y)
         out.loss.backward()
     assert out.loss.device.type == "meta" and traffic.events == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name, options", EVERY_STEP)
+def test_a_training_step_on_a_gpu_never_synchronises(name, options):
+    """The same as the meta-device test above, on a real GPU: CUDA's sync debug mode raises at any
+    call that would make the CPU wait (after one step, so that one-time set-up is not counted)."""
+    obj = create(name, NUM_CLASSES, generator=torch.Generator().manual_seed(0), **options)
+    model = obj.prepare(tiny_vit()).cuda()
+    x, y = (t.cuda() for t in batch(4))
+    obj(model, x, y).loss.backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = obj(model, x, y)
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.loss).item()
