@@ -127,7 +127,7 @@ class MergeMix(Objective):
                 readout = forward_readout(model, x)
 
         B, L = readout.index.shape
-        lam_cpu = torch.full((B,), sample_lam(self.alpha, self.generator))  # the gaussian λ̂ draws from it there
+        lam_cpu = torch.full((B,), sample_lam(self.alpha, self.generator))  # kept: the gaussian λ̂ is computed on the CPU
         lam = M.to_device(lam_cpu, x.device)
         scores, patch_mask, mask = M.attention_mask(readout.attn, readout.index, lam, readout.grid, readout.patch,
                                                     x.shape[-2:])

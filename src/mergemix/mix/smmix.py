@@ -54,6 +54,7 @@ def attention_swap(x: Tensor, partner: Tensor, scores: Tensor, grid: tuple[int, 
                          f"{grid[0]}x{grid[1]} grid of {patch[0]}x{patch[1]} patches (pad them to whole patches)")
     window = cut_size(lam, grid)
     search = (max(window[0], 1), max(window[1], 1))
+
     def to_pixels(corners: Tensor) -> Tensor:  # (B, 2) patch rows and columns -> pixels
         return torch.stack((corners[:, 0] * patch[0], corners[:, 1] * patch[1]), dim=1)
 
