@@ -37,6 +37,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 from bench_common import at_least, check_outputs, one_line_errors, output_folder  # noqa: E402
 
 from mergemix.errors import ConfigError  # noqa: E402
@@ -200,12 +201,54 @@ def markdown(dataset: str, mode: str, table: dict[str, dict], recipe: list[str],
     return "\n".join(lines)
 
 
+def label_offsets(steps: int = 12, gap: float = 9.0) -> list[tuple[float, float, str]]:
+    """Where a point's label may go, nearest first: (dx, dy) in points and the text's alignment,
+    up-right, down-right, up-left, down-left, then the same one text line further out each step."""
+    return [(dx, dy, ha) for k in range(steps) for dx, ha in ((4, "left"), (-4, "right"))
+            for dy in (3 + k * gap, -3 - (k + 1) * gap)]
+
+
+def inside(box: Bbox, frame: Bbox) -> bool:
+    return frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+
+
+def annotate_apart(ax: plt.Axes, points: list[tuple[float, float]], labels: list[str], fontsize: float = 7) -> list:
+    """Label each point where its text stays in the plot and overlaps no other label and no other point's marker: the first
+    free place of ``label_offsets`` (the nearest if none is free). A label set off its point gets a
+    leader line. Returns the annotations."""
+    fig = ax.figure
+    fig.canvas.draw()  # text extents need a renderer
+    renderer = fig.canvas.get_renderer()
+    size = 8 * fig.dpi / 72  # a marker's box, in pixels
+    markers = [Bbox.from_bounds(*(ax.transData.transform(p) - size / 2), size, size) for p in points]
+    offsets = label_offsets()
+    labels_placed: list[Bbox] = []
+    annotations = []
+    for n, (point, label) in enumerate(zip(points, labels)):
+        others = labels_placed + markers[:n] + markers[n + 1:]
+        style = dict(textcoords="offset points", va="bottom", fontsize=fontsize)
+
+        def extent(dx: float, dy: float, ha: str) -> Bbox:  # the text's box there, leader line left out
+            text = ax.annotate(label, point, xytext=(dx, dy), ha=ha, **style)
+            box = text.get_window_extent(renderer)
+            text.remove()
+            return box
+        boxes = (extent(*offset) for offset in offsets)
+        i = next((i for i, box in enumerate(boxes)
+                  if inside(box, ax.bbox) and not any(box.overlaps(b) for b in others)), 0)
+        dx, dy, ha = offsets[i]
+        leader = dict(arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5")) if i >= 4 else {}
+        annotations.append(ax.annotate(label, point, xytext=(dx, dy), ha=ha, **style, **leader))
+        labels_placed.append(extent(dx, dy, ha))
+    return annotations
+
+
 def figure(dataset: str, table: dict[str, dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(8, 6))
     for label, t in table.items():
         ax.errorbar(t["ece"], t["top1"], xerr=t["ece_std"], yerr=t["top1_std"], fmt="o", capsize=3,
                     color="tab:red" if label == "mergemix" else "tab:orange" if label.startswith("mergemix") else "tab:blue")
-        ax.annotate(label, (t["ece"], t["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    annotate_apart(ax, [(t["ece"], t["top1"]) for t in table.values()], list(table))
     ax.set_xlabel("ECE (lower is better)")
     ax.set_ylabel("top-1 % (higher is better)")
     ax.set_title(f"{dataset}: accuracy vs calibration (mean ± std over seeds)")

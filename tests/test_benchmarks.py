@@ -197,6 +197,32 @@ def test_accuracy_keeps_rows_of_an_earlier_table_with_the_same_recipe(tmp_path):
     assert accuracy.merge_previous(tmp_path / "missing.json", recipe, new_table, new_raw) == (new_table, new_raw)
 
 
+def test_accuracy_figure_labels_overlap_neither_each_other_nor_other_points():
+    """Ablations land within a fraction of a point of each other: their labels must still be legible."""
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+    accuracy = load("accuracy")
+    fig, ax = plt.subplots(figsize=(8, 6))
+    # a cluster at the top of the plot, where labels cannot all go up
+    points = [(0.12 + 0.001 * i, 74.5 - 0.05 * i) for i in range(8)] + [(0.05, 70.0), (0.2, 66.0), (0.3, 60.0)]
+    labels = [f"mergemix[option_{i}=value]" for i in range(8)] + ["none", "cutmix", "smmix"]
+    ax.plot(*zip(*points), "o")
+    texts = accuracy.annotate_apart(ax, points, labels)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(t, renderer) for t in texts]  # the text alone, without its leader line
+    assert [t.get_text() for t in texts] == labels
+    assert not [(a, b) for a in range(len(boxes)) for b in range(a) if boxes[a].overlaps(boxes[b])]
+    assert all(accuracy.inside(box, ax.bbox) for box in boxes)
+    for i, box in enumerate(boxes):
+        others = [ax.transData.transform(p) for j, p in enumerate(points) if j != i]
+        assert not any(box.contains(x, y) for x, y in others), labels[i]
+    # an isolated point keeps its label next to it, without a leader line
+    assert texts[-2].xyann == (4, 3) and texts[-2].arrow_patch is None
+    assert texts[-1].get_horizontalalignment() == "right"  # at the right edge: to the left of its point
+    plt.close(fig)
+
+
 def test_accuracy_tokens_mode_plans_the_no_merge_ablation_on_the_configs_model():
     accuracy = load("accuracy")
     recipe = accuracy.RECIPES["fashion-mnist"]["tokens"]
