@@ -2,9 +2,10 @@
 
     python benchmarks/tome_eval.py --checkpoint benchmarks/runs/tokens/fashion-mnist-mergemix-s0 \
         --merge-nums 0 8 16 24 32 40 --merge-every 1 2 3 --name fashion-mnist_tome
+    # --prop-attn on off: each merged point with ToMe's proportional attention and without it
 
-Each point is a `mergemix eval --checkpoint CKPT --merge-num N --merge-every K` (N absent: the plain
-timm model), run
+Each point is a `mergemix eval --checkpoint CKPT --merge-num N --merge-every K [--no-prop-attn]` (N
+absent: the plain timm model), run
 in this process one after another, after one plain warm-up pass. Accuracy, ECE and NLL come from the full evaluation set; images/s
 is the wall time of the whole pass, data loading included, so it is a rough figure and its ratio
 to the plain pass understates what merging saves in the model. Writes
@@ -30,13 +31,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 KEYS = ("top1", "ece", "nll", "brier", "images_per_s")
 
 
-def evaluate(checkpoint: str, merge_num: int | None, merge_every: int, extra: list[str], out: Path) -> dict | None:
+def evaluate(checkpoint: str, merge_num: int | None, merge_every: int, prop_attn: bool, extra: list[str],
+             out: Path) -> dict | None:
     """One `mergemix eval`; its results.json figures. None when the schedule does not fit the model
     (exit 2: a block would merge more than half its tokens; eval has printed why); on any other failure,
     exits with eval's code (eval has printed its one-line error)."""
     argv = ["eval", "--checkpoint", checkpoint, "--output", str(out), *extra]
     if merge_num is not None:
-        argv += ["--merge-num", str(merge_num), "--merge-every", str(merge_every)]
+        argv += ["--merge-num", str(merge_num), "--merge-every", str(merge_every), *([] if prop_attn else ["--no-prop-attn"])]
     code = cli.main(argv)
     if code == 2 and merge_num:
         return None
@@ -51,10 +53,17 @@ def mean_tokens(point: dict, num_tokens: int) -> float:
     return num_tokens if tokens is None else sum(tokens) / len(tokens)
 
 
+def schedule_name(point: dict) -> str:
+    """How a merged point merges: its blocks, and proportional attention when it is off."""
+    every = "every block" if point["merge_every"] == 1 else f"every {point['merge_every']}"
+    return every + ("" if point.get("prop_attn", True) else ", no prop. attn")
+
+
 def markdown(report: dict) -> str:
     lines = [f"Checkpoint `{report['checkpoint']}` ({report['model']}, {report['dataset']}, "
              f"{report['num_images']} images); images/s include data loading. \"merged in\": every block, or "
-             "every k-th block only (`--merge-every k`, the same total in fewer steps).", "",
+             "every k-th block only (`--merge-every k`, the same total in fewer steps); \"no prop. attn\": without "
+             "ToMe's proportional attention (`--no-prop-attn`).", "",
              "| merge_num | merged in | tokens per block (first → last, mean) | top-1 (%) | ECE | NLL | Brier "
              "| images/s | × plain |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -64,14 +73,15 @@ def markdown(report: dict) -> str:
         if p["merge_num"] is None:  # T is None when no merged point ran: the plain pass does not count tokens
             n, every, tokens = "–", "–", "plain" if T is None else f"plain ({T})"
         else:
-            n, every = p["merge_num"], "every block" if p["merge_every"] == 1 else f"every {p['merge_every']}"
+            n, every = p["merge_num"], schedule_name(p)
             tokens = f"{p['tokens_per_block'][0]} → {p['tokens_per_block'][-1]}, {mean_tokens(p, T):.1f}"
         lines.append(f"| {n} | {every} | {tokens} | {p['top1']:.2f} | "
                      f"{p['ece']:.4f} | {p['nll']:.4f} | {p['brier']:.4f} | {p['images_per_s']:.0f} | "
                      f"{p['images_per_s'] / plain:.2f} |")
     if report.get("skipped"):
         lines += ["", "Not evaluated, as a block would merge more than half of its tokens: "
-                  + ", ".join(f"merge_num {p['merge_num']} every {p['merge_every']} blocks" for p in report["skipped"]) + "."]
+                  + ", ".join(f"merge_num {p['merge_num']} every {p['merge_every']} blocks"
+                             + ("" if p.get("prop_attn", True) else " without prop. attn") for p in report["skipped"]) + "."]
     return "\n".join(lines)
 
 
@@ -85,9 +95,9 @@ def figure(report: dict, path: Path) -> None:
         return p["images_per_s"] / plain["images_per_s"]
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for k in sorted({p["merge_every"] for p in points[1:]}):
-        merged = [p for p in points[1:] if p["merge_every"] == k]
-        label = "merged in every block" if k == 1 else f"merged every {k} blocks"
+    for name in dict.fromkeys(schedule_name(p) for p in points[1:]):
+        merged = [p for p in points[1:] if schedule_name(p) == name]
+        label = f"merged in {name}"
         for ax, key in ((axes[0], "top1"), (axes[1], "ece")):
             ax.plot([speedup(p) for p in merged], [p[key] for p in merged], "o-", label=label)
         axes[2].plot([mean_tokens(p, T) for p in merged], [speedup(p) for p in merged], "o-", label=label)
@@ -115,23 +125,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge-nums", type=at_least(0), nargs="+", default=[0, 8, 16, 24, 32])
     p.add_argument("--merge-every", type=at_least(1), nargs="+", default=[1], metavar="K",
                    help="schedules: merging in every K-th block (each merge_num is evaluated with each K)")
+    p.add_argument("--prop-attn", nargs="+", choices=("on", "off"), default=["on"],
+                   help="merged points with ToMe's proportional attention, without it, or both")
     p.add_argument("--name", default="tome_eval", help="results file stem under benchmarks/results/")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every `mergemix eval`")
     args = p.parse_args(argv)
     stem = args.results_dir / args.name
     check_outputs([stem.with_suffix(suffix) for suffix in (".json", ".md", ".png")], f"--results-dir {args.results_dir}")
-    # (merge_num, K); merge_num 0 is the plain model whatever K, so it is evaluated once
-    runs = [(None, 1)] + [(n, k) for k in args.merge_every for n in args.merge_nums if n or k == args.merge_every[0]]
+    # (merge_num, K, proportional attention); merge_num 0 is the plain model whatever K, so it is evaluated once
+    props = [v == "on" for v in dict.fromkeys(args.prop_attn)]
+    runs = [(None, 1, True)] + [(n, k, prop) for prop in props for k in args.merge_every for n in args.merge_nums
+                                if n or (k, prop) == (args.merge_every[0], props[0])]
     points, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        evaluate(args.checkpoint, None, 1, args.extra, Path(tmp) / "warm-up")  # one-time costs land here, not on a point
-        for n, k in runs:
-            r = evaluate(args.checkpoint, n, k, args.extra, Path(tmp) / f"merge{n}-every{k}")
+        evaluate(args.checkpoint, None, 1, True, args.extra, Path(tmp) / "warm-up")  # one-time costs land here, not on a point
+        for n, k, prop in runs:
+            r = evaluate(args.checkpoint, n, k, prop, args.extra, Path(tmp) / f"merge{n}-every{k}-prop{prop:d}")
             if r is None:
-                skipped.append({"merge_num": n, "merge_every": k})
+                skipped.append({"merge_num": n, "merge_every": k, "prop_attn": prop})
                 continue
-            points.append({"merge_num": n, "merge_every": None if n is None else k,
+            points.append({"merge_num": n, "merge_every": None if n is None else k, "prop_attn": None if n is None else prop,
                            "tokens_per_block": r.get("tokens_per_block"), **{key: r[key] for key in KEYS}})
             info = r
     tokens = next((p["tokens_per_block"][0] for p in points if p["tokens_per_block"]), None)

@@ -106,7 +106,8 @@ def tome_eval(monkeypatch):
     module = load("tome_eval")
     module.evaluated = []
 
-    def evaluate(checkpoint: str, merge_num: int | None, merge_every: int, extra: list[str], out: Path) -> dict | None:
+    def evaluate(checkpoint: str, merge_num: int | None, merge_every: int, prop_attn: bool, extra: list[str],
+                 out: Path) -> dict | None:
         module.evaluated.append(merge_num)
         if merge_num:
             return None
@@ -118,6 +119,7 @@ def tome_eval(monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["--merge-nums", "0", "-4"], "--merge-nums: must be at least 0, got -4"),
     (["--merge-every", "0"], "--merge-every: must be at least 1, got 0"),
+    (["--prop-attn", "maybe"], "--prop-attn: invalid choice: 'maybe'"),
 ])
 def test_tome_eval_rejects_bad_schedules_while_parsing(tome_eval, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:

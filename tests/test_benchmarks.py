@@ -239,19 +239,28 @@ def test_tome_eval_points_follow_mergemix_eval(tmp_path):
             "--batch-size", "128", "--warmup-epochs", "0", "--mix", "none"]
     assert cli.main(["train", "--output", str(tmp_path), "--experiment", "run", *tiny]) == 0
     assert tome_eval.main(["--checkpoint", str(tmp_path / "run"), "--merge-nums", "0", "6", "10", "--merge-every", "1", "2",
-                           "--name", "tome", "--results-dir", str(tmp_path / "res")]) == 0
+                           "--prop-attn", "on", "off", "--name", "tome", "--results-dir", str(tmp_path / "res")]) == 0
     report = json.loads((tmp_path / "res" / "tome.json").read_text())
-    plain, zero, six, ten, six_every2 = report["points"]  # merge_num 0 is the same model for every K: once
-    assert [(p["merge_num"], p["merge_every"]) for p in report["points"]] == [(None, None), (0, 1), (6, 1), (10, 1), (6, 2)]
+    # merge_num 0 is the same model for every K and either attention: evaluated once
+    plain, zero, six, ten, six_every2, six_noprop, ten_noprop, six_every2_noprop = report["points"]
+    assert [(p["merge_num"], p["merge_every"], p["prop_attn"]) for p in report["points"]] == [
+        (None, None, None), (0, 1, True), (6, 1, True), (10, 1, True), (6, 2, True),
+        (6, 1, False), (10, 1, False), (6, 2, False)]
     assert ten["tokens_per_block"] == [17, 9]  # [8, 2]
-    assert report["skipped"] == [{"merge_num": 10, "merge_every": 2}]  # 10 of 16 patches in block 0: more than half
+    # 10 of 16 patches in block 0: more than half
+    assert report["skipped"] == [{"merge_num": 10, "merge_every": 2, "prop_attn": prop} for prop in (True, False)]
+    # without the log-size bias the same tokens are merged, and the predictions change
+    for on, off in ((six, six_noprop), (ten, ten_noprop), (six_every2, six_every2_noprop)):
+        assert off["tokens_per_block"] == on["tokens_per_block"] and off["nll"] != on["nll"]
     assert zero["top1"] == pytest.approx(plain["top1"], abs=1e-5) and zero["ece"] == pytest.approx(plain["ece"], abs=1e-5)
     assert six["tokens_per_block"] == [17, 13]  # 16 patches + CLS; decreasing schedule of 6 over 2 blocks: [4, 2]
     assert six_every2["tokens_per_block"] == [17, 11]  # all 6 in block 0
     table = (tmp_path / "res" / "tome.md").read_text()
     assert "| 6 | every block | 17 → 13, 15.0 |" in table and f"| {six['top1']:.2f} |" in table
     assert "| 6 | every 2 | 17 → 11, 14.0 |" in table and "| – | – | plain (17) |" in table
-    assert "Not evaluated, as a block would merge more than half of its tokens: merge_num 10 every 2 blocks." in table
+    assert "| 6 | every 2, no prop. attn | 17 → 11, 14.0 |" in table
+    assert ("Not evaluated, as a block would merge more than half of its tokens: merge_num 10 every 2 blocks, "
+            "merge_num 10 every 2 blocks without prop. attn.") in table
     assert (tmp_path / "res" / "tome.png").stat().st_size > 0
 
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 
@@ -100,6 +101,12 @@ def test_eval_with_token_merging(run, tmp_path, capsys):
     every2 = json.loads((out / "results.json").read_text())
     assert (every2["merge_every"], every2["tokens_per_block"]) == (2, [17, 9])
     assert "ToMe merge_num 8, merging every 2 blocks" in capsys.readouterr().out
+    # without proportional attention, as a model trained with prop_attn=false runs
+    out = tmp_path / "ev8noprop"
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--output", str(out), "--merge-num", "8", "--no-prop-attn"]) == 0
+    noprop = json.loads((out / "results.json").read_text())
+    assert (results[8]["prop_attn"], noprop["prop_attn"]) == (True, False)
+    assert "ToMe merge_num 8, no proportional attention" in capsys.readouterr().out
 
     kwargs = {k: int(v) for k, v in (p.split("=") for p in TINY_KWARGS)}
     model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, in_chans=1, **kwargs)
@@ -110,10 +117,13 @@ def test_eval_with_token_merging(run, tmp_path, capsys):
         plain = model.eval()(x)
         merged = patch_tome(model, merge_num=8)(x)
         merged_every2 = patch_tome(model, r=[8, 0])(x)
+        merged_noprop = patch_tome(model, merge_num=8, prop_attn=False)(x)
     assert (merged - plain).abs().max() > 1e-4  # merging changed the logits, so the check below has teeth
     assert (merged_every2 - merged).abs().max() > 1e-4
+    assert (merged_noprop - merged).abs().max() > 1e-4
     assert results[8]["top1"] == pytest.approx(100 * (merged.argmax(1) == y).float().mean().item(), abs=1e-4)
     assert every2["top1"] == pytest.approx(100 * (merged_every2.argmax(1) == y).float().mean().item(), abs=1e-4)
+    assert noprop["nll"] == pytest.approx(F.cross_entropy(merged_noprop, y).item(), abs=1e-4)
 
 
 @pytest.mark.parametrize("n, fragment", [
@@ -122,6 +132,7 @@ def test_eval_with_token_merging(run, tmp_path, capsys):
     ("12 --merge-every 2", "--merge-num 12: merge_num=12 is too large: block 0 would merge 12 of the 16 patch tokens"),
     ("8 --merge-every 0", "--merge-every must be at least 1, got 0"),
     ("--merge-every 2", "--merge-every spreads --merge-num's tokens over the blocks: give --merge-num too"),
+    ("--no-prop-attn", "--no-prop-attn drops merged tokens' attention bias: give --merge-num too"),
 ])
 def test_eval_rejects_merge_flags_the_model_cannot_take(run, tmp_path, capsys, n, fragment):
     flags = n.split() if n.startswith("--") else ["--merge-num", *n.split()]

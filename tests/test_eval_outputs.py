@@ -67,9 +67,11 @@ def test_eval_default_folder_names_the_checkpoint(run, capsys):
     assert evaluate("--checkpoint", str(run / "model_best.pth.tar")) == 0
     assert files(run / "eval-last-digits") == first
     assert evaluate("--checkpoint", str(run / "last.pth.tar"), "--merge-num", "2", "--merge-every", "2") == 0
+    assert evaluate("--checkpoint", str(run / "last.pth.tar"), "--merge-num", "2", "--no-prop-attn") == 0
     assert files(run / "eval-last-digits") == first
     out = capsys.readouterr().out
-    for folder in ("eval-last-digits", "eval-model_best-digits", "eval-last-digits-merge2-every2"):
+    for folder in ("eval-last-digits", "eval-model_best-digits", "eval-last-digits-merge2-every2",
+                   "eval-last-digits-merge2-noprop"):
         assert f"{run}/{folder}/results.json" in out, folder
     results = {n: json.loads((run / f"eval-{n}-digits" / "results.json").read_text()) for n in ("last", "model_best")}
     assert results["last"]["checkpoint"].endswith("last.pth.tar")

@@ -106,6 +106,10 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-num", type=int, default=None,
                    help="evaluate with token merging (ToMe): this many tokens merged in all, spread as a "
                         "decreasing schedule over the blocks, proportional attention on (default: no merging)")
+    p.add_argument("--no-prop-attn", dest="prop_attn", action="store_false",
+                   help="with --merge-num: without ToMe's proportional attention (the log-size attention bias), "
+                        "as a model trained with --mix-opt prop_attn=false was; on a GPU a merged attention call "
+                        "without the bias can use the fastest kernels")
     p.add_argument("--merge-every", type=int, default=None,
                    help="with --merge-num: merge in every k-th block only, the same total in fewer steps "
                         "(default 1: every block)")
@@ -161,6 +165,8 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     check_limits(cli)
     if cli.merge_every is not None and cli.merge_num is None:
         raise ConfigError("--merge-every spreads --merge-num's tokens over the blocks: give --merge-num too")
+    if not cli.prop_attn and cli.merge_num is None:
+        raise ConfigError("--no-prop-attn drops merged tokens' attention bias: give --merge-num too")
     cli.merge_every = 1 if cli.merge_every is None else cli.merge_every
     path = checkpoint.resolve(cli.checkpoint, best=True)
     ckpt = checkpoint.load(path)
@@ -189,7 +195,7 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
     if ckpt.get(key) is None:
         raise CheckpointError(f"{path} holds no {key}" + (" (trained without --model-ema)" if cli.use_ema else ""))
     checkpoint.load_weights(model, ckpt[key], str(path))
-    merging = merge_for_eval(model, cli.merge_num, cli.merge_every) if cli.merge_num is not None else {}
+    merging = merge_for_eval(model, cli.merge_num, cli.merge_every, cli.prop_attn) if cli.merge_num is not None else {}
     model.to(ctx.device)
     workers = data.loader_workers(bundle, cli.workers)
     loader = data.eval_loader(bundle, cli.batch_size, workers, ctx.rank, ctx.world_size, ctx.device)
@@ -208,7 +214,8 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
              "num_images": n, **merging, "eval_seconds": seconds, "images_per_s": n / seconds,
              "train_args": ckpt.get("args") or {}}
     every = f", merging every {cli.merge_every} blocks" if cli.merge_every != 1 else ""
-    tome = f", ToMe merge_num {cli.merge_num}{every}" if merging else ""
+    noprop = ", no proportional attention" if not cli.prop_attn else ""
+    tome = f", ToMe merge_num {cli.merge_num}{every}{noprop}" if merging else ""
     results = write_results(out, metrics, extra, title=f"{args.model}{', EMA weights' if cli.use_ema else ''} on {args.dataset}{tome}")
     if merging:
         tokens = merging["tokens_per_block"]
@@ -227,6 +234,7 @@ def eval_folder(cli: argparse.Namespace, path: Path, dataset: str) -> Path:
         name = path.name.removesuffix(".pth.tar") if path.name.endswith(".pth.tar") else path.stem
         merge = f"-merge{cli.merge_num}" if cli.merge_num is not None else ""
         merge += f"-every{cli.merge_every}" if merge and cli.merge_every != 1 else ""
+        merge += "-noprop" if merge and not cli.prop_attn else ""
         out = path.parent / f"eval-{name}-{dataset}{merge}"
     if checkpoint.holds_training_run(out):
         raise ConfigError(f"--output {out} holds a training run: its results.json and reliability.png are not "
@@ -234,15 +242,16 @@ def eval_folder(cli: argparse.Namespace, path: Path, dataset: str) -> Path:
     return out
 
 
-def merge_for_eval(model: nn.Module, merge_num: int, merge_every: int = 1) -> dict[str, Any]:
-    """Patch ``model`` for ToMe merging of ``merge_num`` tokens in every ``merge_every``-th block;
-    returns what results.json records."""
+def merge_for_eval(model: nn.Module, merge_num: int, merge_every: int = 1, prop_attn: bool = True) -> dict[str, Any]:
+    """Patch ``model`` for ToMe merging of ``merge_num`` tokens in every ``merge_every``-th block, with
+    proportional attention or without; returns what results.json records."""
     if merge_num < 0:
         raise ConfigError(f"--merge-num must be at least 0, got {merge_num}")
     if merge_every < 1:
         raise ConfigError(f"--merge-every must be at least 1, got {merge_every}")
     try:
-        patch_tome(model, merge_num=merge_num, merge_every=merge_every)
+        patch_tome(model, merge_num=merge_num, merge_every=merge_every, prop_attn=prop_attn)
     except ValueError as e:  # too many tokens for this model, or not a ViT
         raise ConfigError(f"--merge-num {merge_num}: {e}") from None
-    return {"merge_num": merge_num, "merge_every": merge_every, "tokens_per_block": tokens_per_block(model)}
+    return {"merge_num": merge_num, "merge_every": merge_every, "prop_attn": prop_attn,
+            "tokens_per_block": tokens_per_block(model)}
