@@ -213,9 +213,9 @@ def inside(box: Bbox, frame: Bbox) -> bool:
 
 
 def annotate_apart(ax: plt.Axes, points: list[tuple[float, float]], labels: list[str], fontsize: float = 7) -> list:
-    """Label each point where its text stays in the plot and overlaps no other label and no other point's marker: the first
-    free place of ``label_offsets`` (the nearest if none is free). A label set off its point gets a
-    leader line. Returns the annotations."""
+    """Label each point at the first place of ``label_offsets`` where its text stays in the plot and
+    overlaps no other label and no other point's marker (the nearest place if none is free). A label
+    set off its point gets a leader line. Returns the annotations."""
     fig = ax.figure
     fig.canvas.draw()  # text extents need a renderer
     renderer = fig.canvas.get_renderer()
