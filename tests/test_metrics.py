@@ -135,9 +135,9 @@ def test_top5_with_fewer_than_five_classes_is_top_c():
     assert classification_metrics(logits, target)["top5"] == 100.0
 
 
-def assert_same(a: dict, b: dict) -> None:
+def assert_same(a: dict, b: dict, rel: float = 0.0) -> None:
     for key in b:
-        assert a[key] == pytest.approx(b[key], abs=1e-9), key
+        assert a[key] == pytest.approx(b[key], abs=1e-9, rel=rel), key
 
 
 @pytest.mark.parametrize("n_bins", [10, 15])
@@ -214,7 +214,8 @@ def test_eval_metrics_on_cuda():
     logits, target = random_logits(800, 10, 2.0, seed=9)
     metric = EvalMetrics(10).to("cuda")
     metric.update(logits.cuda().half(), target.cuda())
-    assert_same(metric.compute(), classification_metrics(logits.half().float(), target))
+    # CUDA's fp32 log-softmax differs from the CPU's in the last bits (seen: NLL 5e-9 apart on an H200)
+    assert_same(metric.compute(), classification_metrics(logits.half().float(), target), rel=1e-6)
     assert expected_calibration_error(logits.cuda(), target.cuda()) == pytest.approx(
         expected_calibration_error(logits, target), abs=1e-6)
 
