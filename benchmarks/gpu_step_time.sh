@@ -19,6 +19,9 @@
 # eager, against an older merge.py (benchmarks/merge_ab.py, about a minute; the device's copy of
 # the tree has no git history, so pass a file: git show COMMIT:src/mergemix/merge.py > FILE in a
 # carried folder) and writes benchmarks/results/merge_ab_cuda.json.
+# CACHE=cold-warm runs the compiled step twice on fresh Inductor and Triton caches of its own: the first
+# compiles from nothing, the second finds the first's kernels, as a resumed or repeated training run
+# does (files gain _cache-cold and _cache-warm).
 # A failed step does not stop the later ones; the script then exits 1, naming the failed steps on stderr.
 set -uo pipefail
 if (( $# )); then
@@ -30,6 +33,11 @@ if (( $# )); then
     echo "error: $0 takes no arguments, got '$*': it reads its settings from environment variables (see --help)" >&2
     exit 2
 fi
+case "${CACHE:-}" in  # checked before any step runs
+    "") tags=("") ;;
+    cold-warm) tags=(cache-cold cache-warm) ;;
+    *) echo "error: CACHE must be cold-warm or unset, got '$CACHE'" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 failed=()
@@ -59,9 +67,16 @@ if [[ "${EAGER:-1}" == 1 ]]; then
 fi
 mode=${COMPILE_MODE:-reduce-overhead}
 read -r -a configs <<< "${CONFIGS:-clean,merge}"
-step compiled timeout "${COMPILED_TIMEOUT:-300}" "$py" benchmarks/step_time.py "${common[@]}" --warmup 3 --steps 10 \
-    --compile --compile-mode "$mode" --compile-scope "${SCOPE:-model}" --methods cutmix mergemix \
-    --mergemix-configs "${configs[@]}"
+if [[ -n "${CACHE:-}" ]]; then
+    cache=$(mktemp -d)
+    trap 'rm -rf "$cache"' EXIT
+    export TORCHINDUCTOR_CACHE_DIR=$cache/inductor TRITON_CACHE_DIR=$cache/triton
+fi
+for tag in "${tags[@]}"; do
+    step "compiled${tag:+ $tag}" timeout "${COMPILED_TIMEOUT:-300}" "$py" benchmarks/step_time.py "${common[@]}" \
+        --warmup 3 --steps 10 --compile --compile-mode "$mode" --compile-scope "${SCOPE:-model}" \
+        --methods cutmix mergemix --mergemix-configs "${configs[@]}" ${tag:+--tag "$tag"}
+done
 if (( ${#failed[@]} )); then
     printf -v list '%s, ' "${failed[@]}"
     echo "$0: failed steps: ${list%, }" >&2

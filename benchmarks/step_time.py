@@ -8,8 +8,8 @@ Steps of all configurations are interleaved (round-robin), so drift of the machi
 configuration alike; the median over the timed rounds is reported. Also measured: the mask work
 alone (recover, top-k, upsample, mix) as a share of a MergeMix step, and evaluation throughput
 of the ToMe-merged model against the plain timm model, in the same mode.
-Writes benchmarks/results/step_time_<device>[_compiled[_<mode>][_blocks]][_every<K-K...>][_noprop|_prop-on-off].json and a
-markdown table next to it.
+Writes benchmarks/results/step_time_<device>[_compiled[_<mode>][_blocks]][_every<K-K...>][_noprop|_prop-on-off][_<tag>].json
+and a markdown table next to it.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import contextlib
 import copy
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -78,11 +79,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=output_file, default=None,
                    help="JSON file (a markdown table goes next to it); default: under benchmarks/results/")
+    p.add_argument("--tag", type=file_tag, default="",
+                   help="appended to the default file name, e.g. cache-warm for a run after a first one")
     args = p.parse_args(argv)
     args.compile = args.compile or args.compile_mode is not None or args.compile_scope is not None
     args.compile_scope = args.compile_scope or "model"
     args.prop_attn = [v == "on" for v in dict.fromkeys(args.prop_attn)]
     return args
+
+
+def file_tag(text: str) -> str:
+    """A file-name part: letters, digits, '-' and '_' only, so that it cannot leave the results folder."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        raise argparse.ArgumentTypeError(f"letters, digits, '-' and '_' only, got {text!r}")
+    return text
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
@@ -311,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     scope = "_blocks" if args.compile_scope == "blocks" else ""
     every = "" if args.merge_every == [1] else "_every" + "-".join(map(str, args.merge_every))
     prop = "" if args.prop_attn == [True] else "_noprop" if args.prop_attn == [False] else "_prop-on-off"
-    out = args.out or RESULTS / f"step_time_{tag}{'_compiled' if args.compile else ''}{mode}{scope}{every}{prop}.json"
+    suffix = f"_{args.tag}" if args.tag else ""
+    out = args.out or RESULTS / f"step_time_{tag}{'_compiled' if args.compile else ''}{mode}{scope}{every}{prop}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.compile:  # the training passes' compile figures, kept even if the rest runs out of time
         result.update(compile_record())

@@ -172,6 +172,7 @@ def gpu_script(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPr
     and exits with $FAIL_CODE when its arguments match $FAIL (a shell pattern)."""
     stand_in = tmp_path / "python"
     stand_in.write_text('#!/bin/sh\necho "$1" >> "$CALLS"\n'
+                        'echo "$* | ${TORCHINDUCTOR_CACHE_DIR:-} ${TRITON_CACHE_DIR:-}" >> "$CALLS.args"\n'
                         'case "$*" in $FAIL) [ "$FAIL_CODE" = sleep ] && exec sleep 5; exit "$FAIL_CODE";; esac\n')
     stand_in.chmod(0o755)
     env = {**os.environ, "PYTHON": str(stand_in), "CALLS": str(tmp_path / "calls"), "FAIL": "", "FAIL_CODE": "0",
@@ -198,6 +199,28 @@ def test_gpu_script_rejects_arguments(tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert len(r.stderr.splitlines()) == 1 and "takes no arguments, got '--steps 5'" in r.stderr
     assert calls(tmp_path) == []
+
+
+def test_gpu_script_rejects_a_bad_cache_setting_before_any_step(tmp_path):
+    r = gpu_script(tmp_path, CACHE="warm")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == ["error: CACHE must be cold-warm or unset, got 'warm'"]
+    assert calls(tmp_path) == []
+
+
+def test_gpu_script_compiles_twice_on_its_own_caches_for_cold_warm(tmp_path):
+    """CACHE=cold-warm: two compiled runs, tagged, on one fresh Inductor and Triton cache that is
+    removed afterwards; the eager run is not repeated."""
+    assert gpu_script(tmp_path, CACHE="cold-warm").returncode == 0
+    eager, cold, warm = (tmp_path / "calls.args").read_text().splitlines()
+    assert "--compile" not in eager.split() and "--tag" not in eager.split()
+    assert " --tag cache-cold |" in cold and " --tag cache-warm |" in warm
+    inductor, triton = cold.split(" | ")[1].split()
+    assert warm.split(" | ")[1] == f"{inductor} {triton}"
+    assert Path(inductor).name == "inductor" and Path(triton).parent == Path(inductor).parent
+    assert not Path(inductor).parent.exists()
+    assert gpu_script(tmp_path, CACHE="").returncode == 0  # unset: one compiled run, the user's own caches
+    assert "--tag" not in (tmp_path / "calls.args").read_text().splitlines()[-1].split()
 
 
 def test_gpu_script_runs_every_step_and_fails_if_one_did(tmp_path):

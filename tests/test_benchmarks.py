@@ -50,6 +50,20 @@ def test_step_time_ratios(tmp_path, capsys):
     assert f"merged every2 {ev['merged_every2_images_per_s']:.0f} img/s ({ev['merged_every2_speedup']:.2f}×)" in table
 
 
+def test_step_time_tag_names_the_default_file(tmp_path, monkeypatch):
+    """--tag keeps a second run (say with warm compile caches) from overwriting the first's file."""
+    step_time = load("step_time")
+    monkeypatch.setattr(step_time, "RESULTS", tmp_path)
+    tiny = ["--model-kwargs", "patch_size=8", "depth=2", "embed_dim=32", "num_heads=2", "--img-size", "32",
+            "--batch-size", "4", "--warmup", "1", "--steps", "1", "--num-classes", "10", "--methods", "cutmix"]
+    assert step_time.main([*tiny, "--prop-attn", "off", "--tag", "cache-warm"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_time_cpu_noprop_cache-warm.json",
+                                                          "step_time_cpu_noprop_cache-warm.md"]
+    for bad in ("../x", "a b", ""):
+        with pytest.raises(SystemExit):
+            step_time.parse_args(["--tag", bad])
+
+
 def test_step_time_times_merging_without_proportional_attention_side_by_side(tmp_path):
     """--prop-attn on off: each MergeMix configuration and the merged evaluation with ToMe's
     log-size attention bias and without it, the latter labelled 'noprop' and really run without it."""
