@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=output_file, default=None,
                    help="JSON file (a markdown table goes next to it); default: under benchmarks/results/")
-    p.add_argument("--tag", type=file_tag, default="",
+    p.add_argument("--tag", type=file_tag, default=None,
                    help="appended to the default file name, e.g. cache-warm for a run after a first one")
     args = p.parse_args(argv)
     args.compile = args.compile or args.compile_mode is not None or args.compile_scope is not None
