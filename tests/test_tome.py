@@ -508,3 +508,28 @@ def test_inductor_compiled_merged_model_matches_eager():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     for p, g in zip(model.parameters(), eager_grads):
         torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-4)
+
+
+def test_matching_compiles_in_one_graph_and_sorts_as_eager():
+    """The matching's sort is a custom op (merge.argsort_descending): traced with fake tensors it
+    needs no graph break, and compiled it picks the same tokens in the same order as eager."""
+    torch.manual_seed(0)
+    metric = torch.randn(3, 16, 8)
+    metric[:, 4:8] = metric[:, :1]  # repeated keys: ties in the best-partner scores
+    compiled = torch.compile(bipartite_matching, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(metric, 5, 1), bipartite_matching(metric, 5, 1)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor lowers sorts to Triton on GPUs only")
+def test_inductor_leaves_the_matching_sort_to_aten_on_cuda():
+    """Inductor's generated code for a merged forward calls the ATen sort and holds no Triton sort
+    kernel (those compile for minutes: see merge.argsort_descending)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = patch_tome(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32,
+                                         num_heads=2, num_classes=5), r=[3, 2]).cuda()
+    with torch.no_grad():
+        _, code = run_and_get_code(torch.compile(model), torch.randn(4, 3, 32, 32, device="cuda"))
+    code = "\n".join(code)
+    assert "mergemix.argsort_descending" in code and "sort_with_index" not in code
