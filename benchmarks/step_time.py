@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import platform
 import re
 import statistics
@@ -303,9 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(r.times)
         rows[r.label] = {"method": r.objective.name, "passes": r.objective.passes, "median_step_ms": med * 1e3,
                          "ratio_to_cutmix": med / cutmix, "peak_memory_mb": r.peak / 2**20 if r.peak else None,
-                         "warmup_s": r.warmup_s}
+                         "warmup_s": r.warmup_s, "step_ms": [round(t * 1e3, 2) for t in r.times]}
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "host": host_cpu(),
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "torchmetrics": torchmetrics.__version__,
                      "mergemix": mergemix.__version__, "python": platform.python_version()},
         "settings": {"model": args.model or DEFAULT_MODEL, "model_kwargs": model_kwargs(args), "img_size": args.img_size,
@@ -342,6 +344,17 @@ def main(argv: list[str] | None = None) -> int:
     table = write(result, out)
     print(table)
     return 0
+
+
+def host_cpu() -> str:
+    """The host's CPU model and core count: eager GPU steps of a merged model launch many small
+    kernels, so the host CPU sets their pace and the same GPU gives different eager ratios."""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def compile_record() -> dict[str, dict]:

@@ -23,6 +23,9 @@ def test_step_time_ratios(tmp_path, capsys):
     assert configs["cutmix"]["ratio_to_cutmix"] == 1.0
     for r in configs.values():
         assert r["ratio_to_cutmix"] == pytest.approx(r["median_step_ms"] / configs["cutmix"]["median_step_ms"])
+        # every timed step is kept (the spread between steps), and the median is theirs
+        assert len(r["step_ms"]) == 2 and r["median_step_ms"] == pytest.approx(sum(r["step_ms"]) / 2, abs=0.01)
+    assert result["host"].endswith(" cores") and len(result["host"]) > len(" cores")
     assert math.isfinite(result["mask_work"]["share_of_mergemix_step"])  # timings: structure only, no bounds
     assert result["mask_work"]["measured_on"] == "mergemix[clean,merge]"  # the default aux mode, when it ran
     ev = result["eval_throughput"]
