@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU speed benchmark in one go: DeiT-S/224, batch 256, bf16. First every method eager (about
 # 1.5 minutes), then CutMix and MergeMix `clean` compiled with CUDA-graph replay (reduce-overhead:
-# about 3 minutes on an H200, 125 s of it compiling MergeMix). MergeMix `none` compiles two graphs
-# (the partial read-out pass and the training pass) and needs about 3 minutes more:
+# about 3 minutes on an H200, 80 s of it compiling MergeMix). MergeMix `none` compiles two graphs
+# (the partial read-out pass and the training pass) and needs about 2 minutes more:
 # CONFIGS="clean,merge none,merge" adds it, with COMPILED_TIMEOUT=500; CONFIGS="none,merge" times it
 # alone (the mask work is then a share of its step). COMPILE_MODE=default
 # compiles without CUDA graphs. Writes benchmarks/results/step_time_cuda{,_compiled[_MODE]}.{json,md};
