@@ -249,6 +249,19 @@ def test_accuracy_tokens_mode_plans_the_no_merge_ablation_on_the_configs_model()
     assert "--model-kwargs" not in recipe  # the config's 49-token model, not the full mode's 16-token one
 
 
+def test_accuracy_plans_the_fast_recipe_where_tokens_are_many_and_not_in_full_mode():
+    """The README's fast GPU recipe trains as one label with its three flags, and once without the bias
+    switch, in the 49-token modes; full mode (timed to its 2-hour budget) does not grow by them."""
+    accuracy = load("accuracy")
+    label = "mergemix[aux=none,prop_attn=off,merge_every=2]"
+    labels = accuracy.plan("tokens-long", "fashion-mnist", accuracy.RECIPES["fashion-mnist"]["tokens-long"], None)
+    assert labels[label] == ["--mix", "mergemix", "--aux-loss", "none", "--mix-opt", "prop_attn=false",
+                             "--merge-every", "2"]
+    assert labels["mergemix[aux=none,merge_every=2]"] == ["--mix", "mergemix", "--aux-loss", "none", "--merge-every", "2"]
+    full = accuracy.plan("full", "digits", accuracy.RECIPES["digits"]["full"], None)
+    assert not set(accuracy.FAST_RECIPE) & set(full) and "mergemix[merge_every=2]" in full
+
+
 def test_tome_eval_points_follow_mergemix_eval(tmp_path):
     from mergemix import cli
     tome_eval = load("tome_eval")
