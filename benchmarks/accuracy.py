@@ -12,7 +12,8 @@
     python benchmarks/accuracy.py --mode tokens --methods none cutmix mergemix "mergemix[merge_num=0]" "mergemix[merge_train=off]" --jobs 2
                                                    # Fashion-MNIST, the recipe's 49-token model on 5k images,
                                                    # 10 epochs: does merging help MergeMix with more tokens?
-                                                   # (--mode tokens-long: the same at 20 epochs)
+                                                   # (--mode tokens-long: the same at 20 epochs; --mode
+                                                   # tokens196: tokens-long with 196 tokens, 98 merged, on CUDA)
 
 Each run is a plain `mergemix train` in a subprocess with the dataset's recipe; only --mix, its
 options and --seed change. Finished runs (results.json present) are skipped, so an interrupted
@@ -82,7 +83,12 @@ RECIPES = {
                       "gpu": ["-c", "configs/fashion_mnist.yaml", "--epochs", "60", "--device", "cuda", "--amp"],
                       # the recipe's own model: 4x4 patches, 49 tokens, 24 merged; does merging pay with more tokens?
                       "tokens": ["-c", "configs/fashion_mnist.yaml", "--train-subset", "5000", "--epochs", "10"],
-                      "tokens-long": ["-c", "configs/fashion_mnist.yaml", "--train-subset", "5000", "--epochs", "20"]},
+                      "tokens-long": ["-c", "configs/fashion_mnist.yaml", "--train-subset", "5000", "--epochs", "20"],
+                      # tokens-long with 2x2 patches: 196 tokens and 98 merged, the token count and merge_num of
+                      # the GPU speed targets (DeiT-S/224); on CUDA, in float32 like the CPU modes
+                      "tokens196": ["-c", "configs/fashion_mnist.yaml", "--model-kwargs", "patch_size=2", "embed_dim=96",
+                                    "depth=6", "num_heads=3", "--merge-num", "98", "--train-subset", "5000",
+                                    "--epochs", "20", "--device", "cuda"]},
 }
 MODES = {  # ablations: the datasets on which the MergeMix ablations run too
     "quick": {"datasets": ["digits"], "seeds": 3, "ablations": []},
@@ -92,6 +98,7 @@ MODES = {  # ablations: the datasets on which the MergeMix ablations run too
     "small-data": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": []},
     "tokens": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": ["fashion-mnist"], "fast_recipe": True},
     "tokens-long": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": ["fashion-mnist"], "fast_recipe": True},
+    "tokens196": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": ["fashion-mnist"], "fast_recipe": True},
 }
 EQUAL_TIME = 0.6  # MergeMix (clean) costs ~1.6x CutMix per epoch: this share of the epochs is equal time
 

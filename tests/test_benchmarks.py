@@ -262,6 +262,22 @@ def test_accuracy_plans_the_fast_recipe_where_tokens_are_many_and_not_in_full_mo
     assert not set(accuracy.FAST_RECIPE) & set(full) and "mergemix[merge_every=2]" in full
 
 
+def test_accuracy_tokens196_mode_trains_the_gpu_targets_token_count():
+    """tokens196 is tokens-long with 2x2 patches: a model of 196 patch tokens with 98 merged, as in the
+    GPU speed targets, and otherwise the same recipe."""
+    import timm
+    from mergemix.config import parse_train_args
+    accuracy = load("accuracy")
+    recipe = accuracy.RECIPES["fashion-mnist"]["tokens196"]
+    args = parse_train_args(["--dataset", "fashion-mnist", *recipe])
+    assert (args.merge_num, args.device, args.epochs, args.train_subset) == (98, "cuda", 20, 5000)
+    model = timm.create_model(args.model, pretrained=False, num_classes=10, img_size=28, in_chans=1, **args.model_kwargs)
+    assert model.patch_embed.num_patches == 196
+    long = parse_train_args(["--dataset", "fashion-mnist", *accuracy.RECIPES["fashion-mnist"]["tokens-long"]])
+    assert {**args.model_kwargs, "patch_size": 4} == long.model_kwargs
+    assert set(accuracy.FAST_RECIPE) <= set(accuracy.plan("tokens196", "fashion-mnist", recipe, None))
+
+
 def test_tome_eval_points_follow_mergemix_eval(tmp_path):
     from mergemix import cli
     tome_eval = load("tome_eval")
