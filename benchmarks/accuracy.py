@@ -62,12 +62,15 @@ ABLATIONS = {
     # ToMe's log(size) attention bias off: on a GPU the bias is what slows a merged attention call
     "mergemix[prop_attn=off]": ["--mix-opt", "prop_attn=false"],
 }
-# The README's fast GPU recipe (`none` <= 1.0x CutMix compiled), three options at once, and it without
-# the bias switch: what it costs in accuracy and which part costs it. Only in the modes with many
-# tokens, so that full mode stays within its 2 hours.
-FAST_RECIPE = {"mergemix[aux=none,prop_attn=off,merge_every=2]": ["--aux-loss", "none", "--mix-opt", "prop_attn=false",
-                                                                  "--merge-every", "2"],
-               "mergemix[aux=none,merge_every=2]": ["--aux-loss", "none", "--merge-every", "2"]}
+# The README's fast GPU recipe (`none` <= 1.0x CutMix compiled), three options at once, and its parts:
+# without the every-2nd-block switch, without the bias switch, and with its masks but an unmerged
+# training forward (merge_train=off: do its masks or its merged forward cost the accuracy?). Only in
+# the modes with many tokens, so that full mode stays within its 2 hours.
+FAST_FLAGS = ["--aux-loss", "none", "--mix-opt", "prop_attn=false", "--merge-every", "2"]
+FAST_RECIPE = {"mergemix[aux=none,prop_attn=off,merge_every=2]": FAST_FLAGS,
+               "mergemix[aux=none,merge_every=2]": ["--aux-loss", "none", "--merge-every", "2"],
+               "mergemix[aux=none,prop_attn=off]": ["--aux-loss", "none", "--mix-opt", "prop_attn=false"],
+               "mergemix[aux=none,prop_attn=off,merge_every=2,merge_train=off]": [*FAST_FLAGS, "--no-merge-train"]}
 
 # Per dataset: the recipe and the budget of each mode (flags appended to `mergemix train`).
 # digits: the built-in default recipe (16x16, 4x4 patches, 16 tokens, 8 merged). Fashion-MNIST: its

@@ -250,14 +250,16 @@ def test_accuracy_tokens_mode_plans_the_no_merge_ablation_on_the_configs_model()
 
 
 def test_accuracy_plans_the_fast_recipe_where_tokens_are_many_and_not_in_full_mode():
-    """The README's fast GPU recipe trains as one label with its three flags, and once without the bias
-    switch, in the 49-token modes; full mode (timed to its 2-hour budget) does not grow by them."""
+    """The README's fast GPU recipe trains as one label with its three flags, and its parts, in the
+    many-token modes; full mode (timed to its 2-hour budget) does not grow by them."""
     accuracy = load("accuracy")
     label = "mergemix[aux=none,prop_attn=off,merge_every=2]"
     labels = accuracy.plan("tokens-long", "fashion-mnist", accuracy.RECIPES["fashion-mnist"]["tokens-long"], None)
     assert labels[label] == ["--mix", "mergemix", "--aux-loss", "none", "--mix-opt", "prop_attn=false",
                              "--merge-every", "2"]
     assert labels["mergemix[aux=none,merge_every=2]"] == ["--mix", "mergemix", "--aux-loss", "none", "--merge-every", "2"]
+    # its masks with an unmerged training forward: the same flags and --no-merge-train
+    assert labels["mergemix[aux=none,prop_attn=off,merge_every=2,merge_train=off]"] == [*labels[label], "--no-merge-train"]
     full = accuracy.plan("full", "digits", accuracy.RECIPES["digits"]["full"], None)
     assert not set(accuracy.FAST_RECIPE) & set(full) and "mergemix[merge_every=2]" in full
 
