@@ -312,6 +312,38 @@ def test_tome_eval_points_follow_mergemix_eval(tmp_path):
     assert (tmp_path / "res" / "tome.png").stat().st_size > 0
 
 
+def test_eval_as_trained_sets_each_runs_own_merging_beside_its_plain_figures(tmp_path, capsys):
+    """Each run is evaluated merged as its training forwards were (its merge_num, every k, bias off),
+    which matches a separate `mergemix eval` with those flags, beside its own plain results.json;
+    seeds of one run name group into one row. A run that never merged is refused, nothing written."""
+    from mergemix import cli
+    as_trained = load("eval_as_trained")
+    tiny = ["--model-kwargs", "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2", "--epochs", "1",
+            "--batch-size", "128", "--warmup-epochs", "0"]
+    fast = ["--mix", "mergemix", "--aux-loss", "none", "--mix-opt", "prop_attn=false", "--merge-num", "6", "--merge-every", "2"]
+    runs = [tmp_path / f"fast-s{seed}" for seed in (0, 1)]
+    for seed, run in enumerate(runs):
+        assert cli.main(["train", "--output", str(tmp_path), "--experiment", run.name, "--seed", str(seed), *tiny, *fast]) == 0
+    assert as_trained.main(["--runs", *map(str, runs), "--name", "as", "--results-dir", str(tmp_path / "res")]) == 0
+    report = json.loads((tmp_path / "res" / "as.json").read_text())
+    row = report["table"]["fast"]
+    assert (row["merge_num"], row["merge_every"], row["prop_attn"], row["seeds"]) == (6, 2, False, [0, 1])
+    for seed, run in enumerate(runs):
+        assert cli.main(["eval", "--checkpoint", str(run / "last.pth.tar"), "--merge-num", "6", "--merge-every", "2",
+                         "--no-prop-attn", "--output", str(tmp_path / f"eval{seed}")]) == 0
+        merged = json.loads((tmp_path / f"eval{seed}" / "results.json").read_text())
+        plain = json.loads((run / "results.json").read_text())
+        figures = report["runs"]["fast"][seed]
+        assert figures["merged"]["top1"] == pytest.approx(merged["top1"]) and figures["plain"]["top1"] == plain["top1"]
+        assert row["diffs"][seed] == pytest.approx(merged["top1"] - plain["top1"])
+    assert "| fast | 2 | 6 tokens, every 2 block(s), bias off |" in (tmp_path / "res" / "as.md").read_text()
+    assert cli.main(["train", "--output", str(tmp_path), "--experiment", "cut-s0", *tiny, "--mix", "cutmix"]) == 0
+    capsys.readouterr()
+    assert as_trained.main(["--runs", str(runs[0]), str(tmp_path / "cut-s0"), "--name", "no",
+                            "--results-dir", str(tmp_path / "res")]) == 2
+    assert "trained with --mix cutmix" in capsys.readouterr().err and not (tmp_path / "res" / "no.json").exists()
+
+
 def test_gpu_script_passes_its_settings_to_step_time():
     """The one-call GPU script: what it would run, with an interpreter that only echoes its arguments."""
     import os

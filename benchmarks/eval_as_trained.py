@@ -1,0 +1,111 @@
+"""MergeMix runs evaluated plain and merged the way they trained, per label, paired by seed.
+
+    python benchmarks/eval_as_trained.py --name fashion-mnist_tokens-long_as-trained \
+        --runs benchmarks/runs/tokens-long/fashion-mnist-mergemix_aux-none*-s?
+
+A MergeMix run trains on merged forwards (with its merge_num, --merge-every and proportional
+attention on or off) and `mergemix train` evaluates the plain, unmerged model. This evaluates each
+run's final model (last.pth.tar) once more with `mergemix eval --merge-num N --merge-every K
+[--no-prop-attn]`, the merging its training forwards had, and sets it beside the run's own plain
+figures (its results.json). Runs are grouped by their folder name without the trailing -s<seed>.
+Writes benchmarks/results/<name>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from bench_common import check_outputs, one_line_errors
+from tome_eval import RESULTS, evaluate
+
+from mergemix.errors import ConfigError
+
+KEYS = ("top1", "ece", "nll")
+
+
+def merging_of(run: Path) -> dict:
+    """The merging a run's training forwards had: merge_num, merge_every, prop_attn, merge_train."""
+    args = yaml.safe_load((run / "args.yaml").read_text())
+    if args.get("mix") != "mergemix" or not args.get("merge_num"):
+        raise ConfigError(f"{run} trained with --mix {args.get('mix')} and merge_num {args.get('merge_num')}: "
+                          "it did not merge, so plain is how it trained")
+    return {"merge_num": args["merge_num"], "merge_every": args.get("merge_every") or 1,
+            "prop_attn": (args.get("mix_opt") or {}).get("prop_attn", True),
+            "merge_train": args.get("merge_train") is not False}
+
+
+def label_of(run: Path) -> str:
+    return re.sub(r"-s\d+$", "", run.name)
+
+
+def summary(rows: list[dict]) -> dict:
+    """Mean ± std of each figure plain and merged, and the merged - plain top-1 paired by seed (± SE)."""
+    out = {"seeds": [r["seed"] for r in rows], **rows[0]["merging"]}
+    for how in ("plain", "merged"):
+        for key in KEYS:
+            values = [r[how][key] for r in rows]
+            out[f"{how}_{key}"] = statistics.mean(values)
+            out[f"{how}_{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    diffs = [r["merged"]["top1"] - r["plain"]["top1"] for r in rows]
+    out["diff_top1"], out["diffs"] = statistics.mean(diffs), diffs
+    out["diff_top1_se"] = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+    return out
+
+
+def markdown(table: dict[str, dict]) -> str:
+    lines = ["Final models (last.pth.tar), the full evaluation set; plain: the run's own evaluation; merged: "
+             "`mergemix eval` with the run's training merging. merged − plain: top-1 points paired by seed, "
+             "mean ± SE.", "",
+             "| run | seeds | merging in training | top-1 plain (%) | top-1 merged (%) | merged − plain | ECE plain "
+             "| ECE merged |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for label, s in table.items():
+        how = (f"{s['merge_num']} tokens, every {s['merge_every']} block(s), bias {'on' if s['prop_attn'] else 'off'}"
+               + ("" if s["merge_train"] else ", training forward unmerged"))
+        lines.append(f"| {label} | {len(s['seeds'])} | {how} | {s['plain_top1']:.2f} ± {s['plain_top1_std']:.2f} | "
+                     f"{s['merged_top1']:.2f} ± {s['merged_top1_std']:.2f} | {s['diff_top1']:+.2f} ± "
+                     f"{s['diff_top1_se']:.2f} | {s['plain_ece']:.4f} | {s['merged_ece']:.4f} |")
+    return "\n".join(lines)
+
+
+@one_line_errors
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=Path, nargs="+", required=True, help="MergeMix training run folders")
+    p.add_argument("--name", required=True, help="results file stem under --results-dir")
+    p.add_argument("--results-dir", type=Path, default=RESULTS)
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every `mergemix eval`")
+    args = p.parse_args(argv)
+    stem = args.results_dir / args.name
+    check_outputs([stem.with_suffix(".json"), stem.with_suffix(".md")], f"--results-dir {args.results_dir}")
+    for run in args.runs:
+        if not (run / "results.json").is_file() or not (run / "last.pth.tar").is_file():
+            raise ConfigError(f"{run} is not a finished training run (results.json and last.pth.tar)")
+    merging = {run: merging_of(run) for run in args.runs}  # every run checked before any evaluation
+    groups: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in sorted(args.runs):
+            m = merging[run]
+            merged = evaluate(str(run / "last.pth.tar"), m["merge_num"], m["merge_every"], m["prop_attn"],
+                              args.extra, Path(tmp) / run.name)
+            if merged is None:
+                raise ConfigError(f"{run}: its merging does not fit the model it saved")
+            plain = json.loads((run / "results.json").read_text())
+            groups.setdefault(label_of(run), []).append(
+                {"seed": plain["seed"], "merging": m, "plain": {k: plain[k] for k in KEYS},
+                 "merged": {k: merged[k] for k in KEYS}})
+    table = {label: summary(rows) for label, rows in groups.items()}
+    stem.with_suffix(".json").write_text(json.dumps({"table": table, "runs": groups}, indent=2) + "\n")
+    text = markdown(table)
+    stem.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
