@@ -249,6 +249,19 @@ def test_a_readout_before_any_merge_gets_a_note():
     assert default.notes() == [] and mix.create("cutmix", 10).notes() == []
 
 
+def test_bias_free_training_on_mixed_images_only_gets_a_note_on_how_to_evaluate():
+    """aux none without the bias trains on bias-free merged forwards only: the note names the eval
+    command with this run's merging; with the clean pass, the bias, or an unmerged training forward, none."""
+    fast = mix.create("mergemix", 10, aux_loss="none", prop_attn=False, merge_every=2, merge_num=6)
+    fast.prepare(tiny_vit())
+    assert len(fast.notes()) == 1 and fast.notes()[0].endswith("--merge-num 6 --merge-every 2 --no-prop-attn")
+    for options in ({"aux_loss": "clean", "prop_attn": False}, {"aux_loss": "none", "prop_attn": True},
+                    {"aux_loss": "none", "prop_attn": False, "merge_train": False}):
+        other = mix.create("mergemix", 10, merge_num=6, **options)
+        other.prepare(tiny_vit())
+        assert other.notes() == [], options
+
+
 def test_same_seed_same_step():
     outs = []
     for _ in range(2):
