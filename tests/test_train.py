@@ -221,3 +221,32 @@ def test_a_signal_repeated_at_once_is_one_request_to_stop(monkeypatch):
     now[0] += train_module.StopSignal.DUPLICATE_S
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGINT, None)
+
+
+def test_eval_merged_scores_the_model_as_a_separate_merged_eval_of_its_checkpoint_does(tmp_path, capsys):
+    """--eval-merged adds the model merged as it trained (here every 2nd block, bias off): per epoch
+    and in results.json, what `mergemix eval` of the final checkpoint with that merging gives,
+    beside plain figures equal to a run without the flag. A method that never merges is refused."""
+    fast = [*TINY, "--aux-loss", "none", "--mix-opt", "prop_attn=false", "--merge-num", "6", "--merge-every", "2",
+            "--epochs", "2", "--batch-size", "32", "--train-subset", "128"]
+    for name, flag in (("merged", ["--eval-merged"]), ("plain", [])):
+        assert cli.main(["train", "--output", str(tmp_path), "--experiment", name, *fast, *flag]) == 0
+    log = capsys.readouterr().out
+    assert "--eval-merged evaluates it both ways" in log and "merged top-1" in log
+    rows = list(csv.DictReader((tmp_path / "merged" / "summary.csv").open()))
+    assert [r["merged_eval_top1"] != "" for r in rows] == [True, True]
+    # the extra pass draws nothing: training and the plain evaluation are those of a run without it
+    assert [{k: v for k, v in r.items() if not k.startswith("merged_")} for r in summary(tmp_path / "merged")] == \
+        summary(tmp_path / "plain")
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "merged" / checkpoint.LAST), "--merge-num", "6",
+                     "--merge-every", "2", "--no-prop-attn", "--output", str(tmp_path / "eval")]) == 0
+    separate = json.loads((tmp_path / "eval" / "results.json").read_text())
+    results = json.loads((tmp_path / "merged" / "results.json").read_text())
+    for key, column in (("top1", "merged_eval_top1"), ("nll", "merged_eval_loss"), ("ece", "merged_eval_ece")):
+        assert results["merged"][key] == pytest.approx(separate[key], abs=1e-5), key
+        assert float(rows[-1][column]) == pytest.approx(separate[key], abs=1e-5), column
+    assert results["merged"]["nll"] != pytest.approx(results["nll"], abs=1e-5)  # merged is another forward
+    capsys.readouterr()
+    assert cli.main(["train", "--output", str(tmp_path), "--experiment", "cut", *fast[:len(TINY)], "--mix", "cutmix",
+                     "--eval-merged"]) == 2
+    assert "--mix cutmix trains it unmerged" in capsys.readouterr().err and not (tmp_path / "cut").exists()

@@ -234,6 +234,9 @@ def build_train_parser() -> argparse.ArgumentParser:
                         "for GPU runs bound by kernel launches, as a merged model's many small kernels are")
     g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (timm ModelEmaV3)")
     g.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay per update")
+    g.add_argument("--eval-merged", action="store_true",
+                   help="evaluate each epoch also as the model trained, token-merged (MergeMix with merging "
+                        "in its training forward): merged_eval_* columns, 'merged' in results.json")
     g.add_argument("--ece-bins", type=int, default=15, help="bins of the reported ECE (10-bin ECE is reported too)")
     g.add_argument("--log-interval", type=int, default=10, help="steps between loss checks and progress updates")
     g.add_argument("--save-mix-samples", type=int, default=0, metavar="N",

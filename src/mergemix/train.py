@@ -196,6 +196,9 @@ class Trainer:
             raise ConfigError(f"--batch-size {args.batch_size}: --mix {args.mix} pairs every image with another "
                               f"of its batch, so it needs at least 2 per process; raise --batch-size or use --mix none")
         self.model = prepare_model(self.objective, self.model, args).to(ctx.device)
+        if args.eval_merged and self.objective.trained_forward(self.model) is None:
+            raise ConfigError(f"--eval-merged evaluates the model merged as it trained, but --mix {args.mix} "
+                              f"trains it unmerged (MergeMix merges unless --no-merge-train or --merge-num 0)")
 
         workers = data.loader_workers(self.data, args.workers)
         self.train_loader = data.train_loader(self.data, args.batch_size, workers, ctx.rank, ctx.world_size,
@@ -456,7 +459,7 @@ class Trainer:
         args, ctx, p = self.args, self.ctx, self.progress
         self._announce()
         metrics: dict[str, Any] = {}
-        ema_metrics: dict[str, Any] | None = None
+        ema_metrics = merged_metrics = None
         with StopSignal() as stop:
             while p.epoch < args.epochs:
                 stopping = self.train_epoch(stop)
@@ -466,6 +469,10 @@ class Trainer:
                 eval_start = time.perf_counter()
                 metrics = evaluate(self.eval_model, self.eval_loader, args.num_classes, args.ece_bins, ctx.device,
                                    self.amp_dtype, show=ctx.is_main)
+                if args.eval_merged:
+                    with self.objective.trained_forward(self.eval_model):
+                        merged_metrics = evaluate(self.eval_model, self.eval_loader, args.num_classes, args.ece_bins,
+                                                  ctx.device, self.amp_dtype, show=ctx.is_main, desc="eval merged")
                 row = {
                     "epoch": p.epoch,
                     "train_loss": distributed.mean(p.loss_sum / max(p.loss_count, 1), ctx),
@@ -473,6 +480,9 @@ class Trainer:
                     "eval_ece": metrics["ece"], "lr": self.optimizer.param_groups[0]["lr"],
                     "epoch_time": p.epoch_time + time.perf_counter() - eval_start,
                 }
+                if merged_metrics is not None:
+                    row.update(merged_eval_loss=merged_metrics["nll"], merged_eval_top1=merged_metrics["top1"],
+                               merged_eval_ece=merged_metrics["ece"])
                 if self.ema is not None:
                     ema_metrics = evaluate(self.ema.module, self.eval_loader, args.num_classes, args.ece_bins,
                                            ctx.device, self.amp_dtype, show=ctx.is_main, desc="eval ema")
@@ -485,13 +495,15 @@ class Trainer:
                 self.log(f"epoch {p.epoch + 1:>3}/{args.epochs}  train_loss {row['train_loss']:.4f}  "
                          f"eval_loss {row['eval_loss']:.4f}  top-1 {row['eval_top1']:6.2f}  "
                          f"top-5 {row['eval_top5']:6.2f}  ECE {row['eval_ece']:.4f}  "
-                         f"lr {row['lr']:.2e}  {row['epoch_time']:.1f}s")
+                         + (f"merged top-1 {row['merged_eval_top1']:6.2f}  ECE {row['merged_eval_ece']:.4f}  "
+                            if merged_metrics is not None else "")
+                         + f"lr {row['lr']:.2e}  {row['epoch_time']:.1f}s")
                 completed = p.epoch
                 p.epoch, p.step, p.loss_sum, p.loss_count, p.epoch_time = p.epoch + 1, 0, 0.0, 0, 0.0
                 self._save(completed, metrics["top1"], best)
                 if stopping:
                     raise Interrupted(stop.signum or signal.SIGTERM, self.run_dir / checkpoint.LAST)
-        return self._finish(metrics, ema_metrics)
+        return self._finish(metrics, ema_metrics, merged_metrics)
 
     def _announce(self) -> None:
         args, ctx, d = self.args, self.ctx, self.data
@@ -509,7 +521,8 @@ class Trainer:
                  + (f", amp {args.amp_dtype}" if args.amp else "") + (", compiled" if args.compile else ""))
         self.log(f"output {self.run_dir}")
 
-    def _finish(self, metrics: dict[str, Any], ema_metrics: dict[str, Any] | None) -> dict[str, Any]:
+    def _finish(self, metrics: dict[str, Any], ema_metrics: dict[str, Any] | None,
+                merged_metrics: dict[str, Any] | None) -> dict[str, Any]:
         args, p = self.args, self.progress
         if not self.ctx.is_main:
             return {}
@@ -523,11 +536,15 @@ class Trainer:
         }
         if ema_metrics is not None:
             extra["ema"] = {k: ema_metrics[k] for k in RESULT_KEYS}
+        if merged_metrics is not None:
+            extra["merged"] = {k: merged_metrics[k] for k in RESULT_KEYS}
         results = write_results(self.run_dir, metrics, extra, title=f"{args.model}, {args.mix}, {args.dataset}")
         with checkpoint.atomic_path(self.run_dir / "curves.png") as tmp:
             training_curves(self.run_dir / "summary.csv", tmp)
         self.log(f"final  {summary_line(metrics)}  on {len(self.data.eval)} held-out images, "
                  f"{extra['train_time_s']:.0f}s -> {self.run_dir}")
+        if merged_metrics is not None:
+            self.log(f"merged {summary_line(merged_metrics)}  (the model merged as it trained)")
         return results
 
 

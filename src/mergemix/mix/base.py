@@ -5,6 +5,7 @@ The training loop calls ``objective(model, x, y)`` once per step and back-propag
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import types
 import typing
@@ -187,3 +188,8 @@ class Objective:
     def notes(self) -> list[str]:
         """After ``prepare``: settings that run but likely not as the user means (printed by ``train``)."""
         return []
+
+    def trained_forward(self, model: nn.Module) -> contextlib.AbstractContextManager | None:
+        """After ``prepare``: a context in which ``model`` computes the forward this method trains
+        it with, where that is not the plain one (MergeMix: merged); None where it is."""
+        return None

@@ -12,6 +12,7 @@ trains on the mixed batch only; aux_loss="mixup" adds a plain MixUp loss instead
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -102,10 +103,16 @@ class MergeMix(Objective):
         if any(schedule) and self.aux_loss == "none" and self.merge_train and not self.prop_attn:
             # measured: 61.2 % plain against 69.6 % merged for one such Fashion-MNIST run (README)
             notes.append(f"aux_loss none without proportional attention trains on bias-free merged forwards "
-                         f"only, and plain evaluation (this run's) can score points below the model merged as "
-                         f"it trained: mergemix eval --checkpoint RUN --merge-num {self.merge_num} "
-                         f"--merge-every {self.merge_every} --no-prop-attn")
+                         f"only, and plain evaluation can score points below the model merged as it trained: "
+                         f"--eval-merged evaluates it both ways; afterwards, mergemix eval --checkpoint RUN "
+                         f"--merge-num {self.merge_num} --merge-every {self.merge_every} --no-prop-attn")
         return notes
+
+    def trained_forward(self, model: nn.Module) -> contextlib.AbstractContextManager | None:
+        """Merging on (as in the training forwards), read-out off; None when training does not merge."""
+        if not (self.merge_train and any(self._schedule)):
+            return None
+        return tome_options(model, merge=True, readout=False)
 
     def defaults(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "merge_num": self.merge_num, "r": self.r, "merge_every": self.merge_every,
