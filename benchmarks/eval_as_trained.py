@@ -7,7 +7,8 @@ A MergeMix run trains on merged forwards (with its merge_num, --merge-every and 
 attention on or off) and `mergemix train` evaluates the plain, unmerged model. This evaluates each
 run's final model (last.pth.tar) once more with `mergemix eval --merge-num N --merge-every K
 [--no-prop-attn]`, the merging its training forwards had, and sets it beside the run's own plain
-figures (its results.json). Runs are grouped by their folder name without the trailing -s<seed>.
+figures (its results.json); a run trained with --eval-merged has both already. Runs are grouped
+by their folder name without the trailing -s<seed>.
 Writes benchmarks/results/<name>.{json,md}.
 """
 from __future__ import annotations
@@ -60,7 +61,7 @@ def summary(rows: list[dict]) -> dict:
 
 def markdown(table: dict[str, dict]) -> str:
     lines = ["Final models (last.pth.tar), the full evaluation set; plain: the run's own evaluation; merged: "
-             "`mergemix eval` with the run's training merging. merged − plain: top-1 points paired by seed, "
+             "`mergemix eval` with the run's training merging (or the run's own `--eval-merged` figures). merged − plain: top-1 points paired by seed, "
              "mean ± SE.", "",
              "| run | seeds | merging in training | top-1 plain (%) | top-1 merged (%) | merged − plain | ECE plain "
              "| ECE merged |", "|---|---:|---|---:|---:|---:|---:|---:|"]
@@ -91,14 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for run in sorted(args.runs):
             m = merging[run]
-            merged = evaluate(str(run / "last.pth.tar"), m["merge_num"], m["merge_every"], m["prop_attn"],
-                              args.extra, Path(tmp) / run.name)
+            plain = json.loads((run / "results.json").read_text())
+            # a run trained with --eval-merged evaluated its final model so already
+            merged, merged_by = plain.get("merged"), "mergemix train --eval-merged"
+            if merged is None:
+                merged, merged_by = evaluate(str(run / "last.pth.tar"), m["merge_num"], m["merge_every"],
+                                             m["prop_attn"], args.extra, Path(tmp) / run.name), "mergemix eval"
             if merged is None:
                 raise ConfigError(f"{run}: its merging does not fit the model it saved")
-            plain = json.loads((run / "results.json").read_text())
             groups.setdefault(label_of(run), []).append(
                 {"seed": plain["seed"], "merging": m, "plain": {k: plain[k] for k in KEYS},
-                 "merged": {k: merged[k] for k in KEYS}})
+                 "merged": {k: merged[k] for k in KEYS}, "merged_by": merged_by})
     table = {label: summary(rows) for label, rows in groups.items()}
     stem.with_suffix(".json").write_text(json.dumps({"table": table, "runs": groups}, indent=2) + "\n")
     text = markdown(table)

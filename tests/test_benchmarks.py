@@ -322,8 +322,9 @@ def test_eval_as_trained_sets_each_runs_own_merging_beside_its_plain_figures(tmp
             "--batch-size", "128", "--warmup-epochs", "0"]
     fast = ["--mix", "mergemix", "--aux-loss", "none", "--mix-opt", "prop_attn=false", "--merge-num", "6", "--merge-every", "2"]
     runs = [tmp_path / f"fast-s{seed}" for seed in (0, 1)]
-    for seed, run in enumerate(runs):
-        assert cli.main(["train", "--output", str(tmp_path), "--experiment", run.name, "--seed", str(seed), *tiny, *fast]) == 0
+    for seed, run in enumerate(runs):  # seed 1 evaluated merged while it trained: taken from its results.json
+        assert cli.main(["train", "--output", str(tmp_path), "--experiment", run.name, "--seed", str(seed), *tiny, *fast,
+                         *(["--eval-merged"] if seed else [])]) == 0
     assert as_trained.main(["--runs", *map(str, runs), "--name", "as", "--results-dir", str(tmp_path / "res")]) == 0
     report = json.loads((tmp_path / "res" / "as.json").read_text())
     row = report["table"]["fast"]
@@ -335,6 +336,8 @@ def test_eval_as_trained_sets_each_runs_own_merging_beside_its_plain_figures(tmp
         plain = json.loads((run / "results.json").read_text())
         figures = report["runs"]["fast"][seed]
         assert figures["merged"]["top1"] == pytest.approx(merged["top1"]) and figures["plain"]["top1"] == plain["top1"]
+        assert figures["merged"]["nll"] == pytest.approx(merged["nll"], abs=1e-5)
+        assert figures["merged_by"] == ("mergemix train --eval-merged" if seed else "mergemix eval")
         assert row["diffs"][seed] == pytest.approx(merged["top1"] - plain["top1"])
     assert "| fast | 2 | 6 tokens, every 2 block(s), bias off |" in (tmp_path / "res" / "as.md").read_text()
     assert cli.main(["train", "--output", str(tmp_path), "--experiment", "cut-s0", *tiny, "--mix", "cutmix"]) == 0
