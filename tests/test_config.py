@@ -134,6 +134,7 @@ def test_compile_mode_implies_compile():
     (["--mixup-off-epoch", "-1"], "--mixup-off-epoch must be at least 0 (0: never), got -1"),
     (["--train-subset", "0"], "--train-subset must be at least 1, got 0"),
     (["--eval-batch-size", "0"], "--eval-batch-size must be at least 1, got 0"),
+    (["--eval-interval", "0"], "--eval-interval must be at least 1, got 0"),
     (["--warmup-epochs", "-1"], "--warmup-epochs must be at least 0, got -1"),
     (["--lr", "0"], "--lr must be positive, got 0.0"),
     (["--epochs", "0"], "--epochs must be at least 1, got 0"),

@@ -250,3 +250,16 @@ def test_eval_merged_scores_the_model_as_a_separate_merged_eval_of_its_checkpoin
     assert cli.main(["train", "--output", str(tmp_path), "--experiment", "cut", *fast[:len(TINY)], "--mix", "cutmix",
                      "--eval-merged"]) == 2
     assert "--mix cutmix trains it unmerged" in capsys.readouterr().err and not (tmp_path / "cut").exists()
+
+
+def test_eval_interval_skips_evaluations_but_not_the_last_and_changes_no_training(reference, tmp_path):
+    """--eval-interval 2 over 3 epochs evaluates after epochs 2 and 3 only: the same training, the same
+    figures there as the run evaluated every epoch, and the best checkpoint among the evaluated."""
+    assert subprocess.run(command(tmp_path, "sparse", *SHORT, "--eval-interval", "2"), capture_output=True).returncode == 0
+    rows, full = summary(tmp_path / "sparse"), summary(reference)
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in full]
+    assert rows[0]["eval_top1"] == rows[0]["eval_ece"] == "" and rows[1:] == full[1:]
+    results = json.loads((tmp_path / "sparse" / "results.json").read_text())
+    assert results["top1"] == json.loads((reference / "results.json").read_text())["top1"]
+    peak = max((1, 2), key=lambda e: float(rows[e]["eval_top1"]))
+    assert results["best_epoch"] == peak == torch.load(tmp_path / "sparse" / checkpoint.BEST, weights_only=False)["epoch"]

@@ -48,7 +48,7 @@ class Run:
 # differ only in these are repeats of one setting
 _NOT_SETTINGS = {"seed", "output", "experiment", "resume", "data_dir", "download", "workers", "device",
                  "deterministic", "compile", "compile_mode", "eval_batch_size", "log_interval",
-                 "save_mix_samples", "debug", "eval_merged"}
+                 "save_mix_samples", "debug", "eval_merged", "eval_interval"}
 
 
 def _settings(args: dict[str, Any]) -> dict[str, Any]:

@@ -84,8 +84,8 @@ class Limit:
 # ``check_limits`` checks whichever of them a parsed namespace holds. Method options (--mix-alpha,
 # --smoothing, --merge-num, ...) are checked by the method when it is created.
 LIMITS = {
-    "epochs": Limit(1), "batch_size": Limit(1), "eval_batch_size": Limit(1), "ece_bins": Limit(1),
-    "log_interval": Limit(1), "num_classes": Limit(1), "img_size": Limit(1), "train_subset": Limit(1),
+    "epochs": Limit(1), "batch_size": Limit(1), "eval_batch_size": Limit(1), "eval_interval": Limit(1),
+    "ece_bins": Limit(1), "log_interval": Limit(1), "num_classes": Limit(1), "img_size": Limit(1), "train_subset": Limit(1),
     "recount": Limit(1), "workers": Limit(0, note="0: load in the main process"), "warmup_epochs": Limit(0),
     "mixup_off_epoch": Limit(0, note="0: never"), "save_mix_samples": Limit(0, note="0: never"),
     "lr": Limit(0, low_open=True), "clip_grad": Limit(0, low_open=True), "crop_pct": Limit(0, low_open=True),
@@ -234,6 +234,9 @@ def build_train_parser() -> argparse.ArgumentParser:
                         "for GPU runs bound by kernel launches, as a merged model's many small kernels are")
     g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (timm ModelEmaV3)")
     g.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay per update")
+    g.add_argument("--eval-interval", type=int, default=1, metavar="N",
+                   help="evaluate after every N-th epoch and after the last (the best checkpoint is picked "
+                        "among those evaluated)")
     g.add_argument("--eval-merged", action="store_true",
                    help="evaluate each epoch also as the model trained, token-merged (MergeMix with merging "
                         "in its training forward): merged_eval_* columns, 'merged' in results.json")

@@ -186,7 +186,7 @@ def training_curves(summary_csv: str | Path, path: str | Path) -> Path:
     """Loss, top-1 and ECE per epoch from a run's summary.csv (1500 x 450 px as PNG).
 
     summary_csv: columns epoch, train_loss, eval_loss, eval_top1, eval_top5, eval_ece, lr,
-    epoch_time, with an EMA ema_eval_top1, ema_eval_ece, and with ``--eval-merged`` merged_eval_loss,
+    epoch_time, with an EMA ema_eval_loss, ema_eval_top1, ema_eval_ece, and with ``--eval-merged`` merged_eval_loss,
     merged_eval_top1, merged_eval_ece (missing columns or cells are skipped).
     ECE is a fraction, as in results.json. The train loss is the method's whole objective (MergeMix's
     mixed plus clean loss), so it need not sit near the eval loss.
@@ -196,6 +196,7 @@ def training_curves(summary_csv: str | Path, path: str | Path) -> Path:
     fig = Figure(figsize=(15, 4.5))
     panels = fig.subplots(1, 3)
     spec = [("loss", [("train_loss", "train (objective)"), ("eval_loss", "eval (cross-entropy)"),
+                      ("ema_eval_loss", "EMA eval (cross-entropy)"),
                       ("merged_eval_loss", "merged eval (cross-entropy)")]),
             ("accuracy (%)", [("eval_top1", "eval top-1"), ("eval_top5", "eval top-5"),
                               ("ema_eval_top1", "EMA eval top-1"), ("merged_eval_top1", "merged eval top-1")]),

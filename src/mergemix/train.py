@@ -458,8 +458,7 @@ class Trainer:
         """Train the remaining epochs; write results.json and the plots; return the results."""
         args, ctx, p = self.args, self.ctx, self.progress
         self._announce()
-        metrics: dict[str, Any] = {}
-        ema_metrics = merged_metrics = None
+        evaluated: dict[str, dict[str, Any]] = {}
         with StopSignal() as stop:
             while p.epoch < args.epochs:
                 stopping = self.train_epoch(stop)
@@ -467,43 +466,47 @@ class Trainer:
                     self._save(p.epoch - 1, None, best=False)
                     raise Interrupted(stop.signum or signal.SIGTERM, self.run_dir / checkpoint.LAST)
                 eval_start = time.perf_counter()
-                metrics = evaluate(self.eval_model, self.eval_loader, args.num_classes, args.ece_bins, ctx.device,
-                                   self.amp_dtype, show=ctx.is_main)
-                if args.eval_merged:
-                    with self.objective.trained_forward(self.eval_model):
-                        merged_metrics = evaluate(self.eval_model, self.eval_loader, args.num_classes, args.ece_bins,
-                                                  ctx.device, self.amp_dtype, show=ctx.is_main, desc="eval merged")
-                row = {
-                    "epoch": p.epoch,
-                    "train_loss": distributed.mean(p.loss_sum / max(p.loss_count, 1), ctx),
-                    "eval_loss": metrics["nll"], "eval_top1": metrics["top1"], "eval_top5": metrics["top5"],
-                    "eval_ece": metrics["ece"], "lr": self.optimizer.param_groups[0]["lr"],
-                    "epoch_time": p.epoch_time + time.perf_counter() - eval_start,
-                }
-                if merged_metrics is not None:
-                    row.update(merged_eval_loss=merged_metrics["nll"], merged_eval_top1=merged_metrics["top1"],
-                               merged_eval_ece=merged_metrics["ece"])
-                if self.ema is not None:
-                    ema_metrics = evaluate(self.ema.module, self.eval_loader, args.num_classes, args.ece_bins,
-                                           ctx.device, self.amp_dtype, show=ctx.is_main, desc="eval ema")
-                    row.update(ema_eval_top1=ema_metrics["top1"], ema_eval_ece=ema_metrics["ece"])
+                last = p.epoch + 1 == args.epochs
+                evaluated = self._evaluate() if last or (p.epoch + 1) % args.eval_interval == 0 else {}
+                top1 = evaluated["plain"]["top1"] if evaluated else None
+                row = {"epoch": p.epoch, "train_loss": distributed.mean(p.loss_sum / max(p.loss_count, 1), ctx)}
+                for prefix, name in (("", "plain"), ("merged_", "merged"), ("ema_", "ema")):
+                    if name in evaluated:
+                        m = evaluated[name]
+                        row.update({f"{prefix}eval_loss": m["nll"], f"{prefix}eval_top1": m["top1"],
+                                    f"{prefix}eval_ece": m["ece"]} | ({"eval_top5": m["top5"]} if not prefix else {}))
+                row.update(lr=self.optimizer.param_groups[0]["lr"],
+                           epoch_time=p.epoch_time + time.perf_counter() - eval_start)
                 p.rows.append(row)
-                best = metrics["top1"] > p.best_top1
+                best = top1 is not None and top1 > p.best_top1
                 if best:
-                    p.best_top1, p.best_epoch = metrics["top1"], p.epoch
-                self.scheduler.step(p.epoch + 1, metrics["top1"])
+                    p.best_top1, p.best_epoch = top1, p.epoch
+                self.scheduler.step(p.epoch + 1, top1)
                 self.log(f"epoch {p.epoch + 1:>3}/{args.epochs}  train_loss {row['train_loss']:.4f}  "
-                         f"eval_loss {row['eval_loss']:.4f}  top-1 {row['eval_top1']:6.2f}  "
-                         f"top-5 {row['eval_top5']:6.2f}  ECE {row['eval_ece']:.4f}  "
+                         + (f"eval_loss {row['eval_loss']:.4f}  top-1 {row['eval_top1']:6.2f}  "
+                            f"top-5 {row['eval_top5']:6.2f}  ECE {row['eval_ece']:.4f}  " if evaluated else "")
                          + (f"merged top-1 {row['merged_eval_top1']:6.2f}  ECE {row['merged_eval_ece']:.4f}  "
-                            if merged_metrics is not None else "")
+                            if "merged" in evaluated else "")
                          + f"lr {row['lr']:.2e}  {row['epoch_time']:.1f}s")
                 completed = p.epoch
                 p.epoch, p.step, p.loss_sum, p.loss_count, p.epoch_time = p.epoch + 1, 0, 0.0, 0, 0.0
-                self._save(completed, metrics["top1"], best)
+                self._save(completed, top1, best)
                 if stopping:
                     raise Interrupted(stop.signum or signal.SIGTERM, self.run_dir / checkpoint.LAST)
-        return self._finish(metrics, ema_metrics, merged_metrics)
+        return self._finish(evaluated)
+
+    def _evaluate(self) -> dict[str, dict[str, Any]]:
+        """The evaluation set's figures: "plain", and "merged" (--eval-merged) and "ema" (--model-ema)."""
+        args, ctx = self.args, self.ctx
+        run = functools.partial(evaluate, loader=self.eval_loader, num_classes=args.num_classes,
+                                n_bins=args.ece_bins, device=ctx.device, amp_dtype=self.amp_dtype, show=ctx.is_main)
+        evaluated = {"plain": run(self.eval_model)}
+        if args.eval_merged:
+            with self.objective.trained_forward(self.eval_model):
+                evaluated["merged"] = run(self.eval_model, desc="eval merged")
+        if self.ema is not None:
+            evaluated["ema"] = run(self.ema.module, desc="eval ema")
+        return evaluated
 
     def _announce(self) -> None:
         args, ctx, d = self.args, self.ctx, self.data
@@ -521,11 +524,12 @@ class Trainer:
                  + (f", amp {args.amp_dtype}" if args.amp else "") + (", compiled" if args.compile else ""))
         self.log(f"output {self.run_dir}")
 
-    def _finish(self, metrics: dict[str, Any], ema_metrics: dict[str, Any] | None,
-                merged_metrics: dict[str, Any] | None) -> dict[str, Any]:
+    def _finish(self, evaluated: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """results.json from the last epoch's figures (``_evaluate``'s)."""
         args, p = self.args, self.progress
         if not self.ctx.is_main:
             return {}
+        metrics = evaluated["plain"]
         from .plots import training_curves
 
         extra: dict[str, Any] = {
@@ -534,17 +538,16 @@ class Trainer:
             "dataset": args.dataset, "num_images": len(self.data.eval), "seed": args.seed,
             "ece_bins": args.ece_bins, "world_size": self.ctx.world_size,
         }
-        if ema_metrics is not None:
-            extra["ema"] = {k: ema_metrics[k] for k in RESULT_KEYS}
-        if merged_metrics is not None:
-            extra["merged"] = {k: merged_metrics[k] for k in RESULT_KEYS}
+        for name in ("ema", "merged"):
+            if name in evaluated:
+                extra[name] = {k: evaluated[name][k] for k in RESULT_KEYS}
         results = write_results(self.run_dir, metrics, extra, title=f"{args.model}, {args.mix}, {args.dataset}")
         with checkpoint.atomic_path(self.run_dir / "curves.png") as tmp:
             training_curves(self.run_dir / "summary.csv", tmp)
         self.log(f"final  {summary_line(metrics)}  on {len(self.data.eval)} held-out images, "
                  f"{extra['train_time_s']:.0f}s -> {self.run_dir}")
-        if merged_metrics is not None:
-            self.log(f"merged {summary_line(merged_metrics)}  (the model merged as it trained)")
+        if "merged" in evaluated:
+            self.log(f"merged {summary_line(evaluated['merged'])}  (the model merged as it trained)")
         return results
 
 
