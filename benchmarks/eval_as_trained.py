@@ -8,7 +8,8 @@ attention on or off) and `mergemix train` evaluates the plain, unmerged model. T
 run's final model (last.pth.tar) once more with `mergemix eval --merge-num N --merge-every K
 [--no-prop-attn]`, the merging its training forwards had, and sets it beside the run's own plain
 figures (its results.json); a run trained with --eval-merged has both already. Runs are grouped
-by their folder name without the trailing -s<seed>.
+by their folder name without the trailing -s<seed>. --baselines takes runs of methods that train
+unmerged (CutMix, say) and sets each row's merged top-1 against theirs, paired by seed.
 Writes benchmarks/results/<name>.{json,md}.
 """
 from __future__ import annotations
@@ -45,6 +46,24 @@ def label_of(run: Path) -> str:
     return re.sub(r"-s\d+$", "", run.name)
 
 
+def paired(diffs: list[float]) -> dict:
+    """Mean and standard error of differences paired by seed."""
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+    return {"mean": statistics.mean(diffs), "se": se, "diffs": diffs}
+
+
+def against_baselines(rows: list[dict], baselines: dict[str, dict[int, float]]) -> dict:
+    """Merged top-1 minus each baseline's (plain) top-1 over the seeds both have."""
+    out = {}
+    for label, top1_by_seed in baselines.items():
+        common = [r for r in rows if r["seed"] in top1_by_seed]
+        if common:
+            out[label] = {"seeds": [r["seed"] for r in common], "baseline_top1": statistics.mean(
+                top1_by_seed[r["seed"]] for r in common), **paired([r["merged"]["top1"] - top1_by_seed[r["seed"]]
+                                                                    for r in common])}
+    return out
+
+
 def summary(rows: list[dict]) -> dict:
     """Mean ± std of each figure plain and merged, and the merged - plain top-1 paired by seed (± SE)."""
     out = {"seeds": [r["seed"] for r in rows], **rows[0]["merging"]}
@@ -53,9 +72,8 @@ def summary(rows: list[dict]) -> dict:
             values = [r[how][key] for r in rows]
             out[f"{how}_{key}"] = statistics.mean(values)
             out[f"{how}_{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    diffs = [r["merged"]["top1"] - r["plain"]["top1"] for r in rows]
-    out["diff_top1"], out["diffs"] = statistics.mean(diffs), diffs
-    out["diff_top1_se"] = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+    diff = paired([r["merged"]["top1"] - r["plain"]["top1"] for r in rows])
+    out["diff_top1"], out["diff_top1_se"], out["diffs"] = diff["mean"], diff["se"], diff["diffs"]
     return out
 
 
@@ -71,6 +89,13 @@ def markdown(table: dict[str, dict]) -> str:
         lines.append(f"| {label} | {len(s['seeds'])} | {how} | {s['plain_top1']:.2f} ± {s['plain_top1_std']:.2f} | "
                      f"{s['merged_top1']:.2f} ± {s['merged_top1_std']:.2f} | {s['diff_top1']:+.2f} ± "
                      f"{s['diff_top1_se']:.2f} | {s['plain_ece']:.4f} | {s['merged_ece']:.4f} |")
+    versus = [(label, base, v) for label, s in table.items() for base, v in s.get("vs", {}).items()]
+    if versus:
+        lines += ["", "Merged top-1 against runs that trained unmerged (their own plain evaluation), points paired "
+                  "by seed, mean ± SE:", "", "| run | against | seeds | their top-1 (%) | merged − theirs | by seed |",
+                  "|---|---|---:|---:|---:|---|"]
+        lines += [f"| {label} | {base} | {len(v['seeds'])} | {v['baseline_top1']:.2f} | {v['mean']:+.2f} ± "
+                  f"{v['se']:.2f} | {', '.join(f'{d:+.2f}' for d in v['diffs'])} |" for label, base, v in versus]
     return "\n".join(lines)
 
 
@@ -78,16 +103,22 @@ def markdown(table: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="MergeMix training run folders")
+    p.add_argument("--baselines", type=Path, nargs="+", default=[],
+                   help="finished runs that trained unmerged (e.g. CutMix), compared by seed with each merged row")
     p.add_argument("--name", required=True, help="results file stem under --results-dir")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every `mergemix eval`")
     args = p.parse_args(argv)
     stem = args.results_dir / args.name
     check_outputs([stem.with_suffix(".json"), stem.with_suffix(".md")], f"--results-dir {args.results_dir}")
-    for run in args.runs:
+    for run in [*args.runs, *args.baselines]:
         if not (run / "results.json").is_file() or not (run / "last.pth.tar").is_file():
             raise ConfigError(f"{run} is not a finished training run (results.json and last.pth.tar)")
     merging = {run: merging_of(run) for run in args.runs}  # every run checked before any evaluation
+    baselines: dict[str, dict[int, float]] = {}
+    for run in args.baselines:
+        figures = json.loads((run / "results.json").read_text())
+        baselines.setdefault(label_of(run), {})[figures["seed"]] = figures["top1"]
     groups: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run in sorted(args.runs):
@@ -103,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             groups.setdefault(label_of(run), []).append(
                 {"seed": plain["seed"], "merging": m, "plain": {k: plain[k] for k in KEYS},
                  "merged": {k: merged[k] for k in KEYS}, "merged_by": merged_by})
-    table = {label: summary(rows) for label, rows in groups.items()}
+    table = {label: {**summary(rows), **({"vs": against_baselines(rows, baselines)} if baselines else {})}
+             for label, rows in groups.items()}
     stem.with_suffix(".json").write_text(json.dumps({"table": table, "runs": groups}, indent=2) + "\n")
     text = markdown(table)
     stem.with_suffix(".md").write_text(text + "\n")

@@ -340,7 +340,15 @@ def test_eval_as_trained_sets_each_runs_own_merging_beside_its_plain_figures(tmp
         assert figures["merged_by"] == ("mergemix train --eval-merged" if seed else "mergemix eval")
         assert row["diffs"][seed] == pytest.approx(merged["top1"] - plain["top1"])
     assert "| fast | 2 | 6 tokens, every 2 block(s), bias off |" in (tmp_path / "res" / "as.md").read_text()
-    assert cli.main(["train", "--output", str(tmp_path), "--experiment", "cut-s0", *tiny, "--mix", "cutmix"]) == 0
+    assert cli.main(["train", "--output", str(tmp_path), "--experiment", "cut-s0", "--seed", "0", *tiny, "--mix", "cutmix"]) == 0
+    # a baseline that trained unmerged: each row's merged top-1 against its plain one, over the seeds both have
+    assert as_trained.main(["--runs", *map(str, runs), "--baselines", str(tmp_path / "cut-s0"), "--name", "vs",
+                            "--results-dir", str(tmp_path / "res")]) == 0
+    versus = json.loads((tmp_path / "res" / "vs.json").read_text())["table"]["fast"]["vs"]["cut"]
+    cut = json.loads((tmp_path / "cut-s0" / "results.json").read_text())["top1"]
+    assert versus["seeds"] == [0] and versus["baseline_top1"] == cut
+    assert versus["mean"] == pytest.approx(report["runs"]["fast"][0]["merged"]["top1"] - cut)
+    assert f"| fast | cut | 1 | {cut:.2f} | {versus['mean']:+.2f} ± 0.00 |" in (tmp_path / "res" / "vs.md").read_text()
     capsys.readouterr()
     assert as_trained.main(["--runs", str(runs[0]), str(tmp_path / "cut-s0"), "--name", "no",
                             "--results-dir", str(tmp_path / "res")]) == 2
