@@ -1,10 +1,12 @@
-"""The README's library snippets run as written."""
+"""The README's library snippets run as written; its summary table says what the results files say."""
+import json
 import re
 from pathlib import Path
 
 import torch
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+README_DIR = Path(__file__).resolve().parents[1]
+README = (README_DIR / "README.md").read_text()
 
 
 def snippets(section: str) -> list[str]:
@@ -24,3 +26,24 @@ def test_library_use_snippets_run():
         exec(pieces, scope)
     assert scope["ro"].attn.shape == (4, 1 + 196 - sum(model.tome.r[:8]))
     assert scope["keep"].sum(1).tolist() == [117.0] * 4
+
+
+GLANCE_METHODS = {"MergeMix (defaults)": "mergemix", "no mixing": "none", "CutMix": "cutmix", "MixUp": "mixup"}
+
+
+def test_at_a_glance_table_matches_the_published_results():
+    """Each cell of the Benchmarks summary is its results file's mean top-1 / ECE, rounded once."""
+    body = README.split("**At a glance**", 1)[1].split("\n\n", 2)[1]
+    header, *rows = [[c.strip() for c in line.strip("|").split("|")]
+                     for line in body.splitlines() if not line.startswith("|---")]
+    assert len(rows) >= 5
+    for row in rows:
+        (results,) = re.findall(r"\]\((benchmarks/results/[^)]+)\.md\)", row[0])
+        table = json.loads((README_DIR / f"{results}.json").read_text())["table"]
+        for column, cell in zip(header[1:], row[1:]):
+            method = GLANCE_METHODS[column]
+            if cell == "–":
+                assert method not in table, (results, method)
+                continue
+            top1, ece = (v.strip("* ") for v in cell.split("/"))
+            assert (top1, ece) == (f"{table[method]['top1']:.2f}", f"{table[method]['ece']:.3f}"), (results, method)
