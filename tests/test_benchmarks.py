@@ -249,6 +249,18 @@ def test_accuracy_tokens_mode_plans_the_no_merge_ablation_on_the_configs_model()
     assert "--model-kwargs" not in recipe  # the config's 49-token model, not the full mode's 16-token one
 
 
+def test_accuracy_long_mode_ablates_mergemix_on_fashion_mnist_only():
+    """At 60 epochs MixUp overtook MergeMix on Fashion-MNIST: long mode runs MergeMix's ablations there
+    (merging off, the reference's MixUp auxiliary loss), and the 100-epoch digits runs stay baselines."""
+    accuracy = load("accuracy")
+    fmnist = accuracy.plan("long", "fashion-mnist", accuracy.RECIPES["fashion-mnist"]["long"],
+                           ["mixup", "mergemix[merge_num=0]", "mergemix[aux=mixup]"])
+    assert fmnist == {"mixup": ["--mix", "mixup"], "mergemix[merge_num=0]": ["--mix", "mergemix", "--merge-num", "0"],
+                      "mergemix[aux=mixup]": ["--mix", "mergemix", "--aux-loss", "mixup"]}
+    digits = accuracy.plan("long", "digits", accuracy.RECIPES["digits"]["long"], None)
+    assert set(digits) == set(accuracy.BASELINES)
+
+
 def test_accuracy_plans_the_fast_recipe_where_tokens_are_many_and_not_in_full_mode():
     """The README's fast GPU recipe trains as one label with its three flags, and its parts, in the
     many-token modes; full mode (timed to its 2-hour budget) does not grow by them."""
