@@ -40,7 +40,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
-from bench_common import at_least, check_outputs, one_line_errors, output_folder  # noqa: E402
+from bench_common import at_least, check_outputs, one_line_errors, output_folder, paired  # noqa: E402
 
 from mergemix.errors import ConfigError  # noqa: E402
 
@@ -105,6 +105,7 @@ MODES = {  # ablations: the datasets on which the MergeMix ablations run too
     "tokens-long": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": ["fashion-mnist"], "fast_recipe": True},
     "tokens196": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": ["fashion-mnist"], "fast_recipe": True},
 }
+PAIRED_REFERENCE = "mergemix"  # every table's rows are also set against MergeMix's defaults, seed by seed
 EQUAL_TIME = 0.6  # MergeMix (clean) costs ~1.6x CutMix per epoch: this share of the epochs is equal time
 
 
@@ -204,7 +205,8 @@ def merge_previous(path: Path, recipe: list[str], table: dict, raw: dict) -> tup
             {**{k: previous["runs"][k] for k in kept}, **raw})
 
 
-def markdown(dataset: str, mode: str, table: dict[str, dict], recipe: list[str], jobs: int) -> str:
+def markdown(dataset: str, mode: str, table: dict[str, dict], raw: dict[str, list[dict]], recipe: list[str],
+             jobs: int) -> str:
     ref = table.get("cutmix", {}).get("epoch_time")
     lines = [f"### {dataset} ({mode} mode)", "",
              f"Recipe: `mergemix train --dataset {dataset} {' '.join(recipe)} --mix METHOD --seed S`, "
@@ -217,7 +219,33 @@ def markdown(dataset: str, mode: str, table: dict[str, dict], recipe: list[str],
         rel = f"{t['epoch_time'] / ref:.2f}" if ref else "–"
         lines.append(f"| {label} | {t['seeds']} | {t['top1']:.2f} ± {t['top1_std']:.2f} | {t['ece']:.4f} ± {t['ece_std']:.4f} | "
                      f"{t['nll']:.4f} | {t['brier']:.4f} | {t['epoch_time']:.1f} | {rel} |")
+    differences = paired_differences(raw, PAIRED_REFERENCE)
+    if differences:
+        lines += ["", f"Paired by seed against {PAIRED_REFERENCE} (method − {PAIRED_REFERENCE} over the seeds both ran; "
+                  "mean ± standard error, then each seed's difference in seed order). Runs with one seed start from the "
+                  "same weights and see the training images in the same order, so these differences are less noisy "
+                  "than the gaps between the means.", "",
+                  f"| method | seeds | top-1 − {PAIRED_REFERENCE} (points) | per seed | ECE − {PAIRED_REFERENCE} |",
+                  "|---|---:|---:|---|---:|"]
+        for label, d in sorted(differences.items(), key=lambda kv: -kv[1]["top1"]["mean"]):
+            top1, ece = d["top1"], d["ece"]
+            per_seed = ", ".join(f"{v:+.2f}" for v in top1["diffs"])
+            lines.append(f"| {label} | {len(top1['diffs'])} | {top1['mean']:+.2f} ± {top1['se']:.2f} | {per_seed} | "
+                         f"{ece['mean']:+.4f} ± {ece['se']:.4f} |")
     return "\n".join(lines)
+
+
+def paired_differences(raw: dict[str, list[dict]], reference: str) -> dict[str, dict]:
+    """Per label, its top-1 and ECE minus the reference's, paired by seed (``paired``: mean, standard
+    error, the differences in seed order). Labels sharing no seed with the reference give nothing."""
+    ref = {r["seed"]: r for r in raw.get(reference, [])}
+    out = {}
+    for label, runs in raw.items():
+        pairs = sorted(((r, ref[r["seed"]]) for r in runs if label != reference and r["seed"] in ref),
+                       key=lambda pair: pair[0]["seed"])
+        if pairs:
+            out[label] = {key: paired([r[key] - b[key] for r, b in pairs]) for key in ("top1", "ece")}
+    return out
 
 
 def label_offsets(steps: int = 12, gap: float = 9.0) -> list[tuple[float, float, str]]:
@@ -316,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         stem = stems[dataset]
         flags = [*recipe, *args.extra]  # the table names every flag its runs had
         table, raw = merge_previous(stem.with_suffix(".json"), flags, table, raw)
-        stem.with_suffix(".json").write_text(json.dumps({"mode": args.mode, "recipe": flags, "table": table,
-                                                         "runs": raw}, indent=2))
-        text = markdown(dataset, args.mode, table, flags, args.jobs)
+        stem.with_suffix(".json").write_text(json.dumps({"mode": args.mode, "recipe": flags, "jobs": args.jobs,
+                                                         "table": table, "runs": raw}, indent=2))
+        text = markdown(dataset, args.mode, table, raw, flags, args.jobs)
         stem.with_suffix(".md").write_text(text + "\n")
         figure(dataset, table, stem.with_suffix(".png"))
         print(text)

@@ -12,6 +12,7 @@ import argparse
 import copy
 import functools
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -100,6 +101,12 @@ def merged_copy(net: nn.Module, **options: Any) -> nn.Module:
         return patch_tome(copy.deepcopy(net), **options)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def paired(diffs: list[float]) -> dict:
+    """Mean and standard error (stdev / √n; 0 for one) of differences paired by seed."""
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+    return {"mean": statistics.mean(diffs), "se": se, "diffs": diffs}
 
 
 def device(text: str) -> torch.device:

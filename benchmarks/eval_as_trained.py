@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from bench_common import check_outputs, one_line_errors
+from bench_common import check_outputs, one_line_errors, paired
 from tome_eval import RESULTS, evaluate
 
 from mergemix.errors import ConfigError
@@ -44,12 +44,6 @@ def merging_of(run: Path) -> dict:
 
 def label_of(run: Path) -> str:
     return re.sub(r"-s\d+$", "", run.name)
-
-
-def paired(diffs: list[float]) -> dict:
-    """Mean and standard error of differences paired by seed."""
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
-    return {"mean": statistics.mean(diffs), "se": se, "diffs": diffs}
 
 
 def against_baselines(rows: list[dict], baselines: dict[str, dict[int, float]]) -> dict:

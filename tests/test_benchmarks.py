@@ -214,6 +214,33 @@ def test_accuracy_keeps_rows_of_an_earlier_table_with_the_same_recipe(tmp_path):
     assert accuracy.merge_previous(tmp_path / "missing.json", recipe, new_table, new_raw) == (new_table, new_raw)
 
 
+def test_accuracy_sets_every_row_against_mergemix_paired_by_seed():
+    accuracy = load("accuracy")
+
+    def run(seed, top1, ece):
+        return {"seed": seed, "top1": top1, "ece": ece, "nll": 1.0, "brier": 0.5, "epoch_time": 1.0}
+
+    raw = {"mergemix": [run(0, 70.0, 0.10), run(1, 72.0, 0.12), run(2, 71.0, 0.11)],
+           # listed out of seed order, and with a seed MergeMix did not run
+           "none": [run(2, 72.0, 0.05), run(0, 71.0, 0.06), run(1, 72.0, 0.07), run(7, 99.0, 0.0)],
+           "cutmix": [run(1, 69.0, 0.20)],
+           "mixup": [run(5, 60.0, 0.3)]}  # no seed in common: no row
+    diffs = accuracy.paired_differences(raw, "mergemix")
+    assert set(diffs) == {"none", "cutmix"}
+    none = diffs["none"]["top1"]
+    # by hand: differences +1, 0, +1 (seeds 0, 1, 2); mean 2/3; stdev √(1/3); SE √(1/3)/√3 = 1/3
+    assert none["diffs"] == [1.0, 0.0, 1.0]
+    assert none["mean"] == pytest.approx(2 / 3) and none["se"] == pytest.approx(1 / 3)
+    assert diffs["none"]["ece"]["mean"] == pytest.approx(-0.05)  # -0.04, -0.05, -0.06
+    assert diffs["cutmix"]["top1"] == {"mean": -3.0, "se": 0.0, "diffs": [-3.0]}
+    assert accuracy.paired_differences(raw, "smmix") == {}  # a table without the reference has no paired rows
+    table = {label: accuracy.aggregate(runs) for label, runs in raw.items()}
+    text = accuracy.markdown("digits", "quick", table, raw, ["--epochs", "8"], 2)
+    assert "| none | 3 | +0.67 ± 0.33 | +1.00, +0.00, +1.00 | -0.0500 ± 0.0058 |" in text
+    assert "| cutmix | 1 | -3.00 ± 0.00 | -3.00 | +0.0800 ± 0.0000 |" in text
+    assert "| mixup | 1 |" in text and "| mixup | 1 | -" not in text.split("Paired by seed")[1]
+
+
 def test_accuracy_figure_labels_overlap_neither_each_other_nor_other_points():
     """Ablations land within a fraction of a point of each other: their labels must still be legible."""
     import matplotlib.pyplot as plt
