@@ -35,7 +35,7 @@ def accuracy(tmp_path, monkeypatch):
 
     def run_one(cmd: list[str], run_dir: Path, threads: int) -> dict:
         module.launched.append(run_dir.name)
-        return dict(FIGURES)
+        return {**FIGURES, "seed": int(cmd[cmd.index("--seed") + 1])}  # a run's results.json names its seed
     monkeypatch.setattr(module, "run_one", run_one)
     return module
 
