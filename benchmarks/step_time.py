@@ -7,7 +7,9 @@
 Steps of all configurations are interleaved (round-robin), so drift of the machine hits every
 configuration alike; the median over the timed rounds is reported. Also measured: the mask work
 alone (recover, top-k, upsample, mix) as a share of a MergeMix step, and evaluation throughput
-of the ToMe-merged model against the plain timm model, in the same mode.
+of the ToMe-merged model against the plain timm model, in the same mode. Eager runs also count
+the ATen ops of one step that do work: each launches at least one kernel on a GPU, where eager
+steps that launch many small ones wait for the host, whatever the GPU's speed.
 Writes benchmarks/results/step_time_<device>[_compiled[_<mode>][_blocks]][_every<K-K...>][_noprop|_prop-on-off][_<tag>].json
 and a markdown table next to it.
 """
@@ -29,6 +31,7 @@ from typing import Sequence
 import timm
 import torch
 import torchmetrics
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 import mergemix
@@ -174,6 +177,7 @@ class Runner:
             self.forward_model = compile_model(self.model, args.compile_scope, mode=args.compile_mode)
         self.times: list[float] = []
         self.peak: int | None = None
+        self.kernel_ops: int | None = None
 
     def step(self, x, y, autocast, device) -> float:
         if device.type == "cuda":
@@ -191,6 +195,29 @@ class Runner:
         if device.type == "cuda":
             self.peak = max(self.peak or 0, torch.cuda.max_memory_allocated(device))
         return dt
+
+
+class KernelOpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched inside it, forward and backward, that compute something: each
+    launches at least one kernel on a GPU. Views and bare allocations launch none and are left out."""
+
+    NO_KERNEL = {"_unsafe_view", "empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in self.NO_KERNEL:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_kernel_ops(fn) -> int:
+    """ATen ops that do work (see ``KernelOpCounter``) in one call of ``fn``."""
+    with KernelOpCounter() as counter:
+        fn()
+    return counter.count
 
 
 def time_fn(fn, device, reps: int) -> float:
@@ -294,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         # eager too: a first step also builds cuDNN's plans, one per attention shape, which a
         # merged model has many of; the compiled warm-up includes the same cost
         r.warmup_s = time.perf_counter() - t
+        if not args.compile:  # a compiled step runs Inductor's kernels, which the dispatcher does not see
+            r.kernel_ops = count_kernel_ops(lambda: r.step(x, y, autocast, device))
     for _ in tqdm(range(args.steps), desc="timed rounds", file=sys.stderr):
         for r in runners:
             r.times.append(r.step(x, y, autocast, device))
@@ -304,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(r.times)
         rows[r.label] = {"method": r.objective.name, "passes": r.objective.passes, "median_step_ms": med * 1e3,
                          "ratio_to_cutmix": med / cutmix, "peak_memory_mb": r.peak / 2**20 if r.peak else None,
-                         "warmup_s": r.warmup_s, "step_ms": [round(t * 1e3, 2) for t in r.times]}
+                         "warmup_s": r.warmup_s, "step_ms": [round(t * 1e3, 2) for t in r.times],
+                         "kernel_ops_per_step": r.kernel_ops}
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "host": host_cpu(),
@@ -401,7 +431,9 @@ def write(result: dict, out: Path) -> str:
 
 
 def markdown(result: dict) -> str:
-    s = result["settings"]
+    s, configs = result["settings"], result["configs"]
+    # eager runs count each step's kernel-launching ops (files from before the count have none)
+    ops = all(r.get("kernel_ops_per_step") for r in configs.values()) and "cutmix" in configs
     lines = [f"Device: {result['device']}; model {s['model']} {s['model_kwargs']} at {s['img_size']} px, "
              f"{s['num_patches']} patches, batch {s['batch_size']}, amp {s['amp']}, compile {s['compile']}"
              + (f" ({s['compile_mode']})" if s.get("compile_mode") else "")
@@ -412,16 +444,17 @@ def markdown(result: dict) -> str:
                 ", proportional attention " + " and ".join("on" if p else "off (noprop)" for p in s["prop_attn"]))
              + f"; median of {s['steps']} interleaved steps.", "",
              "| configuration | passes per step | step (ms) | × CutMix | peak memory (MB) | warm-up"
-             + (" incl. compile" if s["compile"] else "") + " (s) |",
-             "|---|---|---:|---:|---:|---:|"]
+             + (" incl. compile" if s["compile"] else "") + " (s) |" + (" ATen ops per step (× CutMix) |" if ops else ""),
+             "|---|---|---:|---:|---:|---:|" + ("---:|" if ops else "")]
     # replayed CUDA graphs allocate nothing (their memory was taken when they were recorded), so a
     # per-step peak under reduce-overhead says nothing about a method's memory: the table omits it
     graphs = s.get("compile_mode") == "reduce-overhead"
-    for label, r in sorted(result["configs"].items(), key=lambda kv: kv[1]["ratio_to_cutmix"]):
+    for label, r in sorted(configs.items(), key=lambda kv: kv[1]["ratio_to_cutmix"]):
         mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] and not graphs else "–"
         lines.append(f"| {label} | {r['passes']} | {r['median_step_ms']:.1f} | {r['ratio_to_cutmix']:.2f} | {mem} "
-                     f"| {r['warmup_s']:.1f} |")
-    if s["compile"] and sum(label.startswith("mergemix[") for label in result["configs"]) > 1:
+                     f"| {r['warmup_s']:.1f} |" + (f" {r['kernel_ops_per_step']} "
+                     f"({r['kernel_ops_per_step'] / configs['cutmix']['kernel_ops_per_step']:.2f}) |" if ops else ""))
+    if s["compile"] and sum(label.startswith("mergemix[") for label in configs) > 1:
         # dynamo caches compiled code per code object, not per model: a later configuration with the
         # same shapes and flags reuses what an earlier one compiled
         lines += ["", "Warm-up seconds follow the run order: a MergeMix configuration can reuse graphs that an "

@@ -34,6 +34,11 @@ def test_step_time_ratios(tmp_path, capsys):
     assert table.startswith("Device: cpu")
     for name, r in configs.items():  # the published table shows the JSON's figures
         assert f"| {name} |" in table and f"| {r['ratio_to_cutmix']:.2f} |" in table
+        ops = r["kernel_ops_per_step"] / configs["cutmix"]["kernel_ops_per_step"]
+        assert f"| {r['kernel_ops_per_step']} ({ops:.2f}) |" in table
+    # the clean pass runs a second forward and backward: more kernels than one pass on mixed images
+    assert configs["mergemix[clean,merge]"]["kernel_ops_per_step"] > configs["mergemix[none,merge]"]["kernel_ops_per_step"] \
+        > configs["mixup"]["kernel_ops_per_step"]
     # without MergeMix there is no mask work to measure, and the rest still runs
     assert step_time.main([*tiny, "--methods", "mixup", "--out", str(out)]) == 0
     assert set(json.loads(out.read_text())["configs"]) == {"cutmix", "mixup"}
@@ -51,6 +56,24 @@ def test_step_time_ratios(tmp_path, capsys):
     table = out.with_suffix(".md").read_text()
     assert "% of a mergemix[none,merge] step." in table
     assert f"merged every2 {ev['merged_every2_images_per_s']:.0f} img/s ({ev['merged_every2_speedup']:.2f}×)" in table
+
+
+def test_kernel_op_counter_counts_what_computes_and_not_views_or_allocations():
+    """Hand-counted: (a + b).relu() computes twice; the reshapes and transpose of a contiguous result
+    and an empty tensor do not, and a reshape that must copy (of the transpose) does.
+    A backward counts too: through v @ w, one matmul per input that needs a gradient; the second
+    time also the two additions into the .grad the first left."""
+    step_time = load("step_time")
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    assert step_time.count_kernel_ops(lambda: (a + b).relu().reshape(-1).view(4, 3).t()) == 2
+    assert step_time.count_kernel_ops(lambda: a.t().reshape(-1)) == 1
+    assert step_time.count_kernel_ops(lambda: torch.empty(5)) == 0
+    v, w, grad = torch.randn(3, 4, requires_grad=True), torch.randn(4, 2, requires_grad=True), torch.ones(3, 2)
+    counts = []
+    for _ in range(2):
+        out = v @ w  # the forward outside the count
+        counts.append(step_time.count_kernel_ops(lambda: out.backward(grad)))
+    assert counts == [2, 4]
 
 
 def test_step_time_tag_names_the_default_file(tmp_path, monkeypatch):
