@@ -8,8 +8,8 @@ Steps of all configurations are interleaved (round-robin), so drift of the machi
 configuration alike; the median over the timed rounds is reported. Also measured: the mask work
 alone (recover, top-k, upsample, mix) as a share of a MergeMix step, and evaluation throughput
 of the ToMe-merged model against the plain timm model, in the same mode. Eager runs also count
-the ATen ops of one step that do work: each launches at least one kernel on a GPU, where eager
-steps that launch many small ones wait for the host, whatever the GPU's speed.
+the ATen ops of one forward and backward that do work: each launches at least one kernel on a GPU,
+where eager steps that launch many small ones can wait for the host.
 Writes benchmarks/results/step_time_<device>[_compiled[_<mode>][_blocks]][_every<K-K...>][_noprop|_prop-on-off][_<tag>].json
 and a markdown table next to it.
 """
@@ -185,9 +185,7 @@ class Runner:
         sync(device)
         t = time.perf_counter()
         torch.compiler.cudagraph_mark_step_begin()  # as the trainer does (matters for reduce-overhead)
-        with autocast():
-            out = self.objective(self.forward_model, x, y)
-        out.loss.backward()
+        self.forward_backward(x, y, autocast)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         sync(device)
@@ -195,6 +193,18 @@ class Runner:
         if device.type == "cuda":
             self.peak = max(self.peak or 0, torch.cuda.max_memory_allocated(device))
         return dt
+
+    def forward_backward(self, x, y, autocast) -> None:
+        with autocast():
+            out = self.objective(self.forward_model, x, y)
+        out.loss.backward()
+
+    def count_kernel_ops(self, x, y, autocast) -> int:
+        """Kernel-launching ops of one forward and backward. The optimizer's are left out: the same for
+        every method, and many more on the CPU (one loop per parameter) than on a GPU (foreach kernels)."""
+        count = count_kernel_ops(lambda: self.forward_backward(x, y, autocast))
+        self.opt.zero_grad(set_to_none=True)
+        return count
 
 
 class KernelOpCounter(TorchDispatchMode):
@@ -322,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         # merged model has many of; the compiled warm-up includes the same cost
         r.warmup_s = time.perf_counter() - t
         if not args.compile:  # a compiled step runs Inductor's kernels, which the dispatcher does not see
-            r.kernel_ops = count_kernel_ops(lambda: r.step(x, y, autocast, device))
+            r.kernel_ops = r.count_kernel_ops(x, y, autocast)
     for _ in tqdm(range(args.steps), desc="timed rounds", file=sys.stderr):
         for r in runners:
             r.times.append(r.step(x, y, autocast, device))
@@ -334,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[r.label] = {"method": r.objective.name, "passes": r.objective.passes, "median_step_ms": med * 1e3,
                          "ratio_to_cutmix": med / cutmix, "peak_memory_mb": r.peak / 2**20 if r.peak else None,
                          "warmup_s": r.warmup_s, "step_ms": [round(t * 1e3, 2) for t in r.times],
-                         "kernel_ops_per_step": r.kernel_ops}
+                         "kernel_ops_fwd_bwd": r.kernel_ops}
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "host": host_cpu(),
@@ -433,7 +443,7 @@ def write(result: dict, out: Path) -> str:
 def markdown(result: dict) -> str:
     s, configs = result["settings"], result["configs"]
     # eager runs count each step's kernel-launching ops (files from before the count have none)
-    ops = all(r.get("kernel_ops_per_step") for r in configs.values()) and "cutmix" in configs
+    ops = all(r.get("kernel_ops_fwd_bwd") for r in configs.values()) and "cutmix" in configs
     lines = [f"Device: {result['device']}; model {s['model']} {s['model_kwargs']} at {s['img_size']} px, "
              f"{s['num_patches']} patches, batch {s['batch_size']}, amp {s['amp']}, compile {s['compile']}"
              + (f" ({s['compile_mode']})" if s.get("compile_mode") else "")
@@ -444,7 +454,7 @@ def markdown(result: dict) -> str:
                 ", proportional attention " + " and ".join("on" if p else "off (noprop)" for p in s["prop_attn"]))
              + f"; median of {s['steps']} interleaved steps.", "",
              "| configuration | passes per step | step (ms) | × CutMix | peak memory (MB) | warm-up"
-             + (" incl. compile" if s["compile"] else "") + " (s) |" + (" ATen ops per step (× CutMix) |" if ops else ""),
+             + (" incl. compile" if s["compile"] else "") + " (s) |" + (" ATen ops, fwd + bwd (× CutMix) |" if ops else ""),
              "|---|---|---:|---:|---:|---:|" + ("---:|" if ops else "")]
     # replayed CUDA graphs allocate nothing (their memory was taken when they were recorded), so a
     # per-step peak under reduce-overhead says nothing about a method's memory: the table omits it
@@ -452,8 +462,8 @@ def markdown(result: dict) -> str:
     for label, r in sorted(configs.items(), key=lambda kv: kv[1]["ratio_to_cutmix"]):
         mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] and not graphs else "–"
         lines.append(f"| {label} | {r['passes']} | {r['median_step_ms']:.1f} | {r['ratio_to_cutmix']:.2f} | {mem} "
-                     f"| {r['warmup_s']:.1f} |" + (f" {r['kernel_ops_per_step']} "
-                     f"({r['kernel_ops_per_step'] / configs['cutmix']['kernel_ops_per_step']:.2f}) |" if ops else ""))
+                     f"| {r['warmup_s']:.1f} |" + (f" {r['kernel_ops_fwd_bwd']} "
+                     f"({r['kernel_ops_fwd_bwd'] / configs['cutmix']['kernel_ops_fwd_bwd']:.2f}) |" if ops else ""))
     if s["compile"] and sum(label.startswith("mergemix[") for label in configs) > 1:
         # dynamo caches compiled code per code object, not per model: a later configuration with the
         # same shapes and flags reuses what an earlier one compiled

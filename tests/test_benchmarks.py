@@ -34,11 +34,11 @@ def test_step_time_ratios(tmp_path, capsys):
     assert table.startswith("Device: cpu")
     for name, r in configs.items():  # the published table shows the JSON's figures
         assert f"| {name} |" in table and f"| {r['ratio_to_cutmix']:.2f} |" in table
-        ops = r["kernel_ops_per_step"] / configs["cutmix"]["kernel_ops_per_step"]
-        assert f"| {r['kernel_ops_per_step']} ({ops:.2f}) |" in table
+        ops = r["kernel_ops_fwd_bwd"] / configs["cutmix"]["kernel_ops_fwd_bwd"]
+        assert f"| {r['kernel_ops_fwd_bwd']} ({ops:.2f}) |" in table
     # the clean pass runs a second forward and backward: more kernels than one pass on mixed images
-    assert configs["mergemix[clean,merge]"]["kernel_ops_per_step"] > configs["mergemix[none,merge]"]["kernel_ops_per_step"] \
-        > configs["mixup"]["kernel_ops_per_step"]
+    assert configs["mergemix[clean,merge]"]["kernel_ops_fwd_bwd"] > configs["mergemix[none,merge]"]["kernel_ops_fwd_bwd"] \
+        > configs["mixup"]["kernel_ops_fwd_bwd"]
     # without MergeMix there is no mask work to measure, and the rest still runs
     assert step_time.main([*tiny, "--methods", "mixup", "--out", str(out)]) == 0
     assert set(json.loads(out.read_text())["configs"]) == {"cutmix", "mixup"}
