@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU speed benchmark in one go: DeiT-S/224, batch 256, bf16. First every method eager (about
-# 1.5 minutes), then CutMix and MergeMix `clean` compiled with CUDA-graph replay (reduce-overhead:
+# 1.5 minutes; it also counts each method's launched ops per forward and backward), then CutMix and
+# MergeMix `clean` compiled with CUDA-graph replay (reduce-overhead:
 # about 3 minutes on an H200, 80 s of it compiling MergeMix). MergeMix `none` compiles two graphs
 # (the partial read-out pass and the training pass) and needs about 2 minutes more:
 # CONFIGS="clean,merge none,merge" adds it, with COMPILED_TIMEOUT=500; CONFIGS="none,merge" times it
