@@ -195,11 +195,12 @@ class Runner:
         return dt
 
     def forward_backward(self, x, y, autocast) -> None:
+        """The step's forward (the method's whole objective) and backward, without the optimizer."""
         with autocast():
             out = self.objective(self.forward_model, x, y)
         out.loss.backward()
 
-    def count_kernel_ops(self, x, y, autocast) -> int:
+    def count_fwd_bwd_ops(self, x, y, autocast) -> int:
         """Kernel-launching ops of one forward and backward. The optimizer's are left out: the same for
         every method, and many more on the CPU (one loop per parameter) than on a GPU (foreach kernels)."""
         count = count_kernel_ops(lambda: self.forward_backward(x, y, autocast))
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         # merged model has many of; the compiled warm-up includes the same cost
         r.warmup_s = time.perf_counter() - t
         if not args.compile:  # a compiled step runs Inductor's kernels, which the dispatcher does not see
-            r.kernel_ops = r.count_kernel_ops(x, y, autocast)
+            r.kernel_ops = r.count_fwd_bwd_ops(x, y, autocast)
     for _ in tqdm(range(args.steps), desc="timed rounds", file=sys.stderr):
         for r in runners:
             r.times.append(r.step(x, y, autocast, device))
@@ -442,7 +443,8 @@ def write(result: dict, out: Path) -> str:
 
 def markdown(result: dict) -> str:
     s, configs = result["settings"], result["configs"]
-    # eager runs count each step's kernel-launching ops (files from before the count have none)
+    # eager runs count the kernel-launching ops of a forward and backward (compiled runs and files
+    # from before the count have none)
     ops = all(r.get("kernel_ops_fwd_bwd") for r in configs.values()) and "cutmix" in configs
     lines = [f"Device: {result['device']}; model {s['model']} {s['model_kwargs']} at {s['img_size']} px, "
              f"{s['num_patches']} patches, batch {s['batch_size']}, amp {s['amp']}, compile {s['compile']}"
