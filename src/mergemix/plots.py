@@ -95,6 +95,13 @@ def _accuracy_axes(ax: Axes) -> None:
     ax.grid(alpha=0.3)
 
 
+def _share_axes(ax: Axes) -> None:
+    """The confidence histogram under a reliability plot: share of samples per confidence."""
+    ax.set_xlabel("confidence (top softmax probability)")
+    ax.set_ylabel("share of samples")
+    ax.grid(alpha=0.3)
+
+
 def reliability_diagram(bins: Mapping[str, Sequence], path: str | Path, title: str = "") -> Path:
     """Reliability diagram of one evaluation (600 x 700 px as PNG).
 
@@ -127,9 +134,7 @@ def reliability_diagram(bins: Mapping[str, Sequence], path: str | Path, title: s
     bottom.axvline(overall_acc, color=ACCURACY_COLOR, lw=1.5, label=f"accuracy {100 * overall_acc:.1f}%")
     bottom.axvline(overall_conf, color=GAP_COLOR, lw=1.5, ls="--", label=f"mean confidence {100 * overall_conf:.1f}%")
     bottom.legend(loc="upper left", fontsize=8)
-    bottom.set_xlabel("confidence (top softmax probability)")
-    bottom.set_ylabel("share of samples")
-    bottom.grid(alpha=0.3)
+    _share_axes(bottom)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -157,9 +162,7 @@ def overlay_reliability(named_bins: Mapping[str, Mapping[str, Sequence]], path: 
         bottom.stairs(d["count"] / max(d["count"].sum(), 1.0), edges, color=line.get_color(), **style)
     top.legend(loc="upper left", fontsize=8)
     top.set_title("reliability")
-    bottom.set_xlabel("confidence (top softmax probability)")
-    bottom.set_ylabel("share of samples")
-    bottom.grid(alpha=0.3)
+    _share_axes(bottom)
     fig.tight_layout()
     return _save(fig, path)
 
