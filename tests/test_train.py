@@ -159,18 +159,20 @@ def test_schedule_notes_flag_likely_mistakes_only():
     assert notes[1].startswith("--warmup-epochs 3 >= --epochs 3")
 
 
-def test_resume_with_more_epochs_schedules_over_them(tmp_path, capsys):
+@pytest.mark.parametrize("unit", [[], ["--sched-on-epochs"]], ids=["per-update", "per-epoch"])
+def test_resume_with_more_epochs_schedules_over_them(tmp_path, capsys, unit):
     """Raising --epochs on resume must train on with a schedule over the new total: the saved
-    schedule ends at the old run's last update, so epochs past it would all run at --min-lr."""
+    schedule ends at the old run's last update, so epochs past it would all run at --min-lr.
+    A schedule stepped per epoch must set the new rate before the first resumed epoch, not after it."""
     def train(*extra: str) -> int:
         return cli.main(["train", "--output", str(tmp_path), *TINY, "--mix", "none", "--batch-size", "32",
-                         "--train-subset", "128", "--min-lr", "1e-5", *extra])
+                         "--train-subset", "128", "--min-lr", "1e-5", *unit, *extra])
 
     assert train("--experiment", "r", "--epochs", "1") == 0
     assert train("--resume", str(tmp_path / "r"), "--epochs", "3") == 0
     assert "the learning-rate schedule now spans 3 epochs x 4 steps (the checkpoint's: 1 x 4)" in capsys.readouterr().out
     lrs = [float(row["lr"]) for row in summary(tmp_path / "r")]
-    assert len(lrs) == 3 and lrs[1] > 10 * 1e-5  # cosine over 12 updates: still high after update 8
+    assert len(lrs) == 3 and lrs[1] > 10 * 1e-5  # the new cosine is still high in the second epoch
 
 
 def test_model_ema_first_given_at_a_resume_averages_from_the_resumed_weights(tmp_path):

@@ -354,6 +354,9 @@ class Trainer:
             self.log(f"note: the checkpoint was written by {len(rng)} process(es), this run has "
                      f"{self.ctx.world_size}; random streams restart from the seed")
             seed_everything(args.seed + self.ctx.rank + p.global_step)
+        # the optimizer holds the checkpoint schedule's last rate; set this schedule's (the call in
+        # the schedule's own unit acts, the other does nothing)
+        self.scheduler.step(p.epoch)
         self.scheduler.step_update(p.global_step)
         self.log(f"resumed {args.resume}: epoch {p.epoch}" + (f", step {p.step}" if p.step else ""))
 
