@@ -215,7 +215,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--aux-loss", default=None, choices=("clean", "mixup", "none"), help="second loss term (MergeMix)")
     g.add_argument("--score", default=None, choices=("cls_row", "cls_col"), help="attention score (MergeMix)")
     g.add_argument("--merge-train", action=argparse.BooleanOptionalAction, default=None,
-                   help="merge tokens in the training forward (MergeMix)")
+                   help="merge tokens in the mixed (and mixup) training forward; the clean pass, which gives the mask, "
+                        "merges either way (MergeMix)")
     g.add_argument("--mix-opt", action="append", type=key_value, default=[],
                    help="any other method option, key=value (repeatable)")
 

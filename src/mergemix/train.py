@@ -198,7 +198,7 @@ class Trainer:
         self.model = prepare_model(self.objective, self.model, args).to(ctx.device)
         if args.eval_merged and self.objective.trained_forward(self.model) is None:
             raise ConfigError(f"--eval-merged evaluates the model merged as it trained, but --mix {args.mix} "
-                              f"trains it unmerged (MergeMix merges unless --no-merge-train or --merge-num 0)")
+                              f"trains its mixed forward unmerged (MergeMix merges it unless --no-merge-train or --merge-num 0)")
 
         workers = data.loader_workers(self.data, args.workers)
         self.train_loader = data.train_loader(self.data, args.batch_size, workers, ctx.rank, ctx.world_size,
