@@ -16,7 +16,7 @@ def test_torchrun_two_processes(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "mergemix", "train", "--output", str(tmp_path), "--experiment", "ddp", "--epochs", "2",
-         "--batch-size", "32", "--train-subset", "512", "--warmup-epochs", "0",
+         "--batch-size", "32", "--train-subset", "512", "--warmup-epochs", "0", "--model-ema", "--model-ema-decay", "0.9",
          "--model-kwargs", "patch_size=2", "embed_dim=32", "depth=2", "num_heads=2"],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -38,6 +38,11 @@ def test_torchrun_two_processes(tmp_path):
     assert alone["num_images"] == 360 and results["bins"]["count"] == alone["bins"]["count"]
     for key in ("top1", "top5", "nll", "ece", "brier"):
         assert results[key] == pytest.approx(alone[key], abs=1e-6), key
+    # so are the EMA's: every rank's EMA starts from the same weights (rank 0's) and follows the same updates
+    assert cli.main(["eval", "--checkpoint", str(run / "last.pth.tar"), "--use-ema", "--output", str(tmp_path / "ema")]) == 0
+    ema_alone = json.loads((tmp_path / "ema" / "results.json").read_text())
+    for key in ("top1", "nll", "ece", "brier"):
+        assert results["ema"][key] == pytest.approx(ema_alone[key], abs=1e-6), key
 
     # `mergemix eval` under torchrun shards the images too: counted once, one report, one writer
     done = subprocess.run(
