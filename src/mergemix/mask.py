@@ -135,8 +135,8 @@ def mix_images(x: Tensor, partner: Tensor, mask: Tensor) -> Tensor:
 
 
 def lam_hat_area(mask: Tensor) -> Tensor:
-    """Label weight of the kept sample = kept fraction of its patches (B, L), or pixels (B, H·W). -> (B,)."""
-    return mask.float().mean(dim=1)
+    """Label weight of the kept sample = kept fraction of its patches (B, L) or pixels (B, 1, H, W). -> (B,)."""
+    return mask.flatten(1).float().mean(dim=1)
 
 
 def lam_hat_gaussian(keep: Tensor, num_tokens: int, num_patches: int,

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from ..mask import topk_mask
 from . import register
-from .base import sample_lam
-from .mixer import ImageMixer, Mixed, check_positive, device_generator, masked_batch
+from .base import check_positive, sample_lam
+from .mixer import ImageMixer, Mixed, device_generator, masked_batch
 
 
 def fourier_noise(batch_size: int, size: tuple[int, int], decay_power: float,

@@ -23,8 +23,8 @@ from ..tome import SCORES, configure_tome, forward_readout, patch_tome, tome_opt
 from . import register
 from .attention import resolve_block
 from ..models import unwrap
-from .base import Objective, StepOutput, mixed_targets, sample_lam, smooth_one_hot, soft_cross_entropy
-from .mixer import check_non_negative, check_positive
+from .base import (Objective, StepOutput, check_non_negative, check_positive, mixed_targets, sample_lam,
+                   smooth_one_hot, soft_cross_entropy)
 
 LAM_POLICIES = ("area", "gaussian")
 AUX_LOSSES = ("clean", "mixup", "none")
@@ -148,7 +148,7 @@ class MergeMix(Objective):
         if self.lam_policy == "area":
             # images padded up to whole patches (dynamic_img_pad): the kept share of the real pixels
             whole = M.fills_grid(x.shape[-2:], readout.grid, readout.patch)
-            lam_hat = M.lam_hat_area(patch_mask if whole else mask.flatten(1))
+            lam_hat = M.lam_hat_area(patch_mask if whole else mask)
         else:
             keep = M.keep_count(lam_cpu, L, B)  # the mask's counts, without reading them back from the GPU
             lam_hat = M.to_device(M.lam_hat_gaussian(keep, readout.attn.shape[1] - readout.num_prefix_tokens, L,

@@ -13,15 +13,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..mask import derangement, mix_images
-from .base import (Objective, StepOutput, check_non_negative, check_positive, check_probability, derive_seed,
-                   mixed_targets, smooth_one_hot, soft_cross_entropy)
+from ..mask import derangement, lam_hat_area, mix_images
+from .base import (Objective, StepOutput, check_positive, check_probability, derive_seed, mixed_targets,
+                   smooth_one_hot, soft_cross_entropy)
 from .boxes import box_mask, boxes_at, paste_windows
 
-# check_positive, check_non_negative and check_probability live in .base (Objective checks its smoothing
-# with them, and .base cannot import this module); the method modules import them from here.
-__all__ = ["ImageMixer", "Mixed", "PairMixer", "check_interval", "check_non_negative", "check_positive",
-           "check_probability", "device_generator", "kept_area", "masked_batch", "unmixed", "window_batch"]
+__all__ = ["ImageMixer", "Mixed", "PairMixer", "check_interval", "device_generator", "masked_batch", "unmixed",
+           "window_batch"]
 
 
 @dataclass
@@ -44,17 +42,12 @@ class Mixed:
     kind: str
 
 
-def kept_area(mask: Tensor) -> Tensor:
-    """(B, 1, H, W) mask -> (B,) share of the image that is the sample's own (mask mean)."""
-    return mask.flatten(1).float().mean(dim=1)
-
-
 def masked_batch(x: Tensor, partner: Tensor, mask: Tensor, lam: float | None, kind: str) -> Mixed:
     """Mix x with x[partner] through a (B, 1, H, W) pixel mask; label by the kept area (CutMix's labelling).
 
     lam: the ratio the method drew, or None for methods that draw none (then it is the kept area).
     """
-    area = kept_area(mask)
+    area = lam_hat_area(mask)
     lam_t = area if lam is None else torch.full_like(area, lam)
     return Mixed(mix_images(x, partner, mask), mask, lam_t, area, partner, kind)
 
@@ -62,7 +55,7 @@ def masked_batch(x: Tensor, partner: Tensor, mask: Tensor, lam: float | None, ki
 def window_batch(x: Tensor, partner: Tensor, patches: Tensor, corners: Tensor, lam: float, kind: str) -> Mixed:
     """Write patches (B, C, h, w) taken from the partners into x at corners (B, 2); label by the kept area."""
     mask = box_mask(boxes_at(corners, tuple(patches.shape[-2:])), tuple(x.shape[-2:]))
-    area = kept_area(mask)
+    area = lam_hat_area(mask)
     return Mixed(paste_windows(x, patches, corners), mask, torch.full_like(area, lam), area, partner, kind)
 
 

@@ -15,9 +15,9 @@ from torch import Tensor
 
 from ..mask import mix_images
 from . import register
-from .base import sample_lam
+from .base import check_non_negative, check_probability, sample_lam
 from .boxes import box_mask, cutmix_boxes
-from .mixer import ImageMixer, Mixed, PairMixer, check_non_negative, check_probability, masked_batch
+from .mixer import ImageMixer, Mixed, PairMixer, masked_batch
 
 
 def mixup_batch(x: Tensor, partner: Tensor, lam: float) -> Mixed:

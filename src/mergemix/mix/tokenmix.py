@@ -23,9 +23,9 @@ from ..tome import patch_grid, patch_size
 from . import register
 from .attention import ReadsAttention, attention_lam_hat
 from ..models import unwrap
-from .base import sample_lam
+from .base import check_positive, sample_lam
 from .boxes import box_mask
-from .mixer import Mixed, PairMixer, check_positive, masked_batch
+from .mixer import Mixed, PairMixer, masked_batch
 
 
 def block_token_mask(count: Tensor, grid: tuple[int, int], generator: torch.Generator | None = None,
