@@ -169,6 +169,7 @@ class EvalMetrics(Metric):
     nll_sum: Tensor
     brier_sum: Tensor
     n: Tensor
+    nonfinite: Tensor
 
     def __init__(self, num_classes: int, n_bins: int = 15, **kwargs: Any) -> None:
         super().__init__(**kwargs)

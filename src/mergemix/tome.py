@@ -37,6 +37,7 @@ class Readout:
         sequence order), head-averaged, proportional attention applied, detached.
     index: (B, L) long, the token (0..K-1) holding each original patch.
     size: (B, K) number of original patches in each token (1 for prefix tokens).
+    num_prefix_tokens: the first tokens of the sequence that are not patches (CLS, registers, ...).
     grid: (gh, gw) patches of the input; patch: (ph, pw) pixels per token: the patch size, times the
         backbone's stride for a hybrid ViT (None: unknown).
     """
