@@ -148,8 +148,8 @@ def check_option_types(cls: type, options: dict[str, Any]) -> None:
 class Objective:
     """Base class: one instance per run, called once per training step.
 
-    Subclasses set ``name``, ``description`` and ``passes`` (the cost of a step, e.g.
-    "1 fwd + 1 bwd"), and implement ``__call__``. ``prepare(model)`` is called once, before the
+    Subclasses set ``name`` and ``description``, ``passes`` (the cost of a step) where it is more
+    than the default "1 fwd + 1 bwd", and implement ``__call__``. ``prepare(model)`` is called once, before the
     model is wrapped in DDP or compiled, so attention-based methods can patch it.
     ``mixup_enabled`` switches mixing off (then a step is plain label-smoothed CE).
     """

@@ -39,7 +39,6 @@ def fourier_masks(noise: Tensor, lam: float) -> Tensor:
 class FMix(ImageMixer):
     name = "fmix"
     description = "FMix: binary mask from thresholded low-frequency Fourier noise, label by kept area"
-    passes = "1 fwd + 1 bwd"
     default_alpha = 1.0
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None,

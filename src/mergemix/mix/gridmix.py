@@ -35,7 +35,6 @@ def grid_masks(lam: float, cells: int, batch_size: int, size: tuple[int, int],
 class GridMix(ImageMixer):
     name = "gridmix"
     description = "GridMix: n x n grid, each cell kept with probability λ else the partner's, label by kept area"
-    passes = "1 fwd + 1 bwd"
     default_alpha = 1.0
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None,

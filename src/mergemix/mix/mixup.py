@@ -53,7 +53,6 @@ def mixup_or_cutmix(x: Tensor, partner: Tensor, mixup_alpha: float, cutmix_alpha
 class MixUp(ImageMixer):
     name = "mixup"
     description = "MixUp: blend two images, x̂ = λ·x_i + (1−λ)·x_j, label weight λ ~ Beta(α, α)"
-    passes = "1 fwd + 1 bwd"
     default_alpha = 0.8
 
     def paste(self, x: Tensor, partner: Tensor) -> Mixed:
@@ -64,7 +63,6 @@ class MixUp(ImageMixer):
 class CutMix(ImageMixer):
     name = "cutmix"
     description = "CutMix: paste a random box of the partner (area 1−λ, λ ~ Beta(α, α)), label by kept area"
-    passes = "1 fwd + 1 bwd"
     default_alpha = 2.0
 
     def paste(self, x: Tensor, partner: Tensor) -> Mixed:
@@ -96,4 +94,3 @@ class SwitchMixer(PairMixer):
 class DeiTMix(SwitchMixer, ImageMixer):
     name = "deit"
     description = "DeiT recipe (timm): MixUp(α=0.8) or CutMix(α=1.0), switched 50/50 per batch"
-    passes = "1 fwd + 1 bwd"

@@ -11,7 +11,6 @@ from .base import Objective, StepOutput
 class NoMix(Objective):
     name = "none"
     description = "no mixing: label-smoothed cross-entropy on the clean images"
-    passes = "1 fwd + 1 bwd"
     pairs_images = False
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:

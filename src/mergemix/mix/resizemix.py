@@ -40,7 +40,6 @@ def resizemix_batch(x: Tensor, partner: Tensor, tau: float, generator: torch.Gen
 class ResizeMix(ImageMixer):
     name = "resizemix"
     description = "ResizeMix: paste the whole partner shrunk by τ ∈ scope at a random place, label by kept area"
-    passes = "1 fwd + 1 bwd"
     default_alpha = 1.0
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None,

@@ -57,7 +57,6 @@ def saliency_peaks(saliency: Tensor, size: tuple[int, int]) -> tuple[Tensor, Ten
 class SaliencyMix(ImageMixer):
     name = "saliencymix"
     description = "SaliencyMix: CutMix box centred on the partner's spectral-residual saliency peak"
-    passes = "1 fwd + 1 bwd"
     default_alpha = 0.2
 
     def paste(self, x: Tensor, partner: Tensor) -> Mixed:

@@ -35,7 +35,6 @@ def gaussian_blob_masks(batch_size: int, size: tuple[int, int], sigma_range: tup
 class SmoothMix(ImageMixer):
     name = "smoothmix"
     description = "SmoothMix: the partner enters through a soft Gaussian blob, label by kept (soft) area"
-    passes = "1 fwd + 1 bwd"
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None,
                  prob: float = 1.0, sigma_range: tuple[float, float] = (0.25, 0.5)):
