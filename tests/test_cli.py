@@ -190,6 +190,19 @@ def test_resuming_into_another_runs_folder_does_not_overwrite_it(run, tmp_path, 
     assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
 
 
+def test_resuming_into_a_new_folder_brings_the_best_checkpoint_along(run, tmp_path):
+    """The new folder is a whole run: its model_best.pth.tar is the epoch its results call best, even
+    when no later epoch beats it (a learning rate of 1e-12 leaves the weights as they were)."""
+    assert cli.main(["train", "--resume", str(run), "--epochs", "3", "--lr", "1e-12", "--min-lr", "0",
+                     "--output", str(tmp_path), "--experiment", "fork"]) == 0
+    fork = tmp_path / "fork"
+    best = torch.load(fork / "model_best.pth.tar", map_location="cpu", weights_only=True)
+    source = torch.load(run / "model_best.pth.tar", map_location="cpu", weights_only=True)
+    results = json.loads((fork / "results.json").read_text())
+    assert best["epoch"] == results["best_epoch"] == source["epoch"] < 2
+    assert all(torch.equal(v, source["state_dict"][k]) for k, v in best["state_dict"].items())
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--model", "vit_tiny_patch16_2244"], "unknown model"),
     (["--mix", "mergemixx"], "unknown method"),

@@ -18,6 +18,7 @@ import inspect
 import io
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -278,6 +279,23 @@ class Trainer:
         if args.resume:
             checkpoint.clear_temporaries(self.run_dir)  # a kill mid-write leaves one behind
         checkpoint.write_text(self.run_dir / "args.yaml", yaml.safe_dump(config.recipe(args), sort_keys=False))
+        if args.resume and not continuing:
+            self._carry_best(Path(args.resume))
+
+    def _carry_best(self, resumed: Path) -> None:
+        """A run resumed into a new folder brings the checkpoint of its best epoch so far, so that the
+        folder holds the model its results call best even if no later epoch beats it."""
+        p = self.progress
+        if p.best_epoch < 0:
+            return
+        # the resumed checkpoint holds the best weights if it was written at the end of the best epoch
+        source = resumed if p.step == 0 and p.best_epoch == p.epoch - 1 else resumed.parent / checkpoint.BEST
+        if source.is_file() and (source == resumed or checkpoint.load(source).get("epoch") == p.best_epoch):
+            with checkpoint.atomic_path(self.run_dir / checkpoint.BEST) as tmp:
+                shutil.copyfile(source, tmp)
+        else:
+            self.log(f"note: the best epoch so far ({p.best_epoch}) has no checkpoint next to {resumed}; "
+                     f"{self.run_dir / checkpoint.BEST} will hold the first later epoch that beats it")
 
     def _state(self, completed_epoch: int, metric: float | None) -> dict[str, Any] | None:
         """The checkpoint dict (on rank 0; None elsewhere). Collective: every process must call it."""
