@@ -70,6 +70,10 @@ def test_fashion_errors(tmp_path):
         data.build(args_for(dataset="fashion-mnist", data_dir=str(tmp_path)))
     write_fashion(tmp_path)
     images = tmp_path / "train-images-idx3-ubyte.gz"
+    (tmp_path / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match=r"not found in .*: train-labels-idx1-ubyte \(\.gz or not\) missing; all four"):
+        data.build(args_for(dataset="fashion-mnist", data_dir=str(tmp_path)))
+    write_fashion(tmp_path)
     write_idx(images, np.zeros((40, 28, 28)), cut=100)
     with pytest.raises(DataError, match="truncated"):
         data.build(args_for(dataset="fashion-mnist", data_dir=str(tmp_path)))

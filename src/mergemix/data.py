@@ -174,8 +174,10 @@ def fashion_mnist_dir(data_dir: str | None, download: bool) -> Path:
             raise DataError(f"could not download Fashion-MNIST into {root}: {e}") from None
         return root / "FashionMNIST" / "raw"
     where = f"{data_dir} (or {data_dir}/FashionMNIST/raw)" if data_dir else str(FASHION_SYSTEM_DIR)
-    raise DataError(f"Fashion-MNIST IDX files not found in {where}: pass --data-dir DIR holding "
-                    f"train-images-idx3-ubyte.gz and the three others, install dataset-fashion-mnist, or add --download")
+    missing = min(([s for s in stems if not _find_idx(folder, s)] for folder in roots), key=len)
+    raise DataError(f"Fashion-MNIST IDX files not found in {where}: {', '.join(missing)} (.gz or not) missing; all "
+                    f"four are needed, evaluation too (the training images set the normalisation): pass --data-dir "
+                    f"DIR holding them, install dataset-fashion-mnist, or add --download")
 
 
 def load_fashion_mnist(data_dir: str | None, download: bool, img_size: int | None) -> DataBundle:
