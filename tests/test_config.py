@@ -58,6 +58,21 @@ def test_default_model_kwargs_belong_to_the_default_model(tmp_path):
     assert parse("--model", "vit_small_patch16_224", "--model-kwargs", "depth=2").model_kwargs == {"depth": 2}
 
 
+def test_model_kwargs_at_a_resume_change_the_resumed_models_key_by_key(tmp_path):
+    """As eval and viz take them: a non-architectural kwarg (drop_rate) must not drop the saved ones."""
+    import torch
+
+    ckpt = tmp_path / "last.pth.tar"
+    torch.save({"state_dict": {}, "args": {"model": "vit_small_patch16_224", "model_kwargs": {"depth": 2, "embed_dim": 64}}},
+               ckpt)
+    assert parse("--resume", str(ckpt)).model_kwargs == {"depth": 2, "embed_dim": 64}
+    assert parse("--resume", str(ckpt), "--model-kwargs", "drop_rate=0.1").model_kwargs == {
+        "depth": 2, "embed_dim": 64, "drop_rate": 0.1}
+    # a model named anew starts from its own kwargs
+    assert parse("--resume", str(ckpt), "--model", "vit_small_patch16_224",
+                 "--model-kwargs", "drop_rate=0.1").model_kwargs == {"drop_rate": 0.1}
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("epochs: 3\nbatch_sise: 4\n", "batch_sise (did you mean batch_size?)"),
     ("epochs: [3\n", "invalid YAML"),

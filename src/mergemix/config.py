@@ -336,21 +336,21 @@ def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     argv = list(argv) if argv is not None else None
     pre = parser.parse_args(argv)  # first, so that --help prints from the parser with its defaults
     explicit = _explicit(parser, argv)
-    layers: dict[str, Any] = {}
-    resume_path = None
+    resume_path, resumed = None, {}
     if pre.resume:
         resume_path = checkpoint.resolve(pre.resume)
         saved = checkpoint.saved_args(resume_path)
-        layers.update(_check_keys({k: v for k, v in saved.items() if k not in _NOT_INHERITED},
-                                  parser, f"checkpoint {resume_path}"))
+        resumed = _check_keys({k: v for k, v in saved.items() if k not in _NOT_INHERITED},
+                              parser, f"checkpoint {resume_path}")
     recipe = load_recipe(pre.config, parser) if pre.config else {}
-    layers.update(recipe)
-    parser.set_defaults(**layers)
+    parser.set_defaults(**{**resumed, **recipe})
     args = parser.parse_args(argv)
     args.model_kwargs = as_dict(args.model_kwargs, "model_kwargs")
-    if not ("model" in explicit or "model" in layers):
-        # the digits ViT: --model-kwargs given alone change its kwargs rather than replace them all
-        args.model_kwargs = {**DEFAULT_MODEL_KWARGS, **args.model_kwargs}
+    if not ("model" in explicit or "model" in recipe):
+        # the model stays the resumed run's (else the digits ViT): --model-kwargs given alone change its
+        # kwargs key by key rather than replace them all, as they do for eval and viz
+        base = as_dict(resumed.get("model_kwargs"), "model_kwargs") if "model" in resumed else DEFAULT_MODEL_KWARGS
+        args.model_kwargs = {**base, **args.model_kwargs}
     args.mix_opt = as_dict(args.mix_opt, "mix_opt")
     args.compile = args.compile or args.compile_mode is not None
     if resume_path is not None:
