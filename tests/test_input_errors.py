@@ -62,6 +62,21 @@ def test_load_tells_a_corrupt_checkpoint_from_another_file(content, fragment, tm
         checkpoint.load(path)
 
 
+def test_grey_weights_for_rgb_images_point_at_the_data_not_the_architecture():
+    grey = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=16, patch_size=4,
+                             depth=1, in_chans=1)
+    rgb = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=16, patch_size=4,
+                            depth=1, in_chans=3)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load_weights(rgb, grey.state_dict(), "RUN")
+    assert "trained on images of 1 channel(s), this data set's have 3: use data like its training set" in str(e.value)
+    assert "build the architecture" not in str(e.value)
+    deeper = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=16, patch_size=4,
+                               depth=2, in_chans=3)
+    with pytest.raises(CheckpointError, match="1 channel.*; build the architecture it was trained with"):
+        checkpoint.load_weights(deeper, grey.state_dict(), "RUN")
+
+
 def test_a_bare_key_error_is_named(tmp_path):
     path = tmp_path / "x.pth.tar"
     path.write_bytes(b"PK\x03\x04")

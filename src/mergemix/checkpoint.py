@@ -208,7 +208,15 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
         problems.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})")
+    # the input channels come from the data set, not from a flag: grey weights meet RGB images
+    channels = next((k for k in wrong if k.endswith("patch_embed.proj.weight") and own[k].ndim == 4
+                     and state_dict[k].shape[1] != own[k].shape[1]), None)
+    fixes = []
+    if channels:
+        fixes.append(f"it was trained on images of {state_dict[channels].shape[1]} channel(s), this data set's have "
+                     f"{own[channels].shape[1]}: use data like its training set (--dataset, --data-dir)")
+    if missing or unexpected or any(k != channels for k in wrong):
+        fixes.append("build the architecture it was trained with (--model, --model-kwargs, --img-size, --num-classes)")
     if problems:
-        raise CheckpointError(f"{source} does not fit this model: {'; '.join(problems)}; "
-                              f"build the architecture it was trained with (--model, --model-kwargs, --img-size, --num-classes)")
+        raise CheckpointError(f"{source} does not fit this model: {'; '.join(problems + fixes)}")
     model.load_state_dict(state_dict)
