@@ -189,3 +189,12 @@ def test_evaluating_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     assert sum(len(y) for _, y in loader) == len(bundle.eval)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("cpus, expected", [(2, 2), (16, 4)])
+def test_default_workers_decode_files_on_at_most_the_cpus_there_are(cpus, expected, monkeypatch):
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    files = data.DataBundle(None, [], 2, 16, 3, (0.5,), (0.5,), in_memory=False)
+    assert data.loader_workers(files, None) == expected
+    assert data.loader_workers(files, 7) == 7  # --workers as given
+    assert data.loader_workers(data.DataBundle(None, [], 2, 16, 3, (0.5,), (0.5,), in_memory=True), None) == 0

@@ -162,7 +162,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=None, help="data root (dataset-specific layout, see README)")
     g.add_argument("--download", action="store_true", help="let torchvision download the data set if missing")
     g.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of N images")
-    g.add_argument("--workers", type=int, default=None, help="loader processes (default: 0 for in-memory data, else 4)")
+    g.add_argument("--workers", type=int, default=None, help="loader processes (default: 0 for in-memory data, else 4 or the CPUs, if fewer)")
     g.add_argument("--img-size", type=int, default=None, help="input size (default: the data set's native size)")
     g.add_argument("--aa", default=None, help="RandAugment policy for RGB data, e.g. rand-m7-mstd0.5-inc1")
     g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability (RGB data)")

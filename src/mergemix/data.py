@@ -360,10 +360,12 @@ def train_loader(bundle: DataBundle, batch_size: int, workers: int, rank: int, w
 
 def loader_workers(bundle: DataBundle, requested: int | None) -> int:
     """Loader processes: ``--workers``, else 0 for data held in memory (workers would only copy
-    its tensors) and 4 for files to decode."""
+    its tensors) and, for files to decode, 4 or the CPUs this process may use if fewer (more
+    workers than CPUs only contend, and PyTorch warns about them)."""
     if requested is not None:
         return requested
-    return 0 if bundle.in_memory else 4
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 0 if bundle.in_memory else min(4, cpus)
 
 
 def eval_loader(bundle: DataBundle, batch_size: int, workers: int, rank: int, world_size: int,
