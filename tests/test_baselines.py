@@ -229,6 +229,21 @@ def test_attention_methods_refuse_models_that_are_not_vits(name):
         objective(name).prepare(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, NUM_CLASSES)))
 
 
+@pytest.mark.parametrize("name", ["none", "cutmix", "mergemix"] + ATTENTION)
+def test_a_distilled_deit_in_distillation_training_is_a_clear_error(name):
+    """Its forward returns two heads' logits; without the check the loss failed on a tuple."""
+    model = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32,
+                              num_heads=2, num_classes=NUM_CLASSES)
+    model.set_distilled_training(True)
+    with pytest.raises(ValueError, match=r"call model.set_distilled_training\(False\)"):
+        objective(name).prepare(model)
+    model.set_distilled_training(False)  # the heads averaged: one logits tensor, and a step trains
+    obj = objective(name)
+    obj.prepare(model)
+    x, y = batch(B=4)
+    obj(model.train(), x, y).loss.backward()
+
+
 def test_bad_options_are_clear_errors():
     with pytest.raises(TypeError, match="alpha"):
         create("smoothmix", NUM_CLASSES, alpha=1.0)

@@ -81,7 +81,7 @@ class ReadsAttention:
     readout_block: int
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        return attach_readout(model, self.readout_block)
+        return attach_readout(super().prepare(model), self.readout_block)  # type: ignore[misc]
 
     def defaults(self) -> dict[str, Any]:
         return {**super().defaults(), "readout_block": self.readout_block}  # type: ignore[misc]

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models import unwrap
+
 
 @dataclass
 class StepOutput:
@@ -168,6 +170,12 @@ class Objective:
         self.mixup_enabled = True
 
     def prepare(self, model: nn.Module) -> nn.Module:
+        """Check (and, in subclasses, patch) ``model`` once before training; returns it."""
+        if getattr(unwrap(model), "distilled_training", False):
+            # timm's distilled DeiT then returns (logits, distillation logits): two heads for two losses
+            raise ValueError("the model is a distilled DeiT in distillation training (set_distilled_training(True)), "
+                             "whose forward returns two heads' logits; these objectives train one: call "
+                             "model.set_distilled_training(False) (its forward then averages the heads)")
         return model
 
     def clean_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:

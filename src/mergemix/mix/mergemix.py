@@ -80,7 +80,7 @@ class MergeMix(Objective):
         Merging and the read-out are switched on only inside a training step: outside it (for
         evaluation, or anyone calling the model) the patched model computes what timm's does.
         """
-        net = unwrap(model)
+        net = unwrap(super().prepare(model))
         depth = len(getattr(net, "blocks", ()))
         block, merge_num = self._requested["readout_block"], self._requested["merge_num"]
         # negative: counted from the end, as Python indexes
