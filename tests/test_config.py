@@ -153,11 +153,18 @@ def test_compile_mode_implies_compile():
     (["--warmup-epochs", "-1"], "--warmup-epochs must be at least 0, got -1"),
     (["--lr", "0"], "--lr must be positive, got 0.0"),
     (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
 ])
 def test_out_of_range_flags_are_one_line_errors(flags, message):
     with pytest.raises(ConfigError) as err:
         parse(*flags)
     assert str(err.value) == message
+
+
+def test_plateau_steps_per_epoch():
+    """timm's plateau schedule waits for an evaluation: per update, create_scheduler_v2 asserts."""
+    assert not parse().sched_on_epochs
+    assert parse("--sched", "plateau").sched_on_epochs
 
 
 def test_out_of_range_recipe_values_are_checked_too(tmp_path):

@@ -89,7 +89,7 @@ LIMITS = {
     "recount": Limit(1), "workers": Limit(0, note="0: load in the main process"), "warmup_epochs": Limit(0),
     "mixup_off_epoch": Limit(0, note="0: never"), "save_mix_samples": Limit(0, note="0: never"),
     "lr": Limit(0, low_open=True), "clip_grad": Limit(0, low_open=True), "crop_pct": Limit(0, low_open=True),
-    "warmup_lr": Limit(0), "min_lr": Limit(0), "weight_decay": Limit(0), "momentum": Limit(0),
+    "warmup_lr": Limit(0), "min_lr": Limit(0), "weight_decay": Limit(0), "momentum": Limit(0, 1, high_open=True),
     "color_jitter": Limit(0), "reprob": Limit(0, 1), "drop_path": Limit(0, 1, high_open=True),
     "model_ema_decay": Limit(0, 1), "num_samples": Limit(2, note="each image needs a partner"),
 }
@@ -196,7 +196,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=int, default=3, help="linear warm-up from --warmup-lr")
     g.add_argument("--warmup-lr", type=float, default=1e-6, help="learning rate at the first step")
     g.add_argument("--min-lr", type=float, default=1e-5, help="floor of the schedule")
-    g.add_argument("--sched-on-epochs", action="store_true", help="step the schedule per epoch, not per update")
+    g.add_argument("--sched-on-epochs", action="store_true",
+                   help="step the schedule per epoch, not per update (plateau always does: it waits for an evaluation)")
     g.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
 
     g = p.add_argument_group("mixing")
@@ -353,6 +354,8 @@ def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.model_kwargs = {**base, **args.model_kwargs}
     args.mix_opt = as_dict(args.mix_opt, "mix_opt")
     args.compile = args.compile or args.compile_mode is not None
+    # timm's plateau schedule reacts to the evaluation top-1, so it can only step per epoch
+    args.sched_on_epochs = args.sched_on_epochs or args.sched == "plateau"
     if resume_path is not None:
         args.resume = str(resume_path)
         if not ({"output", "experiment"} & (explicit | set(recipe))):
