@@ -175,7 +175,7 @@ def test_resume_with_more_epochs_schedules_over_them(tmp_path, capsys, unit):
     assert len(lrs) == 3 and lrs[1] > 10 * 1e-5  # the new cosine is still high in the second epoch
 
 
-def test_model_ema_first_given_at_a_resume_averages_from_the_resumed_weights(tmp_path):
+def test_model_ema_first_given_at_a_resume_averages_from_the_resumed_weights(tmp_path, capsys):
     """timm builds the EMA after resuming; built before, it started from the random initial weights.
     The summary's EMA columns, absent from the earlier rows, are left empty there."""
     def train(*extra: str) -> int:
@@ -192,6 +192,10 @@ def test_model_ema_first_given_at_a_resume_averages_from_the_resumed_weights(tmp
     assert moved > 1e-4 and drift < 0.01 * moved
     rows = summary(tmp_path / "r")
     assert [row["ema_eval_top1"] == "" for row in rows] == [True, False]
+    # the console shows the EMA's figures as it shows the merged model's: on the epoch line and at the end
+    out = capsys.readouterr().out
+    assert f"ema top-1 {float(rows[1]['ema_eval_top1']):6.2f}  ECE {float(rows[1]['ema_eval_ece']):.4f}" in out
+    assert "\nema    top-1 " in out and out.rstrip().endswith("(the weights' EMA)")
 
 
 def test_resume_inside_an_epoch_of_another_size_is_refused(tmp_path, capsys):

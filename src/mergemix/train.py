@@ -294,7 +294,7 @@ class Trainer:
             with checkpoint.atomic_path(self.run_dir / checkpoint.BEST) as tmp:
                 shutil.copyfile(source, tmp)
         else:
-            self.log(f"note: the best epoch so far ({p.best_epoch}) has no checkpoint next to {resumed}; "
+            self.log(f"note   the best epoch so far ({p.best_epoch}) has no checkpoint next to {resumed}; "
                      f"{self.run_dir / checkpoint.BEST} will hold the first later epoch that beats it")
 
     def _state(self, completed_epoch: int, metric: float | None) -> dict[str, Any] | None:
@@ -342,7 +342,7 @@ class Trainer:
             if ckpt.get("scheduler"):
                 self.scheduler.load_state_dict(ckpt["scheduler"])
         else:
-            self.log(f"note: the learning-rate schedule now spans {args.epochs} epochs x {self.steps_per_epoch} "
+            self.log(f"note   the learning-rate schedule now spans {args.epochs} epochs x {self.steps_per_epoch} "
                      f"steps (the checkpoint's: {saved_epochs} x {saved_steps})")
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -369,7 +369,7 @@ class Trainer:
             mine = partial[self.ctx.rank]
             p.loss_sum, p.loss_count, p.epoch_time = mine["loss_sum"], mine["loss_count"], mine["epoch_time"]
         else:
-            self.log(f"note: the checkpoint was written by {len(rng)} process(es), this run has "
+            self.log(f"note   the checkpoint was written by {len(rng)} process(es), this run has "
                      f"{self.ctx.world_size}; random streams restart from the seed")
             seed_everything(args.seed + self.ctx.rank + p.global_step)
         # the optimizer holds the checkpoint schedule's last rate; set this schedule's (the call in
@@ -506,8 +506,8 @@ class Trainer:
                 self.log(f"epoch {p.epoch + 1:>3}/{args.epochs}  train_loss {row['train_loss']:.4f}  "
                          + (f"eval_loss {row['eval_loss']:.4f}  top-1 {row['eval_top1']:6.2f}  "
                             f"top-5 {row['eval_top5']:6.2f}  ECE {row['eval_ece']:.4f}  " if evaluated else "")
-                         + (f"merged top-1 {row['merged_eval_top1']:6.2f}  ECE {row['merged_eval_ece']:.4f}  "
-                            if "merged" in evaluated else "")
+                         + "".join(f"{name} top-1 {row[f'{name}_eval_top1']:6.2f}  ECE {row[f'{name}_eval_ece']:.4f}  "
+                                   for name in ("merged", "ema") if name in evaluated)
                          + f"lr {row['lr']:.2e}  {row['epoch_time']:.1f}s")
                 completed = p.epoch
                 p.epoch, p.step, p.loss_sum, p.loss_count, p.epoch_time = p.epoch + 1, 0, 0.0, 0, 0.0
@@ -567,8 +567,9 @@ class Trainer:
             training_curves(self.run_dir / "summary.csv", tmp)
         self.log(f"final  {summary_line(metrics)}  on {len(self.data.eval)} held-out images, "
                  f"{extra['train_time_s']:.0f}s -> {self.run_dir}")
-        if "merged" in evaluated:
-            self.log(f"merged {summary_line(evaluated['merged'])}  (the model merged as it trained)")
+        for name, what in (("merged", "the model merged as it trained"), ("ema", "the weights' EMA")):
+            if name in evaluated:
+                self.log(f"{name:<6} {summary_line(evaluated[name])}  ({what})")
         return results
 
 
