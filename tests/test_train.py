@@ -198,6 +198,17 @@ def test_model_ema_first_given_at_a_resume_averages_from_the_resumed_weights(tmp
     assert "\nema    top-1 " in out and out.rstrip().endswith("(the weights' EMA)")
 
 
+def test_plateau_schedule_trains_and_resumes(tmp_path):
+    """It steps per epoch on the evaluation top-1 (create_scheduler_v2 refuses it per update)."""
+    def train(*extra: str) -> int:
+        return cli.main(["train", "--output", str(tmp_path), *TINY, "--mix", "none", "--batch-size", "32",
+                         "--train-subset", "128", "--sched", "plateau", *extra])
+
+    assert train("--experiment", "p", "--epochs", "1") == 0
+    assert train("--resume", str(tmp_path / "p"), "--epochs", "2") == 0
+    assert len(summary(tmp_path / "p")) == 2
+
+
 def test_resume_inside_an_epoch_of_another_size_is_refused(tmp_path, capsys):
     run = tmp_path / "r"
     assert cli.main(["train", "--output", str(tmp_path), "--experiment", "r", *TINY, "--mix", "none",
