@@ -488,7 +488,8 @@ def test_dynamic_img_size_reads_out_on_the_grid_of_the_input():
         model(x)
         assert model.tome_readout.grid == (6, 6) and model.tome_readout.attn.shape == (2, 1 + 36 - 8)
         assert torch.equal(model.tome_readout.source.sum(1), torch.ones(2, 36))
-        with pytest.raises(ValueError, match="too large: block 1 would merge 4 of the 5"):
+        with pytest.raises(ValueError, match=r"schedule \[4, 4, 0, 0\] was set for 16 patches, this input has 9 \(3x3\): "
+                                             r"r=4 is too large: block 1 would merge 4 of the 5"):
             model(torch.randn(2, 3, 24, 24))  # 9 patches: 4 merged leave 5, of which at most 2 may go
 
 

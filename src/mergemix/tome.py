@@ -301,7 +301,11 @@ def _run_blocks(model: VisionTransformer, x: Tensor) -> tuple[Tensor | None, Ten
     L = x.shape[1] - npt
     if L != model.patch_embed.num_patches and cfg.merge and any(cfg.r):
         # another image size (dynamic_img_size): the schedule was checked for the configured one
-        resolve_schedule(L, len(cfg.r), r=cfg.r)
+        try:
+            resolve_schedule(L, len(cfg.r), r=cfg.r)
+        except ValueError as e:
+            raise ValueError(f"the merge schedule {list(cfg.r)} was set for {model.patch_embed.num_patches} patches, "
+                             f"this input has {L} ({grid[0]}x{grid[1]}): {e}; merge fewer or feed larger images") from None
     readout_at = cfg.readout_block if cfg.readout else None
     # None until the first merge: all sizes 1, identity index. size (B, K) covers every token
     # (1 for prefix tokens, so log(size) is the whole additive bias); index (B, L) is the
