@@ -210,9 +210,11 @@ def markdown(dataset: str, mode: str, table: dict[str, dict], raw: dict[str, lis
     ref = table.get("cutmix", {}).get("epoch_time")
     lines = [f"### {dataset} ({mode} mode)", "",
              f"Recipe: `mergemix train --dataset {dataset} {' '.join(recipe)} --mix METHOD --seed S`, "
-             "mean ± std over seeds; top-1 in %, ECE (15 bins), NLL and Brier on the held-out set; "
-             f"s/epoch is wall time with {jobs} runs sharing the machine, sometimes next to other jobs: a rough figure only "
-             "(benchmarks/step_time.py measures cost ratios properly, interleaved in one process).", "",
+             "mean ± sample std (n − 1) over seeds; top-1 in %, ECE (15 bins), NLL and Brier on the held-out set; "
+             f"s/epoch is wall time of an epoch's training and its evaluation of the held-out set, with {jobs} runs "
+             "sharing the machine, sometimes next to other jobs: a rough figure only, and the evaluation, the same for "
+             "every method, pulls × CutMix time towards 1 (benchmarks/step_time.py measures training-step ratios, "
+             "interleaved in one process).", "",
              "| method | seeds | top-1 (%) | ECE | NLL | Brier | s/epoch | × CutMix time |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, t in sorted(table.items(), key=lambda kv: -kv[1]["top1"]):
