@@ -128,7 +128,7 @@ def plan(mode: str, dataset: str, recipe: list[str], methods: list[str] | None) 
     if dataset in MODES[mode]["ablations"]:
         fast = FAST_RECIPE if MODES[mode].get("fast_recipe") else {}
         labels.update({k: ["--mix", "mergemix", *v] for k, v in {**ABLATIONS, **fast}.items()})
-        epochs = int(recipe[recipe.index("--epochs") + 1])
+        epochs = int(recipe[len(recipe) - recipe[::-1].index("--epochs")])  # the last --epochs given wins
         labels["mergemix[equal time]"] = ["--mix", "mergemix", "--epochs", str(round(EQUAL_TIME * epochs))]
     if methods:
         labels = {k: v for k, v in labels.items() if k in methods}
@@ -319,9 +319,9 @@ def run_dataset(args: argparse.Namespace, dataset: str, recipe: list[str], label
             for seed in seeds:
                 name = f"{dataset}-{label}-s{seed}".replace("[", "_").replace("]", "").replace("=", "-").replace(" ", "_")
                 run_dir = args.runs_dir / args.mode / name
+                # the label's flags last: an equal-time row's --epochs must win over an --extra one
                 cmd = [sys.executable, "-m", "mergemix", "train", "--dataset", dataset, *recipe, *flags,
-                       "--seed", str(seed), "--output", str(run_dir.parent), "--experiment", run_dir.name,
-                       *args.extra]
+                       "--seed", str(seed), "--output", str(run_dir.parent), "--experiment", run_dir.name]
                 jobs.setdefault(label, []).append(pool.submit(run_one, cmd, run_dir, threads))
         for i, (label, futures) in enumerate(jobs.items()):
             runs = [f.result() for f in futures]
@@ -336,7 +336,9 @@ def run_dataset(args: argparse.Namespace, dataset: str, recipe: list[str], label
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     seeds = list(range(args.seeds if args.seeds is not None else MODES[args.mode]["seeds"]))
-    recipes = mode_recipes(args.mode, args.datasets or MODES[args.mode]["datasets"])
+    # each recipe as its runs get it: --extra flags override the mode's
+    recipes = {dataset: [*recipe, *args.extra]
+               for dataset, recipe in mode_recipes(args.mode, args.datasets or MODES[args.mode]["datasets"]).items()}
     labels = plans(args.mode, recipes, args.methods)
     stems = {dataset: RESULTS / f"{dataset}{'' if args.mode == 'full' else '_' + args.mode}" for dataset in recipes}
     check_outputs([stem.with_suffix(suffix) for stem in stems.values() for suffix in (".json", ".md", ".png")],
@@ -344,11 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     for dataset, recipe in recipes.items():
         table, raw = run_dataset(args, dataset, recipe, labels[dataset], seeds)
         stem = stems[dataset]
-        flags = [*recipe, *args.extra]  # the table names every flag its runs had
-        table, raw = merge_previous(stem.with_suffix(".json"), flags, table, raw)
-        stem.with_suffix(".json").write_text(json.dumps({"mode": args.mode, "recipe": flags, "jobs": args.jobs,
+        table, raw = merge_previous(stem.with_suffix(".json"), recipe, table, raw)
+        stem.with_suffix(".json").write_text(json.dumps({"mode": args.mode, "recipe": recipe, "jobs": args.jobs,
                                                          "table": table, "runs": raw}, indent=2))
-        text = markdown(dataset, args.mode, table, raw, flags, args.jobs)
+        text = markdown(dataset, args.mode, table, raw, recipe, args.jobs)
         stem.with_suffix(".md").write_text(text + "\n")
         figure(dataset, table, stem.with_suffix(".png"))
         print(text)

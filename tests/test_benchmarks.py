@@ -326,6 +326,26 @@ def test_accuracy_plans_the_fast_recipe_where_tokens_are_many_and_not_in_full_mo
     assert not set(accuracy.FAST_RECIPE) & set(full) and "mergemix[merge_every=2]" in full
 
 
+def test_accuracy_equal_time_row_counts_the_epochs_the_runs_get(monkeypatch, tmp_path):
+    """--extra --epochs overrides the recipe's for every run, so the equal-time share is of that count, and
+    the row's own --epochs comes last on its command line (before, --extra's came last and won)."""
+    accuracy = load("accuracy")
+    assert accuracy.plan("full", "digits", ["--epochs", "30", "--epochs", "10"], None)["mergemix[equal time]"][-1] == "6"
+    commands = []
+
+    def fake_run(cmd, run_dir, threads):
+        commands.append(cmd)
+        return {"top1": 90.0, "ece": 0.1, "nll": 0.3, "brier": 0.1, "epoch_time": 1.0, "epochs": 1}
+
+    monkeypatch.setattr(accuracy, "run_one", fake_run)
+    args = accuracy.parse_args(["--mode", "full", "--runs-dir", str(tmp_path), "--extra", "--epochs", "10"])
+    labels = {"mergemix[equal time]": accuracy.plan("full", "digits", [*accuracy.RECIPES["digits"]["full"], "--epochs", "10"],
+                                                    ["mergemix[equal time]"])["mergemix[equal time]"]}
+    accuracy.run_dataset(args, "digits", [*accuracy.RECIPES["digits"]["full"], "--epochs", "10"], labels, [0])
+    (cmd,) = commands
+    assert cmd[len(cmd) - cmd[::-1].index("--epochs")] == "6"
+
+
 def test_accuracy_tokens196_mode_trains_the_gpu_targets_token_count():
     """tokens196 is tokens-long with 2x2 patches: a model of 196 patch tokens with 98 merged, as in the
     GPU speed targets, and otherwise the same recipe."""
