@@ -466,6 +466,9 @@ def markdown(result: dict) -> str:
         lines.append(f"| {label} | {r['passes']} | {r['median_step_ms']:.1f} | {r['ratio_to_cutmix']:.2f} | {mem} "
                      f"| {r['warmup_s']:.1f} |" + (f" {r['kernel_ops_fwd_bwd']} "
                      f"({r['kernel_ops_fwd_bwd'] / configs['cutmix']['kernel_ops_fwd_bwd']:.2f}) |" if ops else ""))
+    if any(r["peak_memory_mb"] for r in configs.values()) and not graphs:
+        lines += ["", "Peak memory: the most allocated during a timed step, including every configuration's resident "
+                      "model and optimizer state (all share the device): compare it within this table, not across files."]
     if s["compile"] and sum(label.startswith("mergemix[") for label in configs) > 1:
         # dynamo caches compiled code per code object, not per model: a later configuration with the
         # same shapes and flags reuses what an earlier one compiled
