@@ -40,7 +40,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
-from bench_common import at_least, check_outputs, one_line_errors, output_folder, paired  # noqa: E402
+from bench_common import at_least, check_outputs, one_line_errors, output_folder, paired, plus_minus  # noqa: E402
 
 from mergemix.errors import ConfigError  # noqa: E402
 
@@ -187,7 +187,7 @@ def aggregate(runs: list[dict]) -> dict:
     for key in ("top1", "ece", "nll", "brier", "epoch_time"):
         values = [r[key] for r in runs]
         out[key] = statistics.mean(values)
-        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None  # one seed has no spread
     return out
 
 
@@ -219,7 +219,8 @@ def markdown(dataset: str, mode: str, table: dict[str, dict], raw: dict[str, lis
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, t in sorted(table.items(), key=lambda kv: -kv[1]["top1"]):
         rel = f"{t['epoch_time'] / ref:.2f}" if ref else "–"
-        lines.append(f"| {label} | {t['seeds']} | {t['top1']:.2f} ± {t['top1_std']:.2f} | {t['ece']:.4f} ± {t['ece_std']:.4f} | "
+        lines.append(f"| {label} | {t['seeds']} | {plus_minus(t['top1'], t['top1_std'], 2)} | "
+                     f"{plus_minus(t['ece'], t['ece_std'], 4)} | "
                      f"{t['nll']:.4f} | {t['brier']:.4f} | {t['epoch_time']:.1f} | {rel} |")
     differences = paired_differences(raw, PAIRED_REFERENCE)
     if differences:
@@ -232,8 +233,8 @@ def markdown(dataset: str, mode: str, table: dict[str, dict], raw: dict[str, lis
         for label, d in sorted(differences.items(), key=lambda kv: -kv[1]["top1"]["mean"]):
             top1, ece = d["top1"], d["ece"]
             per_seed = ", ".join(f"{v:+.2f}" for v in top1["diffs"])
-            lines.append(f"| {label} | {len(top1['diffs'])} | {top1['mean']:+.2f} ± {top1['se']:.2f} | {per_seed} | "
-                         f"{ece['mean']:+.4f} ± {ece['se']:.4f} |")
+            lines.append(f"| {label} | {len(top1['diffs'])} | {plus_minus(top1['mean'], top1['se'], 2, '+')} | "
+                         f"{per_seed} | {plus_minus(ece['mean'], ece['se'], 4, '+')} |")
     return "\n".join(lines)
 
 
@@ -327,8 +328,8 @@ def run_dataset(args: argparse.Namespace, dataset: str, recipe: list[str], label
             runs = [f.result() for f in futures]
             table[label], raw[label] = aggregate(runs), runs
             t = table[label]
-            print(f"[{dataset} {i + 1}/{len(jobs)} {time.time() - t0:.0f}s] {label}: top-1 {t['top1']:.2f} ± "
-                  f"{t['top1_std']:.2f}, ECE {t['ece']:.4f}", flush=True)
+            print(f"[{dataset} {i + 1}/{len(jobs)} {time.time() - t0:.0f}s] {label}: top-1 "
+                  f"{plus_minus(t['top1'], t['top1_std'], 2)}, ECE {t['ece']:.4f}", flush=True)
     return table, raw
 
 

@@ -104,9 +104,14 @@ def merged_copy(net: nn.Module, **options: Any) -> nn.Module:
 
 
 def paired(diffs: list[float]) -> dict:
-    """Mean and standard error (stdev / √n; 0 for one) of differences paired by seed."""
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+    """Mean and standard error (stdev / √n; None for one) of differences paired by seed."""
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
     return {"mean": statistics.mean(diffs), "se": se, "diffs": diffs}
+
+
+def plus_minus(mean: float, spread: float | None, digits: int, sign: str = "") -> str:
+    """``mean ± spread`` to ``digits`` decimals; ``± –`` where one seed gives no spread."""
+    return f"{mean:{sign}.{digits}f} ± " + ("–" if spread is None else f"{spread:.{digits}f}")
 
 
 def device(text: str) -> torch.device:

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from bench_common import check_outputs, one_line_errors, paired
+from bench_common import check_outputs, one_line_errors, paired, plus_minus
 from tome_eval import RESULTS, evaluate
 
 from mergemix.errors import ConfigError
@@ -65,7 +65,7 @@ def summary(rows: list[dict]) -> dict:
         for key in KEYS:
             values = [r[how][key] for r in rows]
             out[f"{how}_{key}"] = statistics.mean(values)
-            out[f"{how}_{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            out[f"{how}_{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
     diff = paired([r["merged"]["top1"] - r["plain"]["top1"] for r in rows])
     out["diff_top1"], out["diff_top1_se"], out["diffs"] = diff["mean"], diff["se"], diff["diffs"]
     return out
@@ -80,16 +80,17 @@ def markdown(table: dict[str, dict]) -> str:
     for label, s in table.items():
         how = (f"{s['merge_num']} tokens, every {s['merge_every']} block(s), bias {'on' if s['prop_attn'] else 'off'}"
                + ("" if s["merge_train"] else ", training forward unmerged"))
-        lines.append(f"| {label} | {len(s['seeds'])} | {how} | {s['plain_top1']:.2f} ± {s['plain_top1_std']:.2f} | "
-                     f"{s['merged_top1']:.2f} ± {s['merged_top1_std']:.2f} | {s['diff_top1']:+.2f} ± "
-                     f"{s['diff_top1_se']:.2f} | {s['plain_ece']:.4f} | {s['merged_ece']:.4f} |")
+        lines.append(f"| {label} | {len(s['seeds'])} | {how} | {plus_minus(s['plain_top1'], s['plain_top1_std'], 2)} | "
+                     f"{plus_minus(s['merged_top1'], s['merged_top1_std'], 2)} | "
+                     f"{plus_minus(s['diff_top1'], s['diff_top1_se'], 2, '+')} | {s['plain_ece']:.4f} | {s['merged_ece']:.4f} |")
     versus = [(label, base, v) for label, s in table.items() for base, v in s.get("vs", {}).items()]
     if versus:
         lines += ["", "Merged top-1 against runs that trained unmerged (their own plain evaluation), points paired "
                   "by seed, mean ± SE:", "", "| run | against | seeds | their top-1 (%) | merged − theirs | by seed |",
                   "|---|---|---:|---:|---:|---|"]
-        lines += [f"| {label} | {base} | {len(v['seeds'])} | {v['baseline_top1']:.2f} | {v['mean']:+.2f} ± "
-                  f"{v['se']:.2f} | {', '.join(f'{d:+.2f}' for d in v['diffs'])} |" for label, base, v in versus]
+        lines += [f"| {label} | {base} | {len(v['seeds'])} | {v['baseline_top1']:.2f} | "
+                  f"{plus_minus(v['mean'], v['se'], 2, '+')} | {', '.join(f'{d:+.2f}' for d in v['diffs'])} |"
+                  for label, base, v in versus]
     return "\n".join(lines)
 
 

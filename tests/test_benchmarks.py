@@ -258,12 +258,14 @@ def test_accuracy_sets_every_row_against_mergemix_paired_by_seed():
     assert none["diffs"] == [1.0, 0.0, 1.0]
     assert none["mean"] == pytest.approx(2 / 3) and none["se"] == pytest.approx(1 / 3)
     assert diffs["none"]["ece"]["mean"] == pytest.approx(-0.05)  # -0.04, -0.05, -0.06
-    assert diffs["cutmix"]["top1"] == {"mean": -3.0, "se": 0.0, "diffs": [-3.0]}
+    assert diffs["cutmix"]["top1"] == {"mean": -3.0, "se": None, "diffs": [-3.0]}  # one seed: no spread
     assert accuracy.paired_differences(raw, "smmix") == {}  # a table without the reference has no paired rows
     table = {label: accuracy.aggregate(runs) for label, runs in raw.items()}
     text = accuracy.markdown("digits", "quick", table, raw, ["--epochs", "8"], 2)
     assert "| none | 3 | +0.67 ± 0.33 | +1.00, +0.00, +1.00 | -0.0500 ± 0.0058 |" in text
-    assert "| cutmix | 1 | -3.00 ± 0.00 | -3.00 | +0.0800 ± 0.0000 |" in text
+    assert "| cutmix | 1 | -3.00 ± – | -3.00 | +0.0800 ± – |" in text
+    # one seed: its spread is unknown, not zero
+    assert "| cutmix | 1 | 69.00 ± – | 0.2000 ± – |" in text and "| none | 4 | 78.50 ± 13.67 |" in text
     assert "| mixup | 1 |" in text and "| mixup | 1 | -" not in text.split("Paired by seed")[1]
 
 
@@ -433,7 +435,7 @@ def test_eval_as_trained_sets_each_runs_own_merging_beside_its_plain_figures(tmp
     cut = json.loads((tmp_path / "cut-s0" / "results.json").read_text())["top1"]
     assert versus["seeds"] == [0] and versus["baseline_top1"] == cut
     assert versus["mean"] == pytest.approx(report["runs"]["fast"][0]["merged"]["top1"] - cut)
-    assert f"| fast | cut | 1 | {cut:.2f} | {versus['mean']:+.2f} ± 0.00 |" in (tmp_path / "res" / "vs.md").read_text()
+    assert f"| fast | cut | 1 | {cut:.2f} | {versus['mean']:+.2f} ± – |" in (tmp_path / "res" / "vs.md").read_text()
     capsys.readouterr()
     assert as_trained.main(["--runs", str(runs[0]), str(tmp_path / "cut-s0"), "--name", "no",
                             "--results-dir", str(tmp_path / "res")]) == 2
