@@ -284,6 +284,28 @@ def test_avg_pool_model_merges_with_weighted_mean():
     assert torch.allclose(pooled, take(tokens, model.tome_readout.index).mean(1), atol=1e-5)
 
 
+def test_merging_refuses_a_pooling_it_cannot_weight_even_when_reset_classifier_sets_it_later():
+    """Max pooling over merged tokens is not the max over the patches: patch_tome refuses it, and a
+    merged forward refuses it after reset_classifier; unmerged, the model stays timm's own."""
+    def vit(global_pool):
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=5,
+                                 global_pool=global_pool).eval()
+    with pytest.raises(ValueError, match="not 'max'"):
+        patch_tome(vit("max"), r=2)
+    patch_tome(vit("max"), r=0)  # nothing merged: any pooling
+    model, plain = patch_tome(vit("token"), r=2), vit("token")
+    model.reset_classifier(5, "avgmax")
+    plain.reset_classifier(5, "avgmax")
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), pytest.raises(ValueError, match="not 'avgmax'"):
+        model(x)
+    configure_tome(model, merge=False)
+    with torch.no_grad():
+        assert torch.allclose(model(x), plain(x), atol=1e-6)
+
+
 def test_avg_pool_of_forward_features_is_size_weighted_too():
     """timm's idiom forward_head(forward_features(x)) gives forward(x), pre_logits included; with
     pool_include_prefix the prefix tokens join the mean once each, as in timm's own pooling."""

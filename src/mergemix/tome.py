@@ -160,8 +160,8 @@ def patch_tome(model: nn.Module, r: int | Sequence[int] | None = None, *, merge_
         raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     if readout_block is not None and model.cls_token is None:
         raise ValueError("the attention read-out needs a class token; this model has none (class_token=False)")
-    if any(schedule) and (model.global_pool not in ("token", "avg") or model.attn_pool is not None):
-        raise ValueError(f"token merging supports global_pool 'token' or 'avg', not {model.global_pool!r}")
+    if any(schedule):
+        _check_pool(model.global_pool, model.attn_pool)
     # patch dropout keeps a random subset of the patches, which neither merging nor the read-out's
     # patch index (one entry per patch of the grid) follows
     if (any(schedule) or readout_block is not None) and model.patch_drop.__class__ is not nn.Identity:
@@ -172,6 +172,12 @@ def patch_tome(model: nn.Module, r: int | Sequence[int] | None = None, *, merge_
         model.__class__ = _tome_class(type(model))
         model.tome_readout = model.tome_size = None
     return wrapper
+
+
+def _check_pool(global_pool: str, attn_pool: nn.Module | None) -> None:
+    """Merged tokens pool as the plain sequence would only by the class token or a size-weighted mean."""
+    if global_pool not in ("token", "avg") or attn_pool is not None:
+        raise ValueError(f"token merging supports global_pool 'token' or 'avg', not {global_pool!r}")
 
 
 def configure_tome(model: nn.Module, merge: bool | None = None, readout: bool | None = None,
@@ -366,7 +372,9 @@ class ToMeMixin:
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         size, npt = self.tome_size, self.num_prefix_tokens
         merged = size is not None and size.shape == (x.shape[0], x.shape[1] - npt)
-        if not merged or (pool_type or self.global_pool) != "avg" or self.attn_pool is not None:
+        if merged:  # reset_classifier may have changed the pooling since patch_tome checked it
+            _check_pool(pool_type or self.global_pool, self.attn_pool)
+        if not merged or (pool_type or self.global_pool) != "avg":
             return super().pool(x, pool_type)
         # a merged token stands for `size` patches: the size-weighted mean is the plain mean
         if self.pool_include_prefix:  # prefix tokens count once each
