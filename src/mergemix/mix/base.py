@@ -151,9 +151,9 @@ class Objective:
     """Base class: one instance per run, called once per training step.
 
     Subclasses set ``name`` and ``description``, ``passes`` (the cost of a step) where it is more
-    than the default "1 fwd + 1 bwd", and implement ``__call__``. ``prepare(model)`` is called once, before the
+    than the default "1 fwd + 1 bwd", and implement ``mixed_step``. ``prepare(model)`` is called once, before the
     model is wrapped in DDP or compiled, so attention-based methods can patch it.
-    ``mixup_enabled`` switches mixing off (then a step is plain label-smoothed CE).
+    ``mixup_enabled`` switches mixing off: a call then takes ``clean_step``, plain label-smoothed CE.
     """
 
     name: ClassVar[str] = ""
@@ -186,8 +186,13 @@ class Objective:
         logits = model(x)
         return StepOutput(soft_cross_entropy(logits, smooth_one_hot(y, self.num_classes, self.smoothing)), logits)
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:  # pragma: no cover - abstract
+    def mixed_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:  # pragma: no cover - abstract
+        """The method's training step: x (B, C, H, W) images, y (B,) class indices -> loss, logits and what it mixed."""
         raise NotImplementedError
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+        """One training step's loss: ``mixed_step``, or ``clean_step`` while ``mixup_enabled`` is False."""
+        return self.mixed_step(model, x, y) if self.mixup_enabled else self.clean_step(model, x, y)
 
     def defaults(self) -> dict[str, Any]:
         """Options of this instance worth printing (``mergemix methods``); subclasses add theirs."""

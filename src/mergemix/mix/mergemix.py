@@ -121,10 +121,12 @@ class MergeMix(Objective):
                 "merge_train": self.merge_train, "mixup_alpha": self.mixup_alpha, "prop_attn": self.prop_attn,
                 "smoothing": self.smoothing}
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
-        if not self.mixup_enabled:
-            with tome_options(model, merge=self.merge_train, readout=False):
-                return self.clean_step(model, x, y)
+    def clean_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+        """Plain label-smoothed CE on the forward MergeMix trains: merged unless ``merge_train`` is off."""
+        with tome_options(model, merge=self.merge_train, readout=False):
+            return super().clean_step(model, x, y)
+
+    def mixed_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         net = unwrap(model)
         # drawn first so that a batch too small to pair fails before any forward
         partner = M.derangement(x.shape[0], self.generator, x.device)

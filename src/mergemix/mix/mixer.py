@@ -109,7 +109,7 @@ class PairMixer(Objective):
             check_positive(alpha=self.alpha)
 
     def paste(self, x: Tensor, partner: Tensor) -> Mixed:  # pragma: no cover - abstract
-        """Mix x (B, C, H, W) with x[partner] (methods whose mask needs a forward override ``__call__``)."""
+        """Mix x (B, C, H, W) with x[partner] (methods whose mask needs a forward override ``mixed_step``)."""
         raise NotImplementedError
 
     def pair(self, x: Tensor) -> tuple[Tensor, bool]:
@@ -144,9 +144,7 @@ class PairMixer(Objective):
         return StepOutput(soft_cross_entropy(logits, targets), logits, x_mixed=mixed.x, mask=mixed.mask,
                           lam=mixed.lam, lam_hat=lam_hat, partner=mixed.partner, extras={"kind": mixed.kind})
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
-        if not self.mixup_enabled:
-            return self.clean_step(model, x, y)
+    def mixed_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         return self.step(model, y, self.mix(x))
 
     def defaults(self) -> dict[str, Any]:

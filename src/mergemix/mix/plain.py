@@ -13,5 +13,5 @@ class NoMix(Objective):
     description = "no mixing: label-smoothed cross-entropy on the clean images"
     pairs_images = False
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+    def mixed_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         return self.clean_step(model, x, y)

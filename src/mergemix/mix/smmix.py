@@ -76,9 +76,7 @@ class SMMix(ReadsAttention, PairMixer):
         super().__init__(num_classes, smoothing, generator, prob, alpha)
         self.readout_block = readout_block
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
-        if not self.mixup_enabled:
-            return self.clean_step(model, x, y)
+    def mixed_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         partner, apply = self.pair(x)
         if not apply:
             return self.step(model, y, unmixed(x, partner))
