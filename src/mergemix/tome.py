@@ -82,7 +82,8 @@ def patch_size(model: nn.Module) -> tuple[int, int]:
 
 def _check_vit(model: nn.Module) -> None:
     if not isinstance(model, VisionTransformer):
-        raise ValueError(f"token merging and attention read-out need a timm VisionTransformer, got {type(model).__name__}")
+        raise ValueError(f"token merging and the attention read-out need a timm VisionTransformer, not a "
+                         f"{type(model).__name__}: pick a ViT or a method that reads no attention")
     for i, blk in enumerate(model.blocks):
         attn = getattr(blk, "attn", None)
         if not isinstance(blk, Block) or not isinstance(attn, Attention):

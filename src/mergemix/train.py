@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -152,9 +151,6 @@ def seed_process(seed: int, rank: int) -> torch.Generator:
 
 def prepare_model(objective: Objective, model: nn.Module, args: argparse.Namespace) -> nn.Module:
     """``objective.prepare(model)`` (patches ViTs for attention read-out) with one-line errors for what does not fit."""
-    if objective.needs_attention and not isinstance(model, VisionTransformer):
-        raise ConfigError(f"--mix {args.mix} reads the attention of a timm VisionTransformer; "
-                          f"{args.model} is a {type(model).__name__}: pick a ViT or another --mix")
     try:
         return objective.prepare(model)
     except ValueError as e:

@@ -77,7 +77,6 @@ class ReadsAttention:
     at ``readout_block``. Use before the objective base class: ``class X(ReadsAttention, PairMixer)``.
     """
 
-    needs_attention = True
     readout_block: int
 
     def prepare(self, model: nn.Module) -> nn.Module:

@@ -159,7 +159,6 @@ class Objective:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     passes: ClassVar[str] = "1 fwd + 1 bwd"
-    needs_attention: ClassVar[bool] = False
     pairs_images: ClassVar[bool] = True  # mixes each image with a partner from its batch (needs at least 2)
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None):

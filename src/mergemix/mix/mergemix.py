@@ -45,7 +45,6 @@ class MergeMix(Objective):
     name = "mergemix"
     description = "attention on the ToMe-merged sequence, recovered to patches, keeps the top ⌊λL⌋ patches"
     passes = PASSES["clean"]
-    needs_attention = True
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None,
                  alpha: float = 1.0, merge_num: int | None = None, r: int | list[int] | None = None,
