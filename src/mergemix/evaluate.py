@@ -207,8 +207,9 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
         return {}
     checkpoint.make_dir(out, "--output")
     n = len(bundle.eval)
-    # wall time of the whole pass, data loading included: a rough figure (step_time.py times forwards alone)
-    # the training run's method, seed and args let `mergemix compare` group evaluations as it groups runs
+    # the training run's method, seed and args let `mergemix compare` group evaluations as it groups runs;
+    # eval_seconds is the wall time of the whole pass, data loading included: a rough figure
+    # (step_time.py times forwards alone)
     extra = {"checkpoint": str(path.resolve()), "epoch": ckpt.get("epoch"), "weights": key, "model": args.model,
              "dataset": args.dataset, "method": args.mix, "seed": args.seed, "ece_bins": cli.ece_bins,
              "num_images": n, **merging, "eval_seconds": seconds, "images_per_s": n / seconds,

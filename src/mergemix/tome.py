@@ -212,7 +212,8 @@ def tokens_per_block(model: nn.Module) -> list[int]:
 
 
 def forward_readout(model: nn.Module, x: Tensor) -> Readout:
-    """Run the model only up to its read-out block and return the read-out (B, ...).
+    """Run the model only up to its read-out block and return the read-out: ``attn`` (B, K), ``index``
+    (B, L), ``size`` (B, K) for the K tokens entering that block (see ``Readout``).
 
     The cheap mask pass: blocks after the read-out block are never run. Use under no_grad.
     ``model`` may be wrapped (torch.compile, DDP): the call goes through the wrapper, so a

@@ -19,7 +19,8 @@ from .config import DATASETS, ArgumentParser, as_dict, check_limits, key_value, 
 from .distributed import setup
 from .errors import ConfigError
 from .evaluate import check_classes, run_args
-from .mix import StepOutput, unwrap
+from .mix import StepOutput
+from .models import unwrap
 from .plots import check_figure_out, mix_grid
 from .tome import patch_size
 from .train import build_objective, prepare_model

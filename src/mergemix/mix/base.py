@@ -26,7 +26,8 @@ class StepOutput:
     """What one training step produced.
 
     loss: scalar fp32 loss to back-propagate.
-    logits: (B, C) logits of the training forward whose accuracy is worth logging.
+    logits: (B, C) logits of a training forward (MergeMix's clean pass where it runs one, else the mixed
+        pass), for a caller that tracks training accuracy.
     x_mixed: (B, C, H, W) the images the mixed forward saw (None when nothing was mixed).
     mask: (B, 1, H, W) 1 where a pixel comes from the sample itself, 0 where from its partner.
     lam: (B,) the mixing ratio drawn (share of the sample kept).

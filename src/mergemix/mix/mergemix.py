@@ -118,7 +118,7 @@ class MergeMix(Objective):
                 "readout_block": self.readout_block,
                 "lam_policy": self.lam_policy, "aux_loss": self.aux_loss, "score": self.score,
                 "merge_train": self.merge_train, "mixup_alpha": self.mixup_alpha, "prop_attn": self.prop_attn,
-                "smoothing": self.smoothing}
+                **super().defaults()}
 
     def clean_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         """Plain label-smoothed CE on the forward MergeMix trains: merged unless ``merge_train`` is off."""
@@ -141,7 +141,8 @@ class MergeMix(Objective):
                 readout = forward_readout(model, x)
 
         B, L = readout.index.shape
-        lam_cpu = torch.full((B,), sample_lam(self.alpha, self.generator))  # kept: the gaussian λ̂ is computed on the CPU
+        # λ stays on the CPU as well: keep_count and the gaussian λ̂ then read nothing back from the GPU
+        lam_cpu = torch.full((B,), sample_lam(self.alpha, self.generator))
         lam = M.to_device(lam_cpu, x.device)
         scores, patch_mask, mask = M.attention_mask(readout.attn, readout.index, lam, readout.grid, readout.patch,
                                                     x.shape[-2:])

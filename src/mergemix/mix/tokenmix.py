@@ -3,8 +3,8 @@
 The partner's share is a set of random blocks at patch (token) resolution, so no patch is cut
 through: block-wise masking as in BEiT, vectorised over the batch. λ ~ Beta(α, α) (one per
 batch) sets the target of ⌊(1−λ)·L⌋ partner tokens; each round every sample proposes one
-rectangle of area U(min(min_block, left), left) tokens and aspect ratio log-uniform in
-[1/max_aspect, max_aspect] at a uniform place, accepted when it adds new tokens without
+rectangle of area U(min(min_block, remaining), remaining) tokens (remaining: the tokens still to
+place) and aspect ratio log-uniform in [1/max_aspect, max_aspect] at a uniform place, accepted when it adds new tokens without
 overshooting the target; after ``rounds`` rounds a sample may fall a little short of it.
 The paper labels with the attention of a pre-trained teacher; here, as TransMix does, the
 model's own CLS attention (last block, heads averaged) from the same training forward gives the
@@ -42,18 +42,18 @@ def block_token_mask(count: Tensor, grid: tuple[int, int], generator: torch.Gene
     chosen = torch.zeros(B, gh, gw, dtype=torch.bool, device=device)
     filled = torch.zeros(B, dtype=torch.long, device=device)
     for area_u, aspect_u, top_u, left_u in u:
-        left = count - filled
-        lo = left.clamp(max=min_block).float()
-        area = lo + area_u * (left.float() - lo)
+        remaining = count - filled  # tokens still to place
+        lo = remaining.clamp(max=min_block).float()
+        area = lo + area_u * (remaining.float() - lo)
         aspect = torch.exp((2 * aspect_u - 1) * log_aspect)
         h = torch.sqrt(area * aspect).round().long().clamp(1, gh)
         w = torch.sqrt(area / aspect).round().long().clamp(1, gw)
         top = (top_u * (gh - h + 1)).long()
-        lft = (left_u * (gw - w + 1)).long()
-        inside = box_mask(torch.stack([top, top + h, lft, lft + w], dim=1), grid)[:, 0] == 0
+        left = (left_u * (gw - w + 1)).long()
+        inside = box_mask(torch.stack([top, top + h, left, left + w], dim=1), grid)[:, 0] == 0
         new = inside & ~chosen
         added = new.flatten(1).sum(dim=1)
-        accept = (added > 0) & (added <= left)
+        accept = (added > 0) & (added <= remaining)
         chosen |= new & accept[:, None, None]
         filled += added * accept
     return chosen.flatten(1).float()
