@@ -4,8 +4,8 @@ The partner's share is a set of random blocks at patch (token) resolution, so no
 through: block-wise masking as in BEiT, vectorised over the batch. λ ~ Beta(α, α) (one per
 batch) sets the target of ⌊(1−λ)·L⌋ partner tokens; each round every sample proposes one
 rectangle of area U(min(min_block, remaining), remaining) tokens (remaining: the tokens still to
-place) and aspect ratio log-uniform in [1/max_aspect, max_aspect] at a uniform place, accepted when it adds new tokens without
-overshooting the target; after ``rounds`` rounds a sample may fall a little short of it.
+place) and aspect ratio log-uniform in [1/max_aspect, max_aspect] at a uniform place, accepted
+when it adds new tokens without overshooting the target; after ``rounds`` rounds a sample may fall a little short of it.
 The paper labels with the attention of a pre-trained teacher; here, as TransMix does, the
 model's own CLS attention (last block, heads averaged) from the same training forward gives the
 own class's weight: the attention mass on the own tokens.
