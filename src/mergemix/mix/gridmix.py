@@ -22,7 +22,8 @@ def grid_masks(lam: float, cells: int, batch_size: int, size: tuple[int, int],
                generator: torch.Generator | None = None, device: torch.device | None = None) -> Tensor:
     """(B, 1, H, W) 0/1 mask of a cells x cells grid, each cell 1 (own) with probability lam.
 
-    Cell borders fall at ⌊i·H/cells⌋, so cells differ by at most one pixel when cells ∤ H.
+    Row r lies in cell ⌊r·cells/H⌋, so cell borders fall at ⌈i·H/cells⌉ and cells differ by at most
+    one pixel when cells ∤ H.
     """
     H, W = size
     keep = to_device((torch.rand(batch_size, cells, cells, generator=generator) < lam).float(), device)
