@@ -13,11 +13,12 @@ def test_recover_hand_example():
     assert torch.allclose(M.recover(attn, index), torch.tensor([[0.5, 0.4, 0.5, 0.4]]))
 
 
-@pytest.mark.parametrize("lam", [0.0, 0.29, 0.5, 0.7, 1.0])
-def test_topk_mask_count_and_choice(lam):
+# by hand: ⌊λ·100⌋, where 0.29 · 100 and 0.57 · 100 round to just below 29 and 57 in floats
+@pytest.mark.parametrize("lam, k", [(0.0, 0), (0.29, 29), (0.5, 50), (0.57, 57), (0.7, 70), (0.999, 99), (1.0, 100)])
+def test_topk_mask_count_and_choice(lam, k):
     scores = torch.randn(5, 100)
     m = M.topk_mask(scores, lam)
-    k = int(torch.floor(torch.tensor(lam, dtype=torch.float64) * 100))
+    assert torch.equal(M.topk_mask(scores, torch.tensor(lam)), m)  # an fp32 λ counts the same
     assert torch.equal(m.sum(1), torch.full((5,), float(k)))
     if 0 < k < 100:  # the kept ones are the highest scores
         assert (scores[m.bool()].view(5, k).min(1).values > scores[~m.bool()].view(5, -1).max(1).values).all()

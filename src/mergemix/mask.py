@@ -25,12 +25,18 @@ def recover(attn: Tensor, source: Tensor) -> Tensor:
     return torch.bmm(source.transpose(1, 2).to(attn.dtype), attn.unsqueeze(-1)).squeeze(-1)
 
 
+# λ·L within this of an integer counts as that integer: 0.29 · 100 is 28.999999999999996 in floats
+KEEP_TOLERANCE = 1e-4
+
+
 def keep_count(lam: Tensor | float, num_patches: int, batch_size: int, device: torch.device | None = None) -> Tensor:
-    """(B,) long: ⌊λ·L⌋ patches to keep, λ a number or (B,), clamped to [0, L]; on ``device``."""
+    """(B,) long: ⌊λ·L⌋ patches to keep (up to ``KEEP_TOLERANCE``), λ a number or (B,), clamped to
+    [0, L]; on ``device``."""
     if not isinstance(lam, Tensor):  # counted here: a tensor made of a number is a blocking copy to a GPU
-        return torch.full((batch_size,), min(max(math.floor(lam * num_patches), 0), num_patches), device=device)
+        count = math.floor(lam * num_patches + KEEP_TOLERANCE)
+        return torch.full((batch_size,), min(max(count, 0), num_patches), device=device)
     lam = lam.to(device=device, dtype=torch.float64).expand(batch_size)
-    return torch.floor(lam * num_patches).long().clamp_(0, num_patches)
+    return torch.floor(lam * num_patches + KEEP_TOLERANCE).long().clamp_(0, num_patches)
 
 
 def topk_mask(scores: Tensor, lam: Tensor | float) -> Tensor:
