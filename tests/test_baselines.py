@@ -96,6 +96,39 @@ def test_batch_of_one_is_a_clear_error(name):
         obj(model, x, y)
 
 
+@pytest.mark.parametrize("name", BASELINES + ["none", "mergemix"])
+def test_inputs_a_custom_loop_gets_wrong_are_refused_by_name(name):
+    """Mistakes that torch reports deep inside (or, for a one-logit model, not at all) get a ValueError
+    that says what is wrong: labels not (B,) class indices, images not (B, C, H, W), classes that differ."""
+    model, x, y = tiny_vit(), *batch(B=4)
+    obj = objective(name)
+    obj.prepare(model)
+    for bad_y, words in [(F.one_hot(y, NUM_CLASSES).float(), "integer class indices"),
+                         (y[:, None], "integer class indices"), (y[:3], "integer class indices"),
+                         (y.float(), "integer class indices"), (torch.full_like(y, NUM_CLASSES), r"in \[0, 10\)")]:
+        with pytest.raises(ValueError, match=words):
+            obj(model, x, bad_y)
+    with pytest.raises(ValueError, match="a batch of images"):
+        obj(model, x[0], y)
+    if hasattr(obj, "mixer"):  # timm's contract too: an unbatched image is not three images
+        with pytest.raises(ValueError, match="a batch of images"):
+            obj.mixer(x[0], y[:3])
+    for outputs in (1, 0, 1000):  # one logit would broadcast into a zero loss; 0: features, no head
+        with pytest.raises(ValueError, match=f"has {outputs} outputs"):
+            objective(name).prepare(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                                                      embed_dim=32, num_heads=2, num_classes=outputs))
+    for num_classes in (0, True, 10.0):
+        with pytest.raises(ValueError, match="num_classes must be a whole number"):
+            create(name, num_classes)
+
+
+def test_soft_cross_entropy_refuses_logits_and_targets_of_other_shapes():
+    from mergemix.mix import soft_cross_entropy
+    targets = smooth_one_hot(torch.tensor([0, 1]), NUM_CLASSES, 0.1)
+    with pytest.raises(ValueError, match=r"logits of shape \(2, 1\) but the targets are \(2, 10\)"):
+        soft_cross_entropy(torch.zeros(2, 1, requires_grad=True), targets)
+
+
 @pytest.mark.parametrize("name", BASELINES)
 def test_mixing_switched_off_is_the_clean_step(name):
     model = tiny_vit()

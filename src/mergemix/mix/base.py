@@ -65,7 +65,22 @@ def mixed_targets(y: Tensor, partner: Tensor, lam: Tensor | float, num_classes: 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy against (B, C) soft targets, computed in fp32 even under autocast."""
+    if logits.shape != targets.shape:  # (B, 1) logits would broadcast against any targets into a zero loss
+        raise ValueError(f"the model gives logits of shape {tuple(logits.shape)} but the targets are "
+                         f"{tuple(targets.shape)}: build the model and the objective for the same num_classes")
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def check_batch(x: Tensor, y: Tensor, num_classes: int) -> None:
+    """ValueError unless x is (B, C, H, W) images and y (B,) integer class indices below ``num_classes``
+    (the range is checked only for labels on the CPU: elsewhere it would wait for the device)."""
+    if x.ndim != 4:
+        raise ValueError(f"expected a batch of images (B, C, H, W), got shape {tuple(x.shape)}")
+    if y.shape != x.shape[:1] or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(f"expected labels as ({x.shape[0]},) integer class indices, got {y.dtype} of shape "
+                         f"{tuple(y.shape)} (one-hot or soft targets: pass their argmax)")
+    if y.device.type == "cpu" and y.numel() and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {int(y.min())}..{int(y.max())}")
 
 
 def derive_seed(generator: torch.Generator | None) -> int:
@@ -163,6 +178,8 @@ class Objective:
     pairs_images: ClassVar[bool] = True  # mixes each image with a partner from its batch (needs at least 2)
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None):
+        if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"num_classes must be a whole number >= 1, got {num_classes!r}")
         check_probability(smoothing=smoothing)
         self.num_classes = num_classes
         self.smoothing = smoothing
@@ -176,6 +193,11 @@ class Objective:
             raise ValueError("the model is a distilled DeiT in distillation training (set_distilled_training(True)), "
                              "whose forward returns two heads' logits; these objectives train one: call "
                              "model.set_distilled_training(False) (its forward then averages the heads)")
+        outputs = getattr(unwrap(model), "num_classes", self.num_classes)
+        if outputs != self.num_classes:
+            raise ValueError(f"the model has {outputs} outputs (num_classes) but the objective is built for "
+                             f"{self.num_classes} classes: create the model with num_classes={self.num_classes} "
+                             f"or call its reset_classifier({self.num_classes})")
         return model
 
     def clean_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
@@ -192,6 +214,7 @@ class Objective:
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         """One training step's loss: ``mixed_step``, or ``clean_step`` while ``mixup_enabled`` is False."""
+        check_batch(x, y, self.num_classes)
         return self.mixed_step(model, x, y) if self.mixup_enabled else self.clean_step(model, x, y)
 
     def defaults(self) -> dict[str, Any]:

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from ..mask import derangement, lam_hat_area, mix_images
-from .base import (Objective, StepOutput, check_positive, check_probability, derive_seed, mixed_targets,
-                   smooth_one_hot, soft_cross_entropy)
+from .base import (Objective, StepOutput, check_batch, check_positive, check_probability, derive_seed,
+                   mixed_targets, smooth_one_hot, soft_cross_entropy)
 from .boxes import box_mask, boxes_at, paste_windows
 
 __all__ = ["ImageMixer", "Mixed", "PairMixer", "check_interval", "device_generator", "masked_batch", "unmixed",
@@ -158,6 +158,7 @@ class ImageMixer(PairMixer):
     def mixer(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """timm's Mixup contract: (B, C, H, W) images, (B,) labels -> mixed images, (B, num_classes) soft
         targets (rows sum to 1, label smoothing folded in). Unmixed when ``mixup_enabled`` is False."""
+        check_batch(x, y, self.num_classes)
         if not self.mixup_enabled:
             return x, smooth_one_hot(y, self.num_classes, self.smoothing)
         mixed = self.mix(x)
