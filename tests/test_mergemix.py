@@ -377,3 +377,20 @@ def test_area_label_of_images_padded_to_whole_patches_is_the_kept_pixel_share():
     assert out.mask.shape == (6, 1, 30, 22)
     torch.testing.assert_close(out.lam_hat, out.mask.mean(dim=(1, 2, 3)))
     assert not torch.allclose(out.lam_hat, out.lam_hat[:1].expand(6))  # the patch share would be equal for all
+
+
+def test_one_device_data_parallel_trains_as_the_bare_model_and_several_devices_are_refused():
+    """A model prepared, then wrapped in nn.DataParallel (on CPU: no devices, it calls the module) takes
+    the same step as the bare model; over several devices its replicas would drop the read-out."""
+    x, y = batch()
+    losses = []
+    for wrap in (False, True):
+        model = tiny_vit()
+        obj = mix.create("mergemix", 10, generator=torch.Generator().manual_seed(0))
+        obj.prepare(model)
+        losses.append(obj(torch.nn.DataParallel(model) if wrap else model, x, y).loss)
+    assert torch.equal(losses[0], losses[1])
+    wrapped = torch.nn.DataParallel(tiny_vit())
+    wrapped.device_ids = [0, 1]  # as on a 2-GPU machine
+    with pytest.raises(ValueError, match="DataParallel over 2 devices is not supported.*DistributedDataParallel"):
+        mix.create("mergemix", 10).prepare(wrapped)

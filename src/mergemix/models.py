@@ -16,11 +16,21 @@ from .errors import CheckpointError, ConfigError
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers."""
+    """The plain module under DDP / torch.compile / one-device DataParallel wrappers.
+
+    ValueError for DataParallel over several devices: token merging and the attention read-out
+    leave their state on the module, and DataParallel runs per-device copies that drop it.
+    """
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
         elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(model, nn.DataParallel):
+            if len(model.device_ids) > 1:
+                raise ValueError(f"nn.DataParallel over {len(model.device_ids)} devices is not supported: its "
+                                 "per-device copies drop the state merging and the read-out leave on the model; "
+                                 "use DistributedDataParallel (torchrun), as mergemix train does")
             model = model.module
         else:
             return model
