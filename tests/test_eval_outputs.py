@@ -77,6 +77,14 @@ def test_eval_default_folder_names_the_checkpoint(run, capsys):
     assert results["last"]["checkpoint"].endswith("last.pth.tar")
     assert results["model_best"]["checkpoint"].endswith("model_best.pth.tar")
     assert json.loads((run / "results.json").read_text())["best_top1"] == 11.0  # the run's own, untouched
+    # other weights or another bin count: folders of their own, not the plain evaluation's replaced
+    ckpt = torch.load(run / "last.pth.tar", weights_only=False)
+    torch.save({**ckpt, "state_dict_ema": ckpt["state_dict"]}, run / "last.pth.tar")
+    assert evaluate("--checkpoint", str(run / "last.pth.tar"), "--use-ema") == 0
+    assert evaluate("--checkpoint", str(run / "last.pth.tar"), "--use-ema", "--ece-bins", "10") == 0
+    assert files(run / "eval-last-digits") == first
+    assert json.loads((run / "eval-last-digits-ema" / "results.json").read_text())["weights"] == "state_dict_ema"
+    assert json.loads((run / "eval-last-digits-ema-bins10" / "results.json").read_text())["ece_bins"] == 10
 
 
 def test_eval_model_kwargs_override_the_saved_ones_key_by_key(run, capsys):

@@ -141,7 +141,8 @@ def load_run(run_dir: str | Path) -> Run:
     if isinstance(args, dict):  # a training run
         settings = _settings(args)
     elif isinstance(results.get("train_args"), dict) and results["train_args"]:  # an evaluation
-        evaluated = {k: results.get(k) for k in ("weights", "dataset", "merge_num", "merge_every", "ece_bins")}
+        evaluated = {k: results.get(k) for k in ("weights", "dataset", "merge_num", "merge_every", "prop_attn",
+                                                 "amp_dtype", "ece_bins")}
         evaluated["checkpoint"] = Path(str(results.get("checkpoint", ""))).name  # model_best or last
         settings = {**_settings(results["train_args"]), "evaluated": evaluated}
     else:  # nothing says what it trained: a group of its own
@@ -226,7 +227,8 @@ def command(argv: Sequence[str]) -> int:
             continue
         seen.add(Path(d).resolve())
         runs.append(load_run(d))
-    bins = {r.settings.get("ece_bins", r.settings.get("evaluated", {}).get("ece_bins")) for r in runs} - {None}
+    # an evaluation's own bin count, not that of the training run it evaluated
+    bins = {(r.settings.get("evaluated") or r.settings).get("ece_bins") for r in runs} - {None}
     if len(bins) > 1:
         print(f"note: the runs' ECEs use different bin counts ({', '.join(map(str, sorted(bins)))}): "
               f"they do not compare exactly", file=sys.stderr)

@@ -23,6 +23,7 @@ from .errors import ConfigError
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+ECE_BINS = 15  # the reported ECE's bins, as in most calibration papers (10-bin ECE is reported too)
 
 # Named flags that become options of the mixing method (``mergemix.mix.create(name, **options)``).
 # Only the options the chosen method's ``__init__`` accepts are passed; ``--mix-opt`` adds any other.
@@ -242,7 +243,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-merged", action="store_true",
                    help="evaluate each epoch also as the model trained, token-merged (MergeMix with merging "
                         "in its training forward): merged_eval_* columns, 'merged' in results.json")
-    g.add_argument("--ece-bins", type=int, default=15, help="bins of the reported ECE (10-bin ECE is reported too)")
+    g.add_argument("--ece-bins", type=int, default=ECE_BINS, help="bins of the reported ECE (10-bin ECE is reported too)")
     g.add_argument("--log-interval", type=int, default=10, help="steps between loss checks and progress updates")
     g.add_argument("--save-mix-samples", type=int, default=0, metavar="N",
                    help="every N epochs, draw the first step's mixing as a `mergemix viz` grid "

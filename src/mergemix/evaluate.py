@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, data, models
-from .config import DATASETS, ArgumentParser, as_dict, build_train_parser, check_limits, key_value
+from .config import DATASETS, ECE_BINS, ArgumentParser, as_dict, build_train_parser, check_limits, key_value
 from .distributed import Context, cleanup, setup
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .tome import patch_tome, tokens_per_block
@@ -102,7 +102,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action="store_true")
     p.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
-    p.add_argument("--ece-bins", type=int, default=15)
+    p.add_argument("--ece-bins", type=int, default=ECE_BINS)
     p.add_argument("--merge-num", type=int, default=None,
                    help="evaluate with token merging (ToMe): this many tokens merged in all, spread as a "
                         "decreasing schedule over the blocks, proportional attention on (default: no merging)")
@@ -212,6 +212,7 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
     # (step_time.py times forwards alone)
     extra = {"checkpoint": str(path.resolve()), "epoch": ckpt.get("epoch"), "weights": key, "model": args.model,
              "dataset": args.dataset, "method": args.mix, "seed": args.seed, "ece_bins": cli.ece_bins,
+             "amp_dtype": cli.amp_dtype if cli.amp else None,
              "num_images": n, **merging, "eval_seconds": seconds, "images_per_s": n / seconds,
              "train_args": ckpt.get("args") or {}}
     every = f", merging every {cli.merge_every} blocks" if cli.merge_every != 1 else ""
@@ -227,7 +228,9 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
 
 def eval_folder(cli: argparse.Namespace, path: Path, dataset: str) -> Path:
     """Where ``mergemix eval`` of checkpoint ``path`` writes: ``--output``, else a folder next to the
-    checkpoint named after it, the data set and the merging; never a training run's folder."""
+    checkpoint named after it, the data set, the merging and any of EMA weights, AMP and a bin count
+    other than 15, so that evaluations of one checkpoint in other ways keep their own results; never
+    a training run's folder."""
     if cli.output:
         out = Path(cli.output)
     else:
@@ -236,7 +239,9 @@ def eval_folder(cli: argparse.Namespace, path: Path, dataset: str) -> Path:
         merge = f"-merge{cli.merge_num}" if cli.merge_num is not None else ""
         merge += f"-every{cli.merge_every}" if merge and cli.merge_every != 1 else ""
         merge += "-noprop" if merge and not cli.prop_attn else ""
-        out = path.parent / f"eval-{name}-{dataset}{merge}"
+        how = ("-ema" if cli.use_ema else "") + (f"-{cli.amp_dtype}" if cli.amp else "")
+        how += f"-bins{cli.ece_bins}" if cli.ece_bins != ECE_BINS else ""
+        out = path.parent / f"eval-{name}-{dataset}{merge}{how}"
     if checkpoint.holds_training_run(out):
         raise ConfigError(f"--output {out} holds a training run: its results.json and reliability.png are not "
                           "eval's to replace; choose another --output (by default eval writes next to the checkpoint)")
