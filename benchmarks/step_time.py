@@ -16,8 +16,8 @@ and a markdown table next to it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import functools
 import json
 import os
 import platform
@@ -41,6 +41,7 @@ from mergemix import mask as M
 from mergemix import models, tome
 from mergemix.config import COMPILE_MODES, key_value
 from mergemix.errors import ConfigError
+from mergemix.evaluate import autocast as amp_autocast
 from mergemix.mix.mergemix import AUX_LOSSES
 from mergemix.tome import patch_size, patch_tome, resolve_schedule, tome_options
 
@@ -116,7 +117,7 @@ def configurations(methods: list[str], merge_num: int | None, mergemix_configs: 
         if name != "mergemix":
             configs.append((name, name, {}))
             continue
-        for aux in ("clean", "mixup", "none"):
+        for aux in AUX_LOSSES:
             for merge_train in (True, False):
                 key = f"{aux},{'merge' if merge_train else 'nomerge'}"
                 if mergemix_configs is not None and key not in mergemix_configs:
@@ -309,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods or mix.available()
     if "cutmix" not in methods:
         methods = ["cutmix", *methods]
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.amp)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    autocast = functools.partial(amp_autocast, device, getattr(torch, args.amp) if args.amp else None)
 
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
