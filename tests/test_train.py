@@ -134,6 +134,29 @@ def test_accepted_options_follow_the_init_chain():
     assert accepted_options(NoMix) == {"num_classes", "smoothing", "generator"}
 
 
+def test_a_method_whose_init_passes_keywords_on_takes_its_bases_options_too(monkeypatch):
+    """``def __init__(self, num_classes, depth=1, **kwargs)`` handing kwargs to its base: --smoothing
+    reaches the base, --merge-num (taken by neither) is reported unused, a foreign --mix-opt refused."""
+    from mergemix.config import parse_train_args
+    from mergemix.errors import ConfigError
+    from mergemix.train import build_objective
+
+    class PassesOn(NoMix):
+        name = "passes_on_test"
+
+        def __init__(self, num_classes: int, depth: int = 1, **kwargs):
+            super().__init__(num_classes, **kwargs)
+            self.depth = depth
+
+    monkeypatch.setitem(mix._REGISTRY, PassesOn.name, PassesOn)
+    assert accepted_options(PassesOn) == {"num_classes", "depth", "smoothing", "generator"}
+    args = parse_train_args(["--mix", PassesOn.name, "--smoothing", "0.2", "--merge-num", "4", "--mix-opt", "depth=3"])
+    objective, unused = build_objective(args, 10, torch.Generator())
+    assert (objective.smoothing, objective.depth, unused) == (0.2, 3, {"merge_num": 4})
+    with pytest.raises(ConfigError, match="has no option width"):
+        build_objective(parse_train_args(["--mix", PassesOn.name, "--mix-opt", "width=3"]), 10, torch.Generator())
+
+
 def test_compiled_mergemix_run_matches_the_eager_run(tmp_path):
     """--compile-mode goes through torch.compile (inductor on this CPU; CUDA-graph replay, the
     point of reduce-overhead, exists only on a GPU) and trains to the eager run's figures."""

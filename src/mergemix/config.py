@@ -383,10 +383,10 @@ def check_limits(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be {limit}, got {value}")
 
 
-def method_options(args: argparse.Namespace, accepted: set[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def method_options(args: argparse.Namespace, accepted: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(options to pass, named-flag options the method does not take).
 
-    ``accepted`` is the set of keyword names of the method's ``__init__`` (None: it takes ``**kwargs``).
+    ``accepted`` is the set of keyword names of the method's ``__init__`` chain.
     Named flags left at None mean "the method's default" and are not passed. ``--mix-opt`` items
     are always passed, so a misspelt one fails loudly.
     """
@@ -398,6 +398,6 @@ def method_options(args: argparse.Namespace, accepted: set[str] | None) -> tuple
             raise ConfigError(f"--mix-alpha {named['alpha']} and --{args.mix} {named[own]} both set {args.mix}'s "
                               f"alpha: give one")
         named["alpha"] = named.pop(own)
-    used = {k: v for k, v in named.items() if accepted is None or k in accepted}
+    used = {k: v for k, v in named.items() if k in accepted}
     unused = {k: v for k, v in named.items() if k not in used}
     return {**used, **args.mix_opt}, unused

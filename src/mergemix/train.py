@@ -89,8 +89,9 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def accepted_options(cls: type) -> set[str] | None:
-    """Keyword names a class's ``__init__`` chain accepts (None if it takes arbitrary ``**kwargs``)."""
+def accepted_options(cls: type) -> set[str]:
+    """Keyword names a class's ``__init__`` chain accepts: an ``__init__`` with ``**kwargs`` hands them
+    on to its base's, whose names count too (every method's chain ends at ``Objective.__init__``)."""
     names: set[str] = set()
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
@@ -99,8 +100,8 @@ def accepted_options(cls: type) -> set[str] | None:
         params = inspect.signature(init).parameters.values()
         names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
         if not any(p.kind is p.VAR_KEYWORD for p in params):
-            return names
-    return None
+            break
+    return names
 
 
 def schedule_notes(args: argparse.Namespace) -> list[str]:
@@ -123,7 +124,7 @@ def build_objective(args: argparse.Namespace, num_classes: int,
         raise ConfigError(f"unknown method --mix {args.mix!r}; choose one of: {', '.join(mix.available())}")
     accepted = accepted_options(mix.get_class(args.mix))
     options, unused = config.method_options(args, accepted)
-    foreign = sorted(set(args.mix_opt) - accepted) if accepted is not None else []
+    foreign = sorted(set(args.mix_opt) - accepted)
     if foreign:
         takes = ", ".join(sorted(accepted - {"num_classes", "generator"}))
         raise ConfigError(f"--mix {args.mix} has no option {', '.join(foreign)}; its options: {takes}")
