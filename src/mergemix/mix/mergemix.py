@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import mask as M
-from ..tome import SCORES, configure_tome, forward_readout, patch_tome, tome_options
+from ..tome import SCORES, Readout, configure_tome, forward_readout, patch_tome, tome_options
 from . import register
 from .attention import resolve_block
 from ..models import unwrap
@@ -125,36 +125,43 @@ class MergeMix(Objective):
         with tome_options(model, merge=self.merge_train, readout=False):
             return super().clean_step(model, x, y)
 
-    def mixed_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
-        net = unwrap(model)
-        # drawn first so that a batch too small to pair fails before any forward
-        partner = M.derangement(x.shape[0], self.generator, x.device)
-        clean_logits = None
+    def _read_out(self, model: nn.Module, x: Tensor) -> tuple[Readout, Tensor | None]:
+        """The merged read-out of the clean batch, and the clean pass's (B, num_classes) logits where
+        the auxiliary loss needs that pass (``clean``); else a no-grad forward up to the read-out block."""
         if self.aux_loss == "clean":
             with tome_options(model, merge=True, readout=True):
                 clean_logits = model(x)
-            readout = net.tome_readout
-        else:
-            # in the model's current mode: in training, drop-path and dropout shape this mask too,
-            # as they shape the clean pass's
-            with torch.no_grad(), tome_options(model, merge=True, readout=True):
-                readout = forward_readout(model, x)
+            return unwrap(model).tome_readout, clean_logits
+        # in the model's current mode: in training, drop-path and dropout shape this mask too,
+        # as they shape the clean pass's
+        with torch.no_grad(), tome_options(model, merge=True, readout=True):
+            return forward_readout(model, x), None
 
+    def _label_weight(self, readout: Readout, lam_cpu: Tensor, patch_mask: Tensor, mask: Tensor,
+                      x: Tensor) -> Tensor:
+        """(B,) λ̂, the own class's weight, by ``lam_policy``: the kept area of the (B, L) patch mask
+        (of the (B, 1, H, W) pixel mask where padding leaves patches partly empty), or the gaussian draw."""
+        if self.lam_policy == "area":
+            # images padded up to whole patches (dynamic_img_pad): the kept share of the real pixels
+            whole = M.fills_grid(x.shape[-2:], readout.grid, readout.patch)
+            return M.lam_hat_area(patch_mask if whole else mask)
         B, L = readout.index.shape
+        keep = M.keep_count(lam_cpu, L, B)  # the mask's counts, without reading them back from the GPU
+        tokens = readout.attn.shape[1] - readout.num_prefix_tokens
+        return M.to_device(M.lam_hat_gaussian(keep, tokens, L, self.generator), x.device)
+
+    def mixed_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+        # drawn first so that a batch too small to pair fails before any forward
+        partner = M.derangement(x.shape[0], self.generator, x.device)
+        readout, clean_logits = self._read_out(model, x)
+        B = x.shape[0]
         # λ stays on the CPU as well: keep_count and the gaussian λ̂ then read nothing back from the GPU
         lam_cpu = torch.full((B,), sample_lam(self.alpha, self.generator))
         lam = M.to_device(lam_cpu, x.device)
         scores, patch_mask, mask = M.attention_mask(readout.attn, readout.index, lam, readout.grid, readout.patch,
                                                     x.shape[-2:])
         x_mixed = M.mix_images(x, partner, mask)
-        if self.lam_policy == "area":
-            # images padded up to whole patches (dynamic_img_pad): the kept share of the real pixels
-            whole = M.fills_grid(x.shape[-2:], readout.grid, readout.patch)
-            lam_hat = M.lam_hat_area(patch_mask if whole else mask)
-        else:
-            keep = M.keep_count(lam_cpu, L, B)  # the mask's counts, without reading them back from the GPU
-            lam_hat = M.to_device(M.lam_hat_gaussian(keep, readout.attn.shape[1] - readout.num_prefix_tokens, L,
-                                                     self.generator), x.device)
+        lam_hat = self._label_weight(readout, lam_cpu, patch_mask, mask, x)
         targets = mixed_targets(y, partner, lam_hat, self.num_classes, self.smoothing)
 
         extras: dict[str, Any] = {"readout": readout}
