@@ -219,7 +219,13 @@ def test_resuming_into_a_new_folder_brings_the_best_checkpoint_along(run, tmp_pa
     (["--model-kwargs", "patch_size=4", "depthh=2"], "unexpected keyword argument 'depthh'"),
     (["--model-kwargs", "patch_size=4", "depthh=2"], "depthh=2 ("),  # the digits ViT's kwargs, changed by these
     (["--model-kwargs", "depth=abc"], "cannot be built with --model-kwargs patch_size=4 embed_dim=96 depth=abc num_heads=3"),
-    (["--opt", "adamww"], "adamww"),
+    (["--opt", "adamww"], "--opt adamww: Optimizer adamww not found"),
+    (["--sched", "cosin"], "--sched cosin: Unknown scheduler 'cosin'"),
+    (["--drop-p", "0.1"], "unrecognized arguments: --drop-p 0.1"),  # no abbreviations: --drop is another flag
+    (["--model-kwargs", "patch_size=4", "drop_path_rate=0.1"], "drop_path_rate is set by --drop-path; use that"),
+    (["--model-kwargs", "patch_size=4", "num_classes=5"], "num_classes is set by --num-classes; use that"),
+    (["--drop", "1"], "--drop must be in [0, 1), got 1.0"),
+    (["--clip-mode", "max"], "argument --clip-mode: invalid choice: 'max'"),
     # out-of-range flags: checked with the flags, before any data or model is built
     (["--workers", "-1"], "--workers must be at least 0"),
     (["--img-size", "-4"], "--img-size must be at least 1, got -4"),

@@ -25,6 +25,11 @@ def test_flags_override_recipe_which_overrides_defaults(tmp_path):
     assert args.batch_size == 16  # dashes accepted in keys
     assert args.model_kwargs == {**config.DEFAULT_MODEL_KWARGS, "depth": 3}  # the digits ViT, 3 blocks deep
     assert args.weight_decay == config.build_train_parser().get_default("weight_decay")
+    # list flags (timm's --decay-milestones, --opt-betas) take YAML lists, or one number
+    recipe.write_text("decay_milestones: [30, 60]\nopt_betas: [0.9, '0.95']\n")
+    assert (parse("-c", str(recipe)).decay_milestones, parse("-c", str(recipe)).opt_betas) == ([30, 60], [0.9, 0.95])
+    recipe.write_text("decay_milestones: 30\n")
+    assert parse("-c", str(recipe)).decay_milestones == [30]
 
 
 def test_digits_recipe_is_the_default():
@@ -53,24 +58,24 @@ def test_default_model_kwargs_belong_to_the_default_model(tmp_path):
     assert parse().model_kwargs == config.DEFAULT_MODEL_KWARGS
     assert parse("--model", "vit_small_patch16_224").model_kwargs == {}
     # given alone, --model-kwargs change the digits ViT's kwargs (a named model starts from none)
-    assert parse("--model-kwargs", "depth=2", "drop_rate=0.1", "qkv_bias=false").model_kwargs == {
-        "patch_size": 4, "embed_dim": 96, "depth": 2, "num_heads": 3, "drop_rate": 0.1, "qkv_bias": False}
+    assert parse("--model-kwargs", "depth=2", "attn_drop_rate=0.1", "qkv_bias=false").model_kwargs == {
+        "patch_size": 4, "embed_dim": 96, "depth": 2, "num_heads": 3, "attn_drop_rate": 0.1, "qkv_bias": False}
     assert parse("--model", "vit_small_patch16_224", "--model-kwargs", "depth=2").model_kwargs == {"depth": 2}
 
 
 def test_model_kwargs_at_a_resume_change_the_resumed_models_key_by_key(tmp_path):
-    """As eval and viz take them: a non-architectural kwarg (drop_rate) must not drop the saved ones."""
+    """As eval and viz take them: a non-architectural kwarg (attn_drop_rate) must not drop the saved ones."""
     import torch
 
     ckpt = tmp_path / "last.pth.tar"
     torch.save({"state_dict": {}, "args": {"model": "vit_small_patch16_224", "model_kwargs": {"depth": 2, "embed_dim": 64}}},
                ckpt)
     assert parse("--resume", str(ckpt)).model_kwargs == {"depth": 2, "embed_dim": 64}
-    assert parse("--resume", str(ckpt), "--model-kwargs", "drop_rate=0.1").model_kwargs == {
-        "depth": 2, "embed_dim": 64, "drop_rate": 0.1}
+    assert parse("--resume", str(ckpt), "--model-kwargs", "attn_drop_rate=0.1").model_kwargs == {
+        "depth": 2, "embed_dim": 64, "attn_drop_rate": 0.1}
     # a model named anew starts from its own kwargs
     assert parse("--resume", str(ckpt), "--model", "vit_small_patch16_224",
-                 "--model-kwargs", "drop_rate=0.1").model_kwargs == {"drop_rate": 0.1}
+                 "--model-kwargs", "attn_drop_rate=0.1").model_kwargs == {"attn_drop_rate": 0.1}
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -78,6 +83,7 @@ def test_model_kwargs_at_a_resume_change_the_resumed_models_key_by_key(tmp_path)
     ("epochs: [3\n", "invalid YAML"),
     ("- 1\n- 2\n", "must hold a mapping"),
     ("epochs: many\n", "epochs must be of type int"),
+    ("decay_milestones: [30, 6.5]\n", "decay_milestones must be of type int, got 6.5"),
     ("amp: 1\n", "amp must be true or false"),
     ("lam_policy: uniform\n", "lam_policy must be one of"),
     ("resume: /some/run\n", "a recipe cannot resume a run (key resume); pass --resume on the command line"),

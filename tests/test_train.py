@@ -180,6 +180,48 @@ def test_schedule_notes_flag_likely_mistakes_only():
     assert len(notes) == 2
     assert notes[0].startswith("--min-lr 0.0001 is above --lr 1e-05")
     assert notes[1].startswith("--warmup-epochs 3 >= --epochs 3")
+    assert schedule_notes(parse_train_args(["--sched", "none", "--epochs", "3"])) == [
+        "--sched none trains at --lr throughout, as timm's does: --warmup-epochs 3 is not applied "
+        "(--sched constant warms up, then holds --lr)"]
+
+
+@pytest.mark.parametrize("flags, lrs", [
+    # by hand, from --lr 1e-3: per epoch, the rate each epoch trains at (halved after each epoch) ...
+    (["--sched", "step", "--decay-epochs", "1", "--decay-rate", "0.5", "--sched-on-epochs"], [1e-3, 5e-4, 2.5e-4]),
+    # ... per update, the rate after the epoch's last update: halved at the ends of epochs 1 and 2 only
+    (["--sched", "multistep", "--decay-milestones", "1", "2", "--decay-rate", "0.5"], [5e-4, 2.5e-4, 2.5e-4]),
+    # timm's none: --lr throughout, the warm-up left out
+    (["--sched", "none", "--warmup-epochs", "3"], [1e-3, 1e-3, 1e-3]),
+], ids=["step", "multistep", "none"])
+def test_timm_schedule_flags_shape_the_rate(tmp_path, flags, lrs):
+    """timm's --decay-epochs, --decay-milestones and --decay-rate reach its scheduler; without them a
+    step schedule keeps --lr for its first 90 epochs, and --sched none crashed."""
+    assert cli.main(["train", "--output", str(tmp_path), "--experiment", "r", *TINY, "--mix", "none", "--epochs", "3",
+                     "--batch-size", "32", "--train-subset", "128", "--lr", "1e-3", *flags]) == 0
+    assert [float(row["lr"]) for row in summary(tmp_path / "r")] == pytest.approx(lrs)
+
+
+def test_timm_optimizer_and_clipping_flags_reach_the_update(tmp_path):
+    """--opt-eps/--opt-betas reach the optimizer; --clip-mode picks what --clip-grad bounds. One plain SGD
+    update (lr 1, no momentum or decay) moves the weights by minus the clipped gradient: by value, no
+    element moves more than the bound; by norm, all of them together move exactly that far."""
+    def step(name: str, *flags: str) -> dict:
+        assert cli.main(["train", "--output", str(tmp_path), "--experiment", name, *TINY, "--mix", "none",
+                         "--epochs", "1", "--batch-size", "32", "--train-subset", "32", *flags]) == 0
+        return torch.load(tmp_path / name / "last.pth.tar", map_location="cpu", weights_only=True)
+
+    adamw = step("adamw", "--opt-betas", "0.8", "0.95", "--opt-eps", "1e-6")["optimizer"]["param_groups"][0]
+    assert (tuple(adamw["betas"]), adamw["eps"]) == ((0.8, 0.95), 1e-6)
+    # timm's "momentum" is plain SGD (its "sgd" is Nesterov's, which needs a momentum)
+    sgd = ["--opt", "momentum", "--lr", "1", "--momentum", "0", "--weight-decay", "0", "--sched", "none", "--clip-grad", "1e-6"]
+    start = step("start", *sgd, "--lr", "1e-30")["state_dict"]  # the same initial weights, (all but) unmoved
+    after = {mode: step(mode, *sgd, "--clip-mode", mode)["state_dict"] for mode in ("value", "norm")}
+    moved = {mode: torch.cat([(weights[k] - w).flatten() for k, w in start.items() if w.is_floating_point()])
+             for mode, weights in after.items()}
+    # within fp32 rounding of weights near 0.5 (a step of 6e-8)
+    assert moved["value"].abs().max().item() == pytest.approx(1e-6, rel=0.1)
+    assert moved["value"].norm().item() > 10 * 1e-6
+    assert moved["norm"].norm().item() == pytest.approx(1e-6, rel=0.1)
 
 
 @pytest.mark.parametrize("unit", [[], ["--sched-on-epochs"]], ids=["per-update", "per-epoch"])

@@ -91,8 +91,9 @@ LIMITS = {
     "mixup_off_epoch": Limit(0, note="0: never"), "save_mix_samples": Limit(0, note="0: never"),
     "lr": Limit(0, low_open=True), "clip_grad": Limit(0, low_open=True), "crop_pct": Limit(0, low_open=True),
     "warmup_lr": Limit(0), "min_lr": Limit(0), "weight_decay": Limit(0), "momentum": Limit(0, 1, high_open=True),
-    "color_jitter": Limit(0), "reprob": Limit(0, 1), "drop_path": Limit(0, 1, high_open=True),
-    "model_ema_decay": Limit(0, 1), "num_samples": Limit(2, note="each image needs a partner"),
+    "color_jitter": Limit(0), "reprob": Limit(0, 1), "drop": Limit(0, 1, high_open=True),
+    "drop_path": Limit(0, 1, high_open=True), "decay_epochs": Limit(0, low_open=True), "decay_rate": Limit(0),
+    "patience_epochs": Limit(0), "opt_eps": Limit(0, low_open=True), "model_ema_decay": Limit(0, 1), "num_samples": Limit(2, note="each image needs a partner"),
 }
 
 
@@ -145,7 +146,11 @@ def _item(value: Any) -> tuple[str, Any]:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises ``ConfigError`` (one line, exit 2) instead of printing usage and exiting."""
+    """argparse that raises ``ConfigError`` (one line, exit 2) instead of printing usage and exiting,
+    and takes no abbreviated flags: timm's ``--drop`` (dropout) would otherwise be read as ``--drop-path``."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
@@ -182,6 +187,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-classes", type=int, default=None, help="default: the data set's")
     g.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs the hub)")
     g.add_argument("--initial-checkpoint", default=None, help="start from a local weights file (head reset if sizes differ)")
+    g.add_argument("--drop", type=float, default=0.0, help="dropout rate (timm's drop_rate)")
     g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
 
     g = p.add_argument_group("optimisation")
@@ -192,8 +198,19 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (not scaled by batch size)")
     g.add_argument("--weight-decay", type=float, default=0.05, help="weight decay")
     g.add_argument("--momentum", type=float, default=0.9, help="for SGD-like optimizers")
-    g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
-    g.add_argument("--sched", default="cosine", help="timm scheduler name")
+    g.add_argument("--opt-eps", type=float, default=None, help="optimizer epsilon (default: the optimizer's)")
+    g.add_argument("--opt-betas", type=float, nargs="+", default=None, help="optimizer betas (default: the optimizer's)")
+    g.add_argument("--clip-grad", type=float, default=None, help="clip gradients at this value (see --clip-mode)")
+    g.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"),
+                   help="what --clip-grad bounds: the total norm, each value, or adaptive clipping (timm's modes)")
+    g.add_argument("--sched", default="cosine",
+                   help="timm scheduler name: cosine, tanh, step, multistep, poly, wsd, rsqrt, constant, plateau, "
+                        "or none (a constant --lr, without warm-up, as in timm)")
+    g.add_argument("--decay-epochs", type=float, default=90, help="step: epochs between decays; wsd/rsqrt: decay "
+                   "length (a value below 1 is a fraction of the run)")
+    g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], help="multistep: decay epochs")
+    g.add_argument("--decay-rate", type=float, default=0.1, help="step/multistep/plateau: decay factor; poly: power")
+    g.add_argument("--patience-epochs", type=int, default=10, help="plateau: epochs without improvement before a decay")
     g.add_argument("--warmup-epochs", type=int, default=3, help="linear warm-up from --warmup-lr")
     g.add_argument("--warmup-lr", type=float, default=1e-6, help="learning rate at the first step")
     g.add_argument("--min-lr", type=float, default=1e-5, help="floor of the schedule")
@@ -266,17 +283,24 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
         return value
+    if action.type is not None and action.nargs in ("+", "*"):  # a list, e.g. decay_milestones: [30, 60]
+        return [_convert(action, key, v, source) for v in (value if isinstance(value, (list, tuple)) else [value])]
     if action.type is not None:
-        bad_int = action.type is int and isinstance(value, float) and not value.is_integer()
-        try:
-            if isinstance(value, bool) or bad_int:
-                raise ValueError
-            value = action.type(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{source}: {key} must be of type {action.type.__name__}, got {value!r}") from None
+        value = _convert(action, key, value, source)
     if action.choices is not None and value not in action.choices:
         raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
     return value
+
+
+def _convert(action: argparse.Action, key: str, value: Any, source: str) -> Any:
+    """One value through the flag's ``type``, refusing what argparse would not read as it (True as 1, 2.5 as int)."""
+    bad_int = action.type is int and isinstance(value, float) and not value.is_integer()
+    try:
+        if isinstance(value, bool) or bad_int:
+            raise ValueError
+        return action.type(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {key} must be of type {action.type.__name__}, got {value!r}") from None
 
 
 def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:

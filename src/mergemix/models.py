@@ -46,8 +46,13 @@ def check_name(name: str) -> str:
     return name
 
 
-def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_path_rate: float = 0.0,
-           model_kwargs: dict[str, Any] | None = None, pretrained: bool = False,
+# create()'s arguments that flags or the data set; the same key in --model-kwargs would be a second value
+SET_ELSEWHERE = {"num_classes": "--num-classes", "img_size": "--img-size", "in_chans": "the data set's channels",
+                 "drop_rate": "--drop", "drop_path_rate": "--drop-path"}
+
+
+def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_rate: float = 0.0,
+           drop_path_rate: float = 0.0, model_kwargs: dict[str, Any] | None = None, pretrained: bool = False,
            initial_checkpoint: str | None = None) -> nn.Module:
     """``timm.create_model`` with the data's size and class count.
 
@@ -56,8 +61,11 @@ def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_pa
     resamples position embeddings for another image size.
     """
     check_name(name)
-    kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate,
-                                  img_size=img_size, **(model_kwargs or {}))
+    for key in model_kwargs or {}:
+        if key in SET_ELSEWHERE:
+            raise ConfigError(f"--model-kwargs {key}=...: {key} is set by {SET_ELSEWHERE[key]}; use that instead")
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+                                  drop_path_rate=drop_path_rate, img_size=img_size, **(model_kwargs or {}))
     if initial_checkpoint:
         kwargs["pretrained_cfg_overlay"] = _file_overlay(name, Path(initial_checkpoint))
         pretrained = True

@@ -30,7 +30,7 @@ import torch
 import yaml
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -110,7 +110,10 @@ def schedule_notes(args: argparse.Namespace) -> list[str]:
     notes = []
     if args.min_lr > args.lr:
         notes.append(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the schedule ends higher than its peak")
-    if args.warmup_epochs >= args.epochs:
+    if args.sched == "none" and args.warmup_epochs:
+        notes.append(f"--sched none trains at --lr throughout, as timm's does: --warmup-epochs {args.warmup_epochs} "
+                     f"is not applied (--sched constant warms up, then holds --lr)")
+    elif args.warmup_epochs >= args.epochs:
         notes.append(f"--warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: the run ends inside its warm-up")
     return notes
 
@@ -185,7 +188,7 @@ class Trainer:
         self.data = self._build_data()
         args.num_classes, args.img_size = self.data.num_classes, self.data.img_size
         self.model = models.create(args.model, num_classes=args.num_classes, img_size=args.img_size,
-                                   in_chans=self.data.in_chans, drop_path_rate=args.drop_path,
+                                   in_chans=self.data.in_chans, drop_rate=args.drop, drop_path_rate=args.drop_path,
                                    model_kwargs=args.model_kwargs, pretrained=args.pretrained,
                                    initial_checkpoint=args.initial_checkpoint)
 
@@ -236,15 +239,23 @@ class Trainer:
     def _build_optimization(self) -> None:
         """timm's optimizer and per-update schedule, the fp16 loss scaler and the weights' EMA."""
         args = self.args
+        # timm's --opt-eps / --opt-betas: passed only when given, so each optimizer keeps its own defaults
+        given = {k: v for k, v in (("eps", args.opt_eps), ("betas", args.opt_betas)) if v is not None}
+        # --sched none: timm leaves the rate at --lr, no warm-up; its 'constant' schedule without warm-up is that
+        sched, warmup = ("constant", 0) if args.sched == "none" else (args.sched, args.warmup_epochs)
         try:
-            self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr,
-                                                 weight_decay=args.weight_decay, momentum=args.momentum)
+            self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                                 momentum=args.momentum, **given)
+        except (TypeError, ValueError) as e:  # an unknown name, or --opt-betas for an optimizer without betas
+            raise ConfigError(f"--opt {args.opt}: {e}") from None
+        try:
             self.scheduler, _ = create_scheduler_v2(
-                self.optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=args.sched_on_epochs,
-                updates_per_epoch=self.steps_per_epoch)
+                self.optimizer, sched=sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+                decay_milestones=args.decay_milestones, decay_rate=args.decay_rate,
+                patience_epochs=args.patience_epochs, warmup_epochs=warmup, warmup_lr=args.warmup_lr,
+                min_lr=args.min_lr, step_on_epochs=args.sched_on_epochs, updates_per_epoch=self.steps_per_epoch)
         except ValueError as e:
-            raise ConfigError(f"{e} (see timm's optimizer and scheduler names)") from None
+            raise ConfigError(f"--sched {args.sched}: {e}") from None
         self.amp_dtype = autocast_dtype(args)
         fp16 = self.amp_dtype is torch.float16
         self.scaler = torch.amp.GradScaler(self.ctx.device.type) if fp16 else None
@@ -461,13 +472,13 @@ class Trainer:
             self.scaler.scale(loss).backward()
             if args.clip_grad:
                 self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+                dispatch_clip_grad(self.model.parameters(), args.clip_grad, mode=args.clip_mode)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
             if args.clip_grad:
-                nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+                dispatch_clip_grad(self.model.parameters(), args.clip_grad, mode=args.clip_mode)
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, step=self.progress.global_step)
