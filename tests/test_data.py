@@ -103,6 +103,22 @@ def test_imagefolder_of_pngs(tmp_path):
     assert bundle.eval[5][1] == 1
 
 
+def test_rgb_augmentation_flags_timm_refuses_are_one_line_and_grey_sets_note_theirs_ignored(tmp_path):
+    from mergemix.config import parse_train_args
+    from mergemix.errors import ConfigError
+
+    make_imagefolder(tmp_path)
+    with pytest.raises(ConfigError, match="--aa bogus: timm cannot build this augmentation"):
+        data.build(args_for(dataset="imagefolder", data_dir=str(tmp_path), img_size=16, aa="bogus"))
+    for flag in ("--remode", "--interpolation"):  # timm's own errors were an AssertionError and a KeyError
+        with pytest.raises(ConfigError, match=f"argument {flag}: invalid choice: 'bogus'"):
+            parse_train_args([flag, "bogus"])
+    defaults = build_train_parser().parse_args([])
+    grey = parse_train_args(["--aa", "rand-m7", "--reprob", "0.5", "--interpolation", "bilinear"])
+    assert data.ignored_augmentation(grey, defaults) == ["--aa rand-m7", "--reprob 0.5", "--interpolation bilinear"]
+    assert data.ignored_augmentation(parse_train_args(["--dataset", "cifar10", "--aa", "rand-m7"]), defaults) == []
+
+
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         data.build(args_for(dataset="imagefolder", data_dir=str(tmp_path / "nope")))

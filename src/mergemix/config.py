@@ -172,10 +172,12 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--img-size", type=int, default=None, help="input size (default: the data set's native size)")
     g.add_argument("--aa", default=None, help="RandAugment policy for RGB data, e.g. rand-m7-mstd0.5-inc1")
     g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability (RGB data)")
-    g.add_argument("--remode", default="pixel", help="random erasing mode")
+    g.add_argument("--remode", default="pixel", choices=("pixel", "rand", "const"), help="random erasing mode")
     g.add_argument("--recount", type=int, default=1, help="random erasing count")
     g.add_argument("--color-jitter", type=float, default=0.4, help="colour jitter (RGB data without --aa)")
-    g.add_argument("--interpolation", default="bicubic", help="resize interpolation (RGB data)")
+    g.add_argument("--interpolation", default="bicubic",
+                   choices=("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos"),
+                   help="resize interpolation (RGB data)")
     g.add_argument("--crop-pct", type=float, default=None, help="eval centre-crop fraction (RGB data)")
 
     g = p.add_argument_group("model")

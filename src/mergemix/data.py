@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -195,12 +195,27 @@ def load_fashion_mnist(data_dir: str | None, download: bool, img_size: int | Non
     return _grey_bundle(parts["train"], parts["eval"], img_size, pad=2, flip=True)
 
 
+# the flags of timm's RGB transforms; digits and Fashion-MNIST have fixed augmentations of their own
+RGB_AUGMENTATION_FLAGS = ("aa", "reprob", "remode", "recount", "color_jitter", "interpolation", "crop_pct")
+
+
+def ignored_augmentation(args: argparse.Namespace, defaults: argparse.Namespace) -> list[str]:
+    """The RGB augmentation flags set away from ``defaults`` on a data set that does not take them."""
+    if args.dataset not in ("digits", "fashion-mnist"):
+        return []
+    return [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in RGB_AUGMENTATION_FLAGS
+            if getattr(args, k) != getattr(defaults, k)]
+
+
 def _rgb_transforms(args: argparse.Namespace, img_size: int, mean, std, crop_pct: float) -> tuple:
     from timm.data import create_transform
 
     common = dict(input_size=img_size, interpolation=args.interpolation, mean=mean, std=std)
-    train = create_transform(is_training=True, auto_augment=args.aa, color_jitter=args.color_jitter,
-                             re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, **common)
+    try:
+        train = create_transform(is_training=True, auto_augment=args.aa, color_jitter=args.color_jitter,
+                                 re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, **common)
+    except (AssertionError, KeyError, ValueError) as e:  # timm asserts on an --aa policy it does not know
+        raise ConfigError(f"--aa {args.aa}: timm cannot build this augmentation ({e})") from None
     evaluate = create_transform(is_training=False, crop_pct=args.crop_pct or crop_pct, **common)
     return train, evaluate
 

@@ -546,6 +546,10 @@ class Trainer:
         if self.unused_options:
             self.log(f"note   --mix {args.mix} takes no {', '.join(f'{k}={v}' for k, v in self.unused_options.items())}: "
                      f"ignored (its options: `mergemix methods`; set them with --mix-alpha or --mix-opt)")
+        ignored = data.ignored_augmentation(args, config.build_train_parser().parse_args([]))
+        if ignored:
+            self.log(f"note   {', '.join(ignored)}: ignored, {args.dataset} has its own fixed augmentation "
+                     f"(these flags shape the RGB data sets': cifar10, cifar100, imagefolder)")
         for note in schedule_notes(args) + self.objective.notes():
             self.log(f"note   {note}")
         self.log(f"train  {args.epochs} epochs x {self.steps_per_epoch} steps, batch {args.batch_size} x "
