@@ -305,6 +305,12 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path,
         assert train(output, "x", "--mix", "fails_test") == 2
         assert "--mix fails_test failed at epoch 0 step 0: boom" in error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not list((tmp_path / "kept").iterdir())
+    # a resume that fails before its first checkpoint leaves the run's files, args.yaml included, as they were
+    assert train(tmp_path, "done", "--mix", "none", "--epochs", "1") == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "done").iterdir() if p.is_file()}
+    assert train(tmp_path, "done", "--resume", str(tmp_path / "done"), "--epochs", "2", "--mix", "fails_test") == 2
+    assert "--mix fails_test failed at epoch 1 step 0: boom" in error_line(capsys)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "done").iterdir() if p.is_file()} == before
 
 
 @pytest.mark.parametrize("argv, fragment", [

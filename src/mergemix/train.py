@@ -286,9 +286,14 @@ class Trainer:
         self.made_dir = checkpoint.make_dir(self.run_dir, "--output")
         if args.resume:
             checkpoint.clear_temporaries(self.run_dir)  # a kill mid-write leaves one behind
-        checkpoint.write_text(self.run_dir / "args.yaml", yaml.safe_dump(config.recipe(args), sort_keys=False))
-        if args.resume and not continuing:
+        if continuing:  # the folder's args.yaml changes with its next checkpoint, not before (see _save)
+            return
+        self._write_args()
+        if args.resume:
             self._carry_best(Path(args.resume))
+
+    def _write_args(self) -> None:
+        checkpoint.write_text(self.run_dir / "args.yaml", yaml.safe_dump(config.recipe(self.args), sort_keys=False))
 
     def _carry_best(self, resumed: Path) -> None:
         """A run resumed into a new folder brings the checkpoint of its best epoch so far, so that the
@@ -390,6 +395,8 @@ class Trainer:
         state = self._state(completed_epoch, metric)
         if state is None:
             return
+        # with its checkpoint: a resume that fails before saving leaves the run's recipe as it was
+        self._write_args()
         checkpoint.write_text(self.run_dir / "summary.csv", _rows_csv(self.progress.rows))
         checkpoint.save(state, self.run_dir / checkpoint.LAST)
         if best:
