@@ -161,3 +161,31 @@ def test_a_saved_relative_data_dir_that_is_not_here_says_so(tmp_path, monkeypatc
         run_args(ckpt, build_eval_parser().parse_args(["--checkpoint", "x"]))
     (tmp_path / "data" / "flowers").mkdir(parents=True)
     assert run_args(ckpt, build_eval_parser().parse_args(["--checkpoint", "x"])).data_dir == "data/flowers"
+
+
+def test_eval_reads_timm_checkpoints_and_plain_state_dicts(run, tmp_path, capsys):
+    """timm train.py's checkpoint (args an argparse.Namespace, arch named), a plain state_dict, DeiT's
+    {"model": ...} and a DDP-prefixed state_dict evaluate to the figures of our own checkpoint; only a
+    file without an arch needs --model."""
+    import argparse
+
+    ours = torch.load(run / "last.pth.tar", weights_only=False)
+    weights = ours["state_dict"]
+    files = {"timm": {"epoch": 3, "arch": ours["arch"], "state_dict": weights,
+                      "args": argparse.Namespace(model=ours["arch"], dataset="torch/cifar10", lr=0.1)},
+             "plain": weights, "deit": {"model": weights}, "ddp": {f"module.{k}": v for k, v in weights.items()}}
+    tiny = ["--model-kwargs", *(f"{k}={v}" for k, v in KWARGS.items()), "--dataset", "digits"]
+    assert evaluate("--checkpoint", str(run / "last.pth.tar"), "--output", str(tmp_path / "ours")) == 0
+    expected = json.loads((tmp_path / "ours" / "results.json").read_text())
+    for name, content in files.items():
+        torch.save(content, tmp_path / f"{name}.pth")
+        model = [] if name == "timm" else ["--model", ours["arch"]]
+        assert evaluate("--checkpoint", str(tmp_path / f"{name}.pth"), *model, *tiny,
+                        "--output", str(tmp_path / name)) == 0, capsys.readouterr().err
+        got = json.loads((tmp_path / name / "results.json").read_text())
+        assert (got["top1"], got["nll"]) == (expected["top1"], expected["nll"]), name
+    assert evaluate("--checkpoint", str(tmp_path / "plain.pth"), *tiny, "--output", str(tmp_path / "x")) == 2
+    assert "holds no training args: pass --model" in error_line(capsys)
+    torch.save({"epoch": 1}, tmp_path / "empty.pth")
+    assert evaluate("--checkpoint", str(tmp_path / "empty.pth"), *tiny, "--output", str(tmp_path / "x")) == 2
+    assert "holds no weights" in error_line(capsys)

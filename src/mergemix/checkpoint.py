@@ -10,6 +10,7 @@ tensor or a plain Python value, so ``torch.load(weights_only=True)`` and timm's
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import random
@@ -157,6 +158,33 @@ def load(path: str | Path, best: bool = False) -> dict[str, Any]:
         raise unreadable(path, e) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no state_dict in it)")
+    return ckpt
+
+
+def load_weights_file(path: str | Path, best: bool = False) -> dict[str, Any]:
+    """A checkpoint to evaluate or draw: one of ours (``load``), or any weights file as a checkpoint of
+    its weights alone: timm train.py's (its ``argparse.Namespace`` args dropped, ``arch`` kept), a plain
+    state_dict or ``{"model": state_dict}``; DDP's ``module.`` prefixes are taken off."""
+    from timm.models import clean_state_dict
+
+    path = resolve(path, best)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling a file the user named: anything can come out (a text file: KeyError)
+        raise unreadable(path, e) from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and "state_dict" not in ckpt:
+        ckpt = {"state_dict": ckpt["model"]}
+    elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        ckpt = {"state_dict": ckpt}
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path} holds no weights: neither a checkpoint with a state_dict nor a state_dict")
+    ckpt = dict(ckpt)
+    if not isinstance(ckpt.get("args"), dict):  # another tool's (timm's train.py saves a Namespace): not ours to read
+        ckpt["args"] = None
+    for key in ("state_dict", "state_dict_ema"):
+        if isinstance(ckpt.get(key), dict):
+            ckpt[key] = clean_state_dict(ckpt[key])
     return ckpt
 
 

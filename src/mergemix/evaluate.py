@@ -126,10 +126,10 @@ def run_args(ckpt: dict[str, Any], cli: argparse.Namespace) -> argparse.Namespac
     args = build_train_parser().parse_args([])
     saved = ckpt.get("args") or {}
     vars(args).update({k: v for k, v in saved.items() if k in vars(args)})
-    if not saved:
-        if cli.model is None:
+    if not saved:  # a weights file, or another tool's checkpoint: its arch (timm's) or --model says what to build
+        if cli.model is None and not ckpt.get("arch"):
             raise CheckpointError("this checkpoint holds no training args: pass --model (and --model-kwargs, --img-size)")
-        args.num_classes = None
+        args.model, args.num_classes = ckpt.get("arch") or args.model, None
     for key in ("dataset", "data_dir", "model", "img_size"):
         if getattr(cli, key) is not None:
             setattr(args, key, getattr(cli, key))
@@ -169,7 +169,7 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise ConfigError("--no-prop-attn drops merged tokens' attention bias: give --merge-num too")
     cli.merge_every = 1 if cli.merge_every is None else cli.merge_every
     path = checkpoint.resolve(cli.checkpoint, best=True)
-    ckpt = checkpoint.load(path)
+    ckpt = checkpoint.load_weights_file(path)
     args = run_args(ckpt, cli)
     out = eval_folder(cli, path, args.dataset)
     ctx = setup(cli.device)

@@ -87,7 +87,7 @@ def run_viz(cli: argparse.Namespace) -> Path:
     """Build data, model and objective from ``cli`` (see ``build_parser``), run one step, draw it."""
     check_limits(cli)
     check_figure_out(cli.out)
-    ckpt = checkpoint.load(cli.checkpoint, best=True) if cli.checkpoint else None
+    ckpt = checkpoint.load_weights_file(cli.checkpoint, best=True) if cli.checkpoint else None
     args = run_args(ckpt, cli) if ckpt is not None else _fresh_args(cli)
     if cli.mix and cli.mix != args.mix:
         args.mix, args.mix_opt = cli.mix, {}  # the saved --mix-opt items belong to the saved method
