@@ -54,6 +54,13 @@ def test_train_writes_every_output(run):
     assert results["method"] == "mergemix" and not list(run.glob(".*tmp*"))
 
 
+def test_console_ends_with_the_best_epoch_as_timm_does(tmp_path, capsys):
+    assert train(tmp_path, "r", "--mix", "none", "--train-subset", "256") == 0
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"best   top-1 {results['best_top1']:.2f} % at epoch {results['best_epoch']} (of 0..1): model_best.pth.tar"
+
+
 def test_checkpoint_is_timm_layout_and_loads_into_a_plain_timm_model(run):
     ckpt = torch.load(run / "last.pth.tar", map_location="cpu", weights_only=True)
     assert {"epoch", "arch", "state_dict", "optimizer", "scheduler", "args", "metric", "rng"} <= set(ckpt)

@@ -586,6 +586,9 @@ class Trainer:
             training_curves(self.run_dir / "summary.csv", tmp)
         self.log(f"final  {summary_line(metrics)}  on {len(self.data.eval)} held-out images, "
                  f"{extra['train_time_s']:.0f}s -> {self.run_dir}")
+        if p.best_epoch >= 0:  # timm prints its best metric too: the final epoch need not be the best
+            self.log(f"best   top-1 {p.best_top1:.2f} % at epoch {p.best_epoch} (of 0..{args.epochs - 1}): "
+                     f"{checkpoint.BEST}")
         for name, what in (("merged", "the model merged as it trained"), ("ema", "the weights' EMA")):
             if name in evaluated:
                 self.log(f"{name:<6} {summary_line(evaluated[name])}  ({what})")
