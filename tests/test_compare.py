@@ -236,4 +236,9 @@ def test_an_evaluation_folder_counts_with_its_training_settings_apart_from_train
     out = capsys.readouterr()
     groups = table_rows(out.out[out.out.index("| method | runs |"):])
     assert [row[0] for row in groups.values()] == ["2", "1", "1", "1", "1"]  # seeds 0 and 1 the one way
+    # each named by the evaluation settings that set groups apart, not by a dump of all of them
+    names = list(groups)[1:]
+    assert not any("{" in name for name in names)
+    assert [n for n in ('evaluated.amp_dtype="float16"', "evaluated.prop_attn=true", "evaluated.prop_attn=false",
+                        "evaluated.ece_bins=10") if not any(n in name for name in names)] == []
     assert "different bin counts (10, 15)" in out.err

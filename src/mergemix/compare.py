@@ -182,9 +182,21 @@ def seed_groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
         mine = group[0].settings
         others = [g[0].settings for k, g in groups.items() if k != key and g[0].method == group[0].method]
         differ = sorted({k for o in others for k in mine.keys() | o.keys() if mine.get(k) != o.get(k)})
-        detail = ", ".join(f"{k}={json.dumps(mine.get(k), default=str)}" for k in differ)
+        detail = ", ".join(_difference(k, mine, others) for k in differ)
         named[group[0].method + (f" [{detail}]" if detail else "")] = group
     return named
+
+
+def _difference(key: str, mine: dict[str, Any], others: list[dict[str, Any]]) -> str:
+    """How setting ``key`` sets ``mine`` apart: ``key=value``; for a mapping (an evaluation's
+    settings), only its entries that differ from the other groups' (``evaluated.prop_attn=false``),
+    or the bare key where no other group has such a mapping."""
+    value = mine.get(key)
+    if not isinstance(value, dict):
+        return f"{key}={json.dumps(value, default=str)}"
+    peers = [o[key] for o in others if isinstance(o.get(key), dict) and o[key] != value]
+    entries = sorted({k for p in peers for k in value.keys() | p.keys() if value.get(k) != p.get(k)})
+    return ", ".join(f"{key}.{k}={json.dumps(value.get(k), default=str)}" for k in entries) or key
 
 
 def method_table(runs: Sequence[Run]) -> str:
