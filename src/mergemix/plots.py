@@ -160,7 +160,9 @@ def overlay_reliability(named_bins: Mapping[str, Mapping[str, Sequence]], path: 
                          label=f"{name} (ECE {bins_ece(bins):.4f})", **style)
         edges = np.append(d["lower"], d["lower"][-1] + d["width"][-1])
         bottom.stairs(d["count"] / max(d["count"].sum(), 1.0), edges, color=line.get_color(), **style)
-    top.legend(loc="upper left", fontsize=8)
+    # where the curves leave room: under-confident runs climb through the upper left, over-confident
+    # ones sag through the lower right
+    top.legend(loc="best", fontsize=8)
     top.set_title("reliability")
     _share_axes(bottom)
     fig.tight_layout()
