@@ -113,10 +113,19 @@ def test_inputs_a_custom_loop_gets_wrong_are_refused_by_name(name):
     if hasattr(obj, "mixer"):  # timm's contract too: an unbatched image is not three images
         with pytest.raises(ValueError, match="a batch of images"):
             obj.mixer(x[0], y[:3])
-    for outputs in (1, 0, 1000):  # one logit would broadcast into a zero loss; 0: features, no head
-        with pytest.raises(ValueError, match=f"has {outputs} outputs"):
-            objective(name).prepare(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
-                                                      embed_dim=32, num_heads=2, num_classes=outputs))
+    # one logit would broadcast into a zero loss; 0: no head, the forward gives 32 features
+    for outputs, width in ((1, 1), (0, 32), (1000, 1000)):
+        other = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32,
+                                  num_heads=2, num_classes=outputs)
+        other_obj = objective(name)
+        other_obj.prepare(other)
+        with pytest.raises(ValueError, match=rf"logits of shape \(4, {width}\) but the targets are \(4, 10\)"):
+            other_obj(other, x, y)
+    # a head replaced by hand (fine-tuning): its outputs count, not the num_classes attribute left at 1000
+    other.head = nn.Linear(32, NUM_CLASSES)
+    other_obj = objective(name)
+    other_obj.prepare(other)
+    assert torch.isfinite(other_obj(other, x, y).loss)
     for num_classes in (0, True, 10.0):
         with pytest.raises(ValueError, match="num_classes must be a whole number"):
             create(name, num_classes)

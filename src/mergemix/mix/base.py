@@ -193,11 +193,6 @@ class Objective:
             raise ValueError("the model is a distilled DeiT in distillation training (set_distilled_training(True)), "
                              "whose forward returns two heads' logits; these objectives train one: call "
                              "model.set_distilled_training(False) (its forward then averages the heads)")
-        outputs = getattr(unwrap(model), "num_classes", self.num_classes)
-        if outputs != self.num_classes:
-            raise ValueError(f"the model has {outputs} outputs (num_classes) but the objective is built for "
-                             f"{self.num_classes} classes: create the model with num_classes={self.num_classes} "
-                             f"or call its reset_classifier({self.num_classes})")
         return model
 
     def clean_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
