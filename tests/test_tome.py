@@ -304,6 +304,11 @@ def test_merging_refuses_a_pooling_it_cannot_weight_even_when_reset_classifier_s
     configure_tome(model, merge=False)
     with torch.no_grad():
         assert torch.allclose(model(x), plain(x), atol=1e-6)
+    # no pooling at all returns the merged tokens, which is fine
+    configure_tome(model, merge=True)
+    model.reset_classifier(0, "")
+    with torch.no_grad():
+        assert model(x).shape == (2, 17 - 2 * 2, 192)  # 16 patches + CLS, 2 merged in each of 2 blocks
 
 
 def test_avg_pool_of_forward_features_is_size_weighted_too():

@@ -176,8 +176,9 @@ def patch_tome(model: nn.Module, r: int | Sequence[int] | None = None, *, merge_
 
 
 def _check_pool(global_pool: str, attn_pool: nn.Module | None) -> None:
-    """Merged tokens pool as the plain sequence would only by the class token or a size-weighted mean."""
-    if global_pool not in ("token", "avg") or attn_pool is not None:
+    """Merged tokens pool as the plain sequence would only by the class token or a size-weighted mean
+    (or not at all: '' returns the tokens)."""
+    if global_pool not in ("token", "avg", "") or attn_pool is not None:
         raise ValueError(f"token merging supports global_pool 'token' or 'avg', not {global_pool!r}")
 
 
