@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..mask import to_device, upsample_mask
+from ..mask import keep_count, to_device, upsample_mask
 from ..tome import patch_grid, patch_size
 from . import register
 from .attention import ReadsAttention, attention_lam_hat
@@ -87,7 +87,7 @@ class TokenMix(ReadsAttention, PairMixer):
         grid, patch = patch_grid(self.net, x.shape[-2:]), patch_size(self.net)
         B, L = x.shape[0], grid[0] * grid[1]
         lam = sample_lam(self.alpha, self.generator)
-        count = torch.full((B,), int((1.0 - lam) * L), dtype=torch.long, device=x.device)
+        count = keep_count(1.0 - lam, L, B, x.device)  # ⌊(1−λ)·L⌋ as the masks of MergeMix count
         taken = block_token_mask(count, grid, self.generator, self.min_block, self.max_aspect)
         return masked_batch(x, partner, upsample_mask(1.0 - taken, grid, patch, x.shape[-2:]), lam, "tokenmix")
 
