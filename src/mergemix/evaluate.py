@@ -115,8 +115,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
                         "(default 1: every block)")
     p.add_argument("--output", default=None,
                    help="folder for results; not a training run's folder (default: <checkpoint folder>/"
-                        "eval-<checkpoint>-<dataset>[-merge<N>[-every<k>][-noprop]], <checkpoint>: its file name without "
-                        ".pth.tar, e.g. model_best)")
+                        "eval-<checkpoint>-<dataset>[-merge<N>[-every<k>][-noprop]][-ema][-<amp dtype>][-bins<N>], "
+                        "<checkpoint>: its file name without .pth.tar, e.g. model_best)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
