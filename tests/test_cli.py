@@ -58,7 +58,9 @@ def test_console_ends_with_the_best_epoch_as_timm_does(tmp_path, capsys):
     assert train(tmp_path, "r", "--mix", "none", "--train-subset", "256") == 0
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last == f"best   top-1 {results['best_top1']:.2f} % at epoch {results['best_epoch']} (of 0..1): model_best.pth.tar"
+    epoch = results["best_epoch"]
+    assert last == (f"best   top-1 {results['best_top1']:.2f} % at epoch {epoch + 1}/2 (as the epoch lines count; "
+                    f"best_epoch {epoch} in results.json): model_best.pth.tar")
 
 
 def test_checkpoint_is_timm_layout_and_loads_into_a_plain_timm_model(run):
@@ -233,6 +235,8 @@ def test_resuming_into_a_new_folder_brings_the_best_checkpoint_along(run, tmp_pa
     (["--model-kwargs", "patch_size=4", "num_classes=5"], "num_classes is set by --num-classes; use that"),
     (["--drop", "1"], "--drop must be in [0, 1), got 1.0"),
     (["--clip-mode", "max"], "argument --clip-mode: invalid choice: 'max'"),
+    (["--opt-betas", "0.9"], "--opt adamw takes more --opt-betas than 0.9 (Adam and its kin: two)"),
+    (["--drop", "0.2", "--model-kwargs", "patch_size=4", "drop_rate=0.1"], "both set the dropout rate: give one"),
     # out-of-range flags: checked with the flags, before any data or model is built
     (["--workers", "-1"], "--workers must be at least 0"),
     (["--img-size", "-4"], "--img-size must be at least 1, got -4"),
@@ -473,3 +477,19 @@ def test_initial_checkpoint_keeps_a_fitting_head_and_resets_another(run):
                           initial_checkpoint=str(run / "last.pth.tar"))
     assert other.head.weight.shape == (5, 32)  # new head; position embeddings resampled for 16 px
     assert torch.equal(other.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+
+
+def test_dropout_set_by_drop_or_by_model_kwargs_as_older_runs_did():
+    """--drop is timm's drop_rate; runs made before it existed saved drop_rate in their model kwargs,
+    which still builds the same model (resume, eval, viz)."""
+    from mergemix import models
+
+    def dropout(**kw):
+        model = models.create("vit_tiny_patch16_224", num_classes=10, img_size=16, in_chans=1, **kw)
+        return model.head_drop.p  # timm's ViT applies drop_rate before its head
+
+    small = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    assert dropout(model_kwargs=small) == 0.0
+    assert dropout(drop_rate=0.1, model_kwargs=small) == 0.1
+    assert dropout(model_kwargs={**small, "drop_rate": 0.1}) == 0.1
+    assert dropout(drop_rate=0.1, model_kwargs={**small, "drop_rate": 0.1}) == 0.1

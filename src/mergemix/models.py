@@ -46,9 +46,9 @@ def check_name(name: str) -> str:
     return name
 
 
-# create()'s arguments that flags or the data set; the same key in --model-kwargs would be a second value
+# create()'s arguments that flags or the data set set; the same key in --model-kwargs would be a second value
 SET_ELSEWHERE = {"num_classes": "--num-classes", "img_size": "--img-size", "in_chans": "the data set's channels",
-                 "drop_rate": "--drop", "drop_path_rate": "--drop-path"}
+                 "drop_path_rate": "--drop-path"}
 
 
 def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_rate: float = 0.0,
@@ -61,11 +61,18 @@ def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_ra
     resamples position embeddings for another image size.
     """
     check_name(name)
-    for key in model_kwargs or {}:
+    model_kwargs = dict(model_kwargs or {})
+    for key in model_kwargs:
         if key in SET_ELSEWHERE:
             raise ConfigError(f"--model-kwargs {key}=...: {key} is set by {SET_ELSEWHERE[key]}; use that instead")
+    # runs made before --drop set dropout here, and their saved kwargs still do
+    if "drop_rate" in model_kwargs:
+        if drop_rate and drop_rate != model_kwargs["drop_rate"]:
+            raise ConfigError(f"--drop {drop_rate} and --model-kwargs drop_rate={model_kwargs['drop_rate']} "
+                              f"both set the dropout rate: give one")
+        drop_rate = model_kwargs.pop("drop_rate")
     kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
-                                  drop_path_rate=drop_path_rate, img_size=img_size, **(model_kwargs or {}))
+                                  drop_path_rate=drop_path_rate, img_size=img_size, **model_kwargs)
     if initial_checkpoint:
         kwargs["pretrained_cfg_overlay"] = _file_overlay(name, Path(initial_checkpoint))
         pretrained = True

@@ -246,7 +246,10 @@ class Trainer:
         try:
             self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                                  momentum=args.momentum, **given)
-        except (TypeError, ValueError) as e:  # an unknown name, or --opt-betas for an optimizer without betas
+        except IndexError:  # the optimizer reads a beta past the end of the list
+            raise ConfigError(f"--opt {args.opt} takes more --opt-betas than {' '.join(map(str, args.opt_betas))} "
+                              f"(Adam and its kin: two)") from None
+        except (TypeError, ValueError) as e:  # an unknown name, or a setting the optimizer refuses
             raise ConfigError(f"--opt {args.opt}: {e}") from None
         try:
             self.scheduler, _ = create_scheduler_v2(
@@ -587,8 +590,8 @@ class Trainer:
         self.log(f"final  {summary_line(metrics)}  on {len(self.data.eval)} held-out images, "
                  f"{extra['train_time_s']:.0f}s -> {self.run_dir}")
         if p.best_epoch >= 0:  # timm prints its best metric too: the final epoch need not be the best
-            self.log(f"best   top-1 {p.best_top1:.2f} % at epoch {p.best_epoch} (of 0..{args.epochs - 1}): "
-                     f"{checkpoint.BEST}")
+            self.log(f"best   top-1 {p.best_top1:.2f} % at epoch {p.best_epoch + 1}/{args.epochs} (as the epoch "
+                     f"lines count; best_epoch {p.best_epoch} in results.json): {checkpoint.BEST}")
         for name, what in (("merged", "the model merged as it trained"), ("ema", "the weights' EMA")):
             if name in evaluated:
                 self.log(f"{name:<6} {summary_line(evaluated[name])}  ({what})")
