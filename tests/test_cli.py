@@ -493,3 +493,22 @@ def test_dropout_set_by_drop_or_by_model_kwargs_as_older_runs_did():
     assert dropout(drop_rate=0.1, model_kwargs=small) == 0.1
     assert dropout(model_kwargs={**small, "drop_rate": 0.1}) == 0.1
     assert dropout(drop_rate=0.1, model_kwargs={**small, "drop_rate": 0.1}) == 0.1
+
+
+def test_a_rank_that_lost_its_peer_prints_one_line_not_a_traceback(monkeypatch, capsys):
+    """Under torchrun, the ranks left behind by a failed one fail in their next collective (gloo:
+    'Connection reset by peer'); one line each, so that the failed rank's own error stands out."""
+    def lost(argv):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:62129: Connection reset by peer.")
+
+    monkeypatch.setitem(cli.COMMANDS, "train", lost)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["train"]) == 1
+    assert capsys.readouterr().err == ("[rank 1] error: lost the connection to another process of this run, which "
+                                       "stopped first: its own error line says why (--debug: this one's traceback)\n")
+    with pytest.raises(RuntimeError, match="by peer"):  # --debug, or a job of one process: the traceback
+        cli.main(["train", "--debug"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="by peer"):
+        cli.main(["train"])

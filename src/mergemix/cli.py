@@ -114,3 +114,17 @@ def run_command(command: str, argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{tag}interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        # under torchrun, the ranks a failed one leaves behind lose their connection to it mid-collective:
+        # a traceback from each would bury the failed rank's own one-line error
+        if "--debug" in rest or not _lost_a_peer(e):
+            raise
+        print(f"{tag}error: lost the connection to another process of this run, which stopped first: its own "
+              f"error line says why (--debug: this one's traceback)", file=sys.stderr)
+        return 1
+
+
+def _lost_a_peer(err: RuntimeError) -> bool:
+    """Whether ``err`` is a collective failing because another process of a torchrun job went away."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(
+        words in str(err) for words in ("by peer", "Connection closed", "Broken pipe"))
