@@ -179,7 +179,7 @@ def _check_pool(global_pool: str, attn_pool: nn.Module | None) -> None:
     """Merged tokens pool as the plain sequence would only by the class token or a size-weighted mean
     (or not at all: '' returns the tokens)."""
     if global_pool not in ("token", "avg", "") or attn_pool is not None:
-        raise ValueError(f"token merging supports global_pool 'token' or 'avg', not {global_pool!r}")
+        raise ValueError(f"token merging supports global_pool 'token', 'avg' or '' (none), not {global_pool!r}")
 
 
 def configure_tome(model: nn.Module, merge: bool | None = None, readout: bool | None = None,

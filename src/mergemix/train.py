@@ -247,6 +247,8 @@ class Trainer:
             self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                                  momentum=args.momentum, **given)
         except IndexError:  # the optimizer reads a beta past the end of the list
+            if not args.opt_betas:
+                raise
             raise ConfigError(f"--opt {args.opt} takes more --opt-betas than {' '.join(map(str, args.opt_betas))} "
                               f"(Adam and its kin: two)") from None
         except (TypeError, ValueError) as e:  # an unknown name, or a setting the optimizer refuses
