@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from test_tome import cls_attention_direct
 
 import mergemix.mix as mix
+from mergemix import mask as M
+from mergemix.mix import sample_lam
 from mergemix.mix import mixed_targets, smooth_one_hot, soft_cross_entropy
 from mergemix.tome import forward_readout, tome_options
 
@@ -35,8 +37,18 @@ def test_finite_loss_and_outputs(aux, policy):
     assert out.lam_hat.shape == (6,) and out.scores.shape == (6, 16)
     L = 16
     assert torch.equal(out.mask[:, 0, ::8, ::8].flatten(1).sum(1), torch.floor(out.lam * L))
+    # the images are the mask's: own pixels where it is 1, the partner's where it is 0
+    assert torch.equal(out.x_mixed, torch.where(out.mask.bool(), x, x[out.partner]))
     if policy == "area":
         assert torch.allclose(out.lam_hat, out.mask.mean((1, 2, 3)))
+    else:  # the step's draws replayed: partners, λ, then the gaussian label of Step 3
+        replay = torch.Generator().manual_seed(0)
+        M.derangement(6, replay)
+        lam = sample_lam(1.0, replay)  # (the mixup loss draws its own after the label)
+        tokens = out.extras["readout"].attn.shape[1] - 1  # patch tokens at the read-out block
+        expected = M.lam_hat_gaussian(M.keep_count(lam, L, 6), tokens, L, replay)
+        assert out.lam == pytest.approx(lam) and torch.equal(out.lam_hat, expected)
+        assert not torch.allclose(out.lam_hat, out.mask.mean((1, 2, 3)))  # not the area label
     assert (out.partner != torch.arange(6)).all()
 
 
