@@ -6,13 +6,13 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from test_tome import cls_attention_direct
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mergemix.mask import patch_fraction, recover
+from mergemix.mask import patch_fraction
 from mergemix.mix import available, create, get_class
 from mergemix.mix.attention import attention_mass
 from mergemix.mix.base import smooth_one_hot
-from mergemix.tome import forward_readout
 
 NUM_CLASSES = 10
 IMAGE_FREE = ["mixup", "cutmix", "deit", "resizemix", "fmix", "saliencymix", "gridmix", "smoothmix"]
@@ -225,11 +225,9 @@ def test_transmix_labels_by_attention_of_the_same_forward():
     obj.prepare(model)
     x, y = batch()
     out = obj(model, x, y)
-    readout = model.tome_readout
-    expected = attention_mass(recover(readout.attn, readout.index), patch_fraction(out.mask, readout.grid))
-    torch.testing.assert_close(out.lam_hat, expected)
-    model(out.x_mixed)  # the read-out belongs to the mixed images (deterministic tiny model)
-    torch.testing.assert_close(model.tome_readout.attn, readout.attn)
+    # timm's own attention of the last block, on the mixed images, from an unpatched twin
+    attn = cls_attention_direct(tiny_vit(), out.x_mixed, 1)[:, 1:]
+    torch.testing.assert_close(out.lam_hat, attention_mass(attn, patch_fraction(out.mask, (4, 4))))
     assert not torch.allclose(out.lam_hat, out.mask.mean((1, 2, 3)))  # not the area label
 
 
@@ -249,9 +247,24 @@ def test_tokenmix_mixes_whole_tokens_and_labels_by_attention():
     out = obj(model, x, y)
     patches = out.mask.view(5, 1, 4, 8, 4, 8)
     assert (patches.amax(dim=(3, 5)) == patches.amin(dim=(3, 5))).all()  # constant within each patch
-    readout = model.tome_readout
     keep = out.mask[:, 0, ::8, ::8].flatten(1)
-    torch.testing.assert_close(out.lam_hat, attention_mass(recover(readout.attn, readout.index), keep))
+    attn = cls_attention_direct(tiny_vit(), out.x_mixed, 1)[:, 1:]  # timm's, last block, mixed images
+    torch.testing.assert_close(out.lam_hat, attention_mass(attn, keep))
+
+
+def test_tokenmix_gives_the_partner_floor_of_1_minus_lambda_tokens_at_most(monkeypatch):
+    """λ = 0.34 on 10x10 patches: ⌊0.66·100⌋ = 66 partner tokens (1 − 0.34 is 0.65999… in floats)."""
+    import mergemix.mix.tokenmix as tokenmix
+
+    monkeypatch.setattr(tokenmix, "sample_lam", lambda alpha, generator: 0.34)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=40, patch_size=4, depth=2, embed_dim=32,
+                              num_heads=2, num_classes=NUM_CLASSES)
+    obj = objective("tokenmix", min_block=1)
+    obj.prepare(model)
+    x = torch.randn(8, 3, 40, 40)
+    partner_tokens = (1 - obj.mix(x).mask[:, 0, ::4, ::4]).flatten(1).sum(1)
+    assert partner_tokens.max() == 66 and partner_tokens.min() >= 60
 
 
 def test_smmix_reads_attention_of_the_clean_batch():
@@ -260,9 +273,8 @@ def test_smmix_reads_attention_of_the_clean_batch():
     obj.prepare(model)
     x, y = batch()
     out = obj(model, x, y)
-    with torch.no_grad():
-        clean = forward_readout(model, x)
-    torch.testing.assert_close(out.scores, recover(clean.attn, clean.index))
+    # timm's own attention of the last block on the clean images, from an unpatched twin
+    torch.testing.assert_close(out.scores, cls_attention_direct(tiny_vit(), x, 1)[:, 1:])
 
 
 @pytest.mark.parametrize("name", ATTENTION)
