@@ -351,3 +351,35 @@ def test_sample_lam_passes_ks_test_against_scipy_beta(alpha):
     """The whole distribution: Kolmogorov-Smirnov against scipy's Beta(α, α) (scipy optional, not a dependency)."""
     stats = pytest.importorskip("scipy.stats")
     assert stats.kstest(lam_draws(alpha), stats.beta(alpha, alpha).cdf).pvalue > 1e-3
+
+
+def test_each_methods_shape_option_reaches_its_masks(monkeypatch):
+    """The options, not just the pure functions, shape the masks: ResizeMix's scope sets the pasted
+    side (τ = 0.3 of 32 px: a 10 px window, label 1 − 100/1024), FMix's decay_power the smoothness of
+    its mask (at λ = 0.5, white noise agrees with its neighbour half the time), GridMix's grid_sizes
+    the cells (2 x 2: 16 px squares; 8 x 8: 4 px ones)."""
+    import mergemix.mix.fmix as fmix_mod
+    import mergemix.mix.gridmix as gridmix_mod
+
+    x = torch.randn(6, 3, 32, 32)
+
+    def mixed(name, seed=0, **options):
+        return create(name, 10, generator=torch.Generator().manual_seed(seed), **options).mix(x)
+
+    for seed in range(3):
+        assert torch.allclose(mixed("resizemix", seed, scope=(0.3, 0.3)).lam_hat, torch.tensor(1 - 100 / 1024))
+    monkeypatch.setattr(fmix_mod, "sample_lam", lambda alpha, generator: 0.5)
+
+    def agreement(mask):  # share of vertically adjacent pixels that come from the same image
+        return float((mask[..., 1:, :] == mask[..., :-1, :]).float().mean())
+
+    assert agreement(mixed("fmix", decay_power=3.0).mask) > 0.9
+    assert agreement(mixed("fmix", decay_power=0.01).mask) < 0.6
+    monkeypatch.setattr(gridmix_mod, "sample_lam", lambda alpha, generator: 0.5)
+
+    def constant_on(mask, side):  # whether every side x side square holds one image only
+        return torch.equal(F.max_pool2d(mask, side), -F.max_pool2d(-mask, side))
+
+    for cells, side in ((2, 16), (8, 4)):
+        mask = mixed("gridmix", grid_sizes=(cells, cells)).mask
+        assert constant_on(mask, side) and not constant_on(mask, 2 * side), cells
