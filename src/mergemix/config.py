@@ -93,7 +93,8 @@ LIMITS = {
     "warmup_lr": Limit(0), "min_lr": Limit(0), "weight_decay": Limit(0), "momentum": Limit(0, 1, high_open=True),
     "color_jitter": Limit(0), "reprob": Limit(0, 1), "drop": Limit(0, 1, high_open=True),
     "drop_path": Limit(0, 1, high_open=True), "decay_epochs": Limit(0, low_open=True), "decay_rate": Limit(0),
-    "patience_epochs": Limit(0), "opt_eps": Limit(0, low_open=True), "model_ema_decay": Limit(0, 1), "num_samples": Limit(2, note="each image needs a partner"),
+    "patience_epochs": Limit(0), "opt_eps": Limit(0, low_open=True), "model_ema_decay": Limit(0, 1),
+    "num_samples": Limit(2, note="each image needs a partner"),
 }
 
 
