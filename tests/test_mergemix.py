@@ -295,6 +295,21 @@ def test_mixing_off_is_plain_ce():
     assert torch.allclose(out.loss, soft_cross_entropy(out.logits, smooth_one_hot(y, 10, 0.1)))
 
 
+@pytest.mark.parametrize("aux, merge_train, tokens", [("clean", False, 10), ("clean", True, 10), ("none", True, 10),
+                                                      ("none", False, 17)])
+def test_mixing_off_trains_the_forward_mixed_steps_train(aux, merge_train, tokens):
+    # the clean pass of aux_loss clean merges whatever merge_train says: so does the step with mixing off
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10, aux_loss=aux, merge_train=merge_train)
+    obj.prepare(model)
+    obj.mixup_enabled = False
+    seen = []
+    model.blocks[-1].norm1.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    obj(model, *batch())
+    # tokens entering the last block: 16 patches + CLS unmerged; merged 17 − (3 + 2 + 2) by the default schedule
+    assert model.tome.r == [3, 2, 2, 1] and seen == [tokens]
+
+
 def test_rejects_bad_options():
     with pytest.raises(ValueError, match="lam_policy"):
         mix.create("mergemix", 10, lam_policy="linear")

@@ -121,8 +121,9 @@ class MergeMix(Objective):
                 **super().defaults()}
 
     def clean_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
-        """Plain label-smoothed CE on the forward MergeMix trains: merged unless ``merge_train`` is off."""
-        with tome_options(model, merge=self.merge_train, readout=False):
+        """Plain label-smoothed CE on the forward MergeMix trains its clean loss with: merged where the
+        mixed steps merge it (``aux_loss`` clean, whose clean pass gives the mask, or ``merge_train``)."""
+        with tome_options(model, merge=self.merge_train or self.aux_loss == "clean", readout=False):
             return super().clean_step(model, x, y)
 
     def _read_out(self, model: nn.Module, x: Tensor) -> tuple[Readout, Tensor | None]:
