@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -101,6 +102,31 @@ def test_sigint_writes_a_resumable_checkpoint(reference, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert summary(run) == summary(reference)
+
+
+class SigtermAtCall(NoMix):
+    """Plain CE that sends its own process SIGTERM at the ``at``-th call."""
+
+    name = "sigterm_test"
+    at, calls = 0, 0
+
+    def __call__(self, model, x, y):
+        SigtermAtCall.calls += 1
+        if SigtermAtCall.calls == SigtermAtCall.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().__call__(model, x, y)
+
+
+def test_a_stop_at_the_last_step_finishes_the_run(tmp_path, monkeypatch, capsys):
+    """The last epoch is saved as ended: with nothing left to resume, the run writes its results."""
+    monkeypatch.setitem(mix._REGISTRY, SigtermAtCall.name, SigtermAtCall)
+    monkeypatch.setattr(SigtermAtCall, "at", 16)  # the last of 2 epochs x 8 steps
+    assert cli.main(["train", "--output", str(tmp_path), "--experiment", "s", *TINY, "--mix", SigtermAtCall.name,
+                     "--epochs", "2", "--batch-size", "32", "--train-subset", "256"]) == 0
+    assert "the stop came as the last epoch ended" in capsys.readouterr().out
+    results = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert results["epochs"] == 2 and len(summary(tmp_path / "s")) == 2
+    assert (tmp_path / "s" / "reliability.png").exists()
 
 
 class NaNAfter(NoMix):

@@ -532,8 +532,10 @@ class Trainer:
                 completed = p.epoch
                 p.epoch, p.step, p.loss_sum, p.loss_count, p.epoch_time = p.epoch + 1, 0, 0.0, 0, 0.0
                 self._save(completed, top1, best)
-                if stopping:
+                if stopping and p.epoch < args.epochs:
                     raise Interrupted(stop.signum or signal.SIGTERM, self.run_dir / checkpoint.LAST)
+                if stopping:  # nothing left to resume: a finished run writes its results
+                    self.log("note   the stop came as the last epoch ended: writing the run's results")
         return self._finish(evaluated)
 
     def _evaluate(self) -> dict[str, dict[str, Any]]:
