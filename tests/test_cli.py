@@ -187,6 +187,16 @@ def test_a_finished_run_is_not_overwritten(run, capsys):
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+def test_training_into_an_evaluations_folder_does_not_overwrite_it(run, tmp_path, capsys):
+    """timm's train.py never writes into a folder that exists; ours continues only its own runs."""
+    evaluated = tmp_path / "evaluated"
+    assert cli.main(["eval", "--checkpoint", str(run), "--output", str(evaluated)]) == 0
+    before = {p.name: p.read_bytes() for p in evaluated.iterdir()}
+    assert cli.main(["train", "--output", str(tmp_path), "--experiment", "evaluated", *TINY]) == 2
+    assert f"{evaluated} already holds results.json, reliability.png, which this run would replace" in error_line(capsys)
+    assert {p.name: p.read_bytes() for p in evaluated.iterdir()} == before
+
+
 def test_resuming_into_another_runs_folder_does_not_overwrite_it(run, tmp_path, capsys):
     """--resume continues a run in its own folder; pointed (by --output/--experiment) at a folder
     that holds another run, it must not replace that run's files."""

@@ -40,6 +40,9 @@ from .errors import ConfigError, Interrupted, TrainingError
 from .evaluate import RESULT_KEYS, autocast, autocast_dtype, evaluate, summary_line, write_results
 from .mix.base import Objective
 
+# what a run writes in its folder with or after its first checkpoint (last.pth.tar), which a new run must not
+# replace; args.yaml and mix_samples/ come earlier: a run killed before that checkpoint may start again over them
+RUN_FILES = (checkpoint.BEST, "summary.csv", "results.json", "reliability.png", "curves.png")
 SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "eval_ece", "lr", "epoch_time"]
 
 
@@ -288,6 +291,10 @@ class Trainer:
             # only a run's own checkpoint may continue in its folder: anything else would overwrite it
             raise ConfigError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir}, "
                               f"or pick another --experiment")
+        taken = [name for name in RUN_FILES if (self.run_dir / name).exists()] if not continuing else []
+        if taken:
+            raise ConfigError(f"{self.run_dir} already holds {', '.join(taken)}, which this run would replace: "
+                              f"pick another --experiment or --output")
         self.made_dir = checkpoint.make_dir(self.run_dir, "--output")
         if args.resume:
             checkpoint.clear_temporaries(self.run_dir)  # a kill mid-write leaves one behind
