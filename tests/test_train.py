@@ -300,6 +300,23 @@ def test_plateau_schedule_trains_and_resumes(tmp_path):
     assert len(summary(tmp_path / "p")) == 2
 
 
+def test_plateau_resume_remembers_the_epochs_already_waited(tmp_path):
+    """timm's plateau state_dict keeps the best metric only; ReduceLROnPlateau's count of bad epochs
+    must survive a resume too (and a resume that raises --epochs: a plateau has no span)."""
+    def train(*extra: str) -> int:
+        # at this rate the top-1 stays put: every epoch after the first is a bad one
+        return cli.main(["train", "--output", str(tmp_path), *TINY, "--mix", "none", "--batch-size", "32",
+                         "--train-subset", "128", "--sched", "plateau", "--patience-epochs", "1", "--decay-rate",
+                         "0.5", "--opt", "sgd", "--lr", "1e-6", "--min-lr", "0", *extra])
+
+    assert train("--experiment", "straight", "--epochs", "4") == 0
+    assert train("--experiment", "resumed", "--epochs", "2") == 0
+    assert train("--resume", str(tmp_path / "resumed"), "--epochs", "4") == 0
+    lrs = [float(row["lr"]) for row in summary(tmp_path / "straight")]
+    assert lrs == [1e-6, 1e-6, 1e-6, 5e-7]  # two bad epochs (1 and 2) exceed a patience of 1
+    assert [float(row["lr"]) for row in summary(tmp_path / "resumed")] == lrs
+
+
 def test_resume_inside_an_epoch_of_another_size_is_refused(tmp_path, capsys):
     run = tmp_path / "r"
     assert cli.main(["train", "--output", str(tmp_path), "--experiment", "r", *TINY, "--mix", "none",

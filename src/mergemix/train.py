@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import yaml
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
+from timm.scheduler import PlateauLRScheduler, create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -138,6 +139,22 @@ def build_objective(args: argparse.Namespace, num_classes: int,
         return mix.create(args.mix, num_classes, generator=generator, **options), unused
     except (TypeError, ValueError) as e:
         raise ConfigError(f"--mix {args.mix}: {e}") from None
+
+
+def scheduler_state(scheduler: Scheduler) -> dict[str, Any]:
+    """timm's scheduler state, with ReduceLROnPlateau's own under "plateau": timm's plateau keeps only its
+    best metric, and a resume would forget the epochs already waited (and any cooldown)."""
+    inner = scheduler.lr_scheduler if isinstance(scheduler, PlateauLRScheduler) else None
+    return scheduler.state_dict() | ({"plateau": inner.state_dict()} if inner is not None else {})
+
+
+def load_scheduler_state(scheduler: Scheduler, state: dict[str, Any]) -> None:
+    """Restore what ``scheduler_state`` saved (or a timm state_dict)."""
+    state = dict(state)
+    plateau = state.pop("plateau", None)
+    scheduler.load_state_dict(state)
+    if plateau is not None and isinstance(scheduler, PlateauLRScheduler):
+        scheduler.lr_scheduler.load_state_dict(plateau)
 
 
 def seed_everything(seed: int) -> None:
@@ -334,7 +351,7 @@ class Trainer:
             "arch": self.args.model,
             "state_dict": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": scheduler_state(self.scheduler),
             "amp_scaler": self.scaler.state_dict() if self.scaler else None,
             "state_dict_ema": self.ema.module.state_dict() if self.ema else None,
             "version": 2,
@@ -363,10 +380,11 @@ class Trainer:
                                   f"{self.steps_per_epoch} steps per epoch (another --batch-size, process count or "
                                   f"data): resume with the run's settings, or from a checkpoint at an epoch's end")
             p.global_step = p.epoch * self.steps_per_epoch
-        if saved_steps == self.steps_per_epoch and saved_epochs == args.epochs:
-            if ckpt.get("scheduler"):
-                self.scheduler.load_state_dict(ckpt["scheduler"])
-        else:
+        same_span = saved_steps == self.steps_per_epoch and saved_epochs == args.epochs
+        plateau = isinstance(self.scheduler, PlateauLRScheduler)  # its state holds no span
+        if ckpt.get("scheduler") and (same_span or plateau):
+            load_scheduler_state(self.scheduler, ckpt["scheduler"])
+        if not (same_span or plateau):
             self.log(f"note   the learning-rate schedule now spans {args.epochs} epochs x {self.steps_per_epoch} "
                      f"steps (the checkpoint's: {saved_epochs} x {saved_steps})")
 
