@@ -129,6 +129,39 @@ def test_a_stop_at_the_last_step_finishes_the_run(tmp_path, monkeypatch, capsys)
     assert (tmp_path / "s" / "reliability.png").exists()
 
 
+class FirstDraw(NoMix):
+    """Plain CE that records the first number its generator gives in each run."""
+
+    name = "first_draw_test"
+    draws: list[int] = []
+
+    def __call__(self, model, x, y):
+        if not getattr(self, "drawn", False):  # one objective per run
+            self.drawn = True
+            FirstDraw.draws.append(int(torch.randint(0, 2**62, (1,), generator=self.generator)))
+        return super().__call__(model, x, y)
+
+
+def test_resume_with_another_process_count_does_not_repeat_the_first_draws(tmp_path, monkeypatch, capsys):
+    """The random streams restart from the seed moved on by the steps done, the objective's generator
+    (partners, λ, masks) as the global ones: from the plain seed, they would replay epoch 0's mixing."""
+    monkeypatch.setitem(mix._REGISTRY, FirstDraw.name, FirstDraw)
+    monkeypatch.setattr(FirstDraw, "draws", [])
+
+    def train(*extra: str) -> int:
+        return cli.main(["train", "--output", str(tmp_path), *TINY, "--mix", FirstDraw.name, "--batch-size", "32",
+                         "--train-subset", "128", "--seed", "3", *extra])
+
+    assert train("--experiment", "r", "--epochs", "1") == 0
+    ckpt = torch.load(tmp_path / "r" / "last.pth.tar", map_location="cpu", weights_only=True)
+    ckpt.update(rng=ckpt["rng"] * 2, partial=ckpt["partial"] * 2)  # as two processes write it
+    checkpoint.save(ckpt, tmp_path / "r" / "last.pth.tar")
+    assert train("--resume", str(tmp_path / "r"), "--epochs", "2") == 0
+    assert "written by 2 process(es), this run has 1; random streams restart" in capsys.readouterr().out
+    expected = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(3 + 0 + 4)))  # 4 steps done
+    assert FirstDraw.draws[1] != FirstDraw.draws[0] and FirstDraw.draws[1] == expected
+
+
 class NaNAfter(NoMix):
     """Plain CE whose loss turns NaN at the 15th call (epoch 1, step 3 with 12 steps an epoch)."""
 

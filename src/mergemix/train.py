@@ -415,6 +415,7 @@ class Trainer:
             self.log(f"note   the checkpoint was written by {len(rng)} process(es), this run has "
                      f"{self.ctx.world_size}; random streams restart from the seed")
             seed_everything(args.seed + self.ctx.rank + p.global_step)
+            self.generator.manual_seed(args.seed + self.ctx.rank + p.global_step)  # not epoch 0's draws again
         # the optimizer holds the checkpoint schedule's last rate; set this schedule's (the call in
         # the schedule's own unit acts, the other does nothing)
         self.scheduler.step(p.epoch)
