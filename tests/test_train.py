@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mergemix import checkpoint, cli, mix
+from mergemix import train as train_module
 from mergemix.mix.plain import NoMix
 from mergemix.train import accepted_options
 
@@ -322,6 +323,21 @@ def test_model_ema_first_given_at_a_resume_averages_from_the_resumed_weights(tmp
     assert "\nema    top-1 " in out and out.rstrip().endswith("(the weights' EMA)")
 
 
+def test_model_ema_copies_the_weights_at_the_first_update_only(tmp_path, monkeypatch):
+    """timm's EMA decay is 0 at step 1 (a copy) and the set decay after; train.py passes the update count."""
+    decays = []
+    update = train_module.ModelEmaV3.update
+
+    def recording_update(self, model, step=None):
+        decays.append(self.get_decay(step))
+        return update(self, model, step=step)
+
+    monkeypatch.setattr(train_module.ModelEmaV3, "update", recording_update)
+    assert cli.main(["train", "--output", str(tmp_path), "--experiment", "e", *TINY, "--mix", "none", "--epochs", "1",
+                     "--batch-size", "32", "--train-subset", "128", "--model-ema", "--model-ema-decay", "0.9"]) == 0
+    assert decays == [0.0, 0.9, 0.9, 0.9]
+
+
 def test_plateau_schedule_trains_and_resumes(tmp_path):
     """It steps per epoch on the evaluation top-1 (create_scheduler_v2 refuses it per update)."""
     def train(*extra: str) -> int:
@@ -367,7 +383,6 @@ def test_resume_inside_an_epoch_of_another_size_is_refused(tmp_path, capsys):
 def test_a_signal_repeated_at_once_is_one_request_to_stop(monkeypatch):
     """Under torchrun a worker gets SIGTERM/SIGINT from its process group and again from torchrun:
     that must still end in a checkpoint; a second signal seconds later stops at once."""
-    from mergemix import train as train_module
 
     now = [100.0]
     monkeypatch.setattr(train_module.time, "monotonic", lambda: now[0])

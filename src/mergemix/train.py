@@ -519,7 +519,8 @@ class Trainer:
                 dispatch_clip_grad(self.model.parameters(), args.clip_grad, mode=args.clip_mode)
             self.optimizer.step()
         if self.ema is not None:
-            self.ema.update(self.model, step=self.progress.global_step)
+            # the count of updates with this one, as timm's train.py passes it: the first copies the weights
+            self.ema.update(self.model, step=self.progress.global_step + 1)
 
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs; write results.json and the plots; return the results."""
