@@ -204,6 +204,14 @@ def test_compare_groups_only_runs_that_differ_in_their_seed(tmp_path, capsys):
     assert groups['cutmix [dataset="fashion-mnist", ece_bins=15, epochs=40]'][0] == "1"
     assert groups['cutmix [dataset="digits", ece_bins=10, epochs=9]'][0] == "1"
     assert "is given twice; counted once" in out.err and "different bin counts (10, 15)" in out.err
+    # a number written as 90 by one run and 90.0 by another (a recipe read back) is one setting
+    dirs = [run("d0", 0, decay_epochs=90), run("d1", 1, decay_epochs=90.0), run("d2", 2, decay_epochs=[90]),
+            run("d3", 3, decay_epochs=[90.0])]
+    assert main([*dirs, "--out", str(tmp_path / "d.png")]) == 0
+    out = capsys.readouterr().out
+    groups = table_rows(out[out.index("| method | runs |"):])
+    assert {name: row[0] for name, row in groups.items()} == {"cutmix [decay_epochs=90]": "2",
+                                                              "cutmix [decay_epochs=[90]]": "2"}
 
 
 def test_an_evaluation_folder_counts_with_its_training_settings_apart_from_training_runs(tmp_path, capsys):

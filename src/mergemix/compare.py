@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import numbers
 import statistics
 import sys
 from collections.abc import Sequence
@@ -179,7 +180,7 @@ def seed_groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
     (``mergemix [aux_loss=none]``)."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
-        groups.setdefault(json.dumps(r.settings, sort_keys=True, default=str), []).append(r)
+        groups.setdefault(json.dumps(_as_floats(r.settings), sort_keys=True, default=str), []).append(r)
     named: dict[str, list[Run]] = {}
     for key, group in groups.items():
         mine = group[0].settings
@@ -188,6 +189,16 @@ def seed_groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
         detail = ", ".join(_difference(k, mine, others) for k in differ)
         named[group[0].method + (f" [{detail}]" if detail else "")] = group
     return named
+
+
+def _as_floats(value: Any) -> Any:
+    """``value`` with its numbers as floats, in its dicts and lists too: 90 and 90.0 (a flag's default and
+    the same value read back from a recipe) are one setting, as the naming's ``!=`` finds them."""
+    if isinstance(value, dict):
+        return {k: _as_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_floats(v) for v in value]
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
 
 
 def _difference(key: str, mine: dict[str, Any], others: list[dict[str, Any]]) -> str:

@@ -209,7 +209,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--sched", default="cosine",
                    help="timm scheduler name: cosine, tanh, step, multistep, poly, wsd, rsqrt, constant, plateau, "
                         "or none (a constant --lr, without warm-up, as in timm)")
-    g.add_argument("--decay-epochs", type=float, default=90, help="step: epochs between decays; wsd/rsqrt: decay "
+    g.add_argument("--decay-epochs", type=float, default=90.0, help="step: epochs between decays; wsd/rsqrt: decay "
                    "length (a value below 1 is a fraction of the run)")
     g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], help="multistep: decay epochs")
     g.add_argument("--decay-rate", type=float, default=0.1, help="step/multistep/plateau: decay factor; poly: power")
