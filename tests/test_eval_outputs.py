@@ -45,7 +45,7 @@ def evaluate(*argv: str) -> int:
     return cli.main(["eval", *argv, "--device", "cpu"])
 
 
-@pytest.mark.parametrize("marker", [None, "args.yaml", "summary.csv", "last.pth.tar", "other.pth.tar"])
+@pytest.mark.parametrize("marker", [None, "args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar"])
 def test_eval_refuses_a_training_run_folder_as_output(run, tmp_path, capsys, marker):
     # the run's own folder, or any folder holding one file of a run (args.yaml alone: killed in its first epoch)
     out = run
@@ -57,6 +57,26 @@ def test_eval_refuses_a_training_run_folder_as_output(run, tmp_path, capsys, mar
     assert evaluate("--checkpoint", str(run), "--output", str(out)) == 2
     assert f"--output {out} holds a training run" in error_line(capsys)
     assert files(run) == before and files(out) == before_out
+
+
+def test_eval_replaces_its_own_results_only(run, tmp_path, capsys):
+    """Evaluated again the same way, an evaluation's folder takes the new figures; another checkpoint's
+    evaluation, or this one's evaluated another way, is not replaced. A lone checkpoint is no run."""
+    out = tmp_path / "ev"
+    assert evaluate("--checkpoint", str(run / "last.pth.tar"), "--output", str(out)) == 0
+    assert evaluate("--checkpoint", str(run / "last.pth.tar"), "--output", str(out)) == 0
+    before = files(out)
+    assert evaluate("--checkpoint", str(run / "model_best.pth.tar"), "--output", str(out)) == 2
+    assert f"--output {out} holds another evaluation (checkpoint {run / 'last.pth.tar'})" in error_line(capsys)
+    assert evaluate("--checkpoint", str(run / "last.pth.tar"), "--merge-num", "2", "--output", str(out)) == 2
+    assert "holds another evaluation (merge_num None, merge_every None, prop_attn None)" in error_line(capsys)
+    assert files(out) == before
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(run / "last.pth.tar", lone / "weights.pth.tar")  # a checkpoint kept alone, as one downloads it
+    for _ in range(2):
+        assert evaluate("--checkpoint", str(lone / "weights.pth.tar"), "--output", str(lone)) == 0
+    assert set(files(lone)) == {"weights.pth.tar", "results.json", "reliability.png"}
 
 
 def test_eval_default_folder_names_the_checkpoint(run, capsys):

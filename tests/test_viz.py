@@ -111,6 +111,13 @@ def test_viz_out_never_replaces_a_run_file(tmp_path, capsys, out, fragment):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_viz_replaces_its_own_figure_next_to_a_lone_checkpoint(tmp_path):
+    """A checkpoint alone (as one downloads it) is no run: its folder's figures are viz's to redraw."""
+    (tmp_path / "weights.pth.tar").write_bytes(b"x")
+    for _ in range(2):
+        assert main(["--mix", "cutmix", *TINY, "-n", "2", "--out", str(tmp_path / "grid.png"), "--device", "cpu"]) == 0
+
+
 def test_viz_writes_the_format_its_suffix_names(tmp_path):
     out = tmp_path / "grid.svg"
     assert main(["--mix", "cutmix", *TINY, "-n", "2", "--out", str(out), "--device", "cpu"]) == 0

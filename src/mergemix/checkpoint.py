@@ -92,9 +92,9 @@ def remove_dir(folder: Path, made: Path) -> None:
 
 def holds_training_run(folder: Path) -> bool:
     """Whether ``folder`` holds a training run, finished or not: the args.yaml, summary.csv or
-    checkpoints ``mergemix train`` writes there (the trainer's own check looks for last.pth.tar only: it may
-    restart a run killed before its first checkpoint in its folder)."""
-    return any((folder / name).is_file() for name in ("args.yaml", "summary.csv")) or any(folder.glob("*.pth.tar"))
+    checkpoints (last.pth.tar, model_best.pth.tar) ``mergemix train`` writes there. A checkpoint of another
+    name, kept alone as one downloads it, is no run."""
+    return any((folder / name).is_file() for name in ("args.yaml", "summary.csv", LAST, BEST))
 
 
 def unreadable(path: Path, err: BaseException, what: str = "checkpoint") -> CheckpointError:

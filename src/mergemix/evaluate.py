@@ -245,7 +245,39 @@ def eval_folder(cli: argparse.Namespace, path: Path, dataset: str) -> Path:
     if checkpoint.holds_training_run(out):
         raise ConfigError(f"--output {out} holds a training run: its results.json and reliability.png are not "
                           "eval's to replace; choose another --output (by default eval writes next to the checkpoint)")
+    differ = _other_evaluation(out / "results.json", _evaluation_settings(cli, path, dataset))
+    if differ:
+        raise ConfigError(f"--output {out} holds another evaluation ({differ}): choose another --output, "
+                          f"or evaluate that way to replace it")
     return out
+
+
+# what makes an evaluation what it is: one evaluated again these ways may replace its own results only
+_EVALUATION_KEYS = ("checkpoint", "weights", "dataset", "ece_bins", "amp_dtype", "merge_num", "merge_every",
+                    "prop_attn")
+
+
+def _evaluation_settings(cli: argparse.Namespace, path: Path, dataset: str) -> dict[str, Any]:
+    """The ``_EVALUATION_KEYS`` this evaluation writes into results.json (None where it writes none)."""
+    merged = cli.merge_num is not None
+    return {"checkpoint": str(path.resolve()), "weights": "state_dict_ema" if cli.use_ema else "state_dict",
+            "dataset": dataset, "ece_bins": cli.ece_bins, "amp_dtype": cli.amp_dtype if cli.amp else None,
+            "merge_num": cli.merge_num, "merge_every": cli.merge_every if merged else None,
+            "prop_attn": cli.prop_attn if merged else None}
+
+
+def _other_evaluation(results: Path, mine: dict[str, Any]) -> str:
+    """How the evaluation in ``results`` differs from ``mine`` ("checkpoint /x.pth.tar, ..."); "" where
+    there is none or it is this one."""
+    if not results.is_file():
+        return ""
+    try:
+        theirs = json.loads(results.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"an unreadable {results.name}"
+    if not isinstance(theirs, dict):
+        return f"a {results.name} that is not an evaluation's"
+    return ", ".join(f"{k} {theirs.get(k)}" for k in _EVALUATION_KEYS if theirs.get(k) != mine[k])
 
 
 def merge_for_eval(model: nn.Module, merge_num: int, merge_every: int = 1, prop_attn: bool = True) -> dict[str, Any]:
