@@ -50,6 +50,14 @@ def test_an_initial_checkpoint_that_is_not_a_checkpoint_says_so(not_a_checkpoint
     assert f"cannot read --initial-checkpoint {not_a_checkpoint}: {NOT_A_CHECKPOINT}" in error_line(capsys)
 
 
+def test_pretrained_and_an_initial_checkpoint_are_one_too_many(tmp_path, capsys):
+    weights = tmp_path / "w.pth.tar"
+    weights.write_bytes(b"never read")
+    assert train(tmp_path, "--pretrained", "--initial-checkpoint", str(weights)) == 2
+    assert f"--pretrained and --initial-checkpoint {weights} both give the starting weights" in error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pth.tar"]
+
+
 @pytest.mark.parametrize("content, fragment", [
     (b"hello\n", NOT_A_CHECKPOINT),
     (b"", "truncated or corrupt"),  # an empty file may be a checkpoint cut at 0 bytes

@@ -73,6 +73,9 @@ def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_ra
         drop_rate = model_kwargs.pop("drop_rate")
     kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
                                   drop_path_rate=drop_path_rate, img_size=img_size, **model_kwargs)
+    if initial_checkpoint and pretrained:  # timm's train.py lets the file replace the hub's weights unsaid
+        raise ConfigError(f"--pretrained and --initial-checkpoint {initial_checkpoint} both give the starting "
+                          f"weights: keep one")
     if initial_checkpoint:
         kwargs["pretrained_cfg_overlay"] = _file_overlay(name, Path(initial_checkpoint))
         pretrained = True
