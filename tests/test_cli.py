@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +18,7 @@ import yaml
 from PIL import Image
 
 from mergemix import cli, mix
+from mergemix.mix.mergemix import MergeMix
 from mergemix.mix.plain import NoMix
 from mergemix.train import SUMMARY_FIELDS
 
@@ -363,6 +366,23 @@ def test_train_help_shows_the_defaults(capsys):
     assert done.value.code == 0
     assert "--ece-bins ECE_BINS" in out and "(default: 15)" in out
     assert "(default: mergemix)" in out and "(default: digits)" in out
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "viz"])
+def test_help_states_each_default_once_and_mergemix_s_as_its_constructor(command, capsys):
+    """A flag whose value comes from elsewhere (None) says where in its text; one whose text names its
+    default gets no second "(default: ...)"; MergeMix's option flags name the constructor's defaults."""
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in out and not re.search(r"default[^()]*\) \(default: ", out)
+    for flag in ("--data-dir DATA_DIR data root", "--download let torchvision download"):
+        assert flag in out
+    if command == "train":
+        defaults = inspect.signature(MergeMix.__init__).parameters
+        for flag, option in (("--lam-policy", "lam_policy"), ("--aux-loss", "aux_loss"), ("--score", "score")):
+            assert re.search(rf"{flag} {{[a-z_,]+}} [^()]*\(MergeMix; default: {defaults[option].default}\)", out)
+        assert defaults["merge_train"].default is True and "(MergeMix; default: on)" in out
 
 
 def test_unwritable_output(tmp_path, capsys):

@@ -145,7 +145,8 @@ def resolve(path: str | Path, best: bool = False) -> Path:
     if path.is_dir():
         path = path / BEST if best and (path / BEST).is_file() else path / LAST
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: give a .pth.tar file or a run folder that holds {LAST}")
+        raise CheckpointError(f"no checkpoint at {path}: give a .pth.tar file or a run folder that holds "
+                              + (f"{BEST} or {LAST}" if best else LAST))
     return path
 
 

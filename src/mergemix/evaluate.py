@@ -17,7 +17,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, data, models
-from .config import DATASETS, ECE_BINS, ArgumentParser, as_dict, build_train_parser, check_limits, key_value
+from .config import (DATASETS, ECE_BINS, ArgumentParser, HelpFormatter, as_dict, build_train_parser, check_limits,
+                     key_value)
 from .distributed import Context, cleanup, setup
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .tome import patch_tome, tokens_per_block
@@ -82,12 +83,14 @@ def summary_line(metrics: dict[str, Any]) -> str:
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="mergemix eval", description="Evaluate a checkpoint; writes results.json and reliability.png.")
-    p.add_argument("--checkpoint", required=True, help="a .pth.tar file or a run folder (uses its model_best.pth.tar)")
+    p = ArgumentParser(prog="mergemix eval", formatter_class=HelpFormatter,
+                       description="Evaluate a checkpoint; writes results.json and reliability.png.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a .pth.tar file or a run folder (its model_best.pth.tar, else its last.pth.tar)")
     p.add_argument("--dataset", default=None, choices=DATASETS,
                    help="default: the data set the checkpoint was trained on")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--download", action="store_true")
+    p.add_argument("--data-dir", default=None, help="data root (dataset-specific layout, see README)")
+    p.add_argument("--download", action="store_true", help="let torchvision download the data set if missing")
     p.add_argument("--model", default=None,
                    help="timm model name: required for a checkpoint without saved training args; otherwise "
                         "it must be the one the checkpoint holds")
@@ -97,12 +100,14 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None,
                    help="override the checkpoint's saved image size (default: the saved one, else the data set's)")
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights (state_dict_ema)")
-    p.add_argument("--batch-size", "-b", type=int, default=256)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", action="store_true")
-    p.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
-    p.add_argument("--ece-bins", type=int, default=ECE_BINS)
+    p.add_argument("--batch-size", "-b", type=int, default=256, help="per process")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader processes (default: 0 for in-memory data, else 4 or the CPUs, if fewer)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--amp", action="store_true", help="mixed precision")
+    p.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"), help="autocast dtype with --amp")
+    p.add_argument("--ece-bins", type=int, default=ECE_BINS,
+                   help="equal-width confidence bins of ECE, MCE and the reliability diagram")
     p.add_argument("--merge-num", type=int, default=None,
                    help="evaluate with token merging (ToMe): this many tokens merged in all, spread as a "
                         "decreasing schedule over the blocks, proportional attention on (default: no merging)")
@@ -112,7 +117,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
                         "without the bias can use the fastest kernels")
     p.add_argument("--merge-every", type=int, default=None,
                    help="with --merge-num: merge in every k-th block only, the same total in fewer steps "
-                        "(default 1: every block)")
+                        "(default: 1, every block)")
     p.add_argument("--output", default=None,
                    help="folder for results; not a training run's folder (default: <checkpoint folder>/"
                         "eval-<checkpoint>-<dataset>[-merge<N>[-every<k>][-noprop]][-ema][-<amp dtype>][-bins<N>], "

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint, data, models
-from .config import DATASETS, ArgumentParser, as_dict, check_limits, key_value, parse_train_args
+from .config import DATASETS, ArgumentParser, HelpFormatter, as_dict, check_limits, key_value, parse_train_args
 from .distributed import setup
 from .errors import ConfigError
 from .evaluate import check_classes, run_args
@@ -32,22 +32,25 @@ DEFAULT_SAMPLES = 8  # rows of a grid
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="mergemix viz", description=__doc__.split("\n\n")[1].replace("\n", " ").replace("``", "`"),
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--mix", default=None,
                    help="mixing method (default: the checkpoint's, else mergemix); see `mergemix methods`")
     p.add_argument("--mix-opt", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="method option, e.g. merge_num=8 or lam_policy=gaussian (repeatable)")
-    p.add_argument("--checkpoint", default=None, help="a .pth.tar file or a run folder (uses its model_best.pth.tar); default: a fresh model")
+    p.add_argument("--checkpoint", default=None,
+                   help="a .pth.tar file or a run folder (its model_best.pth.tar, else its last.pth.tar); "
+                        "default: a fresh model")
     p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the checkpoint's, else the train default")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--download", action="store_true")
+    p.add_argument("--data-dir", default=None, help="data root (dataset-specific layout, see README)")
+    p.add_argument("--download", action="store_true", help="let torchvision download the data set if missing")
     p.add_argument("--split", default="eval", choices=("eval", "train"),
                    help="which images: eval (no augmentation) or train (augmented as in training)")
     p.add_argument("--model", default=None, help="timm model name (default: the checkpoint's, else the train default)")
     p.add_argument("--model-kwargs", nargs="*", type=key_value, default=None,
                    help="timm.create_model kwargs, e.g. patch_size=2 depth=4 (with --checkpoint: override its "
                         "saved ones key by key)")
-    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input size (default: the checkpoint's, else the data set's native size)")
     p.add_argument("--num-samples", "-n", type=int, default=DEFAULT_SAMPLES, help="images in the batch (rows of the grid)")
     p.add_argument("--out", default="mix_grid.png",
                    help="file to draw to, in the format its suffix names (.png, .pdf, .svg, ...); not a file of a run")
