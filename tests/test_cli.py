@@ -208,7 +208,9 @@ def test_resuming_into_another_runs_folder_does_not_overwrite_it(run, tmp_path, 
     before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
     assert cli.main(["train", "--resume", str(run), "--epochs", "3", "--output", str(tmp_path),
                      "--experiment", "other"]) == 2
-    assert f"{other} already holds a run" in error_line(capsys)
+    said = capsys.readouterr()
+    assert said.err.startswith(f"error: {other} already holds a run") and said.err.count("\n") == 1
+    assert "resumed" not in said.out  # the refusal is all it says
     assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
 
 
@@ -349,6 +351,15 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path,
 def test_every_command_reports_bad_flags_in_one_line(capsys, argv, fragment):
     assert cli.main(argv) == 2
     assert fragment in error_line(capsys)
+
+
+def test_usage_goes_to_stdout_when_asked_for_and_to_stderr_without_a_command(capsys):
+    assert cli.main(["--help"]) == 0
+    said = capsys.readouterr()
+    assert said.out.startswith("usage: mergemix") and said.err == ""
+    assert cli.main([]) == 2
+    said = capsys.readouterr()
+    assert said.err.startswith("usage: mergemix") and said.out == ""
 
 
 def test_methods_help(capsys):

@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mergemix`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(USAGE, file=sys.stdout if argv else sys.stderr)  # asked for, or an error: no command
         return 0 if argv else 2
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)} (see `mergemix --help`)",

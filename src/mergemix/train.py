@@ -242,6 +242,9 @@ class Trainer:
         # last: whatever fails above leaves no folder behind; from here on train() removes it
         self.run_dir = Path(args.output) / args.experiment
         self._claim_run_dir()
+        if args.resume:  # said once the run folder accepted it
+            p = self.progress
+            self.log(f"resumed {args.resume}: epoch {p.epoch}" + (f", step {p.step}" if p.step else ""))
 
     def _build_data(self) -> data.DataBundle:
         """The data set; under torchrun with --download, rank 0 fetches while the others wait."""
@@ -420,7 +423,6 @@ class Trainer:
         # the schedule's own unit acts, the other does nothing)
         self.scheduler.step(p.epoch)
         self.scheduler.step_update(p.global_step)
-        self.log(f"resumed {args.resume}: epoch {p.epoch}" + (f", step {p.step}" if p.step else ""))
 
     def _save(self, completed_epoch: int, metric: float | None, best: bool) -> None:
         state = self._state(completed_epoch, metric)
