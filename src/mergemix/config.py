@@ -234,21 +234,29 @@ def build_train_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("mixing")
     g.add_argument("--mix", default="mergemix", help="mixing method (see `mergemix methods`)")
-    g.add_argument("--mix-alpha", type=float, default=None, help="Beta(alpha, alpha) of the method (option alpha; default: the method's, "
-                   "see `mergemix methods`)")
-    g.add_argument("--mixup", type=float, default=None, help="MixUp alpha (option mixup_alpha; alpha of --mix mixup; default: the method's)")
-    g.add_argument("--cutmix", type=float, default=None, help="CutMix alpha (option cutmix_alpha; alpha of --mix cutmix; default: the method's)")
-    g.add_argument("--mixup-prob", type=float, default=None, help="probability of mixing a batch (option prob; default: the method's)")
-    g.add_argument("--mixup-switch-prob", type=float, default=None, help="MixUp/CutMix switch probability (option switch_prob; default: the method's)")
+    g.add_argument("--mix-alpha", type=float, default=None,
+                   help="Beta(alpha, alpha) of the method (option alpha; default: the method's, see `mergemix methods`)")
+    g.add_argument("--mixup", type=float, default=None,
+                   help="MixUp alpha (option mixup_alpha; alpha of --mix mixup; default: the method's)")
+    g.add_argument("--cutmix", type=float, default=None,
+                   help="CutMix alpha (option cutmix_alpha; alpha of --mix cutmix; default: the method's)")
+    g.add_argument("--mixup-prob", type=float, default=None,
+                   help="probability of mixing a batch (option prob; default: the method's)")
+    g.add_argument("--mixup-switch-prob", type=float, default=None,
+                   help="MixUp/CutMix switch probability (option switch_prob; default: the method's)")
     g.add_argument("--mixup-off-epoch", type=int, default=0, help="stop mixing from this epoch on (0: never)")
-    g.add_argument("--merge-num", type=int, default=None, help="tokens merged in all (MergeMix; default: half the patches)")
+    g.add_argument("--merge-num", type=int, default=None,
+                   help="tokens merged in all (MergeMix; default: half the patches)")
     g.add_argument("--merge-every", type=int, default=None,
                    help="merge in every k-th block only, the same total in fewer steps (MergeMix; default: 1)")
-    g.add_argument("--readout-block", type=int, default=None, help="0-based index of the read-out block "
-                   "(MergeMix; default: floor(0.75 depth) - 1, 8 of 12)")
-    g.add_argument("--lam-policy", default=None, choices=("gaussian", "area"), help="label ratio policy (MergeMix; default: area)")
-    g.add_argument("--aux-loss", default=None, choices=("clean", "mixup", "none"), help="second loss term (MergeMix; default: clean)")
-    g.add_argument("--score", default=None, choices=("cls_row", "cls_col"), help="attention score (MergeMix; default: cls_row)")
+    g.add_argument("--readout-block", type=int, default=None,
+                   help="0-based index of the read-out block (MergeMix; default: floor(0.75 depth) - 1, 8 of 12)")
+    g.add_argument("--lam-policy", default=None, choices=("gaussian", "area"),
+                   help="label ratio policy (MergeMix; default: area)")
+    g.add_argument("--aux-loss", default=None, choices=("clean", "mixup", "none"),
+                   help="second loss term (MergeMix; default: clean)")
+    g.add_argument("--score", default=None, choices=("cls_row", "cls_col"),
+                   help="attention score (MergeMix; default: cls_row)")
     g.add_argument("--merge-train", action=argparse.BooleanOptionalAction, default=None,
                    help="merge tokens in the mixed (and mixup) training forward; the clean pass, which gives the mask, "
                         "merges either way (MergeMix; default: on)")
