@@ -5,6 +5,7 @@ import csv
 
 import matplotlib
 import matplotlib.image as mpimg
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 import numpy as np
 import pytest
 import torch
@@ -45,6 +46,29 @@ def eval_bins(seed: int, scale: float, saturated: int = 0) -> dict:
     metric = EvalMetrics(10)
     metric.update(logits, target)
     return metric.compute()
+
+
+@pytest.mark.parametrize("confidence", [0.15, 0.5, 0.95])
+def test_reliability_legends_cover_no_bar(tmp_path, monkeypatch, confidence):
+    """Wherever the confidence mass lies (an under-confident mixup run's: at the left), no bar hides
+    behind a legend, in either panel."""
+    from mergemix import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    edges = np.linspace(0, 1, 16)
+    centre = np.clip(edges[:-1] + 1 / 30, 0, 1)
+    count = np.round(1000 * np.exp(-((centre - confidence) / 0.08) ** 2)).astype(int)
+    bins = {"lower": edges[:-1].tolist(), "upper": edges[1:].tolist(), "count": count.tolist(),
+            "confidence": centre.tolist(), "accuracy": np.clip(centre + 0.3, 0, 1).tolist()}
+    reliability_diagram(bins, tmp_path / "r.png")
+    fig = drawn[0]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    for ax in fig.axes:
+        legend = ax.get_legend().get_window_extent(renderer)
+        bars = [p.get_window_extent(renderer) for p in ax.patches if p.get_height() > 0]
+        assert bars and not any(legend.overlaps(bar) for bar in bars), (ax.get_ylabel(), confidence)
 
 
 def test_reliability_diagram(tmp_path):

@@ -123,7 +123,7 @@ def reliability_diagram(bins: Mapping[str, Sequence], path: str | Path, title: s
     # filled gap would make that bar seem to end at the confidence
     top.bar(x, conf - acc, bottom=acc, width=w, align="edge", facecolor="none", edgecolor=GAP_COLOR,
             hatch="//", lw=0.5, label="gap to mean confidence")
-    top.legend(loc="upper left", fontsize=9)
+    top.legend(loc="best", fontsize=9)  # an under-confident model's tall bars fill the upper left
     ece = bins_ece(bins)
     figures = f"ECE {ece:.4f}  ({len(d['count'])} bins, n={int(total)})"
     top.set_title(f"{title}\n{figures}" if title else figures, fontsize=10)
@@ -133,8 +133,10 @@ def reliability_diagram(bins: Mapping[str, Sequence], path: str | Path, title: s
     overall_conf = float(np.nansum(d["confidence"] * d["count"]) / total)
     bottom.axvline(overall_acc, color=ACCURACY_COLOR, lw=1.5, label=f"accuracy {100 * overall_acc:.1f}%")
     bottom.axvline(overall_conf, color=GAP_COLOR, lw=1.5, ls="--", label=f"mean confidence {100 * overall_conf:.1f}%")
-    bottom.legend(loc="upper left", fontsize=8)
     _share_axes(bottom)
+    # headroom over the tallest bar, where the legend goes unless "best" finds a better place
+    bottom.set_ylim(0, 1.6 * float((d["count"] / total).max()) or 1.0)
+    bottom.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
