@@ -179,6 +179,21 @@ def test_mix_grid_with_attention_columns(tmp_path, C: int):
     assert_picture(path, 3 * 200, 6 * 200)  # original, partner, attention, clusters, mask, mixed
 
 
+def test_mix_grid_draws_every_attention_map_on_one_scale(tmp_path, monkeypatch):
+    """A flat map must not glow as bright as a peaked one: one colour scale, 0 to the largest score shown
+    (the rows past max_samples do not count), and each panel's own maximum in its title."""
+    from mergemix import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    x, out = fake_step(B=3, C=1, H=32, W=32, patch=4, attention=True)
+    out.scores = torch.stack([torch.full((64,), 0.02), torch.linspace(0, 0.3, 64), torch.full((64,), 0.9)])
+    mix_grid(x, out, tmp_path / "grid.png", max_samples=2)
+    maps = [ax for ax in drawn[0].axes if ax.get_title().startswith("attention")]
+    assert [ax.images[0].get_clim() for ax in maps] == [(0.0, pytest.approx(0.3))] * 2
+    assert [ax.get_title() for ax in maps] == ["attention (max 0.020)", "attention (max 0.300)"]
+
+
 def test_mix_grid_box_method_omits_attention_columns(tmp_path):
     x, out = fake_step(B=4, C=3, H=24, W=32, patch=8, attention=False)
     assert_picture(mix_grid(x, out, tmp_path / "grid.png"), 4 * 200, 4 * 200)  # original, partner, mask, mixed

@@ -324,7 +324,8 @@ def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float
     ``lam_hat`` (B,) or scalars. patch_size: pixels per patch (int or (ph, pw)); by default the
     read-out's grid, or a grid with the image's aspect ratio.
 
-    Columns: original, partner, attention heat-map over the patch grid, merge clusters (a colour per
+    Columns: original, partner, attention heat-map over the patch grid (one colour scale for all rows,
+    from 0 to the largest score shown; each panel's maximum in its title), merge clusters (a colour per
     token and the boundaries between patches held by different tokens, over the original in grey),
     mask, mixed image. A column whose field is
     absent for this method (e.g. CutMix has no scores or read-out) is left out. Each panel is
@@ -344,6 +345,8 @@ def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float
         columns.append("partner")
     if out.scores is not None:
         columns.append("attention")
+        # one colour scale for every row: scaled per panel, a flat map would glow as bright as a peaked one
+        top_score = float(out.scores[:n].detach().float().max()) or 1.0
     if readout is not None and getattr(readout, "index", None) is not None:
         columns.append("clusters")
     if out.mask is not None:
@@ -367,7 +370,8 @@ def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float
             elif column == "attention":
                 scores = out.scores[b].detach().float().cpu()
                 gh, gw = _patch_grid(scores.numel(), H, W, patch_size, grid)
-                _show(ax, scores.reshape(gh, gw).numpy(), "attention", cmap="inferno")
+                _show(ax, scores.reshape(gh, gw).numpy(), f"attention (max {float(scores.max()):.3f})",
+                      cmap="inferno", vmin=0.0, vmax=top_score)
             elif column == "clusters":
                 index = readout.index[b].detach().cpu()
                 gh, gw = _patch_grid(index.numel(), H, W, patch_size, grid)
