@@ -229,6 +229,9 @@ def test_transmix_labels_by_attention_of_the_same_forward():
     attn = cls_attention_direct(tiny_vit(), out.x_mixed, 1)[:, 1:]
     torch.testing.assert_close(out.lam_hat, attention_mass(attn, patch_fraction(out.mask, (4, 4))))
     assert not torch.allclose(out.lam_hat, out.mask.mean((1, 2, 3)))  # not the area label
+    # the attention the labels came from, for figures
+    torch.testing.assert_close(out.scores, attn)
+    assert out.extras["scores_of"] == "mixed"
 
 
 def test_transmix_keeps_lambda_for_mixup_batches():
@@ -250,6 +253,8 @@ def test_tokenmix_mixes_whole_tokens_and_labels_by_attention():
     keep = out.mask[:, 0, ::8, ::8].flatten(1)
     attn = cls_attention_direct(tiny_vit(), out.x_mixed, 1)[:, 1:]  # timm's, last block, mixed images
     torch.testing.assert_close(out.lam_hat, attention_mass(attn, keep))
+    torch.testing.assert_close(out.scores, attn)
+    assert out.extras["scores_of"] == "mixed"
 
 
 def test_tokenmix_gives_the_partner_floor_of_1_minus_lambda_tokens_at_most(monkeypatch):
@@ -275,6 +280,7 @@ def test_smmix_reads_attention_of_the_clean_batch():
     out = obj(model, x, y)
     # timm's own attention of the last block on the clean images, from an unpatched twin
     torch.testing.assert_close(out.scores, cls_attention_direct(tiny_vit(), x, 1)[:, 1:])
+    assert out.extras["scores_of"] == "original"
 
 
 @pytest.mark.parametrize("name", ATTENTION)

@@ -192,6 +192,10 @@ def test_mix_grid_draws_every_attention_map_on_one_scale(tmp_path, monkeypatch):
     maps = [ax for ax in drawn[0].axes if ax.get_title().startswith("attention")]
     assert [ax.images[0].get_clim() for ax in maps] == [(0.0, pytest.approx(0.3))] * 2
     assert [ax.get_title() for ax in maps] == ["attention (max 0.020)", "attention (max 0.300)"]
+    out.extras["scores_of"] = "mixed"  # TransMix's and TokenMix's: the mixed images' attention
+    mix_grid(x, out, tmp_path / "grid.png", max_samples=1)
+    assert [ax.get_title() for ax in drawn[1].axes if ax.get_title().startswith("attention")] == [
+        "attention on mixed (max 0.020)"]
 
 
 def test_mix_grid_box_method_omits_attention_columns(tmp_path):

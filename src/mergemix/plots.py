@@ -370,7 +370,8 @@ def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float
             elif column == "attention":
                 scores = out.scores[b].detach().float().cpu()
                 gh, gw = _patch_grid(scores.numel(), H, W, patch_size, grid)
-                _show(ax, scores.reshape(gh, gw).numpy(), f"attention (max {float(scores.max()):.3f})",
+                of = " on mixed" if out.extras.get("scores_of") == "mixed" else ""
+                _show(ax, scores.reshape(gh, gw).numpy(), f"attention{of} (max {float(scores.max()):.3f})",
                       cmap="inferno", vmin=0.0, vmax=top_score)
             elif column == "clusters":
                 index = readout.index[b].detach().cpu()

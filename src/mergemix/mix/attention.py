@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..mask import patch_fraction, recover
 from ..tome import Readout, patch_tome
 from ..models import unwrap
+from .base import StepOutput
 from .mixer import Mixed
 
 
@@ -81,6 +82,14 @@ class ReadsAttention:
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return attach_readout(super().prepare(model), self.readout_block)  # type: ignore[misc]
+
+    def step(self, model: nn.Module, y: Tensor, mixed: Mixed) -> StepOutput:
+        """PairMixer's step, with the (B, L) CLS attention over the mixed images (the labels' source) as
+        ``scores``, marked ``extras["scores_of"] = "mixed"`` for figures."""
+        out = super().step(model, y, mixed)  # type: ignore[misc]
+        readout = last_readout(model)
+        out.scores, out.extras["scores_of"] = recover(readout.attn, readout.index), "mixed"
+        return out
 
     def defaults(self) -> dict[str, Any]:
         return {**super().defaults(), "readout_block": self.readout_block}  # type: ignore[misc]

@@ -33,7 +33,9 @@ class StepOutput:
     lam: (B,) the mixing ratio drawn (share of the sample kept).
     lam_hat: (B,) the label weight given to the sample's own class.
     partner: (B,) index of each sample's partner in the batch.
-    scores: (B, L) per-patch attention scores used to place the mask, if any.
+    scores: (B, L) per-patch attention scores, if any: of the clean images where they place the mask
+        (MergeMix, SMMix), of the mixed ones where they weigh the labels (TransMix, TokenMix:
+        ``extras["scores_of"]`` is then "mixed").
     extras: anything else worth logging or plotting (e.g. the read-out).
     """
 

@@ -85,5 +85,5 @@ class SMMix(ReadsAttention, PairMixer):
         scores = recover(readout.attn, readout.index)
         lam = sample_lam(self.alpha, self.generator)
         out = self.step(model, y, attention_swap(x, partner, scores, readout.grid, readout.patch, lam))
-        out.scores = scores
+        out.scores, out.extras["scores_of"] = scores, "original"  # what placed the windows
         return out
