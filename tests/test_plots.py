@@ -98,7 +98,7 @@ def test_overlay_reliability(tmp_path):
         overlay_reliability({}, tmp_path / "empty.png")
 
 
-def test_training_curves(tmp_path):
+def test_training_curves(tmp_path, monkeypatch):
     csv_path = tmp_path / "summary.csv"
     header = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "eval_ece", "lr", "epoch_time"]
     with open(csv_path, "w", newline="") as f:
@@ -108,6 +108,15 @@ def test_training_curves(tmp_path):
             w.writerow([e, 2.0 / (e + 1), 2.2 / (e + 1), 40 + 8 * e, 70 + 4 * e, 0.2 - 0.02 * e, 1e-3, 3.5])
         w.writerow([6, 0.3, "", "", "", "", 1e-3, 3.5])  # an epoch without evaluation
     assert_picture(training_curves(csv_path, tmp_path / "curves.png"), 450, 1500)
+    # epochs from 1, as the console counts them ("epoch   1/7"); summary.csv counts from 0
+    from mergemix import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    training_curves(csv_path, tmp_path / "curves.png")
+    loss_panel = drawn[0].axes[0]
+    assert [list(line.get_xdata()) for line in loss_panel.lines] == [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6]]
+    monkeypatch.undo()
 
     # the EMA's columns are drawn too: the same run with them gives another picture
     with open(tmp_path / "ema.csv", "w", newline="") as f:

@@ -195,7 +195,8 @@ def training_curves(summary_csv: str | Path, path: str | Path) -> Path:
     summary_csv: columns epoch, train_loss, eval_loss, eval_top1, eval_top5, eval_ece, lr,
     epoch_time, with an EMA ema_eval_loss, ema_eval_top1, ema_eval_ece, and with ``--eval-merged`` merged_eval_loss,
     merged_eval_top1, merged_eval_ece (missing columns or cells are skipped).
-    ECE is a fraction, as in results.json. The train loss is the method's whole objective (MergeMix's
+    ECE is a fraction, as in results.json. Epochs are drawn from 1, as the console's epoch lines count
+    them (summary.csv and results.json count from 0). The train loss is the method's whole objective (MergeMix's
     mixed plus clean loss), so it need not sit near the eval loss.
     """
     cols = _read_summary(summary_csv)
@@ -213,8 +214,8 @@ def training_curves(summary_csv: str | Path, path: str | Path) -> Path:
         for key, name in series:
             if key in cols and np.isfinite(cols[key]).any():
                 ok = np.isfinite(cols[key])
-                ax.plot(epoch[ok], cols[key][ok], marker="o", ms=3, label=name)
-        ax.set_xlabel("epoch")
+                ax.plot(epoch[ok] + 1, cols[key][ok], marker="o", ms=3, label=name)
+        ax.set_xlabel("epoch (as the console counts them: 1 is the first)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
