@@ -59,6 +59,18 @@ def test_eval_refuses_a_training_run_folder_as_output(run, tmp_path, capsys, mar
     assert files(run) == before and files(out) == before_out
 
 
+def test_eval_figure_names_the_model_as_built(run, tmp_path, monkeypatch):
+    """The timm name alone says patch 16 and depth 12; the figure names the kwargs that changed them."""
+    from mergemix import evaluate as evaluate_module
+
+    titles = []
+    write = evaluate_module.write_results
+    monkeypatch.setattr(evaluate_module, "write_results",
+                        lambda *a, title, **k: titles.append(title) or write(*a, title=title, **k))
+    assert evaluate("--checkpoint", str(run), "--output", str(tmp_path / "ev")) == 0
+    assert titles == ["vit_tiny_patch16_224 (patch_size=4, embed_dim=32, depth=2, num_heads=2)\non digits"]
+
+
 def test_eval_replaces_its_own_results_only(run, tmp_path, capsys):
     """Evaluated again the same way, an evaluation's folder takes the new figures; another checkpoint's
     evaluation, or this one's evaluated another way, is not replaced. A lone checkpoint is no run."""

@@ -223,7 +223,8 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
     every = f", merging every {cli.merge_every} blocks" if cli.merge_every != 1 else ""
     noprop = ", no proportional attention" if not cli.prop_attn else ""
     tome = f", ToMe merge_num {cli.merge_num}{every}{noprop}" if merging else ""
-    results = write_results(out, metrics, extra, title=f"{args.model}{', EMA weights' if cli.use_ema else ''} on {args.dataset}{tome}")
+    weights = models.label(args.model, args.model_kwargs) + (", EMA weights" if cli.use_ema else "")
+    results = write_results(out, metrics, extra, title=f"{weights}\non {args.dataset}{tome}")
     if merging:
         tokens = merging["tokens_per_block"]
         tome += f": {tokens[0]} tokens into the first block, {tokens[-1]} into the last"

@@ -51,6 +51,13 @@ SET_ELSEWHERE = {"num_classes": "--num-classes", "img_size": "--img-size", "in_c
                  "drop_path_rate": "--drop-path"}
 
 
+def label(name: str, model_kwargs: dict[str, Any] | None) -> str:
+    """The model as figures name it: timm's name, with the kwargs that changed it
+    (``vit_tiny_patch16_224 (patch_size=4, depth=4)``: the name alone would say patch 16, depth 12)."""
+    given = ", ".join(f"{k}={v}" for k, v in (model_kwargs or {}).items())
+    return f"{name} ({given})" if given else name
+
+
 def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_rate: float = 0.0,
            drop_path_rate: float = 0.0, model_kwargs: dict[str, Any] | None = None, pretrained: bool = False,
            initial_checkpoint: str | None = None) -> nn.Module:

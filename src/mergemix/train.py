@@ -617,7 +617,8 @@ class Trainer:
         for name in ("ema", "merged"):
             if name in evaluated:
                 extra[name] = {k: evaluated[name][k] for k in RESULT_KEYS}
-        results = write_results(self.run_dir, metrics, extra, title=f"{args.model}, {args.mix}, {args.dataset}")
+        title = f"{models.label(args.model, args.model_kwargs)}\n--mix {args.mix} on {args.dataset}"
+        results = write_results(self.run_dir, metrics, extra, title=title)
         with checkpoint.atomic_path(self.run_dir / "curves.png") as tmp:
             training_curves(self.run_dir / "summary.csv", tmp)
         self.log(f"final  {summary_line(metrics)}  on {len(self.data.eval)} held-out images, "
