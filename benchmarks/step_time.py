@@ -256,38 +256,48 @@ def mask_work_seconds(runner: Runner, x, device, reps: int) -> float:
 
 def eval_throughput(base_model, x, merge_num, args, device, autocast) -> dict:
     """Images/s of a no-grad forward: plain timm model vs the same weights merged (keys ``merged``,
-    ``merged_everyK`` for each K of ``--merge-every`` above 1, ``..._noprop`` without proportional attention)."""
+    ``merged_everyK`` for each K of ``--merge-every`` above 1, ``..._noprop`` without proportional attention).
+
+    The timed forwards are interleaved round-robin, as the training steps are, so that drift of the
+    machine hits plain and merged alike; each figure is the median of its rounds."""
     nets = [("plain", copy.deepcopy(base_model).to(device).eval())]
     for k, prop in variants(args.merge_every, args.prop_attn):
         merged = patch_tome(copy.deepcopy(base_model).to(device).eval(), merge_num=merge_num, merge_every=k,
                             prop_attn=prop)
         nets.append((f"merged{variant_suffix(k, prop, '_')}", merged))
-    out = {}
-    for name, net in nets:
-        compiled = compile_model(net, args.compile_scope, mode=args.compile_mode) if args.compile else net
+    out, forwards = {}, {}
+    reps = max(args.steps, 5)
+    with torch.no_grad(), autocast():
+        for name, net in nets:
+            compiled = compile_model(net, args.compile_scope, mode=args.compile_mode) if args.compile else net
 
-        def forward(fwd=compiled):
-            # each call a new CUDA-graph generation, as in evaluate(): once the training steps above
-            # have marked theirs, unmarked calls never leave reduce-overhead's warm-up, where every
-            # kernel is launched one by one (the merged forward then ran at eager speed)
-            torch.compiler.cudagraph_mark_step_begin()
-            return fwd(x)
+            def forward(fwd=compiled):
+                # each call a new CUDA-graph generation, as in evaluate(): once the training steps above
+                # have marked theirs, unmarked calls never leave reduce-overhead's warm-up, where every
+                # kernel is launched one by one (the merged forward then ran at eager speed)
+                torch.compiler.cudagraph_mark_step_begin()
+                return fwd(x)
 
-        t0 = time.perf_counter()
-        with torch.no_grad(), autocast():
+            t0 = time.perf_counter()
             forward()
             sync(device)
             out[f"{name}_first_call_s"] = time.perf_counter() - t0
-            sec = time_fn(forward, device, max(args.steps, 5))
+            forward()  # a warm-up call, as time_fn makes
+            forwards[name] = forward
             if args.compile and device.type == "cuda":
                 # the uncompiled forward captured as a CUDA graph by hand: its GPU time alone, a
                 # yardstick for the compiled one (reduce-overhead should be no slower)
                 try:
                     replay = as_graph(lambda net=net: net(x))
-                    out[f"{name}_eager_graph_images_per_s"] = x.shape[0] / time_fn(replay, device, max(args.steps, 5))
+                    out[f"{name}_eager_graph_images_per_s"] = x.shape[0] / time_fn(replay, device, reps)
                 except RuntimeError as e:  # a yardstick only: the compiled figures stand without it
                     print(f"{name}: no hand-captured CUDA graph: {str(e).splitlines()[0]}", file=sys.stderr)
-        out[f"{name}_images_per_s"] = x.shape[0] / sec
+        rounds: dict[str, list[float]] = {name: [] for name in forwards}
+        for _ in range(reps):
+            for name, forward in forwards.items():
+                rounds[name].append(seconds(forward, device))
+    for name, times in rounds.items():
+        out[f"{name}_images_per_s"] = x.shape[0] / statistics.median(times)
     for name, _ in nets[1:]:
         out[f"{name}_speedup"] = out[f"{name}_images_per_s"] / out["plain_images_per_s"]
     return out

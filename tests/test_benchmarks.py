@@ -592,6 +592,26 @@ def test_step_time_evaluation_marks_a_cuda_graph_generation_before_every_forward
     assert len(events) >= 2 * 3 * 2 and events == ["mark", "forward"] * (len(events) // 2)
 
 
+def test_eval_throughput_interleaves_the_timed_forwards(monkeypatch):
+    """Plain and merged forwards take turns, as the training steps do: drift hits them alike."""
+    import argparse
+    import contextlib
+
+    import timm
+
+    step_time = load("step_time")
+    timed, seen = [], {}
+    monkeypatch.setattr(step_time, "seconds", lambda fn, device: timed.append(fn.__defaults__[0]) or 0.5)
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                             num_classes=3)
+    args = argparse.Namespace(merge_every=[1, 2], prop_attn=[True], compile=False, compile_scope="model",
+                              compile_mode=None, steps=5)
+    ev = step_time.eval_throughput(base, torch.randn(4, 3, 32, 32), 4, args, torch.device("cpu"), contextlib.nullcontext)
+    order = [seen.setdefault(id(net), len(seen)) for net in timed]  # each model numbered as first timed
+    assert order == [0, 1, 2] * 5
+    assert ev["plain_images_per_s"] == 4 / 0.5 and ev["merged_every2_speedup"] == 1.0
+
+
 def test_a_compiled_step_time_run_keeps_its_compile_figures_when_the_evaluation_fails(tmp_path, monkeypatch):
     """The compile counters and phase seconds are written with the step times, before the mask
     work and the evaluation, so a GPU run stopped by its time limit still shows where the training
