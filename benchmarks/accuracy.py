@@ -17,9 +17,13 @@
                                                    # tokens196: tokens-long with 196 tokens, 98 merged, on CUDA)
 
 Each run is a plain `mergemix train` in a subprocess with the dataset's recipe; only --mix, its
-options and --seed change. Finished runs (results.json present) are skipped, so an interrupted
-benchmark continues where it stopped. Writes benchmarks/results/<dataset>.{json,md,png}; rows of an
-earlier table with the same recipe are kept, so `--methods` adds or redoes a few rows.
+options and --seed change. Finished runs (results.json present) are reused, so an interrupted
+benchmark continues where it stopped; a run records its command in its folder (command.json), and
+a finished run made with other settings (another --extra, say) stops the benchmark before any run
+starts. A failed run is reported at once and no further run starts; the tables keep the labels
+whose runs all finished. Writes benchmarks/results/<dataset>.{json,md,png}, each row with the
+device, host, versions and commit that made it; rows of an earlier table with the same recipe are
+kept, so `--methods` adds or redoes a few rows. --replot redraws the PNGs from the JSON alone.
 """
 from __future__ import annotations
 
@@ -35,13 +39,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
-from bench_common import at_least, check_outputs, one_line_errors, output_folder, paired, plus_minus  # noqa: E402
+from bench_common import (at_least, check_outputs, one_line_errors, output_folder, paired, plus_minus,  # noqa: E402
+                          provenance, save_figure)
 
+from mergemix.config import parse_train_args, recipe as saved_settings  # noqa: E402
+from mergemix.distributed import resolve_device  # noqa: E402
 from mergemix.errors import ConfigError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +114,10 @@ MODES = {  # ablations: the datasets on which the MergeMix ablations run too
     "tokens-long": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": ["fashion-mnist"], "fast_recipe": True},
     "tokens196": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": ["fashion-mnist"], "fast_recipe": True},
 }
+RECORD = "command.json"  # in a run's folder: the `mergemix train` flags it was started with
+# settings of where a run reads and writes and how much it logs, not of what it trains: a run may be reused across them
+NOT_TRAINING = ("output", "experiment", "data_dir", "download", "workers", "log_interval")
+CAPSIZE = 3  # of the error bars, in points
 PAIRED_REFERENCE = "mergemix"  # every table's rows are also set against MergeMix's defaults, seed by seed
 EQUAL_TIME = 0.6  # MergeMix (clean) costs ~1.6x CutMix per epoch: this share of the epochs is equal time
 
@@ -118,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=at_least(1), default=1,
                    help="runs at once, each on cores/jobs threads (2 on a 2-core CPU: better throughput)")
     p.add_argument("--runs-dir", type=output_folder, default=str(ROOT / "benchmarks" / "runs"))
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw the mode's figures from its tables' JSON, running nothing")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run")
     return p.parse_args(argv)
 
@@ -128,11 +143,15 @@ def plan(mode: str, dataset: str, recipe: list[str], methods: list[str] | None) 
     if dataset in MODES[mode]["ablations"]:
         fast = FAST_RECIPE if MODES[mode].get("fast_recipe") else {}
         labels.update({k: ["--mix", "mergemix", *v] for k, v in {**ABLATIONS, **fast}.items()})
-        epochs = int(recipe[len(recipe) - recipe[::-1].index("--epochs")])  # the last --epochs given wins
-        labels["mergemix[equal time]"] = ["--mix", "mergemix", "--epochs", str(round(EQUAL_TIME * epochs))]
+        labels["mergemix[equal time]"] = ["--mix", "mergemix", "--epochs", str(round(EQUAL_TIME * epochs_of(recipe)))]
     if methods:
         labels = {k: v for k, v in labels.items() if k in methods}
     return labels
+
+
+def epochs_of(recipe: list[str]) -> int:
+    """The epochs a recipe trains: the last --epochs given wins (every recipe gives one)."""
+    return int(recipe[len(recipe) - recipe[::-1].index("--epochs")])
 
 
 def mode_recipes(mode: str, datasets: list[str]) -> dict[str, list[str]]:
@@ -162,24 +181,57 @@ def plans(mode: str, recipes: dict[str, list[str]], methods: list[str] | None) -
     return chosen
 
 
-def run_one(cmd: list[str], run_dir: Path, threads: int) -> dict:
-    """Run (or reuse) one training run and read its figures."""
+class RunFailed(Exception):
+    """A training run that exited with an error."""
+
+
+def run_one(argv: list[str], run_dir: Path, threads: int) -> dict:
+    """Run (or reuse) one `mergemix train ARGV` and read its figures."""
     results = run_dir / "results.json"
     if not results.exists():
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over
         log = run_dir.parent / f"{run_dir.name}.log"
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RECORD).write_text(json.dumps({"argv": argv}, indent=1) + "\n")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         with open(log, "w") as fh:
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.run([sys.executable, "-m", "mergemix", "train", *argv], cwd=ROOT, stdout=fh,
+                                  stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0:
-            raise SystemExit(f"run failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
+            raise RunFailed(f"{run_dir.name} failed (exit {proc.returncode}); see {log}")
     figures = json.loads(results.read_text())
     with open(run_dir / "summary.csv") as fh:
         rows = list(csv.DictReader(fh))
     figures["epoch_time"] = statistics.mean(float(r["epoch_time"]) for r in rows)
     figures["epochs"] = len(rows)
     return figures
+
+
+def settings(argv: list[str]) -> dict:
+    """What `mergemix train ARGV` trains: every setting, its -c recipe's included (read from the
+    repository root, where the runs start), less ``NOT_TRAINING``. ConfigError for flags it refuses."""
+    argv = [str(ROOT / a) if flag in ("-c", "--config") else a for flag, a in zip(["", *argv], argv)]
+    return {k: v for k, v in saved_settings(parse_train_args(argv)).items() if k not in NOT_TRAINING}
+
+
+def check_reuse(argv: list[str], run_dir: Path) -> None:
+    """ConfigError if ``run_dir`` holds a finished run that trained otherwise than `mergemix train
+    ARGV` would: by its recorded command, or, for a run without the record, its args.yaml."""
+    if not (run_dir / "results.json").exists():
+        return
+    if (run_dir / RECORD).exists():
+        made = json.loads((run_dir / RECORD).read_text())["argv"]
+        if made == argv:
+            return
+        made = settings(made)
+    else:
+        made = yaml.safe_load((run_dir / "args.yaml").read_text()) if (run_dir / "args.yaml").exists() else {}
+    wanted = settings(argv)
+    differ = [f"--{k.replace('_', '-')} {made[k]} there, {wanted[k]} now" for k in wanted
+              if k in made and made[k] != wanted[k]]
+    if differ:
+        raise ConfigError(f"{run_dir} is a finished run with other settings ({'; '.join(differ)}): "
+                          "remove that folder or use another --runs-dir")
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -193,7 +245,8 @@ def aggregate(runs: list[dict]) -> dict:
 
 def merge_previous(path: Path, recipe: list[str], table: dict, raw: dict) -> tuple[dict, dict]:
     """Add the rows of an earlier table with the same recipe that this run did not redo, so that
-    ``--methods`` run a few methods into a published table; a table from another recipe is replaced."""
+    ``--methods`` run a few methods into a published table; a table from another recipe is replaced.
+    A kept row keeps its ``jobs`` (a table of an older version had one count for all its rows)."""
     if not path.exists():
         return table, raw
     previous = json.loads(path.read_text())
@@ -201,22 +254,34 @@ def merge_previous(path: Path, recipe: list[str], table: dict, raw: dict) -> tup
         print(f"{path.name}: its recipe differs from this run's, so its table is replaced", flush=True)
         return table, raw
     kept = [label for label in previous["table"] if label not in table]
-    return ({**{k: previous["table"][k] for k in kept}, **table},
+    jobs = {"jobs": previous["jobs"]} if "jobs" in previous else {}
+    return ({**{k: {**jobs, **previous["table"][k]} for k in kept}, **table},
             {**{k: previous["runs"][k] for k in kept}, **raw})
 
 
-def markdown(dataset: str, mode: str, table: dict[str, dict], raw: dict[str, list[dict]], recipe: list[str],
-             jobs: int) -> str:
+def made_on(row: dict) -> str:
+    """A row's provenance in words."""
+    p = row["provenance"]
+    versions = ", ".join(f"{k} {p['versions'][k]}" for k in ("torch", "timm", "mergemix"))
+    return f"{p['device']} on {p['host']}, {versions}, commit {p['commit'] or 'unknown'}"
+
+
+def markdown(dataset: str, mode: str, table: dict[str, dict], raw: dict[str, list[dict]], recipe: list[str]) -> str:
     ref = table.get("cutmix", {}).get("epoch_time")
+    jobs = sorted({t["jobs"] for t in table.values() if "jobs" in t})
+    sharing = f"with {' or '.join(map(str, jobs))} runs" if jobs else "with other runs"
+    made = list(dict.fromkeys(made_on(t) for t in table.values() if "provenance" in t))
     lines = [f"### {dataset} ({mode} mode)", "",
              f"Recipe: `mergemix train --dataset {dataset} {' '.join(recipe)} --mix METHOD --seed S`, "
              "mean ± sample std (n − 1) over seeds; top-1 in %, ECE (15 bins), NLL and Brier on the held-out set; "
-             f"s/epoch is wall time of an epoch's training and its evaluation of the held-out set, with {jobs} runs "
+             f"s/epoch is wall time of an epoch's training and its evaluation of the held-out set, {sharing} "
              "sharing the machine, sometimes next to other jobs: a rough figure only, and the evaluation, the same for "
              "every method, pulls × CutMix time towards 1 (benchmarks/step_time.py measures training-step ratios, "
-             "interleaved in one process).", "",
-             "| method | seeds | top-1 (%) | ECE | NLL | Brier | s/epoch | × CutMix time |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "interleaved in one process).", ""]
+    if made:
+        lines += ["Rows made on " + "; on ".join(made) + ".", ""]
+    lines += ["| method | seeds | top-1 (%) | ECE | NLL | Brier | s/epoch | × CutMix time |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, t in sorted(table.items(), key=lambda kv: -kv[1]["top1"]):
         rel = f"{t['epoch_time'] / ref:.2f}" if ref else "–"
         lines.append(f"| {label} | {t['seeds']} | {plus_minus(t['top1'], t['top1_std'], 2)} | "
@@ -262,20 +327,38 @@ def inside(box: Bbox, frame: Bbox) -> bool:
     return frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
 
 
-def annotate_apart(ax: plt.Axes, points: list[tuple[float, float]], labels: list[str], fontsize: float = 7) -> list:
+def bar_boxes(ax: plt.Axes, points: list[tuple[float, float]], errors: list[tuple[float | None, float | None]]) -> list[Bbox]:
+    """The error bars of ``errorbar(..., capsize=CAPSIZE)`` at ``points`` (``errors``: x and y
+    half-widths, None for none), each as a box in pixels as wide as its caps."""
+    half = CAPSIZE / 2 * ax.figure.dpi / 72
+    boxes = []
+    for (x, y), (xerr, yerr) in zip(points, errors):
+        if xerr:
+            (x0, y0), (x1, _) = ax.transData.transform([(x - xerr, y), (x + xerr, y)])
+            boxes.append(Bbox.from_extents(x0, y0 - half, x1, y0 + half))
+        if yerr:
+            (x0, y0), (_, y1) = ax.transData.transform([(x, y - yerr), (x, y + yerr)])
+            boxes.append(Bbox.from_extents(x0 - half, y0, x0 + half, y1))
+    return boxes
+
+
+def annotate_apart(ax: plt.Axes, points: list[tuple[float, float]], labels: list[str], fontsize: float = 7,
+                   errors: list[tuple[float | None, float | None]] | None = None) -> list:
     """Label each point at the first place of ``label_offsets`` where its text stays in the plot and
-    overlaps no other label and no other point's marker (the nearest place if none is free). A label
-    set off its point gets a leader line. Returns the annotations."""
+    overlaps no other label, no other point's marker and no error bar (``errors``: each point's x
+    and y half-widths), or the nearest place if none is free. A label set off its point gets a
+    leader line. Returns the annotations."""
     fig = ax.figure
     fig.canvas.draw()  # text extents need a renderer
     renderer = fig.canvas.get_renderer()
     size = 8 * fig.dpi / 72  # a marker's box, in pixels
     markers = [Bbox.from_bounds(*(ax.transData.transform(p) - size / 2), size, size) for p in points]
+    bars = bar_boxes(ax, points, errors or [])
     offsets = label_offsets()
     labels_placed: list[Bbox] = []
     annotations = []
     for n, (point, label) in enumerate(zip(points, labels)):
-        others = labels_placed + markers[:n] + markers[n + 1:]
+        others = labels_placed + markers[:n] + markers[n + 1:] + bars
         style = dict(textcoords="offset points", va="bottom", fontsize=fontsize)
 
         def extent(dx: float, dy: float, ha: str) -> Bbox:  # the text's box there, leader line left out
@@ -293,44 +376,83 @@ def annotate_apart(ax: plt.Axes, points: list[tuple[float, float]], labels: list
     return annotations
 
 
-def figure(dataset: str, table: dict[str, dict], path: Path) -> None:
+def figure(dataset: str, mode: str, recipe: list[str], table: dict[str, dict]) -> plt.Figure:
+    """Top-1 against ECE, one point per row; MergeMix red and drawn over its orange variants."""
     fig, ax = plt.subplots(figsize=(8, 6))
     for label, t in table.items():
-        ax.errorbar(t["ece"], t["top1"], xerr=t["ece_std"], yerr=t["top1_std"], fmt="o", capsize=3,
-                    color="tab:red" if label == "mergemix" else "tab:orange" if label.startswith("mergemix") else "tab:blue")
-    annotate_apart(ax, [(t["ece"], t["top1"]) for t in table.values()], list(table))
+        color = "tab:red" if label == "mergemix" else "tab:orange" if label.startswith("mergemix") else "tab:blue"
+        ax.errorbar(t["ece"], t["top1"], xerr=t["ece_std"], yerr=t["top1_std"], fmt="o", capsize=CAPSIZE, color=color,
+                    zorder=2.5 if label == "mergemix" else 2)
     ax.set_xlabel("ECE (lower is better)")
     ax.set_ylabel("top-1 % (higher is better)")
-    ax.set_title(f"{dataset}: accuracy vs calibration (mean ± std over seeds)")
+    ax.set_title(f"{dataset}, {mode} mode ({epochs_of(recipe)} epochs)\naccuracy vs calibration, mean ± std over seeds")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.tight_layout()  # before the labels: their places are in pixels, which the layout moves
+    annotate_apart(ax, [(t["ece"], t["top1"]) for t in table.values()], list(table),
+                   errors=[(t["ece_std"], t["top1_std"]) for t in table.values()])
+    return fig
 
 
-def run_dataset(args: argparse.Namespace, dataset: str, recipe: list[str], labels: dict[str, list[str]],
-                seeds: list[int]) -> tuple[dict, dict]:
-    """Run every label's seeds, ``args.jobs`` at once; (label -> aggregate, label -> per-seed figures)."""
-    table, raw = {}, {}
+def commands(args: argparse.Namespace, dataset: str, recipe: list[str], labels: dict[str, list[str]],
+             seeds: list[int]) -> dict[str, list[tuple[list[str], Path]]]:
+    """label -> its runs, one per seed: (`mergemix train` flags, run folder)."""
+    runs = {}
+    for label, flags in labels.items():
+        for seed in seeds:
+            name = f"{dataset}-{label}-s{seed}".replace("[", "_").replace("]", "").replace("=", "-").replace(" ", "_")
+            run_dir = args.runs_dir / args.mode / name
+            # the label's flags last: an equal-time row's --epochs must win over an --extra one
+            argv = ["--dataset", dataset, *recipe, *flags, "--seed", str(seed), "--output", str(run_dir.parent),
+                    "--experiment", run_dir.name]
+            runs.setdefault(label, []).append((argv, run_dir))
+    return runs
+
+
+def run_dataset(args: argparse.Namespace, dataset: str, runs: dict[str, list[tuple[list[str], Path]]],
+                threads: int) -> tuple[dict, dict, list[str]]:
+    """Run every label's runs, ``args.jobs`` at once; (label -> aggregate, label -> per-seed figures,
+    the failed runs). A failure is printed as it happens, and no run starts after it: the tables
+    get the labels whose runs all finished."""
     t0 = time.time()
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    jobs = {}
+    failed: list[str] = []
+
+    def attempt(argv: list[str], run_dir: Path) -> dict | None:
+        if failed:
+            return None
+        try:
+            return run_one(argv, run_dir, threads)
+        except RunFailed as e:
+            failed.append(str(e))
+            print(f"[{dataset}] {e}; no further run starts", flush=True)
+            return None
+
+    table, raw = {}, {}
     with ThreadPoolExecutor(args.jobs) as pool:
-        for label, flags in labels.items():
-            for seed in seeds:
-                name = f"{dataset}-{label}-s{seed}".replace("[", "_").replace("]", "").replace("=", "-").replace(" ", "_")
-                run_dir = args.runs_dir / args.mode / name
-                # the label's flags last: an equal-time row's --epochs must win over an --extra one
-                cmd = [sys.executable, "-m", "mergemix", "train", "--dataset", dataset, *recipe, *flags,
-                       "--seed", str(seed), "--output", str(run_dir.parent), "--experiment", run_dir.name]
-                jobs.setdefault(label, []).append(pool.submit(run_one, cmd, run_dir, threads))
-        for i, (label, futures) in enumerate(jobs.items()):
-            runs = [f.result() for f in futures]
-            table[label], raw[label] = aggregate(runs), runs
-            t = table[label]
-            print(f"[{dataset} {i + 1}/{len(jobs)} {time.time() - t0:.0f}s] {label}: top-1 "
-                  f"{plus_minus(t['top1'], t['top1_std'], 2)}, ECE {t['ece']:.4f}", flush=True)
-    return table, raw
+        futures = {label: [pool.submit(attempt, *run) for run in label_runs] for label, label_runs in runs.items()}
+        try:
+            for i, (label, label_futures) in enumerate(futures.items()):
+                results = [f.result() for f in label_futures]
+                if None in results:
+                    continue
+                table[label], raw[label] = aggregate(results), results
+                t = table[label]
+                print(f"[{dataset} {i + 1}/{len(futures)} {time.time() - t0:.0f}s] {label}: top-1 "
+                      f"{plus_minus(t['top1'], t['top1_std'], 2)}, ECE {t['ece']:.4f}", flush=True)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # after an error here or Ctrl-C, no queued run starts
+    return table, raw, failed
+
+
+def write_tables(stem: Path, args: argparse.Namespace, dataset: str, recipe: list[str], table: dict, raw: dict) -> str:
+    """Write the table's JSON, markdown and figure, with the rows of an earlier table of the same
+    recipe; return the markdown."""
+    table, raw = merge_previous(stem.with_suffix(".json"), recipe, table, raw)
+    stem.with_suffix(".json").write_text(json.dumps({"mode": args.mode, "recipe": recipe, "table": table, "runs": raw},
+                                                    indent=2))
+    text = markdown(dataset, args.mode, table, raw, recipe)
+    stem.with_suffix(".md").write_text(text + "\n")
+    save_figure(figure(dataset, args.mode, recipe, table), stem.with_suffix(".png"))
+    return text
 
 
 @one_line_errors
@@ -340,20 +462,44 @@ def main(argv: list[str] | None = None) -> int:
     # each recipe as its runs get it: --extra flags override the mode's
     recipes = {dataset: [*recipe, *args.extra]
                for dataset, recipe in mode_recipes(args.mode, args.datasets or MODES[args.mode]["datasets"]).items()}
-    labels = plans(args.mode, recipes, args.methods)
     stems = {dataset: RESULTS / f"{dataset}{'' if args.mode == 'full' else '_' + args.mode}" for dataset in recipes}
+    if args.replot:
+        return replot(args, stems)
+    labels = plans(args.mode, recipes, args.methods)
     check_outputs([stem.with_suffix(suffix) for stem in stems.values() for suffix in (".json", ".md", ".png")],
                   "result files")
-    for dataset, recipe in recipes.items():
-        table, raw = run_dataset(args, dataset, recipe, labels[dataset], seeds)
-        stem = stems[dataset]
-        table, raw = merge_previous(stem.with_suffix(".json"), recipe, table, raw)
-        stem.with_suffix(".json").write_text(json.dumps({"mode": args.mode, "recipe": recipe, "jobs": args.jobs,
-                                                         "table": table, "runs": raw}, indent=2))
-        text = markdown(dataset, args.mode, table, raw, recipe, args.jobs)
-        stem.with_suffix(".md").write_text(text + "\n")
-        figure(dataset, table, stem.with_suffix(".png"))
-        print(text)
+    runs = {dataset: commands(args, dataset, recipe, labels[dataset], seeds) for dataset, recipe in recipes.items()}
+    first = {dataset: next(iter(by_label.values()))[0][0] for dataset, by_label in runs.items()}
+    for argv, run_dir in (run for by_label in runs.values() for label_runs in by_label.values() for run in label_runs):
+        check_reuse(argv, run_dir)  # every run before any starts: a mismatch found later would cost the runs before it
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    # the device of a dataset's first run is its recipe's, the same for all its runs; a bad --extra fails here
+    made = {dataset: provenance(resolve_device(settings(argv)["device"]), threads) for dataset, argv in first.items()}
+    for i, (dataset, recipe) in enumerate(recipes.items()):
+        table, raw, failed = run_dataset(args, dataset, runs[dataset], threads)
+        for row in table.values():
+            row.update(jobs=args.jobs, provenance=made[dataset])
+        if table:
+            print(write_tables(stems[dataset], args, dataset, recipe, table, raw))
+        if failed:
+            written = (f"{stems[dataset].name}.json/.md/.png hold the labels whose runs all finished" if table
+                       else "no table written")
+            not_run = "".join(f"; {later} not run" for later in list(recipes)[i + 1:])
+            print(f"error: {len(failed)} run(s) of {dataset} failed ({'; '.join(failed)}); {written}{not_run}",
+                  file=sys.stderr)
+            return 1
+    return 0
+
+
+def replot(args: argparse.Namespace, stems: dict[str, Path]) -> int:
+    """Redraw each stem's figure from its JSON table."""
+    for dataset, stem in stems.items():
+        if not stem.with_suffix(".json").is_file():
+            raise ConfigError(f"--replot: no table {stem.with_suffix('.json')} to draw; run {args.mode} mode first")
+        check_outputs([stem.with_suffix(".png")], "--replot")
+        made = json.loads(stem.with_suffix(".json").read_text())
+        save_figure(figure(dataset, args.mode, made["recipe"], made["table"]), stem.with_suffix(".png"))
+        print(f"redrew {stem.with_suffix('.png')}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: checks of their command line, output helpers and a timer.
+"""What the benchmark scripts share: checks of their command line, output helpers, provenance
+(device, host, versions, commit) and a timer.
 
 A benchmark may time for minutes before it writes anything, so a bad value must fail while the
 flags are parsed, not after the timing: the argument types below check devices, model names,
@@ -12,15 +13,21 @@ import argparse
 import copy
 import functools
 import json
+import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import timm
 import torch
+import torchmetrics
 from torch import nn
 
+import mergemix
 from mergemix.cli import one_line
 from mergemix.distributed import resolve_device
 from mergemix.errors import ConfigError, MergeMixError
@@ -92,6 +99,48 @@ def save_json(report: dict, out: Path | None) -> None:
     failure or timeout keeps what was measured."""
     if out is not None:
         out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a figure as the results' PNGs are written, and free it."""
+    import matplotlib.pyplot as plt  # the scripts that draw have chosen their backend by now
+
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def host_cpu() -> str:
+    """The host's CPU model and core count: eager GPU steps of a merged model launch many small
+    kernels, so the host CPU sets their pace and the same GPU gives different eager ratios."""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def git_commit() -> str | None:
+    """The checkout's HEAD commit, with "-dirty" when tracked files differ from it; None outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head, changes = (subprocess.run(["git", "--no-optional-locks", *cmd], cwd=root, capture_output=True, text=True,
+                                        check=True).stdout.strip()
+                         for cmd in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if changes else "")
+
+
+def provenance(device: torch.device, threads: int) -> dict:
+    """What a result was measured on and with: the device (a CPU with its ``threads``), the host
+    CPU, the library versions and the git commit."""
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{device.type} ({platform.processor() or platform.machine()}, {threads} threads)")
+    return {"device": name, "host": host_cpu(),
+            "versions": {"torch": torch.__version__, "timm": timm.__version__, "torchmetrics": torchmetrics.__version__,
+                         "mergemix": mergemix.__version__, "python": platform.python_version()},
+            "commit": git_commit()}
 
 
 def merged_copy(net: nn.Module, **options: Any) -> nn.Module:

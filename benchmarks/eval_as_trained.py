@@ -8,7 +8,8 @@ attention on or off) and `mergemix train` evaluates the plain, unmerged model. T
 run's final model (last.pth.tar) once more with `mergemix eval --merge-num N --merge-every K
 [--no-prop-attn]`, the merging its training forwards had, and sets it beside the run's own plain
 figures (its results.json); a run trained with --eval-merged has both already. Runs are grouped
-by their folder name without the trailing -s<seed>. --baselines takes runs of methods that train
+by their folder name without the trailing -s<seed>; runs of one name in different folders, or two
+of one seed, are refused (one row, one recipe). --baselines takes runs of methods that train
 unmerged (CutMix, say) and sets each row's merged top-1 against theirs, paired by seed.
 Writes benchmarks/results/<name>.{json,md}.
 """
@@ -44,6 +45,23 @@ def merging_of(run: Path) -> dict:
 
 def label_of(run: Path) -> str:
     return re.sub(r"-s\d+$", "", run.name)
+
+
+def by_label(runs: list[Path]) -> dict[str, dict[int, Path]]:
+    """label -> seed -> run, seeds read from the runs' results.json. ConfigError for two runs of
+    one seed, or runs of one label in different folders (as likely as not other recipes)."""
+    out: dict[str, dict[int, Path]] = {}
+    for run in runs:
+        label, seed = label_of(run), json.loads((run / "results.json").read_text())["seed"]
+        seeds = out.setdefault(label, {})
+        other = seeds.get(seed) or next(iter(seeds.values()), run)
+        elsewhere = other.parent.resolve() != run.parent.resolve()
+        why = f"both seed {seed}" if seed in seeds else "in different folders" if elsewhere else None
+        if why:
+            raise ConfigError(f"{other} and {run} are runs of one row {label!r}, {why}: give the runs of one "
+                              "recipe, or evaluate each folder's runs under their own --name")
+        seeds[seed] = run
+    return out
 
 
 def against_baselines(rows: list[dict], baselines: dict[str, dict[int, float]]) -> dict:
@@ -110,25 +128,25 @@ def main(argv: list[str] | None = None) -> int:
         if not (run / "results.json").is_file() or not (run / "last.pth.tar").is_file():
             raise ConfigError(f"{run} is not a finished training run (results.json and last.pth.tar)")
     merging = {run: merging_of(run) for run in args.runs}  # every run checked before any evaluation
-    baselines: dict[str, dict[int, float]] = {}
-    for run in args.baselines:
-        figures = json.loads((run / "results.json").read_text())
-        baselines.setdefault(label_of(run), {})[figures["seed"]] = figures["top1"]
+    runs_by_label = by_label(sorted(args.runs))
+    baselines = {label: {seed: json.loads((run / "results.json").read_text())["top1"] for seed, run in runs.items()}
+                 for label, runs in by_label(args.baselines).items()}
     groups: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for run in sorted(args.runs):
-            m = merging[run]
-            plain = json.loads((run / "results.json").read_text())
-            # a run trained with --eval-merged evaluated its final model so already
-            merged, merged_by = plain.get("merged"), "mergemix train --eval-merged"
-            if merged is None:
-                merged, merged_by = evaluate(str(run / "last.pth.tar"), m["merge_num"], m["merge_every"],
-                                             m["prop_attn"], args.extra, Path(tmp) / run.name), "mergemix eval"
-            if merged is None:
-                raise ConfigError(f"{run}: its merging does not fit the model it saved")
-            groups.setdefault(label_of(run), []).append(
-                {"seed": plain["seed"], "merging": m, "plain": {k: plain[k] for k in KEYS},
-                 "merged": {k: merged[k] for k in KEYS}, "merged_by": merged_by})
+        for label, runs in runs_by_label.items():
+            for run in (runs[seed] for seed in sorted(runs)):
+                m = merging[run]
+                plain = json.loads((run / "results.json").read_text())
+                # a run trained with --eval-merged evaluated its final model so already
+                merged, merged_by = plain.get("merged"), "mergemix train --eval-merged"
+                if merged is None:
+                    merged, merged_by = evaluate(str(run / "last.pth.tar"), m["merge_num"], m["merge_every"],
+                                                 m["prop_attn"], args.extra, Path(tmp) / run.name), "mergemix eval"
+                if merged is None:
+                    raise ConfigError(f"{run}: its merging does not fit the model it saved")
+                groups.setdefault(label, []).append(
+                    {"seed": plain["seed"], "merging": m, "plain": {k: plain[k] for k in KEYS},
+                     "merged": {k: merged[k] for k in KEYS}, "merged_by": merged_by})
     table = {label: {**summary(rows), **({"vs": against_baselines(rows, baselines)} if baselines else {})}
              for label, rows in groups.items()}
     stem.with_suffix(".json").write_text(json.dumps({"table": table, "runs": groups}, indent=2) + "\n")

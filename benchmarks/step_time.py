@@ -19,8 +19,6 @@ import argparse
 import copy
 import functools
 import json
-import os
-import platform
 import re
 import statistics
 import sys
@@ -28,15 +26,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import timm
 import torch
-import torchmetrics
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
-import mergemix
 import mergemix.mix as mix
-from bench_common import as_graph, at_least, device, model_name, one_line_errors, output_file, seconds, sync
+from bench_common import (as_graph, at_least, device, model_name, one_line_errors, output_file, provenance, seconds,
+                          sync)
 from mergemix import mask as M
 from mergemix import models, tome
 from mergemix.config import COMPILE_MODES, key_value
@@ -357,10 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                          "warmup_s": r.warmup_s, "step_ms": [round(t * 1e3, 2) for t in r.times],
                          "kernel_ops_fwd_bwd": r.kernel_ops}
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "host": host_cpu(),
-        "versions": {"torch": torch.__version__, "timm": timm.__version__, "torchmetrics": torchmetrics.__version__,
-                     "mergemix": mergemix.__version__, "python": platform.python_version()},
+        **provenance(device, torch.get_num_threads()),
         "settings": {"model": args.model or DEFAULT_MODEL, "model_kwargs": model_kwargs(args), "img_size": args.img_size,
                      "num_patches": L, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
                      "compile_mode": args.compile_mode, "compile_scope": args.compile_scope, "merge_num": merge_num,
@@ -395,17 +388,6 @@ def main(argv: list[str] | None = None) -> int:
     table = write(result, out)
     print(table)
     return 0
-
-
-def host_cpu() -> str:
-    """The host's CPU model and core count: eager GPU steps of a merged model launch many small
-    kernels, so the host CPU sets their pace and the same GPU gives different eager ratios."""
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def compile_record() -> dict[str, dict]:

@@ -9,7 +9,7 @@ absent: the plain timm model), run
 in this process one after another, after one plain warm-up pass. Accuracy, ECE and NLL come from the full evaluation set; images/s
 is the wall time of the whole pass, data loading included, so it is a rough figure and its ratio
 to the plain pass understates what merging saves in the model. Writes
-benchmarks/results/<name>.{json,md,png}.
+benchmarks/results/<name>.{json,md,png}; --replot redraws <name>.png from <name>.json alone.
 """
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from bench_common import at_least, check_outputs, one_line_errors  # noqa: E402
+from bench_common import at_least, check_outputs, one_line_errors, save_figure  # noqa: E402
 
 from mergemix import cli  # noqa: E402
+from mergemix.errors import ConfigError  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYS = ("top1", "ece", "nll", "brier", "images_per_s")
@@ -55,7 +56,7 @@ def mean_tokens(point: dict, num_tokens: int) -> float:
 
 def schedule_name(point: dict) -> str:
     """How a merged point merges: its blocks, and proportional attention when it is off."""
-    every = "every block" if point["merge_every"] == 1 else f"every {point['merge_every']}"
+    every = "every block" if point["merge_every"] == 1 else f"every {point['merge_every']} blocks"
     return every + ("" if point.get("prop_attn", True) else ", no prop. attn")
 
 
@@ -80,21 +81,21 @@ def markdown(report: dict) -> str:
                      f"{p['images_per_s'] / plain:.2f} |")
     if report.get("skipped"):
         lines += ["", "Not evaluated, as a block would merge more than half of its tokens: "
-                  + ", ".join(f"merge_num {p['merge_num']} every {p['merge_every']} blocks"
-                             + ("" if p.get("prop_attn", True) else " without prop. attn") for p in report["skipped"]) + "."]
+                  + "; ".join(f"merge_num {p['merge_num']} in {schedule_name(p)}" for p in report["skipped"]) + "."]
     return "\n".join(lines)
 
 
-def figure(report: dict, path: Path) -> None:
+def figure(report: dict) -> plt.Figure:
     """Top-1 and ECE against the speed-up, and the speed-up against the mean tokens per block, one
-    line per schedule, the plain model dashed: the trade-off a user picks a schedule by."""
+    line per schedule, the plain model dashed: the trade-off a user picks a schedule by. The legend
+    goes below the plots, where it covers no point; the title names the checkpoint."""
     points, T = report["points"], report["num_tokens"]
     plain = points[0]
 
     def speedup(p: dict) -> float:
         return p["images_per_s"] / plain["images_per_s"]
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
     for name in dict.fromkeys(schedule_name(p) for p in points[1:]):
         merged = [p for p in points[1:] if schedule_name(p) == name]
         label = f"merged in {name}"
@@ -111,17 +112,18 @@ def figure(report: dict, path: Path) -> None:
     axes[2].invert_xaxis()  # more merging to the right
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"ToMe at inference: {report['model']} on {report['dataset']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle(f"ToMe at inference: {report['model']} on {report['dataset']}, checkpoint {report['checkpoint']}")
+    return fig
 
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a .pth.tar file or a run folder")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="a .pth.tar file or a run folder")
+    what.add_argument("--replot", action="store_true", help="only redraw <name>.png from <name>.json, evaluating nothing")
     p.add_argument("--merge-nums", type=at_least(0), nargs="+", default=[0, 8, 16, 24, 32])
     p.add_argument("--merge-every", type=at_least(1), nargs="+", default=[1], metavar="K",
                    help="schedules: merging in every K-th block (each merge_num is evaluated with each K)")
@@ -132,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every `mergemix eval`")
     args = p.parse_args(argv)
     stem = args.results_dir / args.name
+    if args.replot:
+        if not stem.with_suffix(".json").is_file():
+            raise ConfigError(f"--replot: no {stem.with_suffix('.json')} to draw")
+        check_outputs([stem.with_suffix(".png")], f"--results-dir {args.results_dir}")
+        save_figure(figure(json.loads(stem.with_suffix(".json").read_text())), stem.with_suffix(".png"))
+        return 0
     check_outputs([stem.with_suffix(suffix) for suffix in (".json", ".md", ".png")], f"--results-dir {args.results_dir}")
     # (merge_num, K, proportional attention); merge_num 0 is the plain model whatever K, so it is evaluated once
     props = [v == "on" for v in dict.fromkeys(args.prop_attn)]
@@ -154,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
     stem.with_suffix(".md").write_text(text + "\n")
-    figure(report, stem.with_suffix(".png"))
+    save_figure(figure(report), stem.with_suffix(".png"))
     print(text)
     return 0
 

@@ -1,11 +1,13 @@
-"""accuracy.py, tome_eval.py and gpu_step_time.sh reject bad input up front: one line, exit 2, and no
-run launched or file written; a failed step of the GPU script shows in its exit status."""
+"""accuracy.py, tome_eval.py, eval_as_trained.py and gpu_step_time.sh reject bad input up front: one
+line, exit 2, and no run launched or file written; a failed run or step shows in the exit status."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -99,6 +101,96 @@ def test_accuracy_runs_the_labels_each_dataset_has(accuracy, tmp_path):
         f"{d}.{suffix}" for d in ("digits", "fashion-mnist") for suffix in ("json", "md", "png")}
 
 
+def test_accuracy_rows_say_where_and_with_what_they_were_made(accuracy, tmp_path):
+    """Each row records its runs-at-once count and provenance; a row kept from an earlier run of
+    the table keeps its own. The commit is the checkout's HEAD; a CPU run names its threads."""
+    import torch
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    runs = ["--runs-dir", str(tmp_path / "runs")]
+    assert accuracy.main(["--methods", "none", "mixup", "--seeds", "2", "--jobs", "2", *runs]) == 0
+    assert accuracy.main(["--methods", "mixup", "--seeds", "2", *runs]) == 0
+    path = tmp_path / "results" / "digits_quick"
+    table = json.loads(path.with_suffix(".json").read_text())["table"]
+    assert {label: row["jobs"] for label, row in table.items()} == {"none": 2, "mixup": 1}
+    made = table["none"]["provenance"]
+    threads = max(1, (os.cpu_count() or 1) // 2)  # each of --jobs 2 runs gets half the cores
+    assert made["device"].startswith("cpu (") and made["device"].endswith(f", {threads} threads)")
+    assert made["host"].endswith(f", {os.cpu_count()} cores") and made["commit"].startswith(head)
+    assert made["versions"]["torch"] == torch.__version__
+    text = path.with_suffix(".md").read_text()
+    assert "with 1 or 2 runs sharing the machine" in text and f"commit {made['commit']}." in text
+
+
+def test_accuracy_reuses_a_finished_run_only_for_the_settings_it_was_made_with(tmp_path, monkeypatch, capsys):
+    """A finished run is reused under a label only if it trained as this command would: with the
+    record of its command, or without it, by its args.yaml. Otherwise nothing runs."""
+    accuracy = load("accuracy")
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path / "results")
+    trained = []
+
+    def train(cmd, cwd, stdout, stderr, env):  # `mergemix train` as far as accuracy.py reads its runs
+        trained.append(cmd)
+        run = Path(cmd[cmd.index("--output") + 1]) / cmd[cmd.index("--experiment") + 1]
+        (run / "results.json").write_text(json.dumps({**FIGURES, "seed": 0}))
+        (run / "summary.csv").write_text("epoch,epoch_time\n0,1.0\n")
+        return SimpleNamespace(returncode=0)
+    monkeypatch.setattr(accuracy, "subprocess", SimpleNamespace(run=train, STDOUT=subprocess.STDOUT))
+    runs = tmp_path / "runs"
+    run = runs / "quick" / "digits-none-s0"
+    quick = ["--methods", "none", "--seeds", "1", "--runs-dir", str(runs)]
+    assert accuracy.main([*quick, "--extra", "--epochs", "2"]) == 0 and len(trained) == 1
+    assert json.loads((run / "command.json").read_text())["argv"] == trained[0][4:]  # the flags after `train`
+    # the same settings: reused, also with another place to read the data from
+    assert accuracy.main([*quick, "--extra", "--epochs", "2"]) == 0
+    assert accuracy.main([*quick, "--extra", "--data-dir", str(tmp_path), "--epochs", "2"]) == 0
+    capsys.readouterr()
+    # quick mode's 8 epochs: not the run's 2
+    assert accuracy.main(quick) == 2
+    assert error_line(capsys) == (f"error: {run} is a finished run with other settings (--epochs 2 there, 8 now): "
+                                  "remove that folder or use another --runs-dir")
+    (run / "command.json").unlink()  # a run of an older version: its args.yaml says how it trained
+    (run / "args.yaml").write_text("mix: none\nepochs: 2\n")
+    assert accuracy.main(quick) == 2 and "(--epochs 2 there, 8 now)" in error_line(capsys)
+    assert accuracy.main([*quick, "--extra", "--epochs", "2"]) == 0
+    assert len(trained) == 1
+
+
+def test_accuracy_stops_at_a_failed_run_and_tables_the_labels_that_finished(accuracy, tmp_path, capsys):
+    """The failure is printed when it happens, no queued run starts after it, and the table keeps
+    the labels whose runs all finished; the exit status says what happened."""
+    def run_one(argv: list[str], run_dir: Path, threads: int) -> dict:
+        accuracy.launched.append(run_dir.name)
+        if run_dir.name == "digits-mixup-s0":
+            raise accuracy.RunFailed(f"{run_dir.name} failed (exit 1); see its log")
+        return {**FIGURES, "seed": int(argv[argv.index("--seed") + 1])}
+    accuracy.run_one = run_one
+    argv = ["--mode", "full", "--methods", "none", "mixup", "cutmix", "--seeds", "2", "--runs-dir", str(tmp_path / "runs")]
+    assert accuracy.main(argv) == 1
+    assert accuracy.launched == ["digits-none-s0", "digits-none-s1", "digits-mixup-s0"]
+    out = capsys.readouterr()
+    assert "[digits] digits-mixup-s0 failed (exit 1); see its log; no further run starts\n" in out.out
+    assert out.err == ("error: 1 run(s) of digits failed (digits-mixup-s0 failed (exit 1); see its log); "
+                       "digits.json/.md/.png hold the labels whose runs all finished; fashion-mnist not run\n")
+    assert set(json.loads((tmp_path / "results" / "digits.json").read_text())["table"]) == {"none"}
+    assert not (tmp_path / "results" / "fashion-mnist.json").exists()
+
+
+def test_accuracy_replot_redraws_the_figures_from_their_tables_alone(accuracy, tmp_path, capsys):
+    argv = ["--mode", "full", "--methods", "none", "--seeds", "2", "--runs-dir", str(tmp_path / "runs")]
+    assert accuracy.main(argv) == 0
+    results = tmp_path / "results"
+    tables = {p.name: p.read_text() for p in results.glob("*.json")}
+    for png in results.glob("*.png"):
+        png.unlink()
+    accuracy.launched.clear()
+    assert accuracy.main(["--mode", "full", "--replot"]) == 0
+    assert accuracy.launched == [] and {p.name: p.read_text() for p in results.glob("*.json")} == tables
+    assert {p.name for p in results.glob("*.png")} == {"digits.png", "fashion-mnist.png"}
+    capsys.readouterr()
+    assert accuracy.main(["--mode", "long", "--replot"]) == 2
+    assert f"--replot: no table {results / 'digits_long.json'} to draw; run long mode first" in error_line(capsys)
+
+
 @pytest.fixture
 def tome_eval(monkeypatch):
     """tome_eval.py with `mergemix eval` replaced: the plain pass gives figures, every merged point
@@ -149,7 +241,22 @@ def test_tome_eval_table_without_merged_points(tome_eval, tmp_path):
     assert tome_eval.evaluated == [None, None, 40]  # warm-up, plain, the merged point
     table = (tmp_path / "tome_eval.md").read_text()
     assert "| – | – | plain | 90.00 |" in table and "None" not in table
-    assert "merge_num 40 every 1 blocks." in table
+    assert "merge_num 40 in every block." in table
+
+
+def test_tome_eval_replot_redraws_the_figure_from_its_json_alone(tome_eval, tmp_path, capsys):
+    assert tome_eval.main(["--checkpoint", "ckpt", "--merge-nums", "40", "--results-dir", str(tmp_path)]) == 0
+    report = (tmp_path / "tome_eval.json").read_text()
+    (tmp_path / "tome_eval.png").unlink()
+    tome_eval.evaluated.clear()
+    assert tome_eval.main(["--replot", "--results-dir", str(tmp_path)]) == 0
+    assert tome_eval.evaluated == [] and (tmp_path / "tome_eval.json").read_text() == report
+    assert (tmp_path / "tome_eval.png").stat().st_size > 0
+    assert tome_eval.main(["--replot", "--name", "other", "--results-dir", str(tmp_path)]) == 2
+    assert f"--replot: no {tmp_path / 'other.json'} to draw" in error_line(capsys)
+    with pytest.raises(SystemExit):
+        tome_eval.main(["--replot", "--checkpoint", "ckpt", "--results-dir", str(tmp_path)])
+    assert "--checkpoint: not allowed with argument --replot" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -235,3 +342,29 @@ def test_gpu_script_runs_every_step_and_fails_if_one_did(tmp_path):
     assert r.stderr.strip().endswith("failed steps: compiled (timed out)")
     (tmp_path / "calls").unlink()
     assert gpu_script(tmp_path).returncode == 0 and len(calls(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("layout, why", [
+    ({"a/fast-s0": 0, "b/fast-s1": 1}, "in different folders"),  # one row's name in two folders: maybe two recipes
+    ({"a/fast-s0": 0, "a/fast-s00": 0}, "both seed 0"),  # one seed twice: one would overwrite the other
+])
+def test_eval_as_trained_refuses_runs_that_would_share_a_row(tmp_path, monkeypatch, capsys, layout, why):
+    """Before any evaluation: one error line naming both runs, and no file written."""
+    as_trained = load("eval_as_trained")
+    evaluated = []
+    monkeypatch.setattr(as_trained, "evaluate", lambda *args: evaluated.append(args) or FIGURES)
+    runs = []
+    for name, seed in layout.items():
+        run = tmp_path / name
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps({**FIGURES, "seed": seed}))
+        (run / "last.pth.tar").write_bytes(b"")
+        (run / "args.yaml").write_text("mix: mergemix\nmerge_num: 4\n")
+        runs.append(run)
+    res = tmp_path / "res"
+    for flag in ("--runs", "--baselines"):
+        argv = ["--runs", *map(str, runs)] if flag == "--runs" else ["--runs", str(runs[0]), "--baselines", *map(str, runs)]
+        assert as_trained.main([*argv, "--name", "as", "--results-dir", str(res)]) == 2
+        assert error_line(capsys) == (f"error: {runs[0]} and {runs[1]} are runs of one row 'fast', {why}: give the "
+                                      "runs of one recipe, or evaluate each folder's runs under their own --name")
+    assert evaluated == [] and files_under(res) == []

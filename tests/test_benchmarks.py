@@ -238,6 +238,12 @@ def test_accuracy_keeps_rows_of_an_earlier_table_with_the_same_recipe(tmp_path):
     # another recipe: the earlier table does not mix into this one
     assert accuracy.merge_previous(path, ["--epochs", "60"], new_table, new_raw) == (new_table, new_raw)
     assert accuracy.merge_previous(tmp_path / "missing.json", recipe, new_table, new_raw) == (new_table, new_raw)
+    # each row keeps the number of runs that shared the machine with it: its own, or an older table's one count
+    path.write_text(json.dumps({"recipe": recipe, "jobs": 3, "table": {"none": {"top1": 85.0}, "cutmix": {"top1": 80.0, "jobs": 1},
+                                                                      "mergemix": {"top1": 1.0}},
+                                "runs": {"none": [], "cutmix": [], "mergemix": []}}))
+    table, _ = accuracy.merge_previous(path, recipe, {"mergemix": {"top1": 86.0, "jobs": 2}}, new_raw)
+    assert {label: row["jobs"] for label, row in table.items()} == {"none": 3, "cutmix": 1, "mergemix": 2}
 
 
 def test_accuracy_sets_every_row_against_mergemix_paired_by_seed():
@@ -261,7 +267,7 @@ def test_accuracy_sets_every_row_against_mergemix_paired_by_seed():
     assert diffs["cutmix"]["top1"] == {"mean": -3.0, "se": None, "diffs": [-3.0]}  # one seed: no spread
     assert accuracy.paired_differences(raw, "smmix") == {}  # a table without the reference has no paired rows
     table = {label: accuracy.aggregate(runs) for label, runs in raw.items()}
-    text = accuracy.markdown("digits", "quick", table, raw, ["--epochs", "8"], 2)
+    text = accuracy.markdown("digits", "quick", table, raw, ["--epochs", "8"])
     assert "| none | 3 | +0.67 ± 0.33 | +1.00, +0.00, +1.00 | -0.0500 ± 0.0058 |" in text
     assert "| cutmix | 1 | -3.00 ± – | -3.00 | +0.0800 ± – |" in text
     # one seed: its spread is unknown, not zero
@@ -292,6 +298,68 @@ def test_accuracy_figure_labels_overlap_neither_each_other_nor_other_points():
     # an isolated point keeps its label next to it, without a leader line
     assert texts[-2].xyann == (4, 3) and texts[-2].arrow_patch is None
     assert texts[-1].get_horizontalalignment() == "right"  # at the right edge: to the left of its point
+    plt.close(fig)
+
+
+def test_accuracy_figure_labels_keep_off_the_error_bars():
+    """Each of mixup's and none's nearest places (up right) lies on another point's error bar,
+    cutmix's vertical one and deit's horizontal one: no label may cross any bar."""
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+    accuracy = load("accuracy")
+    fig, ax = plt.subplots(figsize=(8, 6))
+    points = [(0.5, 50.0), (0.53, 35.0), (0.2, 80.0), (0.15, 81.5)]
+    errors = [(0.01, 1.0), (0.01, 30.0), (None, None), (0.1, 0.5)]
+    for (x, y), (xerr, yerr) in zip(points, errors):
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=accuracy.CAPSIZE)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 100)
+    texts = accuracy.annotate_apart(ax, points, ["mixup", "cutmix", "none", "deit"], errors=errors)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for text in texts:
+        box = Text.get_window_extent(text, renderer)
+        for (x, y), (xerr, yerr) in zip(points, errors):
+            (x0, y0), (x1, y1) = ax.transData.transform([(x - (xerr or 0), y - (yerr or 0)), (x + (xerr or 0), y + (yerr or 0))])
+            xc, yc = ax.transData.transform((x, y))
+            assert not (box.x0 <= xc <= box.x1 and box.y0 <= y1 and y0 <= box.y1), (text.get_text(), "vertical", x)
+            assert not (box.y0 <= yc <= box.y1 and box.x0 <= x1 and x0 <= box.x1), (text.get_text(), "horizontal", x)
+    assert texts[0].xyann != (4, 3) and texts[2].xyann != (4, 3)  # both moved off their first choice
+    plt.close(fig)
+
+
+def test_accuracy_figure_draws_mergemix_over_its_variants_and_names_its_recipe():
+    """MergeMix and a variant at the same point with the same bars: MergeMix's red stays visible.
+    The title names the dataset, the mode and the epochs its recipe trains (the last --epochs)."""
+    import matplotlib.colors
+    import matplotlib.pyplot as plt
+    import numpy as np
+    accuracy = load("accuracy")
+    row = {"top1": 90.0, "top1_std": 1.0, "ece": 0.1, "ece_std": 0.01}
+    fig = accuracy.figure("digits", "long", ["--epochs", "8", "--epochs", "100"],
+                          {"mergemix": row, "mergemix[aux=none]": row, "none": {**row, "top1": 80.0}})
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3] / 255
+    assert (np.abs(rgb - matplotlib.colors.to_rgb("tab:red")).max(axis=-1) < 0.02).sum() > 20
+    assert fig.axes[0].get_title().startswith("digits, long mode (100 epochs)\n")
+    plt.close(fig)
+
+
+def test_tome_eval_figure_keeps_its_legend_off_the_plots_and_names_the_checkpoint():
+    import matplotlib.pyplot as plt
+    tome_eval = load("tome_eval")
+    plain = {"merge_num": None, "merge_every": None, "prop_attn": None, "tokens_per_block": None, "top1": 70.0,
+             "ece": 0.2, "images_per_s": 100.0}
+    merged = [{"merge_num": n, "merge_every": k, "prop_attn": True, "tokens_per_block": [17, 17 - n], "top1": 70.0 - n,
+               "ece": 0.2 - n / 100, "images_per_s": 100.0 + 10 * n} for k in (1, 2) for n in (4, 8)]
+    fig = tome_eval.figure({"model": "vit", "dataset": "digits", "checkpoint": "runs/tokens/fast-s0", "num_tokens": 17,
+                            "points": [plain, *merged]})
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    assert not any(legend.get_window_extent().overlaps(ax.get_window_extent()) for ax in fig.axes)
+    assert [t.get_text() for t in legend.get_texts()] == ["merged in every block", "merged in every 2 blocks", "plain"]
+    assert fig.get_suptitle() == "ToMe at inference: vit on digits, checkpoint runs/tokens/fast-s0"
     plt.close(fig)
 
 
@@ -331,23 +399,15 @@ def test_accuracy_plans_the_fast_recipe_where_tokens_are_many_and_not_in_full_mo
     assert not set(accuracy.FAST_RECIPE) & set(full) and "mergemix[merge_every=2]" in full
 
 
-def test_accuracy_equal_time_row_counts_the_epochs_the_runs_get(monkeypatch, tmp_path):
+def test_accuracy_equal_time_row_counts_the_epochs_the_runs_get(tmp_path):
     """--extra --epochs overrides the recipe's for every run, so the equal-time share is of that count, and
     the row's own --epochs comes last on its command line (before, --extra's came last and won)."""
     accuracy = load("accuracy")
     assert accuracy.plan("full", "digits", ["--epochs", "30", "--epochs", "10"], None)["mergemix[equal time]"][-1] == "6"
-    commands = []
-
-    def fake_run(cmd, run_dir, threads):
-        commands.append(cmd)
-        return {"top1": 90.0, "ece": 0.1, "nll": 0.3, "brier": 0.1, "epoch_time": 1.0, "epochs": 1}
-
-    monkeypatch.setattr(accuracy, "run_one", fake_run)
     args = accuracy.parse_args(["--mode", "full", "--runs-dir", str(tmp_path), "--extra", "--epochs", "10"])
-    labels = {"mergemix[equal time]": accuracy.plan("full", "digits", [*accuracy.RECIPES["digits"]["full"], "--epochs", "10"],
-                                                    ["mergemix[equal time]"])["mergemix[equal time]"]}
-    accuracy.run_dataset(args, "digits", [*accuracy.RECIPES["digits"]["full"], "--epochs", "10"], labels, [0])
-    (cmd,) = commands
+    recipe = [*accuracy.RECIPES["digits"]["full"], "--epochs", "10"]
+    labels = accuracy.plan("full", "digits", recipe, ["mergemix[equal time]"])
+    ((cmd, _),) = accuracy.commands(args, "digits", recipe, labels, [0])["mergemix[equal time]"]
     assert cmd[len(cmd) - cmd[::-1].index("--epochs")] == "6"
 
 
@@ -392,10 +452,10 @@ def test_tome_eval_points_follow_mergemix_eval(tmp_path):
     assert six_every2["tokens_per_block"] == [17, 11]  # all 6 in block 0
     table = (tmp_path / "res" / "tome.md").read_text()
     assert "| 6 | every block | 17 → 13, 15.0 |" in table and f"| {six['top1']:.2f} |" in table
-    assert "| 6 | every 2 | 17 → 11, 14.0 |" in table and "| – | – | plain (17) |" in table
-    assert "| 6 | every 2, no prop. attn | 17 → 11, 14.0 |" in table
-    assert ("Not evaluated, as a block would merge more than half of its tokens: merge_num 10 every 2 blocks, "
-            "merge_num 10 every 2 blocks without prop. attn.") in table
+    assert "| 6 | every 2 blocks | 17 → 11, 14.0 |" in table and "| – | – | plain (17) |" in table
+    assert "| 6 | every 2 blocks, no prop. attn | 17 → 11, 14.0 |" in table
+    assert ("Not evaluated, as a block would merge more than half of its tokens: merge_num 10 in every 2 blocks; "
+            "merge_num 10 in every 2 blocks, no prop. attn.") in table
     assert (tmp_path / "res" / "tome.png").stat().st_size > 0
 
 
