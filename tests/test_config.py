@@ -90,6 +90,10 @@ def test_model_kwargs_at_a_resume_change_the_resumed_models_key_by_key(tmp_path)
     ("model_kwargs: [1, 2]\n", "model_kwargs must be a mapping or a list of key=value"),
     ("model_kwargs: [abc]\n", "model_kwargs must be a mapping or a list of key=value"),
     ("mix_opt: [[a]]\n", "mix_opt must be a mapping or a list of key=value"),
+    ("experiment: [a]\n", "experiment must be a word, got ['a']"),
+    ("opt: {adamw: 1}\n", "opt must be a word, got {'adamw': 1}"),
+    ("opt_betas: []\n", "opt_betas needs at least one value, got []"),
+    ("batch_size: 16\nbatch-size: 8\n", "batch_size given twice (with - and with _): keep one"),
 ])
 def test_bad_recipes_are_one_line_errors(tmp_path, text, fragment):
     recipe = tmp_path / "bad.yaml"
@@ -97,6 +101,32 @@ def test_bad_recipes_are_one_line_errors(tmp_path, text, fragment):
     with pytest.raises(ConfigError, match=None) as err:
         parse("-c", str(recipe))
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_null_in_a_recipe_is_the_flags_default_and_a_number_may_name_a_run(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: null\nepochs: null\nmodel: null\nexperiment: 12345\nmerge_train: null\n")
+    args, defaults = config.parse_train_args(["-c", str(recipe)]), parse()
+    assert (args.lr, args.epochs, args.model, args.merge_train) == (defaults.lr, defaults.epochs, defaults.model, None)
+    assert args.experiment == "12345"
+
+
+def test_seed_must_fit_torchs_generators():
+    with pytest.raises(ConfigError, match="--seed must be in"):
+        config.check_limits(parse("--seed", str(2**64)))
+    config.check_limits(parse("--seed", str(2**62)))
+
+
+def test_a_method_flag_and_mix_opt_of_other_values_are_refused(tmp_path):
+    """Neither may win silently: before, --mix-opt did, even a recipe's over a flag typed now."""
+    with pytest.raises(ConfigError, match="--mix-alpha 0.5 and --mix-opt alpha=2 both set alpha: give one"):
+        config.method_options(parse("--mix-alpha", "0.5", "--mix-opt", "alpha=2"), accepted={"alpha"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("mix_opt: {merge_train: false}\n")
+    with pytest.raises(ConfigError, match="--merge-train True and --mix-opt merge_train=False both set"):
+        config.method_options(parse("-c", str(recipe), "--merge-train"), accepted={"merge_train"})
+    same = parse("--mix-alpha", "2", "--mix-opt", "alpha=2")
+    assert config.method_options(same, accepted={"alpha"})[0] == {"alpha": 2.0}
 
 
 def test_missing_recipe_and_bad_flags():

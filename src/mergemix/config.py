@@ -95,6 +95,7 @@ LIMITS = {
     "drop_path": Limit(0, 1, high_open=True), "decay_epochs": Limit(0, low_open=True), "decay_rate": Limit(0),
     "patience_epochs": Limit(0), "opt_eps": Limit(0, low_open=True), "model_ema_decay": Limit(0, 1),
     "num_samples": Limit(2, note="each image needs a partner"),
+    "seed": Limit(0, 2**63 - 1 - 2**31, note="process r uses seed + r"),  # torch seeds are 64-bit signed
 }
 
 
@@ -298,8 +299,11 @@ def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
-    """Check and convert one recipe value the way argparse would convert the flag's text."""
-    if value is None or key == "model_kwargs":
+    """Check and convert one recipe value the way argparse would convert the flag's text (null: the
+    flag's default, as if the key were left out)."""
+    if value is None:
+        return action.default
+    if key == "model_kwargs":
         return value
     if key == "mix_opt":  # (key, value) items, which the flag's "append" action can add to
         return list(as_dict(value, f"{source}: mix_opt").items())
@@ -308,9 +312,16 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
         return value
     if action.type is not None and action.nargs in ("+", "*"):  # a list, e.g. decay_milestones: [30, 60]
-        return [_convert(action, key, v, source) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if action.nargs == "+" and not values:
+            raise ConfigError(f"{source}: {key} needs at least one value, got []")
+        return [_convert(action, key, v, source) for v in values]
     if action.type is not None:
         value = _convert(action, key, value, source)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):  # a name YAML read as a number
+        value = str(value)
+    elif not isinstance(value, str):
+        raise ConfigError(f"{source}: {key} must be a word, got {value!r}")
     if action.choices is not None and value not in action.choices:
         raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
     return value
@@ -347,6 +358,10 @@ def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of flag names to values, got {type(data).__name__}")
     values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if len(values) < len(data):  # batch_size and batch-size: one would win silently
+        twice = sorted({k for k in map(lambda k: str(k).replace("-", "_"), data)
+                        if sum(str(o).replace("-", "_") == k for o in data) > 1})
+        raise ConfigError(f"{path}: {', '.join(twice)} given twice (with - and with _): keep one")
     if values.pop("config", None) is not None:  # an args.yaml of an older version holds `config: null`
         raise ConfigError(f"{path}: a recipe cannot load another recipe (key config); remove that key")
     if values.pop("resume", None) is not None:
@@ -448,4 +463,8 @@ def method_options(args: argparse.Namespace, accepted: set[str]) -> tuple[dict[s
         named["alpha"] = named.pop(own)
     used = {k: v for k, v in named.items() if k in accepted}
     unused = {k: v for k, v in named.items() if k not in used}
+    # neither may win silently: a recipe's mix_opt would otherwise beat a flag typed now
+    for key in (k for k in used if k in args.mix_opt and args.mix_opt[k] != used[k]):
+        flag = {opt: name for name, opt in METHOD_OPTION_FLAGS.items()}[key].replace("_", "-")
+        raise ConfigError(f"--{flag} {used[key]} and --mix-opt {key}={args.mix_opt[key]} both set {key}: give one")
     return {**used, **args.mix_opt}, unused

@@ -6,6 +6,7 @@ The training loop calls ``objective(model, x, y)`` once per step and back-propag
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import types
 import typing
@@ -117,8 +118,9 @@ def check_probability(**values: float | list[float] | None) -> None:
 def _check_values(values: dict[str, Any], ok: Callable[[Any], bool], wanted: str) -> None:
     for key, value in values.items():
         items = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
-        if not all(ok(v) for v in items):
-            raise ValueError(f"{key} must be {wanted}, got {value}")
+        # inf passes "> 0" but Beta(inf, inf) draws NaN: every check asks for a finite number too
+        if not all(math.isfinite(v) and ok(v) for v in items):
+            raise ValueError(f"{key} must be a finite number {wanted}, got {value}")
 
 
 _WORDS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
