@@ -60,6 +60,22 @@ def test_an_empty_folder_names_the_checkpoints_each_command_reads(tmp_path, caps
                                            f"or a run folder that holds {wanted}")
 
 
+def test_names_too_long_for_the_file_system_are_one_line_and_leave_nothing(tmp_path, capsys):
+    """A name over 255 bytes raised from Path.exists(), inside the error handler: a traceback, and the
+    --output folders it had made stayed. A figure's name needs room for its temporary twin's too."""
+    long = "x" * 300
+    just_fits = "y" * 250 + ".png"  # a valid name, but not with the temporary ".<stem>.tmp<pid>" around it
+    for argv, flag in ((["train", "--output", str(tmp_path / "out"), "--experiment", long, "--epochs", "1"],
+                        "--output/--experiment"),
+                       (["train", "--output", str(tmp_path / long / "deeper"), "--epochs", "1"], "--output/--experiment"),
+                       (["viz", "--device", "cpu", "-n", "2", "--out", str(tmp_path / just_fits)], "--out"),
+                       (["compare", str(tmp_path), "--out", str(tmp_path / just_fits)], "--out")):
+        assert cli.main(argv) == 2, argv
+        line = error_line(capsys)
+        assert line.startswith(f"error: {flag} ") and "is too long for the file system" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pretrained_and_an_initial_checkpoint_are_one_too_many(tmp_path, capsys):
     weights = tmp_path / "w.pth.tar"
     weights.write_bytes(b"never read")

@@ -52,6 +52,25 @@ def clear_temporaries(folder: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+# what atomic_path adds to a file's name for its temporary twin: a dot, TMP_TAG and the process id
+TMP_NAME_EXTRA = 1 + len(TMP_TAG) + 10
+
+
+def check_names(path: str | Path, flag: str, spare: int = 0) -> None:
+    """ConfigError naming ``flag`` if a part of ``path`` is longer than the file system takes (with ``spare``
+    bytes more for the last part, e.g. ``TMP_NAME_EXTRA``): found before any work, not by a traceback after."""
+    path = Path(path)
+    limit = 255  # NAME_MAX of the common file systems; pathconf asks the one that holds the path
+    with contextlib.suppress(OSError, ValueError):
+        limit = os.pathconf(next((p for p in path.absolute().parents if p.is_dir()), Path("/")), "PC_NAME_MAX")
+    for i, part in enumerate(path.parts):
+        extra = spare if i == len(path.parts) - 1 else 0
+        size = len(os.fsencode(part)) + extra
+        if size > limit:
+            raise ConfigError(f"{flag} {str(path)[:40]}...: the name {part[:20]}... is too long for the file "
+                              f"system ({size} bytes{' with a temporary suffix' if extra else ''}, at most {limit})")
+
+
 def make_dir(folder: Path, flag: str) -> Path | None:
     """Create ``folder`` (and its parents) and check that files can be written in it.
 
@@ -59,6 +78,7 @@ def make_dir(folder: Path, flag: str) -> Path | None:
     existed), for ``remove_dir``. A place that cannot be written is a ``ConfigError`` that names
     ``flag``, the option to change; it leaves no folder behind.
     """
+    check_names(folder, flag)
     missing = [p for p in (folder, *folder.parents) if not p.exists()]
     made = missing[-1] if missing else None
     try:

@@ -248,6 +248,7 @@ def eval_folder(cli: argparse.Namespace, path: Path, dataset: str) -> Path:
         how = ("-ema" if cli.use_ema else "") + (f"-{cli.amp_dtype}" if cli.amp else "")
         how += f"-bins{cli.ece_bins}" if cli.ece_bins != ECE_BINS else ""
         out = path.parent / f"eval-{name}-{dataset}{merge}{how}"
+    checkpoint.check_names(out, "--output")
     if checkpoint.holds_training_run(out):
         raise ConfigError(f"--output {out} holds a training run: its results.json and reliability.png are not "
                           "eval's to replace; choose another --output (by default eval writes next to the checkpoint)")

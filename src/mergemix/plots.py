@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
-from .checkpoint import holds_training_run
+from .checkpoint import TMP_NAME_EXTRA, check_names, holds_training_run
 from .errors import ConfigError
 
 __all__ = ["FORMATS", "bins_ece", "figure_format", "mix_grid", "overlay_reliability", "reliability_diagram",
@@ -406,6 +406,7 @@ def check_figure_out(out: str | Path, flag: str = "--out") -> Path:
     training run): a figure must not replace what another command wrote.
     """
     path = Path(out)
+    check_names(path, flag, spare=TMP_NAME_EXTRA)  # the figure is written under a longer temporary name first
     if path.is_dir():
         raise ConfigError(f"{flag} {out} is a folder: give the figure's file name, e.g. {path / 'figure.png'}")
     try:

@@ -306,6 +306,7 @@ class Trainer:
 
     def _open_run_dir(self) -> None:
         args = self.args
+        checkpoint.check_names(self.run_dir, "--output/--experiment")  # before exists() raises on such a name
         continuing = args.resume and Path(args.resume).resolve().parent == self.run_dir.resolve()
         if not continuing and (self.run_dir / checkpoint.LAST).exists():
             # only a run's own checkpoint may continue in its folder: anything else would overwrite it
