@@ -63,6 +63,19 @@ def test_default_model_kwargs_belong_to_the_default_model(tmp_path):
     assert parse("--model", "vit_small_patch16_224", "--model-kwargs", "depth=2").model_kwargs == {"depth": 2}
 
 
+def test_model_kwargs_with_a_recipe_change_the_recipes_model_key_by_key():
+    """-c digits.yaml --model-kwargs depth=2 is the digits ViT 2 blocks deep, as without -c; it used to
+    drop the recipe's patch_size, embed_dim and num_heads (a 1-patch, 192-wide ViT)."""
+    digits = str(REPO / "configs" / "digits.yaml")
+    expected = {"patch_size": 4, "embed_dim": 96, "depth": 2, "num_heads": 3}
+    assert parse("-c", digits, "--model-kwargs", "depth=2").model_kwargs == expected
+    assert parse("--model-kwargs", "depth=2").model_kwargs == expected
+    assert parse("-c", digits).model_kwargs == config.DEFAULT_MODEL_KWARGS
+    # a model named on the command line takes only the kwargs given with it
+    assert parse("-c", digits, "--model", "vit_small_patch16_224", "--model-kwargs", "depth=2").model_kwargs == {
+        "depth": 2}
+
+
 def test_model_kwargs_at_a_resume_change_the_resumed_models_key_by_key(tmp_path):
     """As eval and viz take them: a non-architectural kwarg (attn_drop_rate) must not drop the saved ones."""
     import torch

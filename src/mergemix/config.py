@@ -411,11 +411,14 @@ def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(**{**resumed, **recipe})
     args = parser.parse_args(argv)
     args.model_kwargs = as_dict(args.model_kwargs, "model_kwargs")
-    if not ("model" in explicit or "model" in recipe):
-        # the model stays the resumed run's (else the digits ViT): --model-kwargs given alone change its
-        # kwargs key by key rather than replace them all, as they do for eval and viz
-        base = as_dict(resumed.get("model_kwargs"), "model_kwargs") if "model" in resumed else DEFAULT_MODEL_KWARGS
-        args.model_kwargs = {**base, **args.model_kwargs}
+    if "model" not in explicit:
+        # the model stays the recipe's, else the resumed run's, else the digits ViT: --model-kwargs given
+        # alone change its kwargs key by key rather than replace them all, as they do for eval and viz
+        given = as_dict(recipe.get("model_kwargs"), "model_kwargs")
+        if "model" not in recipe:
+            base = as_dict(resumed.get("model_kwargs"), "model_kwargs") if "model" in resumed else DEFAULT_MODEL_KWARGS
+            given = {**base, **given}
+        args.model_kwargs = {**given, **(args.model_kwargs if "model_kwargs" in explicit else {})}
     args.mix_opt = as_dict(args.mix_opt, "mix_opt")
     args.compile = args.compile or args.compile_mode is not None
     # timm's plateau schedule reacts to the evaluation top-1, so it can only step per epoch
