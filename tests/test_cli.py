@@ -200,6 +200,18 @@ def test_training_into_an_evaluations_folder_does_not_overwrite_it(run, tmp_path
     assert {p.name: p.read_bytes() for p in evaluated.iterdir()} == before
 
 
+def test_a_resume_into_a_new_folder_killed_before_its_first_checkpoint_may_start_again(run, tmp_path):
+    """--resume into a new folder writes args.yaml and carries model_best.pth.tar over before its first
+    checkpoint; a run killed then (SIGKILL: nothing cleaned up) may start again there."""
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copy(run / "model_best.pth.tar", again / "model_best.pth.tar")
+    (again / "args.yaml").write_text("mix: cutmix\n")
+    assert cli.main(["train", "--resume", str(run), "--epochs", "3", "--output", str(tmp_path),
+                     "--experiment", "again"]) == 0
+    assert (again / "results.json").is_file()
+
+
 def test_resuming_into_another_runs_folder_does_not_overwrite_it(run, tmp_path, capsys):
     """--resume continues a run in its own folder; pointed (by --output/--experiment) at a folder
     that holds another run, it must not replace that run's files."""

@@ -89,6 +89,11 @@ def test_model_kwargs_at_a_resume_change_the_resumed_models_key_by_key(tmp_path)
     # a model named anew starts from its own kwargs
     assert parse("--resume", str(ckpt), "--model", "vit_small_patch16_224",
                  "--model-kwargs", "attn_drop_rate=0.1").model_kwargs == {"attn_drop_rate": 0.1}
+    # a recipe naming the resumed model without kwargs keeps the resumed kwargs; null keys are left out
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: vit_small_patch16_224\nlr: null\n")
+    resumed = parse("--resume", str(ckpt), "-c", str(recipe))
+    assert resumed.model_kwargs == {"depth": 2, "embed_dim": 64}
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -121,7 +126,7 @@ def test_null_in_a_recipe_is_the_flags_default_and_a_number_may_name_a_run(tmp_p
     recipe.write_text("lr: null\nepochs: null\nmodel: null\nexperiment: 12345\nmerge_train: null\n")
     args, defaults = config.parse_train_args(["-c", str(recipe)]), parse()
     assert (args.lr, args.epochs, args.model, args.merge_train) == (defaults.lr, defaults.epochs, defaults.model, None)
-    assert args.experiment == "12345"
+    assert args.experiment == "12345" and args.model_kwargs == config.DEFAULT_MODEL_KWARGS  # as if no model key
 
 
 def test_seed_must_fit_torchs_generators():
@@ -140,6 +145,10 @@ def test_a_method_flag_and_mix_opt_of_other_values_are_refused(tmp_path):
         config.method_options(parse("-c", str(recipe), "--merge-train"), accepted={"merge_train"})
     same = parse("--mix-alpha", "2", "--mix-opt", "alpha=2")
     assert config.method_options(same, accepted={"alpha"})[0] == {"alpha": 2.0}
+    # a flag at its default sets nothing: --mix-opt smoothing=0.1 trains at 0.1 as before
+    assert config.method_options(parse("--mix-opt", "smoothing=0.1"), accepted={"smoothing"})[0] == {"smoothing": 0.1}
+    with pytest.raises(ConfigError, match="--mixup 0.4 and --mix-opt alpha=0.8 both set alpha"):  # the flag typed
+        config.method_options(parse("--mix", "mixup", "--mixup", "0.4", "--mix-opt", "alpha=0.8"), accepted={"alpha"})
 
 
 def test_missing_recipe_and_bad_flags():

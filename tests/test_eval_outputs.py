@@ -83,6 +83,10 @@ def test_eval_replaces_its_own_results_only(run, tmp_path, capsys):
     assert evaluate("--checkpoint", str(run / "last.pth.tar"), "--merge-num", "2", "--output", str(out)) == 2
     assert "holds another evaluation (merge_num None, merge_every None, prop_attn None)" in error_line(capsys)
     assert files(out) == before
+    # a run folder copied elsewhere keeps its evaluations: evaluated again the same way, they are replaced
+    assert evaluate("--checkpoint", str(run / "last.pth.tar")) == 0
+    copied = shutil.copytree(run, tmp_path / "copied" / "run")
+    assert evaluate("--checkpoint", str(copied / "last.pth.tar")) == 0
     lone = tmp_path / "lone"
     lone.mkdir()
     shutil.copy(run / "last.pth.tar", lone / "weights.pth.tar")  # a checkpoint kept alone, as one downloads it

@@ -323,6 +323,24 @@ def test_model_ema_first_given_at_a_resume_averages_from_the_resumed_weights(tmp
     assert "\nema    top-1 " in out and out.rstrip().endswith("(the weights' EMA)")
 
 
+def test_plateau_resume_keeps_its_counters_and_takes_the_flags_settings():
+    """The counters come from the checkpoint; patience, factor and min_lr stay what the flags say now."""
+    from timm.scheduler import create_scheduler_v2
+
+    def plateau(patience: int, rate: float):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return create_scheduler_v2(optimizer, sched="plateau", num_epochs=10, patience_epochs=patience,
+                                   decay_rate=rate, warmup_epochs=0, min_lr=0.0)[0]
+
+    saved = plateau(1, 0.5)
+    for epoch, top1 in enumerate([50.0, 40.0]):  # one bad epoch after the best
+        saved.step(epoch + 1, top1)
+    resumed = plateau(5, 0.1)
+    train_module.load_scheduler_state(resumed, train_module.scheduler_state(saved))
+    inner = resumed.lr_scheduler
+    assert (inner.best, inner.num_bad_epochs) == (50.0, 1) and (inner.patience, inner.factor) == (5, 0.1)
+
+
 def test_model_ema_copies_the_weights_at_the_first_update_only(tmp_path, monkeypatch):
     """timm's EMA decay is 0 at step 1 (a copy) and the set decay after; train.py passes the update count."""
     decays = []

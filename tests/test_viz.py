@@ -56,6 +56,19 @@ def test_viz_from_a_checkpoint_with_its_method(tmp_path):
     assert grid_shape(out) == (2 * 200 + 30, 4 * 200)  # the checkpoint's method, cutmix: 4 columns
 
 
+def test_viz_mix_opt_overrides_the_checkpoints_named_options(tmp_path):
+    """viz's --mix-opt draws the checkpoint's method another way, even where the run set that option by
+    its flag (--merge-num 4) or left --smoothing at its default."""
+    args = build_train_parser().parse_args([*TINY[:2], "--mix", "mergemix", "--merge-num", "4"])
+    args.model_kwargs = dict(patch_size=4, embed_dim=32, depth=4, num_heads=2)
+    model = models.create(args.model, num_classes=10, img_size=16, in_chans=1, model_kwargs=args.model_kwargs)
+    ckpt = tmp_path / "run" / "last.pth.tar"
+    ckpt.parent.mkdir()
+    torch.save({"epoch": 1, "arch": args.model, "state_dict": model.state_dict(), "args": vars(args)}, ckpt)
+    assert main(["--checkpoint", str(ckpt), "-n", "2", "--out", str(tmp_path / "g.png"), "--device", "cpu",
+                 "--mix-opt", "merge_num=2", "--mix-opt", "smoothing=0.2"]) == 0
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--mix", "nosuchmix"], "nosuchmix"),
     (["--mix", "mergemix", "--mix-opt", "lam_policy=bogus"], "lam_policy"),

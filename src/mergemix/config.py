@@ -299,11 +299,8 @@ def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
-    """Check and convert one recipe value the way argparse would convert the flag's text (null: the
-    flag's default, as if the key were left out)."""
-    if value is None:
-        return action.default
-    if key == "model_kwargs":
+    """Check and convert one recipe value the way argparse would convert the flag's text."""
+    if value is None or key == "model_kwargs":
         return value
     if key == "mix_opt":  # (key, value) items, which the flag's "append" action can add to
         return list(as_dict(value, f"{source}: mix_opt").items())
@@ -367,7 +364,8 @@ def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
     if values.pop("resume", None) is not None:
         # a recipe is a layer above the checkpoint's args, so it cannot choose that checkpoint
         raise ConfigError(f"{path}: a recipe cannot resume a run (key resume); pass --resume on the command line")
-    return _check_keys(values, parser, str(path))
+    # null: as if the key were left out (the layers below, or the flag's default, give the value)
+    return _check_keys({k: v for k, v in values.items() if v is not None}, parser, str(path))
 
 
 def recipe(args: argparse.Namespace) -> dict[str, Any]:
@@ -415,7 +413,8 @@ def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         # the model stays the recipe's, else the resumed run's, else the digits ViT: --model-kwargs given
         # alone change its kwargs key by key rather than replace them all, as they do for eval and viz
         given = as_dict(recipe.get("model_kwargs"), "model_kwargs")
-        if "model" not in recipe:
+        same = "model" in resumed and recipe.get("model", resumed["model"]) == resumed["model"]
+        if "model" not in recipe or (same and "model_kwargs" not in recipe):
             base = as_dict(resumed.get("model_kwargs"), "model_kwargs") if "model" in resumed else DEFAULT_MODEL_KWARGS
             given = {**base, **given}
         args.model_kwargs = {**given, **(args.model_kwargs if "model_kwargs" in explicit else {})}
@@ -457,17 +456,21 @@ def method_options(args: argparse.Namespace, accepted: set[str]) -> tuple[dict[s
     are always passed, so a misspelt one fails loudly.
     """
     named = {opt: getattr(args, flag) for flag, opt in METHOD_OPTION_FLAGS.items() if getattr(args, flag) is not None}
+    flag_of = {opt: flag for flag, opt in METHOD_OPTION_FLAGS.items()}
     # timm's --mixup / --cutmix set the α of the method of that name, which calls it plain `alpha`
     own = f"{args.mix}_alpha"
     if args.mix in ("mixup", "cutmix") and own in named:
         if named.get("alpha", named[own]) != named[own]:
             raise ConfigError(f"--mix-alpha {named['alpha']} and --{args.mix} {named[own]} both set {args.mix}'s "
                               f"alpha: give one")
-        named["alpha"] = named.pop(own)
+        named["alpha"], flag_of["alpha"] = named.pop(own), args.mix
     used = {k: v for k, v in named.items() if k in accepted}
     unused = {k: v for k, v in named.items() if k not in used}
-    # neither may win silently: a recipe's mix_opt would otherwise beat a flag typed now
+    # neither may win silently: a recipe's mix_opt would otherwise beat a flag typed now (a flag left at
+    # its default, --smoothing's 0.0, sets nothing)
+    defaults = {a.dest: a.default for a in build_train_parser()._actions}
     for key in (k for k in used if k in args.mix_opt and args.mix_opt[k] != used[k]):
-        flag = {opt: name for name, opt in METHOD_OPTION_FLAGS.items()}[key].replace("_", "-")
-        raise ConfigError(f"--{flag} {used[key]} and --mix-opt {key}={args.mix_opt[key]} both set {key}: give one")
+        if used[key] != defaults.get(flag_of[key]):
+            raise ConfigError(f"--{flag_of[key].replace('_', '-')} {used[key]} and --mix-opt {key}={args.mix_opt[key]} "
+                              f"both set {key}: give one")
     return {**used, **args.mix_opt}, unused

@@ -284,7 +284,16 @@ def _other_evaluation(results: Path, mine: dict[str, Any]) -> str:
         return f"an unreadable {results.name}"
     if not isinstance(theirs, dict):
         return f"a {results.name} that is not an evaluation's"
-    return ", ".join(f"{k} {theirs.get(k)}" for k in _EVALUATION_KEYS if theirs.get(k) != mine[k])
+    if "merge_num" not in theirs:  # an evaluation without merging writes none of its keys
+        theirs = {**theirs, "merge_num": None, "merge_every": None, "prop_attn": None}
+    # a key an older version did not write (amp_dtype, prop_attn) counts as the same
+    return ", ".join(f"{k} {theirs[k]}" for k in _EVALUATION_KEYS if k in theirs and not _same(k, theirs[k], mine[k]))
+
+
+def _same(key: str, theirs: Any, mine: Any) -> bool:
+    if key == "checkpoint":  # the file's and its run folder's names: a run moved or copied keeps its evaluations
+        return theirs is not None and mine is not None and Path(theirs).parts[-2:] == Path(mine).parts[-2:]
+    return theirs == mine
 
 
 def merge_for_eval(model: nn.Module, merge_num: int, merge_every: int = 1, prop_attn: bool = True) -> dict[str, Any]:

@@ -42,8 +42,9 @@ from .evaluate import RESULT_KEYS, autocast, autocast_dtype, evaluate, summary_l
 from .mix.base import Objective
 
 # what a run writes in its folder with or after its first checkpoint (last.pth.tar), which a new run must not
-# replace; args.yaml and mix_samples/ come earlier: a run killed before that checkpoint may start again over them
-RUN_FILES = (checkpoint.BEST, "summary.csv", "results.json", "reliability.png", "curves.png")
+# replace; args.yaml, mix_samples/ and a model_best.pth.tar carried over by --resume come earlier: a run killed
+# before that checkpoint may start again over them
+RUN_FILES = ("summary.csv", "results.json", "reliability.png", "curves.png")
 SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "eval_ece", "lr", "epoch_time"]
 
 
@@ -141,11 +142,16 @@ def build_objective(args: argparse.Namespace, num_classes: int,
         raise ConfigError(f"--mix {args.mix}: {e}") from None
 
 
+# ReduceLROnPlateau's counters; its settings (patience, factor, min_lr) stay the flags' at a resume
+PLATEAU_COUNTERS = ("best", "num_bad_epochs", "cooldown_counter", "last_epoch", "_last_lr")
+
+
 def scheduler_state(scheduler: Scheduler) -> dict[str, Any]:
-    """timm's scheduler state, with ReduceLROnPlateau's own under "plateau": timm's plateau keeps only its
-    best metric, and a resume would forget the epochs already waited (and any cooldown)."""
+    """timm's scheduler state, with ReduceLROnPlateau's counters under "plateau": timm's plateau keeps only
+    its best metric, and a resume would forget the epochs already waited (and any cooldown)."""
     inner = scheduler.lr_scheduler if isinstance(scheduler, PlateauLRScheduler) else None
-    return scheduler.state_dict() | ({"plateau": inner.state_dict()} if inner is not None else {})
+    counters = {k: getattr(inner, k) for k in PLATEAU_COUNTERS if hasattr(inner, k)} if inner is not None else None
+    return scheduler.state_dict() | ({"plateau": counters} if counters is not None else {})
 
 
 def load_scheduler_state(scheduler: Scheduler, state: dict[str, Any]) -> None:
@@ -154,7 +160,9 @@ def load_scheduler_state(scheduler: Scheduler, state: dict[str, Any]) -> None:
     plateau = state.pop("plateau", None)
     scheduler.load_state_dict(state)
     if plateau is not None and isinstance(scheduler, PlateauLRScheduler):
-        scheduler.lr_scheduler.load_state_dict(plateau)
+        for key in PLATEAU_COUNTERS:
+            if key in plateau:
+                setattr(scheduler.lr_scheduler, key, plateau[key])
 
 
 def seed_everything(seed: int) -> None:

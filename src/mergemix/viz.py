@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint, data, models
-from .config import DATASETS, ArgumentParser, HelpFormatter, as_dict, check_limits, key_value, parse_train_args
+from .config import (DATASETS, METHOD_OPTION_FLAGS, ArgumentParser, HelpFormatter, as_dict, check_limits, key_value,
+                     parse_train_args)
 from .distributed import setup
 from .errors import ConfigError
 from .evaluate import check_classes, run_args
@@ -95,6 +96,9 @@ def run_viz(cli: argparse.Namespace) -> Path:
     if cli.mix and cli.mix != args.mix:
         args.mix, args.mix_opt = cli.mix, {}  # the saved --mix-opt items belong to the saved method
     args.mix_opt = {**as_dict(args.mix_opt, "mix_opt"), **dict(cli.mix_opt)}
+    for flag, option in METHOD_OPTION_FLAGS.items():  # viz's --mix-opt overrides the checkpoint's named flags
+        if option in dict(cli.mix_opt):
+            setattr(args, flag, None)
     device = setup(cli.device).device
     torch.manual_seed(cli.seed)
 
