@@ -9,6 +9,7 @@ leaves out the run's folder name, so using it starts a new run.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import difflib
 import math
@@ -95,7 +96,8 @@ LIMITS = {
     "drop_path": Limit(0, 1, high_open=True), "decay_epochs": Limit(0, low_open=True), "decay_rate": Limit(0),
     "patience_epochs": Limit(0), "opt_eps": Limit(0, low_open=True), "model_ema_decay": Limit(0, 1),
     "num_samples": Limit(2, note="each image needs a partner"),
-    "seed": Limit(0, 2**63 - 1 - 2**31, note="process r uses seed + r"),  # torch seeds are 64-bit signed
+    # torch seeds are 64-bit signed; a resume reseeds at seed + rank + steps done, which needs headroom
+    "seed": Limit(0, 2**63 - 1 - 2**31, note="process r uses seed + r"),
 }
 
 
@@ -354,11 +356,11 @@ def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of flag names to values, got {type(data).__name__}")
-    values = {str(k).replace("-", "_"): v for k, v in data.items()}
-    if len(values) < len(data):  # batch_size and batch-size: one would win silently
-        twice = sorted({k for k in map(lambda k: str(k).replace("-", "_"), data)
-                        if sum(str(o).replace("-", "_") == k for o in data) > 1})
+    names = collections.Counter(str(k).replace("-", "_") for k in data)
+    twice = sorted(k for k, n in names.items() if n > 1)
+    if twice:  # batch_size and batch-size: one would win silently
         raise ConfigError(f"{path}: {', '.join(twice)} given twice (with - and with _): keep one")
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
     if values.pop("config", None) is not None:  # an args.yaml of an older version holds `config: null`
         raise ConfigError(f"{path}: a recipe cannot load another recipe (key config); remove that key")
     if values.pop("resume", None) is not None:
