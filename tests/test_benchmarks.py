@@ -381,7 +381,7 @@ def test_accuracy_long_mode_ablates_mergemix_on_fashion_mnist_only():
     assert fmnist == {"mixup": ["--mix", "mixup"], "mergemix[merge_num=0]": ["--mix", "mergemix", "--merge-num", "0"],
                       "mergemix[aux=mixup]": ["--mix", "mergemix", "--aux-loss", "mixup"]}
     digits = accuracy.plan("long", "digits", accuracy.RECIPES["digits"]["long"], None)
-    assert set(digits) == set(accuracy.BASELINES)
+    assert set(digits) == {*accuracy.BASELINES, "mergemix[equal time]"}
 
 
 def test_accuracy_plans_the_fast_recipe_where_tokens_are_many_and_not_in_full_mode():
@@ -404,6 +404,9 @@ def test_accuracy_equal_time_row_counts_the_epochs_the_runs_get(tmp_path):
     the row's own --epochs comes last on its command line (before, --extra's came last and won)."""
     accuracy = load("accuracy")
     assert accuracy.plan("full", "digits", ["--epochs", "30", "--epochs", "10"], None)["mergemix[equal time]"][-1] == "6"
+    # every table gets the row, not only those with the ablations (Fashion-MNIST's full table has none)
+    fmnist = accuracy.plan("full", "fashion-mnist", accuracy.RECIPES["fashion-mnist"]["full"], None)
+    assert fmnist["mergemix[equal time]"] == ["--mix", "mergemix", "--epochs", "6"]
     args = accuracy.parse_args(["--mode", "full", "--runs-dir", str(tmp_path), "--extra", "--epochs", "10"])
     recipe = [*accuracy.RECIPES["digits"]["full"], "--epochs", "10"]
     labels = accuracy.plan("full", "digits", recipe, ["mergemix[equal time]"])
