@@ -272,7 +272,10 @@ def markdown(dataset: str, mode: str, table: dict[str, dict], raw: dict[str, lis
     ref = table.get("cutmix", {}).get("epoch_time")
     jobs = sorted({t["jobs"] for t in table.values() if "jobs" in t})
     sharing = f"with {' or '.join(map(str, jobs))} runs" if jobs else "with other runs"
-    made = list(dict.fromkeys(made_on(t) for t in table.values() if "provenance" in t))
+    made: dict[str, list[str]] = {}  # where -> the labels made there
+    for label, t in table.items():
+        if "provenance" in t:
+            made.setdefault(made_on(t), []).append(label)
     lines = [f"### {dataset} ({mode} mode)", "",
              f"Recipe: `mergemix train --dataset {dataset} {' '.join(recipe)} --mix METHOD --seed S`, "
              "mean ± sample std (n − 1) over seeds; top-1 in %, ECE (15 bins), NLL and Brier on the held-out set; "
@@ -280,8 +283,11 @@ def markdown(dataset: str, mode: str, table: dict[str, dict], raw: dict[str, lis
              "sharing the machine, sometimes next to other jobs: a rough figure only, and the evaluation, the same for "
              "every method, pulls × CutMix time towards 1 (benchmarks/step_time.py measures training-step ratios, "
              "interleaved in one process).", ""]
-    if made:
-        lines += ["Rows made on " + "; on ".join(made) + ".", ""]
+    if list(made.values()) == [list(table)]:
+        lines += [f"Rows made on {next(iter(made))}.", ""]
+    elif made:  # a table that --methods grew: say which rows each line is about
+        where = "; on ".join(f"{place} ({', '.join(labels)})" for place, labels in made.items())
+        lines += [f"Rows made on {where}; the others before rows recorded where they were made.", ""]
     lines += ["| method | seeds | top-1 (%) | ECE | NLL | Brier | s/epoch | × CutMix time |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, t in sorted(table.items(), key=lambda kv: -kv[1]["top1"]):

@@ -273,6 +273,26 @@ def test_accuracy_sets_every_row_against_mergemix_paired_by_seed():
     # one seed: its spread is unknown, not zero
     assert "| cutmix | 1 | 69.00 ± – | 0.2000 ± – |" in text and "| none | 4 | 78.50 ± 13.67 |" in text
     assert "| mixup | 1 |" in text and "| mixup | 1 | -" not in text.split("Paired by seed")[1]
+    assert "Rows made on" not in text  # no row says where it was made
+
+
+def test_accuracy_table_says_which_rows_its_provenance_is_of():
+    """A table grown by --methods holds rows made elsewhere, or before rows recorded it: the line saying
+    where rows were made must name its rows unless it holds for all of them."""
+    accuracy = load("accuracy")
+    run = {"seed": 0, "top1": 70.0, "ece": 0.1, "nll": 1.0, "brier": 0.5, "epoch_time": 1.0}
+    raw = {"none": [run], "cutmix": [run], "mergemix": [run]}
+    table = {label: accuracy.aggregate(runs) for label, runs in raw.items()}
+    place = {"device": "cpu (x86_64, 1 threads)", "host": "a CPU", "commit": "abc",
+             "versions": {"torch": "2.4", "timm": "1.0.26", "mergemix": "0.1.0"}}
+    table["cutmix"]["provenance"] = place
+    text = accuracy.markdown("digits", "quick", table, raw, ["--epochs", "8"])
+    assert ("Rows made on cpu (x86_64, 1 threads) on a CPU, torch 2.4, timm 1.0.26, mergemix 0.1.0, commit abc "
+            "(cutmix); the others before rows recorded where they were made.") in text
+    for row in table.values():
+        row["provenance"] = place
+    text = accuracy.markdown("digits", "quick", table, raw, ["--epochs", "8"])
+    assert "Rows made on cpu (x86_64, 1 threads) on a CPU, torch 2.4, timm 1.0.26, mergemix 0.1.0, commit abc.\n" in text
 
 
 def test_accuracy_figure_labels_overlap_neither_each_other_nor_other_points():
