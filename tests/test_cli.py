@@ -566,3 +566,32 @@ def test_a_rank_that_lost_its_peer_prints_one_line_not_a_traceback(monkeypatch, 
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(RuntimeError, match="by peer"):
         cli.main(["train"])
+
+
+def test_running_out_of_memory_prints_one_line_with_what_to_lower(monkeypatch, capsys):
+    """A batch or image size too large for the machine is the user's to fix: one line with the size the
+    allocation asked for and the flags that shrink it, exit 1; --debug and other errors keep the traceback."""
+    def huge(argv):  # a real failure of torch's CPU allocator: 2**50 floats (4 PiB) fit no address space
+        torch.empty(2 ** 50)
+
+    monkeypatch.setitem(cli.COMMANDS, "train", huge)
+    assert cli.main(["train"]) == 1
+    assert capsys.readouterr().err == ("error: out of memory: the CPU could not give 4194304.00 GiB; lower "
+                                       "--batch-size or --img-size (--debug: the traceback)\n")
+    with pytest.raises(RuntimeError, match="DefaultCPUAllocator"):
+        cli.main(["train", "--debug"])
+
+    def gpu(argv):  # the message CUDA's caching allocator raises
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity "
+                                     "of 139.80 GiB of which 3.12 GiB is free.")
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", gpu)
+    assert cli.main(["eval"]) == 1
+    assert capsys.readouterr().err.startswith("error: out of memory: the GPU could not give 20.00 GiB; lower")
+
+    def other(argv):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setitem(cli.COMMANDS, "train", other)
+    with pytest.raises(RuntimeError, match="shapes"):  # a bug, not a size: its traceback stays
+        cli.main(["train"])

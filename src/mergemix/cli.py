@@ -1,12 +1,13 @@
 """``mergemix`` command line: train, eval, methods, viz, compare.
 
 Input errors (``mergemix.errors``) print one ``error: ...`` line on stderr and exit with code 2
-(a non-finite loss: 1); ``--debug`` shows the traceback instead. A run stopped by SIGINT/SIGTERM
+(a non-finite loss, or running out of memory: 1); ``--debug`` shows the traceback instead. A run stopped by SIGINT/SIGTERM
 exits with 128 + the signal number after writing a resumable checkpoint.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -115,13 +116,33 @@ def run_command(command: str, argv: Sequence[str] | None = None) -> int:
         print(f"{tag}interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:
+        if "--debug" in rest:
+            raise
+        if shortfall := _out_of_memory(e):  # too large a batch or image is the user's to fix, not a bug to trace
+            print(f"{tag}error: out of memory: {shortfall}; lower --batch-size or --img-size (--debug: the traceback)",
+                  file=sys.stderr)
+            return 1
         # under torchrun, the ranks a failed one leaves behind lose their connection to it mid-collective:
         # a traceback from each would bury the failed rank's own one-line error
-        if "--debug" in rest or not _lost_a_peer(e):
+        if not _lost_a_peer(e):
             raise
         print(f"{tag}error: lost the connection to another process of this run, which stopped first: its own "
               f"error line says why (--debug: this one's traceback)", file=sys.stderr)
         return 1
+
+
+def _out_of_memory(err: RuntimeError) -> str | None:
+    """What an allocation that failed asked for, in words; None for any other error. torch raises
+    ``OutOfMemoryError`` on a GPU and a plain RuntimeError from its CPU allocator."""
+    text = one_line(err)
+    cpu = re.search(r"DefaultCPUAllocator: (?:can't allocate|not enough) memory: you tried to allocate (\d+) bytes",
+                    text)
+    if cpu:
+        return f"the CPU could not give {int(cpu[1]) / 2**30:.2f} GiB"
+    if type(err).__name__ == "OutOfMemoryError":
+        asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+        return f"the GPU could not give {asked[1]}" if asked else text.split(". ")[0]
+    return None
 
 
 def _lost_a_peer(err: RuntimeError) -> bool:
