@@ -336,12 +336,15 @@ def test_tokenmix_draws_on_the_grid_of_the_input_size():
 
 
 def test_every_option_a_method_takes_is_listed_with_its_default():
-    """`mergemix methods` prints defaults(): it must name every option the constructor accepts."""
-    from mergemix.train import accepted_options
+    """`mergemix methods` prints defaults(): it must name every option the constructor accepts, each
+    with the value the constructor was given."""
+    from mergemix.mix import accepted_options
 
     for name in available():
-        listed = set(create(name, NUM_CLASSES).defaults())
-        assert accepted_options(get_class(name)) - {"num_classes", "generator"} <= listed, name
+        listed = create(name, NUM_CLASSES).defaults()
+        assert set(accepted_options(get_class(name))) - {"num_classes", "generator"} == set(listed), name
+    assert create("gridmix", NUM_CLASSES, smoothing=0.3, grid_sizes=(3, 4)).defaults() == {
+        "grid_sizes": (3, 4), "smoothing": 0.3, "prob": 1.0, "alpha": 1.0}
 
 
 class HostTraffic(TorchDispatchMode):

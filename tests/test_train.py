@@ -15,8 +15,8 @@ import torch
 
 from mergemix import checkpoint, cli, mix
 from mergemix import train as train_module
+from mergemix.mix import accepted_options
 from mergemix.mix.plain import NoMix
-from mergemix.train import accepted_options
 
 TINY = ["--model-kwargs", "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2", "--warmup-epochs", "0",
         "--deterministic", "--log-interval", "1"]
@@ -190,8 +190,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
 
 
 def test_accepted_options_follow_the_init_chain():
-    assert {"alpha", "merge_num", "lam_policy", "smoothing", "generator"} <= accepted_options(mix.get_class("mergemix"))
-    assert accepted_options(NoMix) == {"num_classes", "smoothing", "generator"}
+    assert {"alpha", "merge_num", "lam_policy", "smoothing", "generator"} <= set(accepted_options(mix.get_class("mergemix")))
+    assert accepted_options(NoMix) == ["num_classes", "smoothing", "generator"]
 
 
 def test_a_method_whose_init_passes_keywords_on_takes_its_bases_options_too(monkeypatch):
@@ -209,7 +209,7 @@ def test_a_method_whose_init_passes_keywords_on_takes_its_bases_options_too(monk
             self.depth = depth
 
     monkeypatch.setitem(mix._REGISTRY, PassesOn.name, PassesOn)
-    assert accepted_options(PassesOn) == {"num_classes", "depth", "smoothing", "generator"}
+    assert accepted_options(PassesOn) == ["num_classes", "depth", "smoothing", "generator"]  # its own first
     args = parse_train_args(["--mix", PassesOn.name, "--smoothing", "0.2", "--merge-num", "4", "--mix-opt", "depth=3"])
     objective, unused = build_objective(args, 10, torch.Generator())
     assert (objective.smoothing, objective.depth, unused) == (0.2, 3, {"merge_num": 4})

@@ -1,12 +1,13 @@
 """The training loop: one ``objective(model, x, y)`` call per step, whatever the mixing method.
 
 Order of work: data -> model -> objective (``prepare`` patches the model) -> optimizer, schedule,
-EMA -> resume -> run folder -> compile / DDP -> epochs. Every check that can fail on bad input
+EMA -> resume -> compile / DDP -> run folder -> epochs. Every check that can fail on bad input
 runs before the run folder is created, so a rejected run leaves nothing behind.
 
 Per epoch: train (loss checked every ``--log-interval`` steps: a non-finite loss stops the run
 and names the step; SIGINT/SIGTERM stop after the current step with a resumable checkpoint),
-evaluate (``EvalMetrics``, synced over processes), then on rank 0 append to summary.csv and
+evaluate (``EvalMetrics``, synced over processes; every ``--eval-interval`` epochs and the last),
+then on rank 0 append to summary.csv and
 write last.pth.tar (and model_best.pth.tar when top-1 improves), each atomically.
 """
 from __future__ import annotations
@@ -94,21 +95,6 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def accepted_options(cls: type) -> set[str]:
-    """Keyword names a class's ``__init__`` chain accepts: an ``__init__`` with ``**kwargs`` hands them
-    on to its base's, whose names count too (every method's chain ends at ``Objective.__init__``)."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None or klass is object:
-            continue
-        params = inspect.signature(init).parameters.values()
-        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return names
-
-
 def schedule_notes(args: argparse.Namespace) -> list[str]:
     """Learning-rate settings that run but are likely mistakes (a floor above the peak, a warm-up
     as long as the run): worth a line, not an error, since a user may mean them."""
@@ -130,7 +116,7 @@ def build_objective(args: argparse.Namespace, num_classes: int,
 
     if args.mix not in mix.available():
         raise ConfigError(f"unknown method --mix {args.mix!r}; choose one of: {', '.join(mix.available())}")
-    accepted = accepted_options(mix.get_class(args.mix))
+    accepted = set(mix.accepted_options(mix.get_class(args.mix)))
     options, unused = config.method_options(args, accepted)
     foreign = sorted(set(args.mix_opt) - accepted)
     if foreign:

@@ -1,14 +1,14 @@
 """One registry for every mixing method: ``available()`` lists names, ``create(name, ...)`` builds one.
 
-Each method lives in a module named after it; importing this package registers them all.
+Each method lives in a module named after it (``none`` in plain.py; ``cutmix`` and ``deit``, MixUp's
+variants, in mixup.py); importing this package registers them all.
 """
 from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from ..models import unwrap
-from .base import (Objective, StepOutput, check_option_types, mixed_targets, sample_lam, smooth_one_hot,
-                   soft_cross_entropy)
+from .base import (Objective, StepOutput, accepted_options, check_option_types, mixed_targets, sample_lam,
+                   smooth_one_hot, soft_cross_entropy)
 
 _REGISTRY: dict[str, type[Objective]] = {}
 T = TypeVar("T", bound=type[Objective])
@@ -47,5 +47,5 @@ def create(name: str, num_classes: int, **options: Any) -> Objective:
 from . import mergemix, plain  # noqa: E402,F401  (importing a method module registers it)
 from . import fmix, gridmix, mixup, resizemix, saliencymix, smmix, smoothmix, tokenmix, transmix  # noqa: E402,F401,E501
 
-__all__ = ["Objective", "StepOutput", "available", "create", "get_class", "register",
-           "mixed_targets", "sample_lam", "smooth_one_hot", "soft_cross_entropy", "unwrap"]
+__all__ = ["Objective", "StepOutput", "accepted_options", "available", "create", "get_class", "register",
+           "mixed_targets", "sample_lam", "smooth_one_hot", "soft_cross_entropy"]

@@ -90,6 +90,3 @@ class ReadsAttention:
         readout = last_readout(model)
         out.scores, out.extras["scores_of"] = recover(readout.attn, readout.index), "mixed"
         return out
-
-    def defaults(self) -> dict[str, Any]:
-        return {**super().defaults(), "readout_block": self.readout_block}  # type: ignore[misc]

@@ -6,6 +6,7 @@ The training loop calls ``objective(model, x, y)`` once per step and back-propag
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import types
@@ -153,6 +154,23 @@ def _describe(hint: Any) -> str:
     return _WORDS[hint][0] if hint in _WORDS else getattr(hint, "__name__", str(hint))
 
 
+def accepted_options(cls: type) -> list[str]:
+    """Keyword names a class's ``__init__`` chain accepts: an ``__init__`` with ``**kwargs`` hands them
+    on to its base's, whose names count too (every method's chain ends at ``Objective.__init__``).
+    The most derived ``__init__``'s names come first, each ``__init__``'s in signature order."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                  and p.name != "self" and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
 def check_option_types(cls: type, options: dict[str, Any]) -> None:
     """TypeError naming the first option whose value does not have the type ``cls.__init__`` annotates.
 
@@ -217,8 +235,9 @@ class Objective:
         return self.mixed_step(model, x, y) if self.mixup_enabled else self.clean_step(model, x, y)
 
     def defaults(self) -> dict[str, Any]:
-        """Options of this instance worth printing (``mergemix methods``); subclasses add theirs."""
-        return {"smoothing": self.smoothing}
+        """This instance's options and their values (``mergemix methods`` prints them): every keyword its
+        ``__init__`` chain takes, kept as an attribute of the same name, but the class count and generator."""
+        return {k: getattr(self, k) for k in accepted_options(type(self)) if k not in ("num_classes", "generator")}
 
     def notes(self) -> list[str]:
         """After ``prepare``: settings that run but likely not as the user means (printed by ``train``)."""

@@ -51,6 +51,3 @@ class FMix(ImageMixer):
         lam = sample_lam(self.alpha, self.generator)
         noise = fourier_noise(x.shape[0], tuple(x.shape[-2:]), self.decay_power, self.generator, x.device)
         return masked_batch(x, partner, fourier_masks(noise, lam), lam, "fmix")
-
-    def defaults(self) -> dict[str, Any]:
-        return {**super().defaults(), "decay_power": self.decay_power}

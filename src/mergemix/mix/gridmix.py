@@ -48,6 +48,3 @@ class GridMix(ImageMixer):
         cells = int(torch.randint(self.grid_sizes[0], self.grid_sizes[1] + 1, (1,), generator=self.generator))
         mask = grid_masks(lam, cells, x.shape[0], tuple(x.shape[-2:]), self.generator, x.device)
         return masked_batch(x, partner, mask, lam, "gridmix")
-
-    def defaults(self) -> dict[str, Any]:
-        return {**super().defaults(), "grid_sizes": self.grid_sizes}

@@ -113,13 +113,6 @@ class MergeMix(Objective):
             return None
         return tome_options(model, merge=True, readout=False)
 
-    def defaults(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "merge_num": self.merge_num, "r": self.r, "merge_every": self.merge_every,
-                "readout_block": self.readout_block,
-                "lam_policy": self.lam_policy, "aux_loss": self.aux_loss, "score": self.score,
-                "merge_train": self.merge_train, "mixup_alpha": self.mixup_alpha, "prop_attn": self.prop_attn,
-                **super().defaults()}
-
     def clean_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         """Plain label-smoothed CE on the forward MergeMix trains its clean loss with: merged where the
         mixed steps merge it (``aux_loss`` clean, whose clean pass gives the mask, or ``merge_train``)."""

@@ -147,10 +147,6 @@ class PairMixer(Objective):
     def mixed_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         return self.step(model, y, self.mix(x))
 
-    def defaults(self) -> dict[str, Any]:
-        alpha = {} if self.alpha is None else {"alpha": self.alpha}
-        return {**alpha, "prob": self.prob, **super().defaults()}
-
 
 class ImageMixer(PairMixer):
     """A method that needs no model; it also follows timm's ``mixer(x, y)`` contract."""

@@ -85,10 +85,6 @@ class SwitchMixer(PairMixer):
     def paste(self, x: Tensor, partner: Tensor) -> Mixed:
         return mixup_or_cutmix(x, partner, self.mixup_alpha, self.cutmix_alpha, self.switch_prob, self.generator)
 
-    def defaults(self) -> dict[str, Any]:
-        return {**super().defaults(), "mixup_alpha": self.mixup_alpha, "cutmix_alpha": self.cutmix_alpha,
-                "switch_prob": self.switch_prob}
-
 
 @register
 class DeiTMix(SwitchMixer, ImageMixer):

@@ -50,6 +50,3 @@ class ResizeMix(ImageMixer):
     def paste(self, x: Tensor, partner: Tensor) -> Mixed:
         lo, hi = self.scope
         return resizemix_batch(x, partner, lo + (hi - lo) * sample_lam(self.alpha, self.generator), self.generator)
-
-    def defaults(self) -> dict[str, Any]:
-        return {**super().defaults(), "scope": self.scope}

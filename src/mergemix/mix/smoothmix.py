@@ -44,6 +44,3 @@ class SmoothMix(ImageMixer):
     def paste(self, x: Tensor, partner: Tensor) -> Mixed:
         mask = gaussian_blob_masks(x.shape[0], tuple(x.shape[-2:]), self.sigma_range, self.generator, x.device)
         return masked_batch(x, partner, mask, None, "smoothmix")
-
-    def defaults(self) -> dict[str, Any]:
-        return {**super().defaults(), "sigma_range": self.sigma_range}

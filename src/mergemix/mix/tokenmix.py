@@ -93,6 +93,3 @@ class TokenMix(ReadsAttention, PairMixer):
 
     def relabel(self, model: nn.Module, mixed: Mixed) -> Tensor:
         return attention_lam_hat(model, mixed)
-
-    def defaults(self) -> dict[str, Any]:
-        return {**super().defaults(), "min_block": self.min_block, "max_aspect": self.max_aspect}

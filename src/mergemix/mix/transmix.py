@@ -42,6 +42,3 @@ class TransMix(ReadsAttention, SwitchMixer):
         if mixed.kind != "cutmix":
             return mixed.lam_hat
         return torch.lerp(attention_lam_hat(model, mixed), mixed.lam_hat, self.area_weight)
-
-    def defaults(self) -> dict[str, Any]:
-        return {**super().defaults(), "area_weight": self.area_weight}
