@@ -17,7 +17,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -170,13 +170,20 @@ def resolve(path: str | Path, best: bool = False) -> Path:
     return path
 
 
-def load(path: str | Path, best: bool = False) -> dict[str, Any]:
-    """Read a checkpoint (``resolve``) onto the CPU; a truncated or corrupt file is a one-line error."""
-    path = resolve(path, best)
+def _read(path: Path, allowed: Sequence[type] = ()) -> Any:
+    """``torch.load`` of ``path`` onto the CPU, unpickling only weights (and ``allowed`` classes); a
+    truncated or corrupt file is a one-line error."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling a file the user named: anything can come out (a text file: KeyError)
         raise unreadable(path, e) from None
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint (``resolve``: a run folder gives its last.pth.tar) onto the CPU."""
+    path = resolve(path)
+    ckpt = _read(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint (no state_dict in it)")
     return ckpt
@@ -189,11 +196,7 @@ def load_weights_file(path: str | Path, best: bool = False) -> dict[str, Any]:
     from timm.models import clean_state_dict
 
     path = resolve(path, best)
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling a file the user named: anything can come out (a text file: KeyError)
-        raise unreadable(path, e) from None
+    ckpt = _read(path, [argparse.Namespace])
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and "state_dict" not in ckpt:
         ckpt = {"state_dict": ckpt["model"]}
     elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):

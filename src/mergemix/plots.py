@@ -398,7 +398,7 @@ def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float
     return _save(fig, path)
 
 
-def check_figure_out(out: str | Path, flag: str = "--out") -> Path:
+def check_figure_out(out: str | Path) -> Path:
     """``out`` as the file a command is to draw its figure to, checked before the work; creates nothing.
 
     Its suffix must name an image format (``FORMATS``, the format written), and it must be neither
@@ -406,14 +406,14 @@ def check_figure_out(out: str | Path, flag: str = "--out") -> Path:
     training run): a figure must not replace what another command wrote.
     """
     path = Path(out)
-    check_names(path, flag, spare=TMP_NAME_EXTRA)  # the figure is written under a longer temporary name first
+    check_names(path, "--out", spare=TMP_NAME_EXTRA)  # the figure is written under a longer temporary name first
     if path.is_dir():
-        raise ConfigError(f"{flag} {out} is a folder: give the figure's file name, e.g. {path / 'figure.png'}")
+        raise ConfigError(f"--out {out} is a folder: give the figure's file name, e.g. {path / 'figure.png'}")
     try:
         figure_format(path)
     except ValueError as e:
-        raise ConfigError(f"{flag} {out}: {e}") from None
+        raise ConfigError(f"--out {out}: {e}") from None
     if path.exists() and ((path.parent / "results.json").is_file() or holds_training_run(path.parent)):
-        raise ConfigError(f"{flag} {out} would replace a file of the run or evaluation in {path.parent}: "
-                          f"choose another {flag}")
+        raise ConfigError(f"--out {out} would replace a file of the run or evaluation in {path.parent}: "
+                          "choose another --out")
     return path
