@@ -409,6 +409,17 @@ def test_help_states_each_default_once_and_mergemix_s_as_its_constructor(command
         assert defaults["merge_train"].default is True and "(MergeMix; default: on)" in out
 
 
+def test_mergemix_flags_offer_the_values_the_method_accepts():
+    """The parser lists its choices by hand (config imports no torch); they must not drift from the method's."""
+    from mergemix.config import build_train_parser
+    from mergemix.mix.mergemix import AUX_LOSSES, LAM_POLICIES
+    from mergemix.tome import SCORES
+
+    choices = {a.dest: a.choices for a in build_train_parser()._actions}
+    assert set(choices["lam_policy"]) == set(LAM_POLICIES) and set(choices["aux_loss"]) == set(AUX_LOSSES)
+    assert set(choices["score"]) == set(SCORES)
+
+
 def test_unwritable_output(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

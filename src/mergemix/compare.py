@@ -166,7 +166,7 @@ def _cell(value: float, digits: int, std: float | None = None) -> str:
 
 
 def markdown_table(runs: Sequence[Run]) -> str:
-    """One row per run: run, method, top-1 (%), ECE (fraction, 15 bins), NLL, seconds per epoch."""
+    """One row per run: run, method, top-1 (%), ECE (fraction, with the run's --ece-bins), NLL, seconds per epoch."""
     lines = ["| run | method | top-1 (%) | ECE | NLL | time/epoch (s) |", "|---|---|---:|---:|---:|---:|"]
     for r in runs:
         lines.append(f"| {r.label} | {r.method} | {_cell(r.top1, 2)} | {_cell(r.ece, 4)} | {_cell(r.nll, 4)} "

@@ -253,7 +253,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--merge-every", type=int, default=None,
                    help="merge in every k-th block only, the same total in fewer steps (MergeMix; default: 1)")
     g.add_argument("--readout-block", type=int, default=None,
-                   help="0-based index of the read-out block (MergeMix; default: floor(0.75 depth) - 1, 8 of 12)")
+                   help="0-based index of the block whose CLS attention is read (MergeMix; default: floor(0.75 depth) - 1, "
+                        "8 of 12; TransMix, TokenMix, SMMix: default -1, the last)")
     g.add_argument("--lam-policy", default=None, choices=("gaussian", "area"),
                    help="label ratio policy (MergeMix; default: area)")
     g.add_argument("--aux-loss", default=None, choices=("clean", "mixup", "none"),
