@@ -27,9 +27,9 @@ def box_mask(boxes: Tensor, size: tuple[int, int]) -> Tensor:
 def centred_boxes(cy: Tensor, cx: Tensor, cut: tuple[int, int], size: tuple[int, int]) -> Tensor:
     """Boxes of cut = (h, w) pixels centred on (cy, cx), (B,) each, clipped to the image (CutMix's box).
 
-    The box spans [c - h//2, c - h//2 + h) before clipping: h pixels, where the CutMix paper's code and
-    timm's ``rand_bbox`` take [c - h//2, c + h//2), a pixel shorter for odd h. Labels follow the area
-    either way.
+    The box spans [c - h//2, c - h//2 + h) before clipping: h pixels, as timm's ``rand_bbox`` from 1.0.29
+    on, where the CutMix paper's code (and timm before) take [c - h//2, c + h//2), a pixel shorter for
+    odd h. Labels follow the area either way.
     returns: (B, 4) long.
     """
     y0, x0 = cy - cut[0] // 2, cx - cut[1] // 2
