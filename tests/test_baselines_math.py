@@ -204,6 +204,15 @@ def test_spectral_residual_finds_the_odd_spot():
     assert 3 <= cy[1] < 11 and 36 <= cx[1] < 44
 
 
+def test_spectral_residual_is_the_same_under_autocast():
+    """The objective runs inside --amp's autocast: the saliency (and so the box) must not depend on it."""
+    x = torch.rand(4, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed_precision = spectral_residual(x)
+    assert mixed_precision.dtype == torch.float32
+    torch.testing.assert_close(mixed_precision, spectral_residual(x), atol=0, rtol=0)
+
+
 def test_saliencymix_box_covers_the_partners_spot(monkeypatch):
     """The pasted box is centred on the PARTNER's odd spot (not the own one) and holds the partner's pixels."""
     x = two_spot_images()

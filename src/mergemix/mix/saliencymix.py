@@ -10,6 +10,8 @@ by a 5x5 Gaussian with σ = 8 (OpenCV smooths before squaring). All batched on t
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,17 +34,20 @@ def _smooth(img: Tensor, kernel: Tensor) -> Tensor:
 
 
 def spectral_residual(x: Tensor) -> Tensor:
-    """(B, C, H, W) images -> (B, 64, 64) spectral-residual saliency of their grey versions."""
-    grey = x.float().mean(dim=1, keepdim=True)
-    grey = F.interpolate(grey, size=(SALIENCY_SIZE, SALIENCY_SIZE), mode="bilinear", align_corners=False)
-    spectrum = torch.fft.fft2(grey)
-    log_amp = spectrum.abs().clamp_min(1e-8).log()
-    box = torch.full((3,), 1.0 / 3, device=x.device)
-    residual = log_amp - _smooth(log_amp, box)
-    saliency = torch.fft.ifft2(torch.polar(residual.exp(), spectrum.angle())).abs() ** 2
-    t = torch.arange(BLUR_SIZE, device=x.device, dtype=torch.float32) - BLUR_SIZE // 2
-    gauss = torch.exp(-t**2 / (2 * BLUR_SIGMA**2))
-    return _smooth(saliency, gauss / gauss.sum())[:, 0]
+    """(B, C, H, W) images -> (B, 64, 64) spectral-residual saliency of their grey versions, in float32
+    under --amp too (autocast would run its convolutions in bfloat16 and move the peak by a pixel)."""
+    device = x.device.type  # (a device without autocast, such as meta, has nothing to switch off)
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+        grey = x.float().mean(dim=1, keepdim=True)
+        grey = F.interpolate(grey, size=(SALIENCY_SIZE, SALIENCY_SIZE), mode="bilinear", align_corners=False)
+        spectrum = torch.fft.fft2(grey)
+        log_amp = spectrum.abs().clamp_min(1e-8).log()
+        box = torch.full((3,), 1.0 / 3, device=x.device)
+        residual = log_amp - _smooth(log_amp, box)
+        saliency = torch.fft.ifft2(torch.polar(residual.exp(), spectrum.angle())).abs() ** 2
+        t = torch.arange(BLUR_SIZE, device=x.device, dtype=torch.float32) - BLUR_SIZE // 2
+        gauss = torch.exp(-t**2 / (2 * BLUR_SIGMA**2))
+        return _smooth(saliency, gauss / gauss.sum())[:, 0]
 
 
 def saliency_peaks(saliency: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
