@@ -11,6 +11,12 @@ What is implemented, per step:
 4. the label weight of the own class is the kept area, 1 − kh·kw/L.
 Not implemented: the paper's fine-grained token-level labels and its feature-consistency loss
 (both need extra heads or outputs beyond the class logits).
+
+Also unlike the authors' code (ChenMnZ/SMMix, ``smmix.py`` and ``deit.py``): there a patch's score is
+the mean attention it receives from the patches (last block, heads averaged), not the CLS row; the
+window side is uniform over ⌊0.25·side⌋..⌊0.75·side⌋ patches (3..10 of 14), not from λ; the
+attention pass runs in eval mode (here in the training model's mode, drop-path included); and it
+alternates with MixUp (switch 0.5).
 """
 from __future__ import annotations
 

@@ -6,9 +6,13 @@ batch) sets the target of ⌊(1−λ)·L⌋ partner tokens; each round every sam
 rectangle of area U(min(min_block, remaining), remaining) tokens (remaining: the tokens still to
 place) and aspect ratio log-uniform in [1/max_aspect, max_aspect] at a uniform place, accepted
 when it adds new tokens without overshooting the target; after ``rounds`` rounds a sample may fall a little short of it.
-The paper labels with the attention of a pre-trained teacher; here, as TransMix does, the
-model's own CLS attention (last block, heads averaged) from the same training forward gives the
-own class's weight: the attention mass on the own tokens.
+Here, as TransMix does, the model's own CLS attention (last block, heads averaged) from the same
+training forward gives the own class's weight: the attention mass on the own tokens.
+
+Where this departs from the authors' code (Sense-X/TokenMix, ``tokenmix.py``): there each image's
+weight is the share of a pre-trained teacher's class map (ReLabel's, precomputed per image) over the
+tokens it contributes; the partner's share is fixed at half the tokens plus 14, not drawn from
+Beta(α, α); blocks may be one token (here ``min_block``, 4); and it alternates with MixUp (switch 0.5).
 """
 from __future__ import annotations
 
