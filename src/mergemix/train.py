@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
-import inspect
 import io
 import os
 import random
@@ -584,7 +583,7 @@ class Trainer:
         if self.unused_options:
             self.log(f"note   --mix {args.mix} takes no {', '.join(f'{k}={v}' for k, v in self.unused_options.items())}: "
                      f"ignored (its options: `mergemix methods`; set them with --mix-alpha or --mix-opt)")
-        ignored = data.ignored_augmentation(args, config.build_train_parser().parse_args([]))
+        ignored = data.ignored_augmentation(args, config.train_defaults())
         if ignored:
             self.log(f"note   {', '.join(ignored)}: ignored, {args.dataset} has its own fixed augmentation "
                      f"(these flags shape the RGB data sets': cifar10, cifar100, imagefolder)")

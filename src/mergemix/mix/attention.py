@@ -6,8 +6,6 @@ TransMix reads "the attention map of the last Transformer block".
 """
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 
 from ..mask import patch_fraction, recover

@@ -7,8 +7,6 @@ grey image; the ⌊λ·H·W⌋ brightest pixels are the own image, the rest the 
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 

@@ -7,8 +7,6 @@ head (a per-cell classification loss) needs an extra model head and is not imple
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 

@@ -8,8 +8,6 @@ per sample.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 

@@ -9,8 +9,6 @@ resize, antialiased); the place is drawn per sample.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor

@@ -8,8 +8,6 @@ blob's spread is the method's only random ratio: it draws no Beta(α, α), so it
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 

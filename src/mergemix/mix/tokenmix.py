@@ -17,7 +17,6 @@ Beta(α, α); blocks may be one token (here ``min_block``, 4); and it alternates
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -13,8 +13,6 @@ w = 0 (the default); the authors' released code averages the two, w = 0.5, for p
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
