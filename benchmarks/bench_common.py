@@ -194,6 +194,18 @@ def seconds(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def median_ms(fns: dict[str, Callable[[], object]], device: torch.device, reps: int) -> dict[str, float]:
+    """Median ms per call of each fn, calls interleaved round-robin after one warm-up each (so that a
+    slow spell of the machine falls on all of them alike)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(reps):
+        for k, fn in fns.items():
+            times[k].append(seconds(fn, device) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def one_line_errors(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
     """Wrap a script's ``main(argv)``: an input error (``MergeMixError``) prints one line and
     returns its exit code; anything else is a bug and keeps its traceback."""

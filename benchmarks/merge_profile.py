@@ -14,7 +14,6 @@ Prints a report; writes it as JSON with --out.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from typing import Sequence
@@ -23,8 +22,8 @@ import timm
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_common import (as_graph, at_least, device, merged_copy, model_name, one_line_errors, output_file, save_json,
-                          seconds, sync)
+from bench_common import (as_graph, at_least, device, median_ms, merged_copy, model_name, one_line_errors, output_file,
+                          save_json, sync)
 from mergemix.mix.mergemix import default_readout_block
 
 
@@ -40,17 +39,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--out", type=output_file, default=None)
     return p.parse_args(argv)
-
-
-def median_ms(fns: dict, device: torch.device, reps: int) -> dict[str, float]:
-    """Median ms per call of each fn, calls interleaved round-robin after one warm-up each."""
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(reps):
-        for k, fn in fns.items():
-            times[k].append(seconds(fn, device) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def compile_and_time(net, x, device: torch.device, reps: int) -> dict[str, float]:

@@ -35,8 +35,8 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
 import mergemix.tome as tome
-from bench_common import as_graph, at_least, device, output_file, save_json
-from merge_profile import compile_and_time, median_ms
+from bench_common import as_graph, at_least, device, median_ms, output_file, save_json
+from merge_profile import compile_and_time
 
 MASKED = tome._attention
 PAD = 8  # head_dim 64 -> 72, a size the fused kernels accept

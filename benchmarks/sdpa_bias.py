@@ -63,6 +63,8 @@ def inputs(B: int, H: int, N: int, D: int, device: torch.device, dtype: torch.dt
 
 
 def median_ms(fn, device: torch.device, reps: int) -> float:
+    """Median ms of one kernel call, by CUDA events: bench_common's host timer would count the launch too,
+    which for calls this small is much of the time."""
     fn()
     times = []
     for _ in range(reps):

@@ -31,8 +31,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 import mergemix.mix as mix
-from bench_common import (as_graph, at_least, device, model_name, one_line_errors, output_file, provenance, seconds,
-                          sync)
+from bench_common import (as_graph, at_least, device, median_ms, model_name, one_line_errors, output_file, provenance,
+                          seconds, sync)
 from mergemix import mask as M
 from mergemix import models, tome
 from mergemix.config import COMPILE_MODES, key_value
@@ -230,8 +230,7 @@ def count_kernel_ops(fn) -> int:
 
 def time_fn(fn, device, reps: int) -> float:
     """Median seconds of ``fn()`` over ``reps`` calls after one warm-up."""
-    fn()
-    return statistics.median(seconds(fn, device) for _ in range(reps))
+    return median_ms({"fn": fn}, device, reps)["fn"] / 1e3
 
 
 def mask_work_seconds(runner: Runner, x, device, reps: int) -> float:

@@ -20,8 +20,8 @@ from typing import Sequence
 import timm
 import torch
 
-from bench_common import at_least, device, merged_copy, model_name, one_line_errors, output_file, save_json, sync
-from merge_profile import median_ms
+from bench_common import (at_least, device, median_ms, merged_copy, model_name, one_line_errors, output_file, save_json,
+                          sync)
 from mergemix.config import COMPILE_MODES
 from mergemix.errors import ConfigError
 
