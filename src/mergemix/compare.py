@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from . import checkpoint
-from .config import ArgumentParser, build_train_parser
+from .config import ArgumentParser, train_defaults
 from .errors import DataError
 from .plots import check_figure_out, number, overlay_reliability
 
@@ -55,7 +55,7 @@ _NOT_SETTINGS = {"seed", "output", "experiment", "resume", "data_dir", "download
 def _settings(args: dict[str, Any]) -> dict[str, Any]:
     """What a run trained: its args but ``_NOT_SETTINGS``; a flag added after the run was made counts
     at its default, the setting the run had, so older runs group with newer ones of the same recipe."""
-    defaults = vars(build_train_parser().parse_args([]))
+    defaults = vars(train_defaults())
     return {k: v for k, v in {**defaults, **args}.items() if k not in _NOT_SETTINGS}
 
 

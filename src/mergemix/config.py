@@ -12,6 +12,7 @@ import argparse
 import collections
 import copy
 import difflib
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -394,6 +395,16 @@ def _explicit(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
     return set(vars(bare.parse_args(argv)))
 
 
+def train_defaults() -> argparse.Namespace:
+    """``mergemix train``'s settings when no flag is given (a copy of its own: callers change theirs)."""
+    return copy.deepcopy(_train_defaults())
+
+
+@functools.lru_cache(maxsize=1)
+def _train_defaults() -> argparse.Namespace:
+    return build_train_parser().parse_args([])
+
+
 def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``mergemix train`` flags with recipe and checkpoint layers (see module docstring)."""
     from . import checkpoint  # torch import deferred until needed
@@ -471,7 +482,7 @@ def method_options(args: argparse.Namespace, accepted: set[str]) -> tuple[dict[s
     unused = {k: v for k, v in named.items() if k not in used}
     # neither may win silently: a recipe's mix_opt would otherwise beat a flag typed now (a flag left at
     # its default, --smoothing's 0.0, sets nothing)
-    defaults = {a.dest: a.default for a in build_train_parser()._actions}
+    defaults = vars(train_defaults())
     for key in (k for k in used if k in args.mix_opt and args.mix_opt[k] != used[k]):
         if used[key] != defaults.get(flag_of[key]):
             raise ConfigError(f"--{flag_of[key].replace('_', '-')} {used[key]} and --mix-opt {key}={args.mix_opt[key]} "

@@ -17,8 +17,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, data, models
-from .config import (DATASETS, ECE_BINS, ArgumentParser, HelpFormatter, as_dict, build_train_parser, check_limits,
-                     key_value)
+from .config import (DATASETS, ECE_BINS, ArgumentParser, HelpFormatter, as_dict, check_limits, key_value,
+                     train_defaults)
 from .distributed import Context, cleanup, setup
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .tome import patch_tome, tokens_per_block
@@ -128,7 +128,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 def run_args(ckpt: dict[str, Any], cli: argparse.Namespace) -> argparse.Namespace:
     """The training arguments of the checkpoint, with this command's data and model flags on top."""
-    args = build_train_parser().parse_args([])
+    args = train_defaults()
     saved = ckpt.get("args") or {}
     vars(args).update({k: v for k, v in saved.items() if k in vars(args)})
     if not saved:  # a weights file, or another tool's checkpoint: its arch (timm's) or --model says what to build
