@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import timm
 import torch
@@ -41,7 +41,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def compile_and_time(net, x, device: torch.device, reps: int) -> dict[str, float]:
+def compile_and_time(net: torch.nn.Module, x: torch.Tensor, device: torch.device, reps: int) -> dict[str, float]:
     """torch.compile ``net``: seconds of its first call (compiling included), then ms per call."""
     fn = torch.compile(net)
     t = time.perf_counter()
@@ -51,7 +51,7 @@ def compile_and_time(net, x, device: torch.device, reps: int) -> dict[str, float
     return {"compile_and_first_call_s": first, "ms": median_ms({"compiled": lambda: fn(x)}, device, reps)["compiled"]}
 
 
-def efficient_attention(net, x):
+def efficient_attention(net: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
     """The merged forward with SDPA held to the memory-efficient kernel (None where it can't run)."""
     def call():
         with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):

@@ -18,7 +18,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -76,6 +76,7 @@ class TensorImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        """The (C, H, W) image ``i``, padded, cropped and flipped at random if so built, normalised; its label."""
         x = self.images[i]
         if self.pad:
             h, w = x.shape[-2:]
@@ -207,7 +208,10 @@ def ignored_augmentation(args: argparse.Namespace, defaults: argparse.Namespace)
             if getattr(args, k) != getattr(defaults, k)]
 
 
-def _rgb_transforms(args: argparse.Namespace, img_size: int, mean, std, crop_pct: float) -> tuple:
+def _rgb_transforms(args: argparse.Namespace, img_size: int, mean: Sequence[float], std: Sequence[float],
+                    crop_pct: float) -> tuple[Callable, Callable]:
+    """timm's (train, eval) transforms for RGB images: augmentation from the flags, a centre crop of
+    ``--crop-pct`` (else ``crop_pct``) for evaluation; a policy timm does not know is a ConfigError."""
     from timm.data import create_transform
 
     common = dict(input_size=img_size, interpolation=args.interpolation, mean=mean, std=std)
@@ -351,7 +355,7 @@ class ResumableSampler(DistributedSampler):
 
     skip = 0
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())[self.skip:]
         self.skip = 0
         return iter(indices)

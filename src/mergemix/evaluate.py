@@ -78,11 +78,13 @@ def write_results(run_dir: Path, metrics: dict[str, Any], extra: dict[str, Any],
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
+    """The metrics of one evaluation on one line, as train and eval print them."""
     return (f"top-1 {metrics['top1']:.2f} %  top-5 {metrics['top5']:.2f} %  ECE {metrics['ece']:.4f}  "
             f"NLL {metrics['nll']:.4f}  Brier {metrics['brier']:.4f}")
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
+    """``mergemix eval``'s flags."""
     p = ArgumentParser(prog="mergemix eval", formatter_class=HelpFormatter,
                        description="Evaluate a checkpoint; writes results.json and reliability.png.")
     p.add_argument("--checkpoint", required=True,

@@ -151,6 +151,7 @@ def load_scheduler_state(scheduler: Scheduler, state: dict[str, Any]) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's (which takes 32 bits) and torch's global generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

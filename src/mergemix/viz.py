@@ -32,6 +32,7 @@ DEFAULT_SAMPLES = 8  # rows of a grid
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``mergemix viz``'s flags."""
     p = ArgumentParser(prog="mergemix viz", description=__doc__.split("\n\n")[1].replace("\n", " ").replace("``", "`"),
                        formatter_class=HelpFormatter)
     p.add_argument("--mix", default=None,
@@ -78,7 +79,10 @@ def _fresh_args(cli: argparse.Namespace) -> argparse.Namespace:
 
 def draw_step(x: Tensor, out: StepOutput, model: nn.Module, path: str | Path, mean: Sequence[float],
               std: Sequence[float], max_samples: int = DEFAULT_SAMPLES, title: str | None = None) -> Path:
-    """Draw one step of a method (``plots.mix_grid`` on the model's patch grid) to ``path``, atomically."""
+    """Draw one step of a method (``plots.mix_grid`` on the model's patch grid) to ``path``, atomically.
+
+    x: the (B, C, H, W) images the step mixed, normalised with ``mean`` and ``std``; out: its StepOutput.
+    """
     net = unwrap(model)
     patch = patch_size(net) if hasattr(getattr(net, "patch_embed", None), "feat_ratio") else None
     path = Path(path)
