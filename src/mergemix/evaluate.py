@@ -217,11 +217,10 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
     # the training run's method, seed and args let `mergemix compare` group evaluations as it groups runs;
     # eval_seconds is the wall time of the whole pass, data loading included: a rough figure
     # (step_time.py times forwards alone)
-    extra = {"checkpoint": str(path.resolve()), "epoch": ckpt.get("epoch"), "weights": key, "model": args.model,
-             "dataset": args.dataset, "method": args.mix, "seed": args.seed, "ece_bins": cli.ece_bins,
-             "amp_dtype": cli.amp_dtype if cli.amp else None,
-             "num_images": n, **merging, "eval_seconds": seconds, "images_per_s": n / seconds,
-             "train_args": ckpt.get("args") or {}}
+    settings = _evaluation_settings(cli, path, args.dataset)  # its merge keys come with ``merging``, where it merges
+    extra = {**{k: v for k, v in settings.items() if k not in _MERGE_KEYS}, "epoch": ckpt.get("epoch"),
+             "model": args.model, "method": args.mix, "seed": args.seed, "num_images": n, **merging,
+             "eval_seconds": seconds, "images_per_s": n / seconds, "train_args": ckpt.get("args") or {}}
     every = f", merging every {cli.merge_every} blocks" if cli.merge_every != 1 else ""
     noprop = ", no proportional attention" if not cli.prop_attn else ""
     tome = f", ToMe merge_num {cli.merge_num}{every}{noprop}" if merging else ""
@@ -262,8 +261,8 @@ def eval_folder(cli: argparse.Namespace, path: Path, dataset: str) -> Path:
 
 
 # what makes an evaluation what it is: one evaluated again these ways may replace its own results only
-_EVALUATION_KEYS = ("checkpoint", "weights", "dataset", "ece_bins", "amp_dtype", "merge_num", "merge_every",
-                    "prop_attn")
+_MERGE_KEYS = ("merge_num", "merge_every", "prop_attn")  # written only by an evaluation that merges
+_EVALUATION_KEYS = ("checkpoint", "weights", "dataset", "ece_bins", "amp_dtype", *_MERGE_KEYS)
 
 
 def _evaluation_settings(cli: argparse.Namespace, path: Path, dataset: str) -> dict[str, Any]:
@@ -287,7 +286,7 @@ def _other_evaluation(results: Path, mine: dict[str, Any]) -> str:
     if not isinstance(theirs, dict):
         return f"a {results.name} that is not an evaluation's"
     if "merge_num" not in theirs:  # an evaluation without merging writes none of its keys
-        theirs = {**theirs, "merge_num": None, "merge_every": None, "prop_attn": None}
+        theirs = {**theirs, **dict.fromkeys(_MERGE_KEYS)}
     # a key an older version did not write (amp_dtype, prop_attn) counts as the same
     return ", ".join(f"{k} {theirs[k]}" for k in _EVALUATION_KEYS if k in theirs and not _same(k, theirs[k], mine[k]))
 
