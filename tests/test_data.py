@@ -155,6 +155,9 @@ def test_cifar_missing_without_download(tmp_path):
 def test_train_subset_and_sampler_skip():
     bundle = data.build(args_for(train_subset=100))
     assert len(bundle.train) == 100
+    # the benchmarks compare methods and seeds on one subset: it must depend on neither
+    other = data.build(args_for(train_subset=100, seed=7, mix="cutmix"))
+    assert other.train.indices == bundle.train.indices
     loader = data.train_loader(bundle, 10, 0, 0, 1, seed=1, device=torch.device("cpu"))
     loader.sampler.set_epoch(3)
     full = [y.tolist() for _, y in loader]
