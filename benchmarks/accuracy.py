@@ -1,6 +1,6 @@
 """Accuracy and calibration of every mixing method, same recipe and budget, several seeds.
 
-    python benchmarks/accuracy.py --mode quick --jobs 2  # digits, every method, 3 seeds, 8 epochs (~14 min, 2-core CPU)
+    python benchmarks/accuracy.py --mode quick --jobs 2  # digits, every method, 3 seeds, 8 epochs (~15 min, 2-core CPU)
     python benchmarks/accuracy.py --mode full      # digits + Fashion-MNIST, 3 seeds, MergeMix ablations on digits
     python benchmarks/accuracy.py --mode gpu       # Fashion-MNIST at a longer budget, on CUDA
     python benchmarks/accuracy.py --mode long --methods none mixup cutmix mergemix --jobs 2
@@ -85,7 +85,7 @@ FAST_RECIPE = {"mergemix[aux=none,prop_attn=off,merge_every=2]": FAST_FLAGS,
 # Per dataset: the recipe and the budget of each mode (flags appended to `mergemix train`).
 # digits: the built-in default recipe (16x16, 4x4 patches, 16 tokens, 8 merged). Fashion-MNIST: its
 # recipe with a smaller model (7x7 patches: 16 tokens, 8 merged) and a 5k-image training subset, so
-# that 13 methods x 3 seeds fit the 2-core CPU; the test set is the full 10k images.
+# that 13 methods and MergeMix at equal time, x 3 seeds, fit the 2-core CPU; the test set is the full 10k images.
 FASHION_SMALL = ["-c", "configs/fashion_mnist.yaml", "--model-kwargs", "patch_size=7", "embed_dim=64", "depth=4",
                  "num_heads=2", "--merge-num", "8"]
 RECIPES = {
@@ -287,7 +287,9 @@ def markdown(dataset: str, mode: str, table: dict[str, dict], raw: dict[str, lis
         lines += [f"Rows made on {next(iter(made))}.", ""]
     elif made:  # a table that --methods grew: say which rows each line is about
         where = "; on ".join(f"{place} ({', '.join(labels)})" for place, labels in made.items())
-        lines += [f"Rows made on {where}; the others before rows recorded where they were made.", ""]
+        older = sum(map(len, made.values())) < len(table)
+        lines += [f"Rows made on {where}" + ("; the others before rows recorded where they were made" if older else "")
+                  + ".", ""]
     lines += ["| method | seeds | top-1 (%) | ECE | NLL | Brier | s/epoch | × CutMix time |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, t in sorted(table.items(), key=lambda kv: -kv[1]["top1"]):

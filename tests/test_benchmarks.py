@@ -293,6 +293,10 @@ def test_accuracy_table_says_which_rows_its_provenance_is_of():
         row["provenance"] = place
     text = accuracy.markdown("digits", "quick", table, raw, ["--epochs", "8"])
     assert "Rows made on cpu (x86_64, 1 threads) on a CPU, torch 2.4, timm 1.0.26, mergemix 0.1.0, commit abc.\n" in text
+    table["none"]["provenance"] = {**place, "commit": "def"}  # every row recorded, in two places
+    text = accuracy.markdown("digits", "quick", table, raw, ["--epochs", "8"])
+    assert ("mergemix 0.1.0, commit def (none); on cpu (x86_64, 1 threads) on a CPU, torch 2.4, timm 1.0.26, "
+            "mergemix 0.1.0, commit abc (cutmix, mergemix).\n") in text
 
 
 def test_accuracy_figure_labels_overlap_neither_each_other_nor_other_points():
