@@ -588,7 +588,8 @@ def test_running_out_of_memory_prints_one_line_with_what_to_lower(monkeypatch, c
     monkeypatch.setitem(cli.COMMANDS, "train", huge)
     assert cli.main(["train"]) == 1
     assert capsys.readouterr().err == ("error: out of memory: the CPU could not give 4194304.00 GiB; lower "
-                                       "--batch-size or --img-size (--debug: the traceback)\n")
+                                       "--batch-size (--eval-batch-size for the evaluation) or --img-size (--debug: "
+                                       "the traceback)\n")
     with pytest.raises(RuntimeError, match="DefaultCPUAllocator"):
         cli.main(["train", "--debug"])
 
@@ -598,7 +599,17 @@ def test_running_out_of_memory_prints_one_line_with_what_to_lower(monkeypatch, c
 
     monkeypatch.setitem(cli.COMMANDS, "eval", gpu)
     assert cli.main(["eval"]) == 1
-    assert capsys.readouterr().err.startswith("error: out of memory: the GPU could not give 20.00 GiB; lower")
+    assert capsys.readouterr().err.startswith("error: out of memory: the GPU could not give 20.00 GiB; lower "
+                                              "--batch-size or --img-size")
+
+    def small(argv):  # below 1 KiB torch counts in bytes; viz has no --batch-size
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512 bytes. GPU 0 has a total capacity "
+                                     "of 139.80 GiB of which 0 bytes is free.")
+
+    monkeypatch.setitem(cli.COMMANDS, "viz", small)
+    assert cli.main(["viz"]) == 1
+    assert capsys.readouterr().err.startswith("error: out of memory: the GPU could not give 512 bytes; lower "
+                                              "--num-samples or --img-size")
 
     def other(argv):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")

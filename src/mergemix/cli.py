@@ -119,8 +119,8 @@ def run_command(command: str, argv: Sequence[str] | None = None) -> int:
         if "--debug" in rest:
             raise
         if shortfall := _out_of_memory(e):  # too large a batch or image is the user's to fix, not a bug to trace
-            print(f"{tag}error: out of memory: {shortfall}; lower --batch-size or --img-size (--debug: the traceback)",
-                  file=sys.stderr)
+            print(f"{tag}error: out of memory: {shortfall}; lower {SIZE_FLAGS.get(command, '--img-size')} (--debug: "
+                  f"the traceback)", file=sys.stderr)
             return 1
         # under torchrun, the ranks a failed one leaves behind lose their connection to it mid-collective:
         # a traceback from each would bury the failed rank's own one-line error
@@ -129,6 +129,11 @@ def run_command(command: str, argv: Sequence[str] | None = None) -> int:
         print(f"{tag}error: lost the connection to another process of this run, which stopped first: its own "
               f"error line says why (--debug: this one's traceback)", file=sys.stderr)
         return 1
+
+
+# what shrinks a command's memory, for its out-of-memory error
+SIZE_FLAGS = {"train": "--batch-size (--eval-batch-size for the evaluation) or --img-size",
+              "eval": "--batch-size or --img-size", "viz": "--num-samples or --img-size"}
 
 
 def _out_of_memory(err: RuntimeError) -> str | None:
@@ -140,7 +145,7 @@ def _out_of_memory(err: RuntimeError) -> str | None:
     if cpu:
         return f"the CPU could not give {int(cpu[1]) / 2**30:.2f} GiB"
     if type(err).__name__ == "OutOfMemoryError":
-        asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+        asked = re.search(r"Tried to allocate ([\d.]+ (?:[KMGT]i?B|B|bytes))", text)
         return f"the GPU could not give {asked[1]}" if asked else text.split(". ")[0]
     return None
 
