@@ -593,27 +593,20 @@ def test_running_out_of_memory_prints_one_line_with_what_to_lower(monkeypatch, c
     with pytest.raises(RuntimeError, match="DefaultCPUAllocator"):
         cli.main(["train", "--debug"])
 
-    def gpu(argv):  # the message CUDA's caching allocator raises
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity "
-                                     "of 139.80 GiB of which 3.12 GiB is free.")
+    def raising(err):
+        def command(argv):
+            raise err
+        return command
 
-    monkeypatch.setitem(cli.COMMANDS, "eval", gpu)
-    assert cli.main(["eval"]) == 1
-    assert capsys.readouterr().err.startswith("error: out of memory: the GPU could not give 20.00 GiB; lower "
-                                              "--batch-size or --img-size")
+    # CUDA's caching allocator's message; below 1 KiB it counts in bytes; viz has no --batch-size
+    for command, asked, flags in (("eval", "20.00 GiB", "--batch-size or --img-size"),
+                                  ("viz", "512 bytes", "--num-samples or --img-size")):
+        monkeypatch.setitem(cli.COMMANDS, command, raising(torch.OutOfMemoryError(
+            f"CUDA out of memory. Tried to allocate {asked}. GPU 0 has a total capacity of 139.80 GiB of which 0 "
+            "bytes is free.")))
+        assert cli.main([command]) == 1
+        assert capsys.readouterr().err.startswith(f"error: out of memory: the GPU could not give {asked}; lower {flags}")
 
-    def small(argv):  # below 1 KiB torch counts in bytes; viz has no --batch-size
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512 bytes. GPU 0 has a total capacity "
-                                     "of 139.80 GiB of which 0 bytes is free.")
-
-    monkeypatch.setitem(cli.COMMANDS, "viz", small)
-    assert cli.main(["viz"]) == 1
-    assert capsys.readouterr().err.startswith("error: out of memory: the GPU could not give 512 bytes; lower "
-                                              "--num-samples or --img-size")
-
-    def other(argv):
-        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
-
-    monkeypatch.setitem(cli.COMMANDS, "train", other)
+    monkeypatch.setitem(cli.COMMANDS, "train", raising(RuntimeError("mat1 and mat2 shapes cannot be multiplied")))
     with pytest.raises(RuntimeError, match="shapes"):  # a bug, not a size: its traceback stays
         cli.main(["train"])
