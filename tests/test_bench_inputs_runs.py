@@ -118,7 +118,8 @@ def test_accuracy_rows_say_where_and_with_what_they_were_made(accuracy, tmp_path
     assert made["host"].endswith(f", {os.cpu_count()} cores") and made["commit"].startswith(head)
     assert made["versions"]["torch"] == torch.__version__
     text = path.with_suffix(".md").read_text()
-    assert "with 1 or 2 runs sharing the machine" in text and f"commit {made['commit']}." in text
+    # the two rows ran with 1 and 2 threads: the line names each one's rows
+    assert "with 1 or 2 runs sharing the machine" in text and f"commit {made['commit']} (none); on " in text
 
 
 def test_accuracy_reuses_a_finished_run_only_for_the_settings_it_was_made_with(tmp_path, monkeypatch, capsys):
