@@ -438,6 +438,16 @@ def test_accuracy_equal_time_row_counts_the_epochs_the_runs_get(tmp_path):
     assert cmd[len(cmd) - cmd[::-1].index("--epochs")] == "6"
 
 
+def test_accuracy_equal_time_share_follows_the_modes_cost_ratio():
+    """Where MergeMix costs ~1.2x CutMix per epoch (small-data, the 49-token modes), equal time is 0.8 of the
+    epochs, not the 0.6 of the ~1.6x tables: 80 of small-data's 100 epochs, 8 of tokens' 10."""
+    accuracy = load("accuracy")
+    recipes = accuracy.RECIPES["fashion-mnist"]
+    assert accuracy.plan("small-data", "fashion-mnist", recipes["small-data"], None)["mergemix[equal time]"][-1] == "80"
+    assert accuracy.plan("tokens", "fashion-mnist", recipes["tokens"], None)["mergemix[equal time]"][-1] == "8"
+    assert accuracy.plan("long", "fashion-mnist", recipes["long"], None)["mergemix[equal time]"][-1] == "36"
+
+
 def test_accuracy_tokens196_mode_trains_the_gpu_targets_token_count():
     """tokens196 is tokens-long with 2x2 patches: a model of 196 patch tokens with 98 merged, as in the
     GPU speed targets, and otherwise the same recipe."""
