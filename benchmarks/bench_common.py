@@ -120,13 +120,17 @@ def host_cpu() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def git_commit() -> str | None:
-    """The checkout's HEAD commit, with "-dirty" when tracked files differ from it; None outside git."""
-    root = Path(__file__).resolve().parents[1]
+def git_commit(root: Path = Path(__file__).resolve().parents[1]) -> str | None:
+    """The checkout's HEAD commit, with "-dirty" when tracked files differ from it; None outside git.
+
+    Changed files under benchmarks/results/ do not count: they are what a benchmark writes, not what
+    it runs, and a table finished before the next benchmark starts would otherwise mark that one dirty.
+    """
+    status = ["status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"]
     try:
         head, changes = (subprocess.run(["git", "--no-optional-locks", *cmd], cwd=root, capture_output=True, text=True,
                                         check=True).stdout.strip()
-                         for cmd in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
+                         for cmd in (["rev-parse", "HEAD"], status))
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("-dirty" if changes else "")

@@ -732,3 +732,26 @@ def test_a_compiled_step_time_run_keeps_its_compile_figures_when_the_evaluation_
     assert result["compile_diagnostics"]["unique_graphs"] >= 1 and result["compile_diagnostics"]["graph_breaks"] == 0
     assert result["compile_phase_s"]["bytecode_tracing"] > 0
     assert "Compile seconds by phase" in out.with_suffix(".md").read_text()
+
+
+def test_provenance_commit_is_dirty_for_changed_code_not_for_written_results(tmp_path):
+    """A table written by one benchmark does not mark the next one's rows "-dirty"; a changed source file does."""
+    import subprocess
+
+    common = load("bench_common")
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "train.py").write_text("a = 1\n")
+    (tmp_path / "benchmarks" / "results" / "table.md").write_text("| row |\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "benchmarks" / "results" / "table.md").write_text("| row |\n| another |\n")
+    assert common.git_commit(tmp_path) == head
+    (tmp_path / "train.py").write_text("a = 2\n")
+    assert common.git_commit(tmp_path) == head + "-dirty"
