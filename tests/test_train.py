@@ -252,7 +252,9 @@ def test_schedule_notes_flag_likely_mistakes_only():
     (["--sched", "multistep", "--decay-milestones", "1", "2", "--decay-rate", "0.5"], [5e-4, 2.5e-4, 2.5e-4]),
     # timm's none: --lr throughout, the warm-up left out
     (["--sched", "none", "--warmup-epochs", "3"], [1e-3, 1e-3, 1e-3]),
-], ids=["step", "multistep", "none"])
+    # wsd with the last third (one epoch) as its decay phase: --lr through epoch 2, --min-lr after the last update
+    (["--sched", "wsd", "--decay-epochs", "0.34", "--warmup-epochs", "0", "--min-lr", "1e-5"], [1e-3, 1e-3, 1e-5]),
+], ids=["step", "multistep", "none", "wsd"])
 def test_timm_schedule_flags_shape_the_rate(tmp_path, flags, lrs):
     """timm's --decay-epochs, --decay-milestones and --decay-rate reach its scheduler; without them a
     step schedule keeps --lr for its first 90 epochs, and --sched none crashed."""

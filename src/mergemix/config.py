@@ -162,12 +162,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's help with its default, as timm's is; where the text already says its default, or the
-    flag has none of its own (None: a method, the data set or the checkpoint gives it), nothing is added."""
+    """Each flag's help with its default, as timm's is; where the text already says its default, the
+    flag has none of its own (None: a method, the data set or the checkpoint gives it), or it is a
+    ``store_false`` switch (whose default True would read as "given"), nothing is added."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default is None or "default" in text:
+        if action.default is None or "default" in text or (action.nargs == 0 and action.default is True):
             return text
         return super()._get_help_string(action)
 
@@ -224,8 +225,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--sched", default="cosine",
                    help="timm scheduler name: cosine, tanh, step, multistep, poly, wsd, rsqrt, constant, plateau, "
                         "or none (a constant --lr, without warm-up, as in timm)")
-    g.add_argument("--decay-epochs", type=float, default=90.0, help="step: epochs between decays; wsd/rsqrt: decay "
-                   "length (a value below 1 is a fraction of the run)")
+    g.add_argument("--decay-epochs", type=float, default=90.0, help="step: epochs between decays; wsd/rsqrt: the "
+                   "decay phase, in epochs or below 1 as a fraction of the run (the default, timm's 90, suits "
+                   "step: for these, set it, e.g. 0.2)")
     g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], help="multistep: decay epochs")
     g.add_argument("--decay-rate", type=float, default=0.1, help="step/multistep/plateau: decay factor; poly: power")
     g.add_argument("--patience-epochs", type=int, default=10, help="plateau: epochs without improvement before a decay")

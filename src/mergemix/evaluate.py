@@ -94,8 +94,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="data root (dataset-specific layout, see README)")
     p.add_argument("--download", action="store_true", help="let torchvision download the data set if missing")
     p.add_argument("--model", default=None,
-                   help="timm model name: required for a checkpoint without saved training args; otherwise "
-                        "it must be the one the checkpoint holds")
+                   help="timm model name: required for a weights file that names none (no saved args or "
+                        "arch: a plain state_dict, {'model': ...}); otherwise it must be the one the file holds")
     p.add_argument("--model-kwargs", nargs="*", type=key_value, default=None, metavar="KEY=VALUE",
                    help="override the checkpoint's saved model kwargs key by key (the others stay as saved), "
                         "e.g. drop_rate=0; the model must still fit the saved weights")

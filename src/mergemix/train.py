@@ -277,7 +277,10 @@ class Trainer:
                 patience_epochs=args.patience_epochs, warmup_epochs=warmup, warmup_lr=args.warmup_lr,
                 min_lr=args.min_lr, step_on_epochs=args.sched_on_epochs, updates_per_epoch=self.steps_per_epoch)
         except ValueError as e:
-            raise ConfigError(f"--sched {args.sched}: {e}") from None
+            # timm counts wsd/rsqrt's decay phase in updates; say it in the flag's terms
+            hint = (f" (--decay-epochs {args.decay_epochs:g}: the decay phase, at most the epochs after warm-up, "
+                    f"or below 1 a fraction of the run, e.g. 0.2)") if sched in ("wsd", "rsqrt") else ""
+            raise ConfigError(f"--sched {args.sched}: {e}{hint}") from None
         self.amp_dtype = autocast_dtype(args)
         fp16 = self.amp_dtype is torch.float16
         self.scaler = torch.amp.GradScaler(self.ctx.device.type) if fp16 else None
