@@ -21,7 +21,7 @@ options and --seed change. Finished runs (results.json present) are reused, so a
 benchmark continues where it stopped; a run records its command in its folder (command.json), and
 a finished run made with other settings (another --extra, say) stops the benchmark before any run
 starts. A failed run is reported at once and no further run starts; the tables keep the labels
-whose runs all finished. Writes benchmarks/results/<dataset>.{json,md,png}, each row with the
+whose runs all finished. Writes benchmarks/results/<dataset>[_<mode>].{json,md,png} (full mode: <dataset>), each row with the
 device, host, versions and commit that made it; rows of an earlier table with the same recipe are
 kept, so `--methods` adds or redoes a few rows. --replot redraws the PNGs from the JSON alone.
 """

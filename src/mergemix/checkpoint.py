@@ -3,6 +3,7 @@
 A checkpoint is a dict with timm's keys (``epoch``, ``arch``, ``state_dict``, ``optimizer``,
 ``version``, ``args``, ``metric``, ``state_dict_ema``, ``amp_scaler``) and ours (``scheduler``,
 ``step``: updates done in the epoch after ``epoch`` when a run was stopped mid-epoch, ``global_step``,
+``steps_per_epoch`` (a resume mid-epoch needs the same), ``classes`` (the data set's class names),
 ``partial``: each process's loss sum, count and time in that epoch so far, ``rng``: each process's RNG
 states, ``best``, ``rows``: the summary.csv rows so far). Everything in it is a
 tensor or a plain Python value, so ``torch.load(weights_only=True)`` and timm's
