@@ -439,8 +439,8 @@ def test_accuracy_equal_time_row_counts_the_epochs_the_runs_get(tmp_path):
 
 
 def test_accuracy_equal_time_share_follows_the_modes_cost_ratio():
-    """Where MergeMix costs ~1.2x CutMix per epoch (small-data, the 49-token modes), equal time is 0.8 of the
-    epochs, not the 0.6 of the ~1.6x tables: 80 of small-data's 100 epochs, 8 of tokens' 10."""
+    """Where MergeMix costs ~1.2x CutMix per epoch (small-data, tokens, tokens-long), equal time is 0.8 of
+    the epochs, not the 0.6 of the ~1.6x tables: 80 of small-data's 100 epochs, 8 of tokens' 10."""
     accuracy = load("accuracy")
     recipes = accuracy.RECIPES["fashion-mnist"]
     assert accuracy.plan("small-data", "fashion-mnist", recipes["small-data"], None)["mergemix[equal time]"][-1] == "80"

@@ -259,7 +259,7 @@ def test_resuming_into_a_new_folder_brings_the_best_checkpoint_along(run, tmp_pa
     (["--sched", "cosin"], "--sched cosin: Unknown scheduler 'cosin'"),
     # timm's step default of 90 epochs is longer than the run: said in epochs, not only timm's updates
     (["--sched", "wsd"], "(--decay-epochs 90: the decay phase, at most the epochs after warm-up, or below 1 a "
-                         "fraction of the run, e.g. 0.2)"),
+                         "fraction of them, e.g. 0.2)"),
     (["--drop-p", "0.1"], "unrecognized arguments: --drop-p 0.1"),  # no abbreviations: --drop is another flag
     (["--model-kwargs", "patch_size=4", "drop_path_rate=0.1"], "drop_path_rate is set by --drop-path; use that"),
     (["--model-kwargs", "patch_size=4", "num_classes=5"], "num_classes is set by --num-classes; use that"),

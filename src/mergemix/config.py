@@ -226,8 +226,8 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="timm scheduler name: cosine, tanh, step, multistep, poly, wsd, rsqrt, constant, plateau, "
                         "or none (a constant --lr, without warm-up, as in timm)")
     g.add_argument("--decay-epochs", type=float, default=90.0, help="step: epochs between decays; wsd/rsqrt: the "
-                   "decay phase, in epochs or below 1 as a fraction of the run (the default, timm's 90, suits "
-                   "step: for these, set it, e.g. 0.2)")
+                   "decay phase, in epochs or below 1 as a fraction of the epochs after warm-up (the default, "
+                   "timm's 90, suits step: for these, set it, e.g. 0.2)")
     g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], help="multistep: decay epochs")
     g.add_argument("--decay-rate", type=float, default=0.1, help="step/multistep/plateau: decay factor; poly: power")
     g.add_argument("--patience-epochs", type=int, default=10, help="plateau: epochs without improvement before a decay")

@@ -279,7 +279,7 @@ class Trainer:
         except ValueError as e:
             # timm counts wsd/rsqrt's decay phase in updates; say it in the flag's terms
             hint = (f" (--decay-epochs {args.decay_epochs:g}: the decay phase, at most the epochs after warm-up, "
-                    f"or below 1 a fraction of the run, e.g. 0.2)") if sched in ("wsd", "rsqrt") else ""
+                    f"or below 1 a fraction of them, e.g. 0.2)") if sched in ("wsd", "rsqrt") else ""
             raise ConfigError(f"--sched {args.sched}: {e}{hint}") from None
         self.amp_dtype = autocast_dtype(args)
         fp16 = self.amp_dtype is torch.float16
