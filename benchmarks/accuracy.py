@@ -1,6 +1,6 @@
 """Accuracy and calibration of every mixing method, same recipe and budget, several seeds.
 
-    python benchmarks/accuracy.py --mode quick --jobs 2  # digits, every method, 3 seeds, 8 epochs (~15 min, 2-core CPU)
+    python benchmarks/accuracy.py --mode quick --jobs 2  # digits, every method, 3 seeds, 8 epochs (~8 min, 2-core CPU)
     python benchmarks/accuracy.py --mode full      # digits + Fashion-MNIST, 3 seeds, MergeMix ablations on digits
     python benchmarks/accuracy.py --mode gpu       # Fashion-MNIST at a longer budget, on CUDA
     python benchmarks/accuracy.py --mode long --methods none mixup cutmix mergemix --jobs 2
