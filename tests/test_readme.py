@@ -28,7 +28,8 @@ def test_library_use_snippets_run():
     assert scope["keep"].sum(1).tolist() == [117.0] * 4
 
 
-GLANCE_METHODS = {"MergeMix (defaults)": "mergemix", "no mixing": "none", "CutMix": "cutmix", "MixUp": "mixup"}
+GLANCE_METHODS = {"MergeMix (defaults)": "mergemix", "MergeMix, equal time": "mergemix[equal time]", "no mixing": "none",
+                  "CutMix": "cutmix", "MixUp": "mixup"}
 
 
 def test_at_a_glance_table_matches_the_published_results():
