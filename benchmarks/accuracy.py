@@ -21,9 +21,10 @@ options and --seed change. Finished runs (results.json present) are reused, so a
 benchmark continues where it stopped; a run records its command in its folder (command.json), and
 a finished run made with other settings (another --extra, say) stops the benchmark before any run
 starts. A failed run is reported at once and no further run starts; the tables keep the labels
-whose runs all finished. Writes benchmarks/results/<dataset>[_<mode>].{json,md,png} (full mode: <dataset>), each row with the
-device, host, versions and commit that made it; rows of an earlier table with the same recipe are
-kept, so `--methods` adds or redoes a few rows. --replot redraws the PNGs from the JSON alone.
+whose runs all finished. Writes benchmarks/results/<dataset>[_<mode>].{json,md,png} (full mode:
+<dataset>), each row with the device, host, versions and commit that made it; rows of an earlier
+table with the same recipe are kept, so `--methods` adds or redoes a few rows. --replot redraws the
+PNGs from the JSON alone.
 """
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ RECORD = "command.json"  # in a run's folder: the `mergemix train` flags it was 
 NOT_TRAINING = ("output", "experiment", "data_dir", "download", "workers", "log_interval")
 CAPSIZE = 3  # of the error bars, in points
 PAIRED_REFERENCE = "mergemix"  # every table's rows are also set against MergeMix's defaults, seed by seed
-EQUAL_TIME = 0.6  # MergeMix (clean) costs ~1.6x CutMix per epoch: this share of the epochs is equal time (MODES may say otherwise)
+# MergeMix (clean) costs ~1.6x CutMix per epoch: this share of the epochs is equal time (a mode may set its own)
+EQUAL_TIME = 0.6
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
