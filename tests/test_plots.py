@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mergemix.errors import DataError
 from mergemix.metrics import EvalMetrics
 from mergemix.mix import StepOutput
 from mergemix.plots import (
@@ -134,9 +135,14 @@ def test_training_curves(tmp_path, monkeypatch):
     without = mpimg.imread(training_curves(tmp_path / "no_ema.csv", tmp_path / "no_ema.png"))
     assert with_ema.shape == without.shape and not np.array_equal(with_ema, without)
 
+    # a header alone, or bytes that are no text: one-line errors naming the file, and no figure
     (tmp_path / "empty.csv").write_text(",".join(header) + "\n")
-    with pytest.raises(ValueError):
+    with pytest.raises(DataError, match="empty.csv has no rows"):
         training_curves(tmp_path / "empty.csv", tmp_path / "none.png")
+    (tmp_path / "binary.csv").write_bytes(b"epoch,eval_top1\n0,\xff\n")
+    with pytest.raises(DataError, match="binary.csv: not UTF-8 text"):
+        training_curves(tmp_path / "binary.csv", tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_token_tint_gives_the_patches_of_one_token_one_colour():

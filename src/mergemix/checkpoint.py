@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 
 LAST = "last.pth.tar"
 BEST = "model_best.pth.tar"
@@ -157,6 +157,17 @@ def write_text(path: str | Path, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_text(path: Path) -> str:
+    """The text of a run file; one that cannot be read as UTF-8 text is a ``DataError`` naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); is it the file a run "
+                            "writes?") from None
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def resolve(path: str | Path, best: bool = False) -> Path:

@@ -9,8 +9,6 @@ with the training settings its results record, and never in a group with trainin
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import numbers
@@ -26,7 +24,7 @@ import yaml
 from . import checkpoint
 from .config import ArgumentParser, train_defaults
 from .errors import DataError
-from .plots import check_figure_out, number, overlay_reliability
+from .plots import check_figure_out, overlay_reliability, read_summary
 
 __all__ = ["Run", "command", "load_run", "main", "markdown_table", "method_table"]
 
@@ -63,26 +61,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)  # JSON true/false are no figures
 
 
-def _read_text(path: Path) -> str:
-    """The text of a run file; one that cannot be read as UTF-8 text is a ``DataError`` naming it."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); is it the file a run "
-                            "writes?") from None
-    except OSError as err:
-        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
-
-
 def _mean_epoch_time(summary_csv: Path) -> float:
     """Mean of the ``epoch_time`` column (seconds); NaN if the file, the column or its numbers are missing."""
     if not summary_csv.is_file():
         return math.nan
-    try:
-        rows = list(csv.DictReader(io.StringIO(_read_text(summary_csv), newline="")))
-    except csv.Error as err:
-        raise DataError(f"{summary_csv}: not readable as CSV ({err})") from None
-    times = [t for t in (number(row.get("epoch_time")) for row in rows) if math.isfinite(t)]
+    times = [float(t) for t in read_summary(summary_csv).get("epoch_time", ()) if math.isfinite(t)]
     return statistics.fmean(times) if times else math.nan
 
 
@@ -130,7 +113,7 @@ def load_run(run_dir: str | Path) -> Run:
     if not results_path.is_file():
         raise DataError(f"{run_dir}: no results.json (has this run finished its evaluation?)")
     try:
-        results = json.loads(_read_text(results_path))
+        results = json.loads(checkpoint.read_text(results_path))
     except json.JSONDecodeError as err:
         raise DataError(f"{results_path}: not readable as JSON ({err})") from None
     if not isinstance(results, dict):
@@ -139,7 +122,7 @@ def load_run(run_dir: str | Path) -> Run:
     args_path = path / "args.yaml"
     if args_path.is_file():
         try:
-            args = yaml.safe_load(_read_text(args_path))
+            args = yaml.safe_load(checkpoint.read_text(args_path))
         except yaml.YAMLError as err:
             raise DataError(f"{args_path}: invalid YAML ({str(err).splitlines()[0]})") from None
     if isinstance(args, dict):  # a training run

@@ -8,6 +8,7 @@ importing this module changes no global backend and works headless and from work
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,11 +23,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
-from .checkpoint import TMP_NAME_EXTRA, check_names, holds_training_run
-from .errors import ConfigError
+from .checkpoint import TMP_NAME_EXTRA, check_names, holds_training_run, read_text
+from .errors import ConfigError, DataError
 
-__all__ = ["FORMATS", "bins_ece", "figure_format", "mix_grid", "overlay_reliability", "reliability_diagram",
-           "training_curves"]
+__all__ = ["FORMATS", "bins_ece", "figure_format", "mix_grid", "overlay_reliability", "read_summary",
+           "reliability_diagram", "training_curves"]
 
 DPI = 100
 ACCURACY_COLOR = "#3b6fb6"
@@ -179,14 +180,14 @@ def number(value: Any) -> float:
         return math.nan
 
 
-def _read_summary(summary_csv: str | Path) -> dict[str, np.ndarray]:
-    """Columns of a summary.csv as float arrays (NaN where a cell is empty or not a number)."""
-    with open(summary_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{summary_csv} has no rows")
-
-    return {key: np.array([number(row.get(key)) for row in rows]) for key in rows[0]}
+def read_summary(summary_csv: str | Path) -> dict[str, np.ndarray]:
+    """Columns of a run's summary.csv as float arrays, one value per epoch (NaN where a cell is empty
+    or not a number); no columns if it has no rows. A file that is not UTF-8 CSV is a ``DataError``."""
+    try:
+        rows = list(csv.DictReader(io.StringIO(read_text(Path(summary_csv)), newline="")))
+    except csv.Error as err:
+        raise DataError(f"{summary_csv}: not readable as CSV ({err})") from None
+    return {key: np.array([number(row.get(key)) for row in rows]) for key in rows[0]} if rows else {}
 
 
 def training_curves(summary_csv: str | Path, path: str | Path) -> Path:
@@ -199,7 +200,9 @@ def training_curves(summary_csv: str | Path, path: str | Path) -> Path:
     them (summary.csv and results.json count from 0). The train loss is the method's whole objective (MergeMix's
     mixed plus clean loss), so it need not sit near the eval loss.
     """
-    cols = _read_summary(summary_csv)
+    cols = read_summary(summary_csv)
+    if not cols:
+        raise DataError(f"{summary_csv} has no rows")
     epoch = cols.get("epoch", np.arange(len(next(iter(cols.values())))))
     fig = Figure(figsize=(15, 4.5))
     panels = fig.subplots(1, 3)
