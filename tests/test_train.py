@@ -456,3 +456,14 @@ def test_eval_interval_skips_evaluations_but_not_the_last_and_changes_no_trainin
     assert results["top1"] == json.loads((reference / "results.json").read_text())["top1"]
     peak = max((1, 2), key=lambda e: float(rows[e]["eval_top1"]))
     assert results["best_epoch"] == peak == torch.load(tmp_path / "sparse" / checkpoint.BEST, weights_only=False)["epoch"]
+
+
+def test_epoch_line_shows_what_the_row_holds():
+    epoch_line = train_module.epoch_line
+    skipped = {"epoch": 2, "train_loss": 1.23456, "lr": 5e-4, "epoch_time": 3.14}  # --eval-interval skipped it
+    assert epoch_line(skipped, 10) == "epoch   3/10  train_loss 1.2346  lr 5.00e-04  3.1s"
+    evaluated = skipped | {"eval_loss": 0.5, "eval_top1": 81.25, "eval_top5": 99.0, "eval_ece": 0.0312,
+                           "merged_eval_loss": 0.6, "merged_eval_top1": 80.5, "merged_eval_ece": 0.04}
+    assert epoch_line(evaluated, 10) == ("epoch   3/10  train_loss 1.2346  eval_loss 0.5000  top-1  81.25  "
+                                         "top-5  99.00  ECE 0.0312  merged top-1  80.50  ECE 0.0400  "
+                                         "lr 5.00e-04  3.1s")

@@ -185,6 +185,17 @@ def _rows_csv(rows: list[dict[str, float]]) -> str:
     return buf.getvalue()
 
 
+def epoch_line(row: dict[str, Any], epochs: int) -> str:
+    """The console's line for one summary.csv row; evaluation figures only where the row has them."""
+    line = f"epoch {row['epoch'] + 1:>3}/{epochs}  train_loss {row['train_loss']:.4f}  "
+    if "eval_top1" in row:
+        line += (f"eval_loss {row['eval_loss']:.4f}  top-1 {row['eval_top1']:6.2f}  top-5 {row['eval_top5']:6.2f}  "
+                 f"ECE {row['eval_ece']:.4f}  ")
+    line += "".join(f"{name} top-1 {row[f'{name}_eval_top1']:6.2f}  ECE {row[f'{name}_eval_ece']:.4f}  "
+                    for name in ("merged", "ema") if f"{name}_eval_top1" in row)
+    return line + f"lr {row['lr']:.2e}  {row['epoch_time']:.1f}s"
+
+
 class Trainer:
     """Holds the run's objects; ``fit()`` runs the epochs. Build with ``Trainer(args, ctx)``."""
 
@@ -524,7 +535,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs; write results.json and the plots; return the results."""
-        args, ctx, p = self.args, self.ctx, self.progress
+        args, p = self.args, self.progress
         self._announce()
         evaluated: dict[str, dict[str, Any]] = {}
         with StopSignal() as stop:
@@ -537,25 +548,13 @@ class Trainer:
                 last = p.epoch + 1 == args.epochs
                 evaluated = self._evaluate() if last or (p.epoch + 1) % args.eval_interval == 0 else {}
                 top1 = evaluated["plain"]["top1"] if evaluated else None
-                row = {"epoch": p.epoch, "train_loss": distributed.mean(p.loss_sum / max(p.loss_count, 1), ctx)}
-                for prefix, name in (("", "plain"), ("merged_", "merged"), ("ema_", "ema")):
-                    if name in evaluated:
-                        m = evaluated[name]
-                        row.update({f"{prefix}eval_loss": m["nll"], f"{prefix}eval_top1": m["top1"],
-                                    f"{prefix}eval_ece": m["ece"]} | ({"eval_top5": m["top5"]} if not prefix else {}))
-                row.update(lr=self.optimizer.param_groups[0]["lr"],
-                           epoch_time=p.epoch_time + time.perf_counter() - eval_start)
+                row = self._epoch_row(evaluated, eval_start)
                 p.rows.append(row)
                 best = top1 is not None and top1 > p.best_top1
                 if best:
                     p.best_top1, p.best_epoch = top1, p.epoch
                 self.scheduler.step(p.epoch + 1, top1)
-                self.log(f"epoch {p.epoch + 1:>3}/{args.epochs}  train_loss {row['train_loss']:.4f}  "
-                         + (f"eval_loss {row['eval_loss']:.4f}  top-1 {row['eval_top1']:6.2f}  "
-                            f"top-5 {row['eval_top5']:6.2f}  ECE {row['eval_ece']:.4f}  " if evaluated else "")
-                         + "".join(f"{name} top-1 {row[f'{name}_eval_top1']:6.2f}  ECE {row[f'{name}_eval_ece']:.4f}  "
-                                   for name in ("merged", "ema") if name in evaluated)
-                         + f"lr {row['lr']:.2e}  {row['epoch_time']:.1f}s")
+                self.log(epoch_line(row, args.epochs))
                 completed = p.epoch
                 p.epoch, p.step, p.loss_sum, p.loss_count, p.epoch_time = p.epoch + 1, 0, 0.0, 0, 0.0
                 self._save(completed, top1, best)
@@ -564,6 +563,19 @@ class Trainer:
                 if stopping:  # nothing left to resume: a finished run writes its results
                     self.log("note   the stop came as the last epoch ended: writing the run's results")
         return self._finish(evaluated)
+
+    def _epoch_row(self, evaluated: dict[str, dict[str, Any]], eval_start: float) -> dict[str, Any]:
+        """The epoch's summary.csv row: train loss (mean over processes), the figures of each evaluated
+        model ("plain" unprefixed, "merged_", "ema_"), learning rate, and time (training plus evaluation)."""
+        p = self.progress
+        row = {"epoch": p.epoch, "train_loss": distributed.mean(p.loss_sum / max(p.loss_count, 1), self.ctx)}
+        for prefix, name in (("", "plain"), ("merged_", "merged"), ("ema_", "ema")):
+            if name in evaluated:
+                m = evaluated[name]
+                row.update({f"{prefix}eval_loss": m["nll"], f"{prefix}eval_top1": m["top1"],
+                            f"{prefix}eval_ece": m["ece"]} | ({"eval_top5": m["top5"]} if not prefix else {}))
+        row.update(lr=self.optimizer.param_groups[0]["lr"], epoch_time=p.epoch_time + time.perf_counter() - eval_start)
+        return row
 
     def _evaluate(self) -> dict[str, dict[str, Any]]:
         """The evaluation set's figures: "plain", and "merged" (--eval-merged) and "ema" (--model-ema)."""
