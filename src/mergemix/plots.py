@@ -336,69 +336,81 @@ def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float
     200 x 200 px; ``title`` (the method, the weights) goes above them, in 30 px more.
     """
     n = min(x.shape[0], max_samples)
+    panels = _mix_panels(x, step_output, n, mean, std, patch_size)
+    fig = Figure(figsize=(2 * len(panels), 2 * n))
+    axes = np.asarray(fig.subplots(n, len(panels), squeeze=False))
+    for b in range(n):
+        for ax, draw in zip(axes[b], panels.values()):
+            ax.set_xticks([])  # keep the frame: an all-white mask must not look like a blank panel
+            ax.set_yticks([])
+            draw(ax, b)
+    fig.tight_layout(pad=0.3)
+    if title:
+        _title_strip(fig, title)
+    return _save(fig, path)
+
+
+def _mix_panels(x: Tensor, out: Any, n: int, mean: Sequence[float] | None, std: Sequence[float] | None,
+                patch_size: int | Sequence[int] | None) -> dict[str, Callable[[Axes, int], None]]:
+    """``mix_grid``'s columns, in order, each a function drawing sample ``b``'s panel on an axes;
+    only the columns whose fields ``out`` has."""
     H, W = x.shape[-2:]
-    out = step_output
     readout = out.extras.get("readout") if out.extras else None
     grid = getattr(readout, "grid", None)
     lam, lam_hat = _per_sample(out.lam, n), _per_sample(out.lam_hat, n)
     display = _display_map(x, mean, std)
     images = display(x[:n])
+    panels: dict[str, Callable[[Axes, int], None]] = {"original": lambda ax, b: _show(ax, images[b], f"#{b}")}
 
-    columns: list[str] = ["original"]
     if out.partner is not None:
-        columns.append("partner")
+        def partner(ax: Axes, b: int) -> None:
+            j = int(out.partner[b])
+            _show(ax, display(x[j:j + 1])[0], f"partner #{j}")
+        panels["partner"] = partner
     if out.scores is not None:
-        columns.append("attention")
         # one colour scale for every row: scaled per panel, a flat map would glow as bright as a peaked one
         top_score = float(out.scores[:n].detach().float().max()) or 1.0
+        of = " on mixed" if out.extras.get("scores_of") == "mixed" else ""
+
+        def attention(ax: Axes, b: int) -> None:
+            scores = out.scores[b].detach().float().cpu()
+            gh, gw = _patch_grid(scores.numel(), H, W, patch_size, grid)
+            _show(ax, scores.reshape(gh, gw).numpy(), f"attention{of} (max {float(scores.max()):.3f})",
+                  cmap="inferno", vmin=0.0, vmax=top_score)
+        panels["attention"] = attention
     if readout is not None and getattr(readout, "index", None) is not None:
-        columns.append("clusters")
+        def clusters(ax: Axes, b: int) -> None:
+            index = readout.index[b].detach().cpu()
+            gh, gw = _patch_grid(index.numel(), H, W, patch_size, grid)
+            tokens = index.reshape(gh, gw).numpy()
+            _show(ax, _token_tint(images[b], tokens), f"{index.unique().numel()} tokens")
+            ax.add_collection(LineCollection(_cluster_boundaries(tokens, H, W), colors="#ff2d2d", linewidths=1.2))
+        panels["clusters"] = clusters
     if out.mask is not None:
-        columns.append("mask")
+        def mask(ax: Axes, b: int) -> None:
+            kept = float(out.mask[b].float().mean())
+            _show(ax, out.mask[b, 0].detach().float().cpu().numpy(), f"mask (kept {kept:.2f})", cmap="gray",
+                  vmin=0.0, vmax=1.0)
+        panels["mask"] = mask
     if out.x_mixed is not None:
-        columns.append("mixed")
         mixed = display(out.x_mixed[:n])
 
-    fig = Figure(figsize=(2 * len(columns), 2 * n))
-    axes = np.asarray(fig.subplots(n, len(columns), squeeze=False))
-    for b in range(n):
-        ratios = "".join([f" λ={lam[b]:.2f}" if lam else "", f" λ̂={lam_hat[b]:.2f}" if lam_hat else ""])
-        for ax, column in zip(axes[b], columns):
-            ax.set_xticks([])  # keep the frame: an all-white mask must not look like a blank panel
-            ax.set_yticks([])
-            if column == "original":
-                _show(ax, images[b], f"#{b}")
-            elif column == "partner":
-                j = int(out.partner[b])
-                _show(ax, display(x[j:j + 1])[0], f"partner #{j}")
-            elif column == "attention":
-                scores = out.scores[b].detach().float().cpu()
-                gh, gw = _patch_grid(scores.numel(), H, W, patch_size, grid)
-                of = " on mixed" if out.extras.get("scores_of") == "mixed" else ""
-                _show(ax, scores.reshape(gh, gw).numpy(), f"attention{of} (max {float(scores.max()):.3f})",
-                      cmap="inferno", vmin=0.0, vmax=top_score)
-            elif column == "clusters":
-                index = readout.index[b].detach().cpu()
-                gh, gw = _patch_grid(index.numel(), H, W, patch_size, grid)
-                tokens = index.reshape(gh, gw).numpy()
-                _show(ax, _token_tint(images[b], tokens), f"{index.unique().numel()} tokens")
-                ax.add_collection(LineCollection(_cluster_boundaries(tokens, H, W), colors="#ff2d2d", linewidths=1.2))
-            elif column == "mask":
-                keep = float(out.mask[b].float().mean())
-                _show(ax, out.mask[b, 0].detach().float().cpu().numpy(), f"mask (kept {keep:.2f})",
-                      cmap="gray", vmin=0.0, vmax=1.0)
-            else:
-                _show(ax, mixed[b], f"mixed{ratios}")
-    fig.tight_layout(pad=0.3)
-    if title:  # in a strip added on top: the panels keep their size and place in inches
-        height, head = fig.get_figheight(), 0.3
-        fig.set_figheight(height + head)
-        shrink = height / (height + head)
-        for ax in fig.axes:
-            box = ax.get_position()
-            ax.set_position([box.x0, box.y0 * shrink, box.width, box.height * shrink])
-        fig.text(0.5, 1 - 0.5 * head / (height + head), title, ha="center", va="center", fontsize=9)
-    return _save(fig, path)
+        def mixed_panel(ax: Axes, b: int) -> None:
+            ratios = "".join([f" λ={lam[b]:.2f}" if lam else "", f" λ̂={lam_hat[b]:.2f}" if lam_hat else ""])
+            _show(ax, mixed[b], f"mixed{ratios}")
+        panels["mixed"] = mixed_panel
+    return panels
+
+
+def _title_strip(fig: Figure, title: str, head: float = 0.3) -> None:
+    """Put ``title`` in a strip ``head`` inches high added on top: the panels keep their size and place in inches."""
+    height = fig.get_figheight()
+    fig.set_figheight(height + head)
+    shrink = height / (height + head)
+    for ax in fig.axes:
+        box = ax.get_position()
+        ax.set_position([box.x0, box.y0 * shrink, box.width, box.height * shrink])
+    fig.text(0.5, 1 - 0.5 * head / (height + head), title, ha="center", va="center", fontsize=9)
 
 
 def check_figure_out(out: str | Path) -> Path:
