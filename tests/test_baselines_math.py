@@ -176,6 +176,36 @@ def test_grid_masks_are_constant_per_cell():
     assert grid_masks(1.0, 4, 2, (8, 8), g).min() == 1 and grid_masks(0.0, 4, 2, (8, 8), g).max() == 0
 
 
+def test_grid_masks_put_cell_borders_where_the_docstring_says():
+    """A 4 x 4 grid on 10 x 7 pixels: borders at ⌈i·10/4⌉ = 0, 3, 5, 8, 10 (rows 3, 2, 3, 2) and
+    ⌈i·7/4⌉ = 0, 2, 4, 6, 7 (columns 2, 2, 2, 1), as grid_masks documents; each cell its own draw."""
+    rows, cols = [0, 3, 5, 8, 10], [0, 2, 4, 6, 7]
+    mask = grid_masks(0.5, 4, 8, (10, 7), torch.Generator().manual_seed(0))
+    keep = torch.rand(8, 4, 4, generator=torch.Generator().manual_seed(0)) < 0.5  # the same draw, replayed
+    expected = torch.empty(8, 1, 10, 7)
+    for i in range(4):
+        for j in range(4):
+            expected[:, 0, rows[i]:rows[i + 1], cols[j]:cols[j + 1]] = keep[:, i, j, None, None].float()
+    assert torch.equal(mask, expected)
+    # every border is seen: some sample keeps one side of it and not the other
+    assert all((keep[:, i - 1] != keep[:, i]).any() and (keep[:, :, i - 1] != keep[:, :, i]).any() for i in (1, 2, 3))
+
+
+@pytest.mark.parametrize("lam", [0.3, 0.8])
+def test_gridmix_keeps_each_cell_with_probability_lam(monkeypatch, lam):
+    """400 samples x 25 cells at a fixed λ: the kept share is λ within 5 binomial standard errors."""
+    import mergemix.mix.gridmix as gridmix_mod
+
+    monkeypatch.setattr(gridmix_mod, "sample_lam", lambda alpha, generator: lam)
+    obj = create("gridmix", NUM_CLASSES, generator=torch.Generator().manual_seed(0), grid_sizes=(5, 5))
+    mixed = obj.mix(torch.zeros(400, 1, 10, 10))
+    cells = mixed.mask[:, 0, ::2, ::2]  # one pixel of each 2 x 2 cell
+    assert cells.shape == (400, 5, 5) and set(cells.unique().tolist()) <= {0.0, 1.0}
+    se = math.sqrt(lam * (1 - lam) / cells.numel())
+    assert abs(float(cells.mean()) - lam) < 5 * se
+    torch.testing.assert_close(mixed.lam, torch.full((400,), lam))
+
+
 def test_gaussian_blobs_are_soft_and_centred_per_sample():
     mask = gaussian_blob_masks(6, (16, 16), (0.25, 0.5), torch.Generator().manual_seed(0))
     assert mask.shape == (6, 1, 16, 16) and mask.min() >= 0 and mask.max() < 1
