@@ -206,6 +206,30 @@ def test_gridmix_keeps_each_cell_with_probability_lam(monkeypatch, lam):
     torch.testing.assert_close(mixed.lam, torch.full((400,), lam))
 
 
+@pytest.mark.parametrize("sigma_range", [(0.3, 0.3), (0.1, 0.6)])
+def test_smoothmix_mask_is_one_minus_the_gaussian_blob(sigma_range):
+    """Pixel by pixel, 1 − exp(−(((r + ½ − c_y)/H)² + ((q + ½ − c_x)/W)²) / (2σ²)) at pixel centres, with
+    the centre c = (u₀·H, u₁·W) and σ = lo + u₂·(hi − lo) replayed from the generator's draws in order:
+    the partners' derangement (a permutation and a shift), then u ~ U[0, 1)^(3 x B)."""
+    from mergemix.mask import derangement
+
+    B, H, W = 3, 6, 10
+    obj = create("smoothmix", NUM_CLASSES, generator=torch.Generator().manual_seed(7), sigma_range=sigma_range)
+    mixed = obj.mix(torch.randn(B, 3, H, W))
+    replay = torch.Generator().manual_seed(7)
+    assert torch.equal(mixed.partner, derangement(B, replay))  # the replay is in step with the method
+    u = torch.rand(3, B, generator=replay).tolist()
+    lo, hi = sigma_range
+    expected = torch.empty(B, 1, H, W, dtype=torch.float64)
+    for b in range(B):
+        cy, cx, sigma = u[0][b] * H, u[1][b] * W, lo + u[2][b] * (hi - lo)
+        for r in range(H):
+            for q in range(W):
+                d2 = ((r + 0.5 - cy) / H) ** 2 + ((q + 0.5 - cx) / W) ** 2
+                expected[b, 0, r, q] = 1 - math.exp(-d2 / (2 * sigma**2))
+    torch.testing.assert_close(mixed.mask.double(), expected, atol=1e-6, rtol=0)
+
+
 def test_gaussian_blobs_are_soft_and_centred_per_sample():
     mask = gaussian_blob_masks(6, (16, 16), (0.25, 0.5), torch.Generator().manual_seed(0))
     assert mask.shape == (6, 1, 16, 16) and mask.min() >= 0 and mask.max() < 1
