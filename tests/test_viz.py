@@ -5,8 +5,9 @@ import matplotlib.image as mpimg
 import pytest
 import torch
 
-from mergemix import mix, models
+from mergemix import mix, models, viz
 from mergemix.config import build_train_parser
+from mergemix.train import prepare_model
 from mergemix.viz import main, mix_grid
 
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4", "embed_dim=32", "depth=4", "num_heads=2"]
@@ -56,17 +57,29 @@ def test_viz_from_a_checkpoint_with_its_method(tmp_path):
     assert grid_shape(out) == (2 * 200 + 30, 4 * 200)  # the checkpoint's method, cutmix: 4 columns
 
 
-def test_viz_mix_opt_overrides_the_checkpoints_named_options(tmp_path):
+def test_viz_mix_opt_overrides_the_checkpoints_named_options(tmp_path, monkeypatch):
     """viz's --mix-opt draws the checkpoint's method another way, even where the run set that option by
-    its flag (--merge-num 4) or left --smoothing at its default."""
+    its flag (--merge-num 4) or left --smoothing at its default (0.0)."""
     args = build_train_parser().parse_args([*TINY[:2], "--mix", "mergemix", "--merge-num", "4"])
+    assert (args.merge_num, args.smoothing) == (4, 0.0)
     args.model_kwargs = dict(patch_size=4, embed_dim=32, depth=4, num_heads=2)
     model = models.create(args.model, num_classes=10, img_size=16, in_chans=1, model_kwargs=args.model_kwargs)
     ckpt = tmp_path / "run" / "last.pth.tar"
     ckpt.parent.mkdir()
     torch.save({"epoch": 1, "arch": args.model, "state_dict": model.state_dict(), "args": vars(args)}, ckpt)
+    built = []
+
+    def capture(objective, model, args):  # what viz built, as it hands it on to the step
+        model = prepare_model(objective, model, args)
+        built.append((objective, models.unwrap(model)))
+        return model
+
+    monkeypatch.setattr(viz, "prepare_model", capture)
     assert main(["--checkpoint", str(ckpt), "-n", "2", "--out", str(tmp_path / "g.png"), "--device", "cpu",
                  "--mix-opt", "merge_num=2", "--mix-opt", "smoothing=0.2"]) == 0
+    [(objective, net)] = built
+    # the checkpoint's would be 4, 0.0 and a schedule merging 4 tokens in all
+    assert (objective.merge_num, objective.smoothing, sum(net.tome.r)) == (2, 0.2, 2)
 
 
 @pytest.mark.parametrize("argv, words", [
