@@ -100,8 +100,20 @@ def test_viz_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, words):
     assert not (tmp_path / "new").exists()
 
 
+# the columns each method's step has, from what the method is: every pairing method shows the partner,
+# its mask (MixUp's a constant λ, the blend's weight) and the mixed image; those that read attention add
+# the attention map; MergeMix adds the merge clusters of its read-out; `none` mixes nothing.
+MIX_GRID_COLUMNS = {
+    "none": 1,  # original
+    **dict.fromkeys(["mixup", "cutmix", "deit", "fmix", "gridmix", "resizemix", "saliencymix", "smoothmix"], 4),
+    **dict.fromkeys(["transmix", "tokenmix", "smmix"], 5),  # original, partner, attention, mask, mixed
+    "mergemix": 6,  # original, partner, attention, clusters, mask, mixed
+}
+
+
 def test_mix_grid_draws_every_registered_method(tmp_path):
     # one step of each method on the same batch, as viz runs it, without rebuilding the data each time
+    assert sorted(MIX_GRID_COLUMNS) == sorted(mix.available())  # a new method needs its count here
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
     for name in mix.available():
@@ -112,9 +124,7 @@ def test_mix_grid_draws_every_registered_method(tmp_path):
         with torch.no_grad():
             out = objective(model, x, y)
         path = mix_grid(x, out, tmp_path / f"{name}.png", patch_size=2, max_samples=2)
-        expected = 1 + sum(v is not None for v in (out.partner, out.scores, out.extras.get("readout"), out.mask,
-                                                   out.x_mixed))
-        assert grid_shape(path) == (400, expected * 200), name
+        assert grid_shape(path) == (400, MIX_GRID_COLUMNS[name] * 200), name
 
 
 @pytest.mark.parametrize("out, fragment", [
