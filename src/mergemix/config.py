@@ -173,6 +173,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_data_flags(parser: argparse._ActionsContainer, default: str | None, dataset_help: str) -> None:
+    """--dataset, --data-dir and --download, as every command that reads a data set takes them."""
+    parser.add_argument("--dataset", default=default, choices=DATASETS, help=dataset_help)
+    parser.add_argument("--data-dir", default=None, help="data root (dataset-specific layout, see README)")
+    parser.add_argument("--download", action="store_true", help="let torchvision download the data set if missing")
+
+
+def add_device_flag(parser: argparse._ActionsContainer) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+
+
 def build_train_parser() -> argparse.ArgumentParser:
     """The ``mergemix train`` parser; defaults are the digits recipe."""
     p = ArgumentParser(
@@ -181,9 +192,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", default=None, help="YAML recipe whose keys are these flags' names")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="digits", choices=DATASETS, help="data set (digits ships with scikit-learn)")
-    g.add_argument("--data-dir", default=None, help="data root (dataset-specific layout, see README)")
-    g.add_argument("--download", action="store_true", help="let torchvision download the data set if missing")
+    add_data_flags(g, "digits", "data set (digits ships with scikit-learn)")
     g.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of N images")
     g.add_argument("--workers", type=int, default=None, help="loader processes (default: 0 for in-memory data, else 4 or the CPUs, if fewer)")
     g.add_argument("--img-size", type=int, default=None, help="input size (default: the data set's native size)")
@@ -276,7 +285,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, help="checkpoint (or run folder) to continue from")
     g.add_argument("--seed", type=int, default=42, help="seed; process r uses seed + r")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    add_device_flag(g)
     g.add_argument("--amp", action="store_true", help="mixed precision")
     g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"), help="autocast dtype with --amp")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")

@@ -17,8 +17,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, data, models
-from .config import (DATASETS, ECE_BINS, ArgumentParser, HelpFormatter, as_dict, check_limits, key_value,
-                     train_defaults)
+from .config import (ECE_BINS, ArgumentParser, HelpFormatter, add_data_flags, add_device_flag, as_dict, check_limits,
+                     key_value, train_defaults)
 from .distributed import Context, cleanup, setup
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .tome import patch_tome, tokens_per_block
@@ -89,10 +89,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
                        description="Evaluate a checkpoint; writes results.json and reliability.png.")
     p.add_argument("--checkpoint", required=True,
                    help="a .pth.tar file or a run folder (its model_best.pth.tar, else its last.pth.tar)")
-    p.add_argument("--dataset", default=None, choices=DATASETS,
-                   help="default: the data set the checkpoint was trained on")
-    p.add_argument("--data-dir", default=None, help="data root (dataset-specific layout, see README)")
-    p.add_argument("--download", action="store_true", help="let torchvision download the data set if missing")
+    add_data_flags(p, None, "default: the data set the checkpoint was trained on")
     p.add_argument("--model", default=None,
                    help="timm model name: required for a weights file that names none (no saved args or "
                         "arch: a plain state_dict, {'model': ...}); otherwise it must be the one the file holds")
@@ -105,7 +102,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", "-b", type=int, default=256, help="per process")
     p.add_argument("--workers", type=int, default=None,
                    help="loader processes (default: 0 for in-memory data, else 4 or the CPUs, if fewer)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    add_device_flag(p)
     p.add_argument("--amp", action="store_true", help="mixed precision")
     p.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"), help="autocast dtype with --amp")
     p.add_argument("--ece-bins", type=int, default=ECE_BINS,

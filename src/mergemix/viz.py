@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint, data, models
-from .config import (DATASETS, METHOD_OPTION_FLAGS, ArgumentParser, HelpFormatter, as_dict, check_limits, key_value,
-                     parse_train_args)
+from .config import (METHOD_OPTION_FLAGS, ArgumentParser, HelpFormatter, add_data_flags, add_device_flag, as_dict,
+                     check_limits, key_value, parse_train_args)
 from .distributed import setup
 from .errors import ConfigError
 from .evaluate import check_classes, run_args
@@ -42,9 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="a .pth.tar file or a run folder (its model_best.pth.tar, else its last.pth.tar); "
                         "default: a fresh model")
-    p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the checkpoint's, else the train default")
-    p.add_argument("--data-dir", default=None, help="data root (dataset-specific layout, see README)")
-    p.add_argument("--download", action="store_true", help="let torchvision download the data set if missing")
+    add_data_flags(p, None, "default: the checkpoint's, else the train default")
     p.add_argument("--split", default="eval", choices=("eval", "train"),
                    help="which images: eval (no augmentation) or train (augmented as in training)")
     p.add_argument("--model", default=None, help="timm model name (default: the checkpoint's, else the train default)")
@@ -57,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="mix_grid.png",
                    help="file to draw to, in the format its suffix names (.png, .pdf, .svg, ...); not a file of a run")
     p.add_argument("--seed", type=int, default=0, help="picks the images, partners, λ")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    add_device_flag(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
