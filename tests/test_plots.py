@@ -117,6 +117,13 @@ def test_training_curves(tmp_path, monkeypatch):
     training_curves(csv_path, tmp_path / "curves.png")
     loss_panel = drawn[0].axes[0]
     assert [list(line.get_xdata()) for line in loss_panel.lines] == [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6]]
+    # a one-epoch run: its panels' ticks in view are the epoch 1 alone, not fractions around it
+    with open(tmp_path / "one.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, [0, 2.0, 2.2, 40, 70, 0.2, 1e-3, 3.5]])
+    training_curves(tmp_path / "one.csv", tmp_path / "one.png")
+    for ax in drawn[-1].axes:
+        lo, hi = ax.get_xlim()
+        assert [t for t in ax.get_xticks() if lo <= t <= hi] == [1], ax.get_ylabel()
     monkeypatch.undo()
 
     # the EMA's columns are drawn too: the same run with them gives another picture

@@ -219,7 +219,8 @@ def training_curves(summary_csv: str | Path, path: str | Path) -> Path:
                 ok = np.isfinite(cols[key])
                 ax.plot(epoch[ok] + 1, cols[key][ok], marker="o", ms=3, label=name)
         ax.set_xlabel("epoch (as the console counts them: 1 is the first)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # min_n_ticks 1: a one-epoch run gets the tick 1, not 0.945, 0.96, ... (integers need 2 in view by default)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
