@@ -5,10 +5,10 @@ import csv
 
 import matplotlib
 import matplotlib.image as mpimg
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from mergemix.errors import DataError
 from mergemix.metrics import EvalMetrics
@@ -225,6 +225,28 @@ def test_mix_grid_box_method_omits_attention_columns(tmp_path):
     assert_picture(mix_grid(x, out, tmp_path / "grid.png"), 4 * 200, 4 * 200)  # original, partner, mask, mixed
     plain = StepOutput(loss=torch.tensor(0.0), logits=torch.zeros(4, 10))
     assert_picture(mix_grid(x, plain, tmp_path / "plain.png", max_samples=2), 2 * 200, 200)
+
+
+def test_mix_grid_wraps_a_title_wider_than_its_columns(tmp_path, monkeypatch):
+    """One 200 px column under viz's title for --mix none: the title wraps onto lines that fit the
+    figure (each line after the first adds 16 px) instead of running past its edges."""
+    from mergemix import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    x, _ = fake_step(B=2, C=3, H=24, W=32, patch=8, attention=False)
+    plain = StepOutput(loss=torch.tensor(0.0), logits=torch.zeros(2, 10))
+    mix_grid(x, plain, tmp_path / "plain.png", title="--mix none, untrained model, eval split, seed 0")
+    fig = drawn[0]
+    [title] = fig.texts
+    lines = title.get_text().split("\n")
+    assert len(lines) > 1 and " ".join(lines) == "--mix none, untrained model, eval split, seed 0"
+    assert fig.get_figheight() * 100 == pytest.approx(2 * 200 + 30 + 16 * (len(lines) - 1))
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    box = title.get_window_extent(renderer)
+    assert 0 <= box.x0 and box.x1 <= fig.get_figwidth() * 100 and box.y1 <= fig.get_figheight() * 100
+    # below the title, clear of the panels' titles
+    assert box.y0 > max(ax.title.get_window_extent(renderer).y1 for ax in fig.axes)
 
 
 def test_mix_grid_rejects_scores_that_do_not_fit_the_patch_size(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -403,15 +404,22 @@ def _mix_panels(x: Tensor, out: Any, n: int, mean: Sequence[float] | None, std: 
     return panels
 
 
-def _title_strip(fig: Figure, title: str, head: float = 0.3) -> None:
-    """Put ``title`` in a strip ``head`` inches high added on top: the panels keep their size and place in inches."""
-    height = fig.get_figheight()
+def _title_strip(fig: Figure, title: str, line: float = 0.16, fontsize: int = 9) -> None:
+    """Put ``title`` in a strip added on top, wrapped to fit the figure's width: the panels keep their
+    size and place in inches. One line takes 0.3 in, each further line ``line`` in more."""
+    text = fig.text(0.5, 1.0, title, ha="center", va="center", fontsize=fontsize)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    chars = len(title)
+    while chars > 8 and text.get_window_extent(renderer).width > 0.96 * fig.bbox.width:
+        chars = int(0.9 * chars)
+        text.set_text("\n".join(textwrap.wrap(title, chars)))
+    height, head = fig.get_figheight(), 0.3 + line * text.get_text().count("\n")
     fig.set_figheight(height + head)
     shrink = height / (height + head)
     for ax in fig.axes:
         box = ax.get_position()
         ax.set_position([box.x0, box.y0 * shrink, box.width, box.height * shrink])
-    fig.text(0.5, 1 - 0.5 * head / (height + head), title, ha="center", va="center", fontsize=9)
+    text.set_y(1 - 0.5 * head / (height + head))
 
 
 def check_figure_out(out: str | Path) -> Path:
