@@ -45,15 +45,57 @@ def test_digits_split_is_fixed_stratified_and_in_memory():
     assert data.load_digits(8).train[0][0].shape == (1, 8, 8)  # the native size on request
 
 
+def byte_stats(values, scale: float) -> tuple[float, float]:
+    """Mean and standard deviation (n - 1 in the denominator, as torch's) of small non-negative integers
+    / ``scale``, exactly in float64 from their histogram."""
+    counts = np.bincount(np.frombuffer(values, np.uint8) if isinstance(values, bytes) else np.asarray(values).ravel())
+    v, n = np.arange(len(counts)) / scale, counts.sum()
+    mean = (counts * v).sum() / n
+    return float(mean), float(np.sqrt((counts * (v - mean) ** 2).sum() / (n - 1)))
+
+
+def test_digits_normalise_with_the_statistics_of_their_training_split():
+    """sklearn's digits (0..16 per pixel) / 16, over the fixed split the module documents (stratified
+    80/20, seed 0): the training images' mean and std, at the native 8x8 where no resizing blurs them."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x_tr, x_te, _, y_te = train_test_split(d.images, d.target, test_size=0.2, stratify=d.target, random_state=0)
+    mean, std = byte_stats(x_tr.astype(np.int64), 16)
+    assert (mean, std) != pytest.approx(byte_stats(d.images.astype(np.int64), 16), rel=1e-4)  # the split matters
+    bundle = data.load_digits(8)
+    assert bundle.mean[0] == pytest.approx(mean, rel=1e-6) and bundle.std[0] == pytest.approx(std, rel=1e-6)
+    x, y = bundle.eval[5]  # the evaluation images are normalised with the training statistics too
+    assert y == y_te[5]
+    expected = (torch.tensor(x_te[5], dtype=torch.float64) / 16 - mean) / std
+    assert torch.allclose(x[0].double(), expected, atol=1e-5)
+
+
+@pytest.mark.skipif(not data.FASHION_SYSTEM_DIR.is_dir(), reason="Fashion-MNIST not installed")
+def test_fashion_mnist_normalises_with_the_statistics_of_its_training_bytes():
+    """The 60000 training images' bytes / 255, counted here from the installed file (published: mean
+    0.2860, std 0.3530)."""
+    bundle = data.build(args_for(dataset="fashion-mnist"))
+    path = data._find_idx(data.FASHION_SYSTEM_DIR, "train-images-idx3-ubyte")
+    raw = path.read_bytes()
+    mean, std = byte_stats((gzip.decompress(raw) if path.suffix == ".gz" else raw)[16:], 255)
+    assert (round(mean, 4), round(std, 4)) == (0.2860, 0.3530)
+    assert bundle.mean[0] == pytest.approx(mean, rel=1e-5) and bundle.std[0] == pytest.approx(std, rel=1e-5)
+
+
 def test_fashion_idx_files_from_data_dir(tmp_path):
     write_fashion(tmp_path)
     bundle = data.build(args_for(dataset="fashion-mnist", data_dir=str(tmp_path)))
     assert (len(bundle.train), len(bundle.eval), bundle.num_classes, bundle.in_chans) == (40, 20, 10, 1)
     x, y = bundle.eval[3]
     assert x.shape == (1, 28, 28) and y == 3
+    # normalised with the statistics of the training images' bytes / 255, computed here from the file
+    mean, std = byte_stats(gzip.decompress((tmp_path / "train-images-idx3-ubyte.gz").read_bytes())[16:], 255)
+    assert bundle.mean[0] == pytest.approx(mean, rel=1e-6) and bundle.std[0] == pytest.approx(std, rel=1e-6)
     raw = np.frombuffer(gzip.decompress((tmp_path / "t10k-images-idx3-ubyte.gz").read_bytes())[16:], np.uint8)
-    expected = (torch.tensor(raw[3 * 784:4 * 784], dtype=torch.float32).view(1, 28, 28) / 255 - bundle.mean[0]) / bundle.std[0]
-    assert torch.allclose(x, expected, atol=1e-5)
+    expected = (torch.tensor(raw[3 * 784:4 * 784], dtype=torch.float64).view(1, 28, 28) / 255 - mean) / std
+    assert torch.allclose(x.double(), expected, atol=1e-5)
 
 
 def test_fashion_torchvision_layout_and_uncompressed(tmp_path):
