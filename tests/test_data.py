@@ -84,6 +84,61 @@ def test_fashion_mnist_normalises_with_the_statistics_of_its_training_bytes():
     assert bundle.mean[0] == pytest.approx(mean, rel=1e-5) and bundle.std[0] == pytest.approx(std, rel=1e-5)
 
 
+def bright_pixel(x: torch.Tensor, mean: float, std: float) -> tuple[int, int]:
+    """(row, column) of the one pixel of value 1 in a normalised (1, H, W) image whose others are 0."""
+    pixels = x[0].double() * std + mean
+    on = (pixels > 0.5).nonzero().tolist()
+    assert len(on) == 1 and torch.allclose(pixels, (pixels > 0.5).double(), atol=1e-6), pixels
+    return tuple(on[0])
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_training_images_shift_by_up_to_pad_and_flip_half_the_time(flip):
+    """One bright pixel at row 2, column 1 of a 5x7 image, pad 1: each draw moves it by one of the 9
+    shifts within +-1 (every one of them, each about a ninth of the time), and with ``flip`` about half
+    the draws are mirrored, putting it in columns 4..6, which no shift alone reaches."""
+    image = torch.zeros(1, 1, 5, 7)
+    image[0, 0, 2, 1] = 1.0
+    mean, std = 0.25, 0.5
+    ds = data.TensorImages(image, torch.tensor([3]), mean, std, pad=1, flip=flip)
+    torch.manual_seed(0)
+    n = 1800
+    shifts, mirrored = [], 0
+    for _ in range(n):
+        x, y = ds[0]
+        assert x.shape == (1, 5, 7) and y == 3
+        row, col = bright_pixel(x, mean, std)
+        if col >= 4:  # mirrored: column c of the shifted image lands at 6 - c
+            mirrored += 1
+            col = 6 - col
+        shifts.append((row - 2, col - 1))
+    nine = {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+    assert set(shifts) == nine
+    se = (n * (1 / 9) * (8 / 9)) ** 0.5
+    assert all(abs(shifts.count(s) - n / 9) < 5 * se for s in nine), {s: shifts.count(s) for s in nine}
+    if flip:
+        assert abs(mirrored - n / 2) < 5 * (n / 4) ** 0.5, mirrored
+    else:
+        assert mirrored == 0
+
+
+def test_only_the_training_split_is_augmented(tmp_path):
+    """Fashion-MNIST files of one bright pixel (row 10, column 5 of 28x28): the training set shifts it
+    by up to 2 pixels and mirrors it; the evaluation set serves it where it is, every time."""
+    dot = np.zeros((4, 28, 28))
+    dot[:, 10, 5] = 255
+    for stem in ("train", "t10k"):
+        write_idx(tmp_path / f"{stem}-images-idx3-ubyte.gz", dot)
+        write_idx(tmp_path / f"{stem}-labels-idx1-ubyte.gz", np.arange(4))
+    bundle = data.build(args_for(dataset="fashion-mnist", data_dir=str(tmp_path)))
+    mean, std = bundle.mean[0], bundle.std[0]
+    torch.manual_seed(0)
+    assert {bright_pixel(bundle.eval[1][0], mean, std) for _ in range(50)} == {(10, 5)}
+    seen = {bright_pixel(bundle.train[1][0], mean, std) for _ in range(600)}
+    unflipped = {(10 + dy, 5 + dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+    assert seen == unflipped | {(r, 27 - c) for r, c in unflipped}
+
+
 def test_fashion_idx_files_from_data_dir(tmp_path):
     write_fashion(tmp_path)
     bundle = data.build(args_for(dataset="fashion-mnist", data_dir=str(tmp_path)))
