@@ -575,6 +575,25 @@ def test_merge_ab_compares_outputs_of_both_versions(tmp_path, capsys, ref):
     assert "| forward+backward |" in capsys.readouterr().out
 
 
+def test_merge_ab_reports_the_difference_from_a_reference_that_merges_otherwise(tmp_path, capsys):
+    """A reference merge.py whose merge weights are halved (a copy of the real one with that one line
+    changed) moves every merged token and its gradient: max_abs_diff must show it, in both passes."""
+    source = (ROOT / "src" / "mergemix" / "merge.py").read_text()
+    line = "    weight = size_src / new_size.gather(1, m.dst)\n"
+    assert source.count(line) == 1
+    wrong = tmp_path / "merge_halved.py"
+    wrong.write_text(source.replace(line, "    weight = 0.5 * size_src / new_size.gather(1, m.dst)\n"))
+    out = tmp_path / "ab.json"
+    assert load("merge_ab").main(["--ref", str(wrong), "--batch-size", "2", "--tokens", "17", "--channels", "8",
+                                  "--r", "4", "--reps", "1", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"forward", "forward+backward"}
+    assert all(r["max_abs_diff"] > 0.01 for r in results.values()), results
+    rows = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| f")}
+    for label, r in results.items():  # the printed table's last column says so too
+        assert rows[label].endswith(f"| {r['max_abs_diff']:.2g} |")
+
+
 def test_step_time_shrinks_only_its_default_model_on_the_cpu():
     """The small CPU model is the default's; a model named with --model is built as timm defines it."""
     step_time = load("step_time")
