@@ -90,7 +90,7 @@ def test_step_time_tag_names_the_default_file(tmp_path, monkeypatch):
             step_time.parse_args(["--tag", bad])
 
 
-def test_step_time_times_merging_without_proportional_attention_side_by_side(tmp_path):
+def test_step_time_times_merging_without_proportional_attention_side_by_side(tmp_path, monkeypatch):
     """--prop-attn on off: each MergeMix configuration and the merged evaluation with ToMe's
     log-size attention bias and without it, the latter labelled 'noprop' and really run without it."""
     import argparse
@@ -111,12 +111,17 @@ def test_step_time_times_merging_without_proportional_attention_side_by_side(tmp
     assert runner.model.tome.prop_attn is False
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     assert torch.isfinite(torch.tensor(runner.step(x, y, contextlib.nullcontext, torch.device("cpu"))))
-    # the merged evaluation names its nets the same way, and the one without the bias computes other logits
+    # the merged evaluation names its nets the same way, and the one it times without the bias (the
+    # nets taken from the forwards it times, in the order built) computes other logits
     args.steps = 1
+    timed = []
+    monkeypatch.setattr(step_time, "seconds", lambda fn, device: timed.append(fn.__defaults__[0]) or 0.5)
     ev = step_time.eval_throughput(base, x, 4, argparse.Namespace(**{**vars(args), "merge_every": [1]}),
                                    torch.device("cpu"), contextlib.nullcontext)
     assert {"merged_speedup", "merged_noprop_speedup"} <= set(ev)
-    prop, noprop = (tome_patched(base, prop_attn=p) for p in (True, False))
+    plain, prop, noprop = {id(net): net for net in timed}.values()
+    assert not hasattr(plain, "tome") and (prop.tome.prop_attn, noprop.tome.prop_attn) == (True, False)
+    assert prop.tome.r == noprop.tome.r and sum(prop.tome.r) == 4  # the same merging, bias aside
     with torch.no_grad():
         assert (prop(x) - noprop(x)).abs().max() > 1e-4
     # the run's file and table say which it timed
@@ -126,13 +131,6 @@ def test_step_time_times_merging_without_proportional_attention_side_by_side(tmp
     row = {"passes": "p", "median_step_ms": 1.0, "ratio_to_cutmix": 1.0, "peak_memory_mb": None, "warmup_s": 1.0}
     table = step_time.markdown({"device": "cpu", "settings": settings, "configs": {"cutmix": row}})
     assert "proportional attention on and off (noprop)" in table
-
-
-def tome_patched(base, **kwargs):
-    import copy
-
-    from mergemix.tome import patch_tome
-    return patch_tome(copy.deepcopy(base).eval(), merge_num=4, **kwargs)
 
 
 def test_step_time_table_omits_peak_memory_under_cuda_graph_replay():
