@@ -80,6 +80,65 @@ def test_reliability_diagram(tmp_path):
     assert bins_ece(out["bins"]) == pytest.approx(out["ece"], abs=1e-9)
 
 
+# five bins of width 0.2, the first empty, and the saturated bin [1, 1]; the diagram pools the latter
+# into the top bar: 60 samples, confidence (40 * 0.9 + 20 * 1.0) / 60 = 0.9333, accuracy (40 * 0.8 + 20 * 0.95) / 60
+# = 0.85; ECE (10 * 0.1 + 30 * 0.05 + 50 * 0 + 40 * 0.1 + 20 * 0.05) / 150 = 0.05
+HAND_BINS = {"lower": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], "upper": [0.2, 0.4, 0.6, 0.8, 1.0, 1.0],
+             "count": [0, 10, 30, 50, 40, 20], "confidence": [None, 0.3, 0.5, 0.7, 0.9, 1.0],
+             "accuracy": [None, 0.4, 0.45, 0.7, 0.8, 0.95]}
+
+
+def drawn_figures(monkeypatch) -> list:
+    from mergemix import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    return drawn
+
+
+def test_reliability_diagram_draws_the_bins_it_is_given(tmp_path, monkeypatch):
+    """Top: a bar per non-empty bin as high as its accuracy, and a gap bar from there to its mean
+    confidence; bottom: each bin's share of the samples; the title's ECE. All from HAND_BINS by hand."""
+    drawn = drawn_figures(monkeypatch)
+    reliability_diagram(HAND_BINS, tmp_path / "r.png", title="hand")
+    top, bottom = drawn[0].axes
+    bars = {c.get_label(): c.patches for c in top.containers}
+    assert set(bars) == {"accuracy", "gap to mean confidence"}
+    acc, gap = bars["accuracy"], bars["gap to mean confidence"]
+    assert [p.get_x() for p in acc] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert [p.get_width() for p in acc] == pytest.approx([0.2] * 4)
+    assert [p.get_y() for p in acc] == [0] * 4
+    assert [p.get_height() for p in acc] == pytest.approx([0.4, 0.45, 0.7, 0.85])
+    assert [p.get_x() for p in gap] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert [p.get_y() for p in gap] == pytest.approx([0.4, 0.45, 0.7, 0.85])  # from the accuracy ...
+    assert [p.get_y() + p.get_height() for p in gap] == pytest.approx([0.3, 0.5, 0.7, 56 / 60])  # ... to the confidence
+    assert [abs(p.get_height()) for p in gap] == pytest.approx([0.1, 0.05, 0.0, 56 / 60 - 0.85])
+    (share,) = bottom.containers
+    assert [p.get_height() for p in share.patches] == pytest.approx([0, 10 / 150, 30 / 150, 50 / 150, 60 / 150])
+    assert top.get_title() == "hand\nECE 0.0500  (5 bins, n=150)"
+
+
+def test_overlay_reliability_draws_each_runs_non_empty_bins(tmp_path, monkeypatch):
+    """One line per run through (mean confidence, accuracy) of its non-empty bins, ECE in its label;
+    below, its share of samples per bin as steps over the bin edges."""
+    thirds = {"lower": [0, 1 / 3, 2 / 3, 1.0], "upper": [1 / 3, 2 / 3, 1.0, 1.0], "count": [5, 0, 15, 0],
+              "confidence": [0.2, None, 0.8, None], "accuracy": [0.4, None, 0.6, None]}  # ECE 0.2
+    drawn = drawn_figures(monkeypatch)
+    overlay_reliability({"hand": HAND_BINS, "thirds": thirds}, tmp_path / "o.png")
+    top, bottom = drawn[0].axes
+    lines = {line.get_label(): line for line in top.lines}
+    assert set(lines) == {"perfect calibration", "hand (ECE 0.0500)", "thirds (ECE 0.2000)"}
+    hand, third = lines["hand (ECE 0.0500)"], lines["thirds (ECE 0.2000)"]
+    assert list(hand.get_xdata()) == pytest.approx([0.3, 0.5, 0.7, 56 / 60])
+    assert list(hand.get_ydata()) == pytest.approx([0.4, 0.45, 0.7, 0.85])
+    assert list(third.get_xdata()) == pytest.approx([0.2, 0.8]) and list(third.get_ydata()) == pytest.approx([0.4, 0.6])
+    steps = [p.get_data() for p in bottom.patches]
+    assert len(steps) == 2
+    assert list(steps[0].values) == pytest.approx([0, 10 / 150, 30 / 150, 50 / 150, 60 / 150])
+    assert list(steps[0].edges) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert list(steps[1].values) == pytest.approx([0.25, 0, 0.75]) and list(steps[1].edges) == pytest.approx([0, 1 / 3, 2 / 3, 1])
+
+
 def test_display_bins_pool_saturated_bin_into_top_bar():
     out = eval_bins(1, 3.0, saturated=20)
     bins, d = out["bins"], _display_bins(out["bins"])
