@@ -107,6 +107,8 @@ def test_model_kwargs_at_a_resume_change_the_resumed_models_key_by_key(tmp_path)
     ("resume: /some/run\n", "a recipe cannot resume a run (key resume); pass --resume on the command line"),
     ("model_kwargs: [1, 2]\n", "model_kwargs must be a mapping or a list of key=value"),
     ("model_kwargs: [abc]\n", "model_kwargs must be a mapping or a list of key=value"),
+    # argparse would split a text into ('depth', 2), reported as a garbled tuple
+    ("model_kwargs: depth=2\n", "bad.yaml: model_kwargs must be a mapping, e.g. {depth: 6, embed_dim: 96}, got 'depth=2'"),
     ("mix_opt: [[a]]\n", "mix_opt must be a mapping or a list of key=value"),
     ("experiment: [a]\n", "experiment must be a word, got ['a']"),
     ("opt: {adamw: 1}\n", "opt must be a word, got {'adamw': 1}"),

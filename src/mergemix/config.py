@@ -14,6 +14,7 @@ import copy
 import difflib
 import functools
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        argv = sys.argv[1:] if args is None else list(args)
+        # a flag taking a list (--model-kwargs k=v ...) keeps only its last use: refuse a second one
+        # rather than drop the first's values without a word
+        for action in self._actions:
+            if type(action) is argparse._StoreAction and action.nargs in ("*", "+") and action.option_strings:
+                uses = sum(arg.split("=", 1)[0] in action.option_strings for arg in argv)
+                if uses > 1:
+                    self.error(f"{action.option_strings[0]} given {uses} times, and only the last would count: "
+                               f"give it once, with all its values")
+        return super().parse_known_args(argv, namespace)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -315,8 +329,13 @@ def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     """Check and convert one recipe value the way argparse would convert the flag's text."""
-    if value is None or key == "model_kwargs":
+    if value is None:
         return value
+    if key == "model_kwargs":  # as a dict: argparse would run a text default through key_value
+        if isinstance(value, str):
+            raise ConfigError(f"{source}: model_kwargs must be a mapping, e.g. {{depth: 6, embed_dim: 96}}, "
+                              f"got {value!r}")
+        return as_dict(value, f"{source}: model_kwargs")
     if key == "mix_opt":  # (key, value) items, which the flag's "append" action can add to
         return list(as_dict(value, f"{source}: mix_opt").items())
     if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
