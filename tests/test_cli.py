@@ -270,6 +270,9 @@ def test_resuming_into_a_new_folder_brings_the_best_checkpoint_along(run, tmp_pa
     (["--drop", "1"], "--drop must be in [0, 1), got 1.0"),
     (["--clip-mode", "max"], "argument --clip-mode: invalid choice: 'max'"),
     (["--opt-betas", "0.9"], "--opt adamw takes more --opt-betas than 0.9 (Adam and its kin: two)"),
+    # timm would drop the betas SGD has no use for, and AdamW's third, without a word
+    (["--opt", "sgd", "--opt-betas", "0.9", "0.99"], "--opt sgd (SGD) takes no --opt-betas, got 0.9 0.99"),
+    (["--opt-betas", "0.9", "0.99", "0.5"], "--opt adamw (AdamW) takes 2 --opt-betas, got 0.9 0.99 0.5"),
     (["--drop", "0.2", "--model-kwargs", "patch_size=4", "drop_rate=0.1"], "both set the dropout rate: give one"),
     # out-of-range flags: checked with the flags, before any data or model is built
     (["--workers", "-1"], "--workers must be at least 0"),

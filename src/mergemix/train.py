@@ -281,6 +281,12 @@ class Trainer:
                               f"(Adam and its kin: two)") from None
         except (TypeError, ValueError) as e:  # an unknown name, or a setting the optimizer refuses
             raise ConfigError(f"--opt {args.opt}: {e}") from None
+        # timm drops betas an optimizer has no use for (SGD: all; AdamW: a third) without a word
+        kept = self.optimizer.defaults.get("betas", ())
+        if args.opt_betas and len(kept) < len(args.opt_betas):
+            takes = f"takes {len(kept)} --opt-betas" if kept else "takes no --opt-betas"
+            raise ConfigError(f"--opt {args.opt} ({type(self.optimizer).__name__}) {takes}, got "
+                              f"{' '.join(map(str, args.opt_betas))}")
         try:
             self.scheduler, _ = create_scheduler_v2(
                 self.optimizer, sched=sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
