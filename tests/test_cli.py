@@ -382,6 +382,16 @@ def test_every_command_reports_bad_flags_in_one_line(capsys, argv, fragment):
     assert fragment in error_line(capsys)
 
 
+def test_version_names_the_package_and_the_libraries(capsys):
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == (f"mergemix {project['version']} (torch {torch.__version__}, timm "
+                                               f"{timm.__version__}, Python {sys.version.split()[0]})")
+
+
 def test_usage_goes_to_stdout_when_asked_for_and_to_stderr_without_a_command(capsys):
     assert cli.main(["--help"]) == 0
     said = capsys.readouterr()

@@ -21,7 +21,7 @@ USAGE = """usage: mergemix {train,eval,methods,viz,compare} [flags]
   viz       draw what a mixing method does to a batch
   compare   tabulate and plot several runs
 
-`mergemix COMMAND --help` shows each command's flags."""
+`mergemix COMMAND --help` shows each command's flags; `mergemix --version` the versions."""
 
 
 def _train(argv: Sequence[str]) -> int:
@@ -87,6 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)  # asked for, or an error: no command
         return 0 if argv else 2
+    if argv[0] == "--version":  # with the libraries whose behaviour results depend on, as bug reports need
+        import timm
+        import torch
+
+        from . import __version__
+        print(f"mergemix {__version__} (torch {torch.__version__}, timm {timm.__version__}, Python "
+              f"{sys.version.split()[0]})")
+        return 0
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)} (see `mergemix --help`)",
               file=sys.stderr)
