@@ -245,6 +245,9 @@ def test_schedule_notes_flag_likely_mistakes_only():
     assert schedule_notes(parse_train_args(["--sched", "none", "--epochs", "3"])) == [
         "--sched none trains at --lr throughout, as timm's does: --warmup-epochs 3 is not applied "
         "(--sched constant warms up, then holds --lr)"]
+    assert schedule_notes(parse_train_args(["--epochs", "4", "--warmup-epochs", "0", "--mixup-off-epoch", "3"])) == []
+    assert schedule_notes(parse_train_args(["--epochs", "1", "--warmup-epochs", "0", "--mixup-off-epoch", "5"])) == [
+        "--mixup-off-epoch 5 >= --epochs 1: the run ends before mixing is switched off"]
 
 
 @pytest.mark.parametrize("flags, lrs", [

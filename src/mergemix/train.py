@@ -95,8 +95,9 @@ class StopSignal:
 
 
 def schedule_notes(args: argparse.Namespace) -> list[str]:
-    """Learning-rate settings that run but are likely mistakes (a floor above the peak, a warm-up
-    as long as the run): worth a line, not an error, since a user may mean them."""
+    """Schedule settings that run but are likely mistakes (a learning-rate floor above the peak, a warm-up
+    as long as the run, mixing switched off after the run ends): worth a line, not an error, since a
+    user may mean them."""
     notes = []
     if args.min_lr > args.lr:
         notes.append(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the schedule ends higher than its peak")
@@ -105,6 +106,9 @@ def schedule_notes(args: argparse.Namespace) -> list[str]:
                      f"is not applied (--sched constant warms up, then holds --lr)")
     elif args.warmup_epochs >= args.epochs:
         notes.append(f"--warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: the run ends inside its warm-up")
+    if args.mixup_off_epoch >= args.epochs:
+        notes.append(f"--mixup-off-epoch {args.mixup_off_epoch} >= --epochs {args.epochs}: the run ends before "
+                     f"mixing is switched off")
     return notes
 
 
