@@ -225,3 +225,41 @@ def test_eval_reads_timm_checkpoints_and_plain_state_dicts(run, tmp_path, capsys
     torch.save({"epoch": 1}, tmp_path / "empty.pth")
     assert evaluate("--checkpoint", str(tmp_path / "empty.pth"), *tiny, "--output", str(tmp_path / "x")) == 2
     assert "holds no weights" in error_line(capsys)
+
+
+def test_eval_checks_its_output_before_the_pass_and_leaves_no_folder_it_made_when_it_fails(run, tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A folder eval cannot write to stops it before the images are evaluated (the figures would be lost);
+    an evaluation that fails leaves no folder it created, and a folder that held results keeps them."""
+    from mergemix import evaluate as evaluate_module
+    from mergemix.errors import TrainingError
+
+    passes = []
+    real = evaluate_module.evaluate
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: passes.append(1) or real(*a, **k))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert evaluate("--checkpoint", str(run), "--output", str(blocker / "ev")) == 2
+    assert (f"cannot write to {blocker / 'ev'}: {blocker} is a file, not a folder; choose another --output"
+            in error_line(capsys))
+    assert passes == [] and blocker.read_text() == "not a folder"
+
+    kept = tmp_path / "ev"
+    assert evaluate("--checkpoint", str(run), "--output", str(kept)) == 0 and passes == [1]
+    before = files(kept)
+
+    def nan(*a, **k):
+        raise TrainingError("7 evaluation images got NaN or infinite logits")
+
+    monkeypatch.setattr(evaluate_module, "evaluate", nan)
+    assert evaluate("--checkpoint", str(run), "--output", str(tmp_path / "new" / "deep" / "ev")) == 1
+    assert not (tmp_path / "new").exists()
+    assert evaluate("--checkpoint", str(run), "--output", str(kept)) == 1
+    assert files(kept) == before
+    assert evaluate("--checkpoint", str(run)) == 1  # the default folder next to the checkpoint
+    assert not (run / "eval-model_best-digits").exists()
+    # a failure once the results are written (here in their summary line) keeps them
+    monkeypatch.setattr(evaluate_module, "evaluate", real)
+    monkeypatch.setattr(evaluate_module, "summary_line", lambda metrics: nan())
+    assert evaluate("--checkpoint", str(run), "--output", str(tmp_path / "late")) == 1
+    assert set(files(tmp_path / "late")) == {"results.json", "reliability.png"}

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import checkpoint, data, models
 from .config import (ECE_BINS, ArgumentParser, HelpFormatter, add_data_flags, add_device_flag, as_dict, check_limits,
                      key_value, train_defaults)
-from .distributed import Context, cleanup, setup
+from .distributed import Context, any_true, cleanup, setup
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .tome import patch_tome, tokens_per_block
 
@@ -177,10 +177,31 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = run_args(ckpt, cli)
     out = eval_folder(cli, path, args.dataset)
     ctx = setup(cli.device)
+    made = None
     try:
+        made = _claim_folder(out, ctx)
         return _evaluate_checkpoint(cli, ckpt, path, args, out, ctx)
+    except BaseException:
+        # a failed evaluation leaves no folder it made; one whose results are written keeps them
+        if made is not None and not (out / "results.json").exists():
+            checkpoint.remove_dir(out, made)
+        raise
     finally:
         cleanup()
+
+
+def _claim_folder(out: Path, ctx: Context) -> Path | None:
+    """Rank 0 creates ``out`` and checks it can write there, before the pass (``make_dir``'s result);
+    its refusal is every rank's error, as the others would otherwise wait for it in the pass."""
+    made, error = None, None
+    if ctx.is_main:
+        try:
+            made = checkpoint.make_dir(out, "--output")
+        except ConfigError as e:
+            error = e
+    if any_true([error is not None], ctx)[0]:
+        raise error or ConfigError(f"rank 0 could not write to {out} (its error says why)")
+    return made
 
 
 def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Path, args: argparse.Namespace,
@@ -209,7 +230,6 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
     seconds = time.perf_counter() - start
     if not ctx.is_main:
         return {}
-    checkpoint.make_dir(out, "--output")
     n = len(bundle.eval)
     # the training run's method, seed and args let `mergemix compare` group evaluations as it groups runs;
     # eval_seconds is the wall time of the whole pass, data loading included: a rough figure
