@@ -227,6 +227,56 @@ def test_eval_reads_timm_checkpoints_and_plain_state_dicts(run, tmp_path, capsys
     assert "holds no weights" in error_line(capsys)
 
 
+def test_eval_on_other_data_or_another_build_of_the_model_keeps_the_first_results(run, tmp_path, capsys, monkeypatch):
+    """The default folder of an imagefolder checkpoint is named by the data set alone: evaluated on another
+    folder of the same classes, it keeps the first figures; so does a folder given another image size or
+    model kwargs. The same data named another way is the same evaluation; an --img-size has its own default
+    folder; a results.json written before eval recorded these settings counts as the same."""
+    from test_data import make_imagefolder
+
+    make_imagefolder(tmp_path / "data", classes=("ant", "bee"), per_class=3)
+    make_imagefolder(tmp_path / "other", classes=("ant", "bee"), per_class=2)
+    args = build_train_parser().parse_args(["--model", "vit_tiny_patch16_224", "--dataset", "imagefolder",
+                                            "--data-dir", str(tmp_path / "data"), "--img-size", "16"])
+    args.model_kwargs = KWARGS
+    model = models.create(args.model, num_classes=2, img_size=16, in_chans=3, model_kwargs=KWARGS)
+    folder_run = tmp_path / "if3"
+    folder_run.mkdir()
+    torch.save({"epoch": 0, "arch": args.model, "state_dict": model.state_dict(), "args": vars(args),
+                "classes": ["ant", "bee"]}, folder_run / "model_best.pth.tar")
+    assert evaluate("--checkpoint", str(folder_run), "--workers", "0") == 0
+    out = folder_run / "eval-model_best-imagefolder"
+    first = files(out)
+    assert json.loads(first["results.json"])["num_images"] == 6
+    assert evaluate("--checkpoint", str(folder_run), "--data-dir", str(tmp_path / "other"), "--workers", "0") == 2
+    assert f"--output {out} holds another evaluation (data_dir {(tmp_path / 'data').resolve()})" in error_line(capsys)
+    assert files(out) == first
+    other = tmp_path / "ev-other"
+    assert evaluate("--checkpoint", str(folder_run), "--data-dir", str(tmp_path / "other"), "--workers", "0",
+                    "--output", str(other)) == 0
+    assert json.loads((other / "results.json").read_text())["num_images"] == 4
+    monkeypatch.chdir(tmp_path)  # the training's data folder, by a relative path: the same evaluation
+    assert evaluate("--checkpoint", str(folder_run), "--data-dir", "data", "--workers", "0") == 0
+
+    # digits: the model built at another image size, or with other kwargs, is another evaluation
+    plain = run / "eval-model_best-digits"
+    assert evaluate("--checkpoint", str(run)) == 0
+    assert evaluate("--checkpoint", str(run), "--img-size", "16") == 0  # the size the model has: its own folder
+    assert json.loads((run / "eval-model_best-digits-img16" / "results.json").read_text())["img_size"] == 16
+    before = files(plain)
+    assert evaluate("--checkpoint", str(run), "--img-size", "16", "--output", str(plain)) == 2
+    assert f"--output {plain} holds another evaluation (img_size None)" in error_line(capsys)
+    assert evaluate("--checkpoint", str(run), "--model-kwargs", "drop_rate=0.5", "--output", str(plain)) == 2
+    assert f"holds another evaluation (model_kwargs {KWARGS})" in error_line(capsys)
+    assert files(plain) == before
+    # written before eval recorded these: absent, they count as the same
+    new_keys = ("model_kwargs", "img_size", "data_dir")
+    older = {k: v for k, v in json.loads(before["results.json"]).items() if k not in new_keys}
+    (plain / "results.json").write_text(json.dumps(older))
+    assert evaluate("--checkpoint", str(run)) == 0
+    assert json.loads((plain / "results.json").read_text())["model_kwargs"] == KWARGS
+
+
 def test_eval_checks_its_output_before_the_pass_and_leaves_no_folder_it_made_when_it_fails(run, tmp_path, capsys,
                                                                                            monkeypatch):
     """A folder eval cannot write to stops it before the images are evaluated (the figures would be lost);

@@ -119,8 +119,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
                         "(default: 1, every block)")
     p.add_argument("--output", default=None,
                    help="folder for results; not a training run's folder (default: <checkpoint folder>/"
-                        "eval-<checkpoint>-<dataset>[-merge<N>[-every<k>][-noprop]][-ema][-<amp dtype>][-bins<N>], "
-                        "<checkpoint>: its file name without .pth.tar, e.g. model_best)")
+                        "eval-<checkpoint>-<dataset>[-merge<N>[-every<k>][-noprop]][-ema][-<amp dtype>][-bins<N>]"
+                        "[-img<N>], <checkpoint>: its file name without .pth.tar, e.g. model_best)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -175,7 +175,7 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     path = checkpoint.resolve(cli.checkpoint, best=True)
     ckpt = checkpoint.load_weights_file(path)
     args = run_args(ckpt, cli)
-    out = eval_folder(cli, path, args.dataset)
+    out = eval_folder(cli, path, args)
     ctx = setup(cli.device)
     made = None
     try:
@@ -234,9 +234,9 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
     # the training run's method, seed and args let `mergemix compare` group evaluations as it groups runs;
     # eval_seconds is the wall time of the whole pass, data loading included: a rough figure
     # (step_time.py times forwards alone)
-    settings = _evaluation_settings(cli, path, args.dataset)  # its merge keys come with ``merging``, where it merges
+    settings = _evaluation_settings(cli, path, args)  # its merge keys come with ``merging``, where it merges
     extra = {**{k: v for k, v in settings.items() if k not in _MERGE_KEYS}, "epoch": ckpt.get("epoch"),
-             "model": args.model, "method": args.mix, "seed": args.seed, "num_images": n, **merging,
+             "method": args.mix, "seed": args.seed, "num_images": n, **merging,
              "eval_seconds": seconds, "images_per_s": n / seconds, "train_args": ckpt.get("args") or {}}
     every = f", merging every {cli.merge_every} blocks" if cli.merge_every != 1 else ""
     noprop = ", no proportional attention" if not cli.prop_attn else ""
@@ -250,11 +250,12 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
     return results
 
 
-def eval_folder(cli: argparse.Namespace, path: Path, dataset: str) -> Path:
+def eval_folder(cli: argparse.Namespace, path: Path, args: argparse.Namespace) -> Path:
     """Where ``mergemix eval`` of checkpoint ``path`` writes: ``--output``, else a folder next to the
-    checkpoint named after it, the data set, the merging and any of EMA weights, AMP and a bin count
-    other than 15, so that evaluations of one checkpoint in other ways keep their own results; never
-    a training run's folder."""
+    checkpoint named after it, the data set, the merging and any of EMA weights, AMP, a bin count
+    other than 15 and an ``--img-size``, so that evaluations of one checkpoint in other ways keep their
+    own results; never a training run's folder, nor one that holds another evaluation (other data,
+    ``--model-kwargs``: choose ``--output``)."""
     if cli.output:
         out = Path(cli.output)
     else:
@@ -265,12 +266,13 @@ def eval_folder(cli: argparse.Namespace, path: Path, dataset: str) -> Path:
         merge += "-noprop" if merge and not cli.prop_attn else ""
         how = ("-ema" if cli.use_ema else "") + (f"-{cli.amp_dtype}" if cli.amp else "")
         how += f"-bins{cli.ece_bins}" if cli.ece_bins != ECE_BINS else ""
-        out = path.parent / f"eval-{name}-{dataset}{merge}{how}"
+        how += f"-img{cli.img_size}" if cli.img_size is not None else ""
+        out = path.parent / f"eval-{name}-{args.dataset}{merge}{how}"
     checkpoint.check_names(out, "--output")
     if checkpoint.holds_training_run(out):
         raise ConfigError(f"--output {out} holds a training run: its results.json and reliability.png are not "
                           "eval's to replace; choose another --output (by default eval writes next to the checkpoint)")
-    differ = _other_evaluation(out / "results.json", _evaluation_settings(cli, path, dataset))
+    differ = _other_evaluation(out / "results.json", _evaluation_settings(cli, path, args))
     if differ:
         raise ConfigError(f"--output {out} holds another evaluation ({differ}): choose another --output, "
                           f"or evaluate that way to replace it")
@@ -279,16 +281,21 @@ def eval_folder(cli: argparse.Namespace, path: Path, dataset: str) -> Path:
 
 # what makes an evaluation what it is: one evaluated again these ways may replace its own results only
 _MERGE_KEYS = ("merge_num", "merge_every", "prop_attn")  # written only by an evaluation that merges
-_EVALUATION_KEYS = ("checkpoint", "weights", "dataset", "ece_bins", "amp_dtype", *_MERGE_KEYS)
+_EVALUATION_KEYS = ("checkpoint", "weights", "model", "model_kwargs", "img_size", "dataset", "data_dir", "ece_bins",
+                    "amp_dtype", *_MERGE_KEYS)
 
 
-def _evaluation_settings(cli: argparse.Namespace, path: Path, dataset: str) -> dict[str, Any]:
-    """The ``_EVALUATION_KEYS`` this evaluation writes into results.json (None where it writes none)."""
+def _evaluation_settings(cli: argparse.Namespace, path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The ``_EVALUATION_KEYS`` this evaluation writes into results.json (None where it writes none):
+    the model as built (its kwargs, saved and overridden, and image size: None for the data set's),
+    and the data folder read, absolute (None for digits, or without one: the data set's own place)."""
     merged = cli.merge_num is not None
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir and args.dataset != "digits" else None
     return {"checkpoint": str(path.resolve()), "weights": "state_dict_ema" if cli.use_ema else "state_dict",
-            "dataset": dataset, "ece_bins": cli.ece_bins, "amp_dtype": cli.amp_dtype if cli.amp else None,
-            "merge_num": cli.merge_num, "merge_every": cli.merge_every if merged else None,
-            "prop_attn": cli.prop_attn if merged else None}
+            "model": args.model, "model_kwargs": json.loads(json.dumps(args.model_kwargs)),  # as results.json holds it
+            "img_size": args.img_size, "dataset": args.dataset, "data_dir": data_dir, "ece_bins": cli.ece_bins,
+            "amp_dtype": cli.amp_dtype if cli.amp else None, "merge_num": cli.merge_num,
+            "merge_every": cli.merge_every if merged else None, "prop_attn": cli.prop_attn if merged else None}
 
 
 def _other_evaluation(results: Path, mine: dict[str, Any]) -> str:
@@ -304,7 +311,7 @@ def _other_evaluation(results: Path, mine: dict[str, Any]) -> str:
         return f"a {results.name} that is not an evaluation's"
     if "merge_num" not in theirs:  # an evaluation without merging writes none of its keys
         theirs = {**theirs, **dict.fromkeys(_MERGE_KEYS)}
-    # a key an older version did not write (amp_dtype, prop_attn) counts as the same
+    # a key an older version did not write (amp_dtype, prop_attn, model_kwargs, img_size, data_dir) counts as the same
     return ", ".join(f"{k} {theirs[k]}" for k in _EVALUATION_KEYS if k in theirs and not _same(k, theirs[k], mine[k]))
 
 
