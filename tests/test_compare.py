@@ -232,22 +232,25 @@ def test_an_evaluation_folder_counts_with_its_training_settings_apart_from_train
     groups = table_rows(out[out.index("| method | runs |"):])
     assert [row[0] for row in groups.values()] == ["2", "1"]  # the two evaluations; the training run alone
     assert "different bin counts" not in capsys.readouterr().err
-    # seed 0's checkpoint evaluated other ways: in fp16, merged with and without the bias, over 10 bins;
-    # each a group of its own, and the 10 bins noted although the training that made it used 15
+    # seed 0's checkpoint evaluated other ways: in fp16, merged with and without the bias, over 10 bins,
+    # on another data folder, at another image size; each a group of its own, and the 10 bins noted
+    # although the training that made it used 15
     base = json.loads((tmp_path / "e0" / "results.json").read_text())
     base["train_args"]["ece_bins"] = 15
     ways = {"fp16": {"amp_dtype": "float16"}, "bias": {"merge_num": 8, "prop_attn": True},
-            "nobias": {"merge_num": 8, "prop_attn": False}, "bins10": {"ece_bins": 10}}
+            "nobias": {"merge_num": 8, "prop_attn": False}, "bins10": {"ece_bins": 10},
+            "v2": {"data_dir": "/data/imagenet-v2"}, "img32": {"img_size": 32}}
     for name, way in ways.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps({**base, **way}))
     assert main([*dirs, *(str(tmp_path / name) for name in ways), "--out", str(tmp_path / "ways.png")]) == 0
     out = capsys.readouterr()
     groups = table_rows(out.out[out.out.index("| method | runs |"):])
-    assert [row[0] for row in groups.values()] == ["2", "1", "1", "1", "1"]  # seeds 0 and 1 the one way
+    assert [row[0] for row in groups.values()] == ["2", "1", "1", "1", "1", "1", "1"]  # seeds 0 and 1 the one way
     # each named by the evaluation settings that set groups apart, not by a dump of all of them
     names = list(groups)[1:]
     assert not any("{" in name for name in names)
     assert [n for n in ('evaluated.amp_dtype="float16"', "evaluated.prop_attn=true", "evaluated.prop_attn=false",
-                        "evaluated.ece_bins=10") if not any(n in name for name in names)] == []
+                        "evaluated.ece_bins=10", 'evaluated.data_dir="/data/imagenet-v2"', "evaluated.img_size=32")
+            if not any(n in name for name in names)] == []
     assert "different bin counts (10, 15)" in out.err

@@ -24,6 +24,7 @@ import yaml
 from . import checkpoint
 from .config import ArgumentParser, train_defaults
 from .errors import DataError
+from .evaluate import EVALUATION_KEYS
 from .plots import check_figure_out, overlay_reliability, read_summary
 
 __all__ = ["Run", "command", "load_run", "main", "markdown_table", "method_table"]
@@ -128,8 +129,7 @@ def load_run(run_dir: str | Path) -> Run:
     if isinstance(args, dict):  # a training run
         settings = _settings(args)
     elif isinstance(results.get("train_args"), dict) and results["train_args"]:  # an evaluation
-        evaluated = {k: results.get(k) for k in ("weights", "dataset", "merge_num", "merge_every", "prop_attn",
-                                                 "amp_dtype", "ece_bins")}
+        evaluated = {k: results.get(k) for k in EVALUATION_KEYS if k != "checkpoint"}
         evaluated["checkpoint"] = Path(str(results.get("checkpoint", ""))).name  # model_best or last
         settings = {**_settings(results["train_args"]), "evaluated": evaluated}
     else:  # nothing says what it trained: a group of its own

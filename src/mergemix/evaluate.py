@@ -281,12 +281,12 @@ def eval_folder(cli: argparse.Namespace, path: Path, args: argparse.Namespace) -
 
 # what makes an evaluation what it is: one evaluated again these ways may replace its own results only
 _MERGE_KEYS = ("merge_num", "merge_every", "prop_attn")  # written only by an evaluation that merges
-_EVALUATION_KEYS = ("checkpoint", "weights", "model", "model_kwargs", "img_size", "dataset", "data_dir", "ece_bins",
+EVALUATION_KEYS = ("checkpoint", "weights", "model", "model_kwargs", "img_size", "dataset", "data_dir", "ece_bins",
                     "amp_dtype", *_MERGE_KEYS)
 
 
 def _evaluation_settings(cli: argparse.Namespace, path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The ``_EVALUATION_KEYS`` this evaluation writes into results.json (None where it writes none):
+    """The ``EVALUATION_KEYS`` this evaluation writes into results.json (None where it writes none):
     the model as built (its kwargs, saved and overridden, and image size: None for the data set's),
     and the data folder read, absolute (None for digits, or without one: the data set's own place)."""
     merged = cli.merge_num is not None
@@ -312,7 +312,7 @@ def _other_evaluation(results: Path, mine: dict[str, Any]) -> str:
     if "merge_num" not in theirs:  # an evaluation without merging writes none of its keys
         theirs = {**theirs, **dict.fromkeys(_MERGE_KEYS)}
     # a key an older version did not write (amp_dtype, prop_attn, model_kwargs, img_size, data_dir) counts as the same
-    return ", ".join(f"{k} {theirs[k]}" for k in _EVALUATION_KEYS if k in theirs and not _same(k, theirs[k], mine[k]))
+    return ", ".join(f"{k} {theirs[k]}" for k in EVALUATION_KEYS if k in theirs and not _same(k, theirs[k], mine[k]))
 
 
 def _same(key: str, theirs: Any, mine: Any) -> bool:
