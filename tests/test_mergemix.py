@@ -223,6 +223,13 @@ def test_prepare_resolves_the_model_dependent_defaults_for_each_model():
     assert (obj.readout_block, obj.merge_num) == (5, 32)
 
 
+@pytest.mark.parametrize("aux", ["clean", "mixup", "none"])
+def test_an_unprepared_model_is_told_to_prepare(aux):
+    # patch_tome alone sets no read-out block, so the step would fail again further in: name prepare()
+    with pytest.raises(ValueError, match=r"call objective\.prepare\(model\) first"):
+        mix.create("mergemix", 10, aux_loss=aux)(tiny_vit(), *batch())
+
+
 @pytest.mark.parametrize("aux", ["clean", "none"])
 def test_a_batch_of_one_fails_before_any_forward(aux):
     model = tiny_vit()

@@ -231,7 +231,8 @@ def forward_readout(model: nn.Module, x: Tensor) -> Readout:
 def _config(model: nn.Module) -> ToMeConfig:
     cfg = getattr(unwrap(model), "tome", None)
     if not isinstance(cfg, ToMeConfig):
-        raise ValueError("the model is not patched for token merging: call mergemix.tome.patch_tome(model) first")
+        raise ValueError("the model is not patched for token merging: call objective.prepare(model) first for a "
+                         "mixing method, or mergemix.tome.patch_tome(model, ...) to merge without one")
     return cfg
 
 
