@@ -76,6 +76,19 @@ def test_model_kwargs_with_a_recipe_change_the_recipes_model_key_by_key():
         "depth": 2}
 
 
+def test_model_kwargs_given_twice_take_both_uses_items():
+    """argparse keeps a list flag's last use: depth=2 would be lost and depth 4 trained. Every command
+    takes every use's items instead, a later key winning, as --model-kwargs does over a recipe's."""
+    from mergemix.evaluate import build_eval_parser
+    from mergemix.viz import build_parser as build_viz_parser
+
+    args = parse("--model-kwargs", "depth=2", "embed_dim=64", "--model-kwargs=embed_dim=32", "--model-kwargs", "num_heads=2")
+    assert args.model_kwargs == {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    twice = ["--model-kwargs", "depth=2", "--model-kwargs", "drop_rate=0.5"]
+    assert build_eval_parser().parse_args(["--checkpoint", "x", *twice]).model_kwargs == [("depth", 2), ("drop_rate", 0.5)]
+    assert build_viz_parser().parse_args(twice).model_kwargs == [("depth", 2), ("drop_rate", 0.5)]
+
+
 def test_model_kwargs_at_a_resume_change_the_resumed_models_key_by_key(tmp_path):
     """As eval and viz take them: a non-architectural kwarg (attn_drop_rate) must not drop the saved ones."""
     import torch

@@ -128,6 +128,18 @@ def key_value(text: str) -> tuple[str, Any]:
     return key.replace("-", "_"), parse_value(value)
 
 
+class KeyValues(argparse.Action):
+    """A ``KEY=VALUE ...`` list flag that may be given again: every use's items count, in order (a later
+    key wins, as it does over a recipe's or a checkpoint's kwargs), where argparse keeps the last use only."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest, None)
+        # the default object itself until this command line gives the flag (a recipe's, a checkpoint's)
+        earlier = [] if current is self.default or current is None else list(current)
+        setattr(namespace, self.dest, earlier + list(values))
+
+
 def as_dict(value: Any, what: str) -> dict[str, Any]:
     """A ``key=value`` list (from flags) or a mapping (from YAML) -> dict."""
     if value is None:
@@ -164,8 +176,8 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
                          ) -> tuple[argparse.Namespace, list[str]]:
         argv = sys.argv[1:] if args is None else list(args)
-        # a flag taking a list (--model-kwargs k=v ...) keeps only its last use: refuse a second one
-        # rather than drop the first's values without a word
+        # a flag taking a list (--opt-betas 0.9 0.99) keeps only its last use: refuse a second one rather
+        # than drop the first's values without a word (KeyValues flags take every use's items instead)
         for action in self._actions:
             if type(action) is argparse._StoreAction and action.nargs in ("*", "+") and action.option_strings:
                 uses = sum(arg.split("=", 1)[0] in action.option_strings for arg in argv)
@@ -222,7 +234,7 @@ def build_train_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, help="any timm model name")
-    g.add_argument("--model-kwargs", nargs="*", type=key_value, default=None,
+    g.add_argument("--model-kwargs", nargs="*", type=key_value, default=None, action=KeyValues,
                    help="extra timm.create_model kwargs, e.g. patch_size=4 depth=6 embed_dim=96 num_heads=3 "
                         f"(default: {' '.join(f'{k}={v}' for k, v in DEFAULT_MODEL_KWARGS.items())} "
                         "with the default --model, else none)")

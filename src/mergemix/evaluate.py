@@ -17,8 +17,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, data, models
-from .config import (ECE_BINS, ArgumentParser, HelpFormatter, add_data_flags, add_device_flag, as_dict, check_limits,
-                     key_value, train_defaults)
+from .config import (ECE_BINS, ArgumentParser, HelpFormatter, KeyValues, add_data_flags, add_device_flag, as_dict,
+                     check_limits, key_value, train_defaults)
 from .distributed import Context, any_true, cleanup, setup
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .tome import patch_tome, tokens_per_block
@@ -93,7 +93,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="timm model name: required for a weights file that names none (no saved args or "
                         "arch: a plain state_dict, {'model': ...}); otherwise it must be the one the file holds")
-    p.add_argument("--model-kwargs", nargs="*", type=key_value, default=None, metavar="KEY=VALUE",
+    p.add_argument("--model-kwargs", nargs="*", type=key_value, default=None, action=KeyValues, metavar="KEY=VALUE",
                    help="override the checkpoint's saved model kwargs key by key (the others stay as saved), "
                         "e.g. drop_rate=0; the model must still fit the saved weights")
     p.add_argument("--img-size", type=int, default=None,

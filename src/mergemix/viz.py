@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint, data, models
-from .config import (METHOD_OPTION_FLAGS, ArgumentParser, HelpFormatter, add_data_flags, add_device_flag, as_dict,
-                     check_limits, key_value, parse_train_args)
+from .config import (METHOD_OPTION_FLAGS, ArgumentParser, HelpFormatter, KeyValues, add_data_flags, add_device_flag,
+                     as_dict, check_limits, key_value, parse_train_args)
 from .distributed import setup
 from .errors import ConfigError
 from .evaluate import check_classes, run_args
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="eval", choices=("eval", "train"),
                    help="which images: eval (no augmentation) or train (augmented as in training)")
     p.add_argument("--model", default=None, help="timm model name (default: the checkpoint's, else the train default)")
-    p.add_argument("--model-kwargs", nargs="*", type=key_value, default=None,
+    p.add_argument("--model-kwargs", nargs="*", type=key_value, default=None, action=KeyValues,
                    help="timm.create_model kwargs, e.g. patch_size=2 depth=4 (with --checkpoint: override its "
                         "saved ones key by key)")
     p.add_argument("--img-size", type=int, default=None,
