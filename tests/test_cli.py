@@ -230,6 +230,19 @@ def test_resuming_into_another_runs_folder_does_not_overwrite_it(run, tmp_path, 
     assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
 
 
+def test_a_resume_goes_on_with_its_runs_data_only(run, tmp_path, capsys):
+    """Resumed onto another data set, a run would add that data's rows to its summary.csv and keep a digits
+    epoch as its best: refused before anything is written, in its folder or a new one."""
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for where in ([], ["--output", str(tmp_path), "--experiment", "fork"]):
+        assert cli.main(["train", "--resume", str(run), "--epochs", "3", "--dataset", "fashion-mnist", *where]) == 2
+        assert (f"--resume {run / 'last.pth.tar'} trained on digits, not --dataset fashion-mnist: a resume goes on "
+                f"with its run's data; to fine-tune on other data, start a new run with --initial-checkpoint "
+                f"{run / 'last.pth.tar'}") in error_line(capsys)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "fork").exists()
+
+
 def test_resuming_into_a_new_folder_brings_the_best_checkpoint_along(run, tmp_path):
     """The new folder is a whole run: its model_best.pth.tar is the epoch its results call best, even
     when no later epoch beats it (a learning rate of 1e-12 leaves the weights as they were)."""

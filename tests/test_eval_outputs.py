@@ -152,7 +152,7 @@ def test_a_run_folder_means_its_best_model_to_eval_and_viz_and_its_last_to_resum
     assert checkpoint.resolve(tmp_path, best=True) == tmp_path / checkpoint.BEST
 
 
-def test_eval_and_viz_refuse_data_whose_classes_are_named_otherwise(tmp_path, capsys):
+def test_eval_viz_and_resume_refuse_data_whose_classes_are_named_otherwise(tmp_path, capsys):
     """Same class count, one folder renamed: the label indices of the moved classes would shift."""
     from test_data import make_imagefolder
 
@@ -175,6 +175,22 @@ def test_eval_and_viz_refuse_data_whose_classes_are_named_otherwise(tmp_path, ca
     assert cli.main(["viz", "--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "renamed"), "--num-samples", "2",
                      "--out", str(tmp_path / "v.png")]) == 2
     assert "(bee, zebra differ)" in capsys.readouterr().err
+    # a resume would train the moved classes on new labels, in the run's own folder: refused, nothing written
+    before = files(tmp_path / "run")
+    assert cli.main(["train", "--resume", str(ckpt), "--data-dir", str(tmp_path / "renamed"), "--epochs", "2"]) == 2
+    assert (f"--resume {ckpt} was trained on the classes ant, bee, cat, but this data has ant, cat, zebra (bee, zebra "
+            f"differ): name the class folders as in training; to fine-tune on other data, start a new run with "
+            f"--initial-checkpoint {ckpt}") in error_line(capsys)
+    assert files(tmp_path / "run") == before
+    # a checkpoint that names no classes (written before they were saved) still knows their count
+    old = torch.load(ckpt, map_location="cpu", weights_only=True)
+    del old["classes"]
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "last.pth.tar")
+    make_imagefolder(tmp_path / "four", classes=("ant", "bee", "cat", "dog"), per_class=2)
+    assert cli.main(["train", "--resume", str(tmp_path / "old"), "--data-dir", str(tmp_path / "four"),
+                     "--epochs", "2"]) == 2
+    assert "last.pth.tar trained on 3 classes, but this imagefolder has 4: to fine-tune" in error_line(capsys)
     assert cli.main(["eval", "--checkpoint", str(ckpt), "--workers", "0", "--output", str(tmp_path / "ok")]) == 0
     # evaluation reads the val/ split alone: a folder without train/ serves eval and viz of val
     shutil.copytree(tmp_path / "data" / "val", tmp_path / "val_only" / "val")

@@ -152,15 +152,16 @@ def run_args(ckpt: dict[str, Any], cli: argparse.Namespace) -> argparse.Namespac
     return args
 
 
-def check_classes(ckpt: dict[str, Any], bundle: data.DataBundle, path: str | Path) -> None:
-    """``CheckpointError`` when the data names its classes otherwise than the data the checkpoint was
-    trained on: the same count in another order (a renamed class folder) would score every image of
-    a moved class against the wrong label, silently."""
+def check_classes(ckpt: dict[str, Any], bundle: data.DataBundle, path: str | Path,
+                  fix: str = "name the class folders as in training") -> None:
+    """``CheckpointError`` (ending in ``fix``) when the data names its classes otherwise than the data the
+    checkpoint was trained on: the same count in another order (a renamed class folder) would score every
+    image of a moved class against the wrong label, silently."""
     saved, now = ckpt.get("classes"), bundle.classes
     if saved and now and list(saved) != list(now):
         differ = sorted(set(saved) ^ set(now)) or ["their order"]
         raise CheckpointError(f"{path} was trained on the classes {', '.join(saved)}, but this data has "
-                              f"{', '.join(now)} ({', '.join(differ)} differ): name the class folders as in training")
+                              f"{', '.join(now)} ({', '.join(differ)} differ): {fix}")
 
 
 def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from . import checkpoint, config, data, distributed, models
 from .errors import ConfigError, Interrupted, TrainingError
-from .evaluate import RESULT_KEYS, autocast, autocast_dtype, evaluate, summary_line, write_results
+from .evaluate import RESULT_KEYS, autocast, autocast_dtype, check_classes, evaluate, summary_line, write_results
 from .mix.base import Objective
 
 # what a run writes in its folder with or after its first checkpoint (last.pth.tar), which a new run must not
@@ -214,7 +214,8 @@ class Trainer:
         else:  # cuDNN times its kernels per shape; untimed, it ran DeiT-S's patch embedding as a slow implicit sgemm
             torch.backends.cudnn.benchmark = True
 
-        self.data = self._build_data()
+        resumed = checkpoint.load(args.resume) if args.resume else None  # read first: its data must be this run's
+        self.data = self._build_data(resumed)
         args.num_classes, args.img_size = self.data.num_classes, self.data.img_size
         self.model = models.create(args.model, num_classes=args.num_classes, img_size=args.img_size,
                                    in_chans=self.data.in_chans, drop_rate=args.drop, drop_path_rate=args.drop_path,
@@ -240,8 +241,8 @@ class Trainer:
 
         self.progress = Progress()
         self.made_dir: Path | None = None  # the outermost folder this run created (its run folder or a parent)
-        if args.resume:
-            self._restore(checkpoint.load(args.resume))
+        if resumed is not None:
+            self._restore(resumed)
         compiled = torch.compile(self.model, mode=args.compile_mode) if args.compile else self.model
         self.eval_model = compiled
         self.train_model = compiled
@@ -255,15 +256,29 @@ class Trainer:
             p = self.progress
             self.log(f"resumed {args.resume}: epoch {p.epoch}" + (f", step {p.step}" if p.step else ""))
 
-    def _build_data(self) -> data.DataBundle:
-        """The data set; under torchrun with --download, rank 0 fetches while the others wait."""
+    def _build_data(self, resumed: dict[str, Any] | None) -> data.DataBundle:
+        """The data set; under torchrun with --download, rank 0 fetches while the others wait.
+
+        A resume goes on with the data its run trained on: its summary rows and best epoch belong to it, and
+        other classes would shift the labels. The data set's name is checked before it is built."""
         args, ctx = self.args, self.ctx
+        saved = (resumed or {}).get("args") or {}
+        other = f"to fine-tune on other data, start a new run with --initial-checkpoint {args.resume}"
+        if saved.get("dataset", args.dataset) != args.dataset:
+            raise ConfigError(f"--resume {args.resume} trained on {saved['dataset']}, not --dataset {args.dataset}: "
+                              f"a resume goes on with its run's data; {other}")
         download_first = ctx.distributed and args.download
         if download_first and not ctx.is_main:
             distributed.barrier(ctx)
         bundle = data.build(args)
         if download_first and ctx.is_main:
             distributed.barrier(ctx)
+        if resumed is not None:
+            check_classes(resumed, bundle, f"--resume {args.resume}",
+                          fix=f"name the class folders as in training; {other}")
+            if (saved.get("num_classes") or bundle.num_classes) != bundle.num_classes:
+                raise ConfigError(f"--resume {args.resume} trained on {saved['num_classes']} classes, but this "
+                                  f"{args.dataset} has {bundle.num_classes}: {other}")
         if args.num_classes is not None and args.num_classes != bundle.num_classes:
             raise ConfigError(f"--num-classes {args.num_classes} but {args.dataset} has {bundle.num_classes} classes")
         return bundle
