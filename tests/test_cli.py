@@ -243,6 +243,30 @@ def test_a_resume_goes_on_with_its_runs_data_only(run, tmp_path, capsys):
     assert not (tmp_path / "fork").exists()
 
 
+def test_resuming_an_older_checkpoint_in_its_folder_keeps_the_later_epochs(run, tmp_path, capsys):
+    """A model_best.pth.tar behind last.pth.tar, resumed in its folder, would overwrite the epochs after it:
+    refused before anything is written. Into a new folder, or with last.pth.tar unreadable, it trains on."""
+    r1 = tmp_path / "r1"
+    shutil.copytree(run, r1)
+    older = torch.load(r1 / "last.pth.tar", map_location="cpu", weights_only=True)
+    older.update(epoch=0, rows=older["rows"][:1], best={"top1": older["rows"][0]["eval_top1"], "epoch": 0})
+    torch.save(older, r1 / "model_best.pth.tar")  # as a run whose best epoch was its first writes it
+    before = {p.name: p.read_bytes() for p in r1.iterdir() if p.is_file()}
+    resume = ["train", "--resume", str(r1 / "model_best.pth.tar"), "--epochs", "3"]
+    assert cli.main(resume) == 2
+    said = capsys.readouterr()
+    assert said.err == (f"error: {r1 / 'last.pth.tar'} has trained 2 epochs, {r1 / 'model_best.pth.tar'} only "
+                        f"1 epoch: going on from it in {r1} would overwrite the later epochs; resume the latest with "
+                        f"--resume {r1}, or branch off into a new folder with --experiment NEW\n")
+    assert said.out == ""  # refused before any work
+    assert {p.name: p.read_bytes() for p in r1.iterdir() if p.is_file()} == before
+    assert cli.main([*resume, "--output", str(tmp_path), "--experiment", "branch"]) == 0
+    assert [int(r["epoch"]) for r in csv.DictReader((tmp_path / "branch" / "summary.csv").open())] == [0, 1, 2]
+    (r1 / "last.pth.tar").write_bytes(before["last.pth.tar"][:5000])  # truncated: model_best is what is left
+    assert cli.main(resume) == 0
+    assert torch.load(r1 / "last.pth.tar", map_location="cpu", weights_only=True)["epoch"] == 2
+
+
 def test_resuming_into_a_new_folder_brings_the_best_checkpoint_along(run, tmp_path):
     """The new folder is a whole run: its model_best.pth.tar is the epoch its results call best, even
     when no later epoch beats it (a learning rate of 1e-12 leaves the weights as they were)."""

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import checkpoint, config, data, distributed, models
-from .errors import ConfigError, Interrupted, TrainingError
+from .errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from .evaluate import RESULT_KEYS, autocast, autocast_dtype, check_classes, evaluate, summary_line, write_results
 from .mix.base import Objective
 
@@ -189,6 +189,11 @@ def _rows_csv(rows: list[dict[str, float]]) -> str:
     return buf.getvalue()
 
 
+def trained(epochs: int, steps: int = 0) -> str:
+    """'3 epochs', '1 epoch and 4 steps': how far a checkpoint got."""
+    return f"{epochs} epoch{'s' * (epochs != 1)}" + (f" and {steps} steps" if steps else "")
+
+
 def epoch_line(row: dict[str, Any], epochs: int) -> str:
     """The console's line for one summary.csv row; evaluation figures only where the row has them."""
     line = f"epoch {row['epoch'] + 1:>3}/{epochs}  train_loss {row['train_loss']:.4f}  "
@@ -215,6 +220,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
 
         resumed = checkpoint.load(args.resume) if args.resume else None  # read first: its data must be this run's
+        if resumed is not None:
+            self._check_latest(resumed)
         self.data = self._build_data(resumed)
         args.num_classes, args.img_size = self.data.num_classes, self.data.img_size
         self.model = models.create(args.model, num_classes=args.num_classes, img_size=args.img_size,
@@ -357,6 +364,23 @@ class Trainer:
         self._write_args()
         if args.resume:
             self._carry_best(Path(args.resume))
+
+    def _check_latest(self, resumed: dict[str, Any]) -> None:
+        """A run goes on in its own folder from its latest checkpoint: from an older one (a model_best.pth.tar
+        behind last.pth.tar) it would overwrite the epochs after it. An unreadable last.pth.tar is no bar."""
+        path, run_dir = Path(self.args.resume).resolve(), Path(self.args.output) / self.args.experiment
+        last = run_dir / checkpoint.LAST
+        if path.parent != run_dir.resolve() or path == last.resolve() or not last.is_file():
+            return
+        try:
+            latest = checkpoint.load(last)
+        except CheckpointError:  # what is left to go on from is the older checkpoint
+            return
+        done, now = (latest.get("epoch", -1) + 1, latest.get("step", 0)), (resumed["epoch"] + 1, resumed.get("step", 0))
+        if done > now:
+            raise ConfigError(f"{last} has trained {trained(*done)}, {self.args.resume} only {trained(*now)}: going "
+                              f"on from it in {run_dir} would overwrite the later epochs; resume the latest with "
+                              f"--resume {run_dir}, or branch off into a new folder with --experiment NEW")
 
     def _write_args(self) -> None:
         checkpoint.write_text(self.run_dir / "args.yaml", yaml.safe_dump(config.recipe(self.args), sort_keys=False))
