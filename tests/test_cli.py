@@ -188,9 +188,11 @@ def test_a_finished_run_is_not_overwritten(run, capsys):
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert cli.main(["train", "--output", str(run.parent), "--experiment", run.name, *TINY]) == 2
     assert "already holds a run" in error_line(capsys)
-    # resuming it (its own recipe: 2 epochs) has nothing left to train
-    assert cli.main(["train", "--resume", str(run)]) == 2
-    assert "already finished its 2 epochs: raise --epochs" in error_line(capsys)
+    # resuming it (its own recipe: 2 epochs) has nothing left to train, nor with fewer --epochs
+    for fewer in ([], ["--epochs", "1"]):
+        assert cli.main(["train", "--resume", str(run), *fewer]) == 2
+        assert error_line(capsys).endswith(f"{run / 'last.pth.tar'} has already trained 2 epochs: to train on, "
+                                           f"set --epochs above 2 (now {fewer[-1] if fewer else 2})")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 

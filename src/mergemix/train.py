@@ -466,7 +466,8 @@ class Trainer:
         p.best_top1, p.best_epoch = best.get("top1", float("-inf")), best.get("epoch", -1)
         p.rows = [r for r in ckpt.get("rows", []) if r["epoch"] < p.epoch]
         if p.epoch >= args.epochs:
-            raise ConfigError(f"{args.resume} already finished its {args.epochs} epochs: raise --epochs to train on")
+            raise ConfigError(f"{args.resume} has already trained {trained(p.epoch, p.step)}: to train on, "
+                              f"set --epochs above {p.epoch} (now {args.epochs})")
         rng, partial = ckpt.get("rng") or [], ckpt.get("partial") or []
         if len(rng) == len(partial) == self.ctx.world_size:
             checkpoint.set_rng_state(rng[self.ctx.rank], self.generator)
