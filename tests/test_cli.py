@@ -607,6 +607,19 @@ def test_initial_checkpoint_keeps_a_fitting_head_and_resets_another(run):
     assert torch.equal(other.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
 
 
+def test_initial_checkpoint_takes_a_run_folder_as_eval_does(run, tmp_path):
+    """A run folder means its model_best.pth.tar, else its last.pth.tar; args.yaml records the file it meant."""
+    from mergemix.config import parse_train_args
+
+    assert train(tmp_path, "ft", "--epochs", "1", "--initial-checkpoint", str(run)) == 0
+    recipe = yaml.safe_load((tmp_path / "ft" / "args.yaml").read_text())
+    assert recipe["initial_checkpoint"] == str(run / "model_best.pth.tar")
+    (tmp_path / "no_best").mkdir()
+    shutil.copy(run / "last.pth.tar", tmp_path / "no_best")
+    assert parse_train_args(["--initial-checkpoint", str(tmp_path / "no_best")]).initial_checkpoint == str(
+        tmp_path / "no_best" / "last.pth.tar")
+
+
 def test_dropout_set_by_drop_or_by_model_kwargs_as_older_runs_did():
     """--drop is timm's drop_rate; runs made before it existed saved drop_rate in their model kwargs,
     which still builds the same model (resume, eval, viz)."""

@@ -51,9 +51,11 @@ def test_an_initial_checkpoint_that_is_not_a_checkpoint_says_so(not_a_checkpoint
 
 
 def test_an_empty_folder_names_the_checkpoints_each_command_reads(tmp_path, capsys):
-    """eval and viz read a run folder's model_best.pth.tar, else its last.pth.tar; train --resume the last."""
+    """eval, viz and train --initial-checkpoint read a run folder's model_best.pth.tar, else its last.pth.tar;
+    train --resume the last."""
     for command, wanted in ((["eval", "--checkpoint"], "model_best.pth.tar or last.pth.tar"),
                             (["viz", "--device", "cpu", "--checkpoint"], "model_best.pth.tar or last.pth.tar"),
+                            (["train", "--initial-checkpoint"], "model_best.pth.tar or last.pth.tar"),
                             (["train", "--resume"], "last.pth.tar")):
         assert cli.main([*command, str(tmp_path)]) == 2
         assert error_line(capsys).endswith(f"no checkpoint at {tmp_path / 'last.pth.tar'}: give a .pth.tar file "

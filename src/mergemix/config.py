@@ -240,7 +240,9 @@ def build_train_parser() -> argparse.ArgumentParser:
                         "with the default --model, else none)")
     g.add_argument("--num-classes", type=int, default=None, help="default: the data set's")
     g.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs the hub)")
-    g.add_argument("--initial-checkpoint", default=None, help="start from a local weights file (head reset if sizes differ)")
+    g.add_argument("--initial-checkpoint", default=None,
+                   help="start from a local weights file, or a run folder's model_best.pth.tar (else its last.pth.tar); "
+                        "head reset if sizes differ")
     g.add_argument("--drop", type=float, default=0.0, help="dropout rate (timm's drop_rate)")
     g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
 
@@ -478,6 +480,8 @@ def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.compile = args.compile or args.compile_mode is not None
     # timm's plateau schedule reacts to the evaluation top-1, so it can only step per epoch
     args.sched_on_epochs = args.sched_on_epochs or args.sched == "plateau"
+    if args.initial_checkpoint and Path(args.initial_checkpoint).is_dir():  # a run folder: the file it means, saved
+        args.initial_checkpoint = str(checkpoint.resolve(args.initial_checkpoint, best=True))
     if resume_path is not None:
         args.resume = str(resume_path)
         if not ({"output", "experiment"} & (explicit | set(recipe))):
