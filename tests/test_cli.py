@@ -614,6 +614,12 @@ def test_initial_checkpoint_takes_a_run_folder_as_eval_does(run, tmp_path):
     assert train(tmp_path, "ft", "--epochs", "1", "--initial-checkpoint", str(run)) == 0
     recipe = yaml.safe_load((tmp_path / "ft" / "args.yaml").read_text())
     assert recipe["initial_checkpoint"] == str(run / "model_best.pth.tar")
+    # a resume goes on from its own weights: the starting file is not read again, and may be gone
+    start = tmp_path / "start.pth.tar"
+    shutil.copy(run / "model_best.pth.tar", start)
+    assert train(tmp_path, "gone", "--epochs", "1", "--initial-checkpoint", str(start)) == 0
+    start.unlink()
+    assert train(tmp_path, "gone", "--resume", str(tmp_path / "gone"), "--epochs", "2") == 0
     (tmp_path / "no_best").mkdir()
     shutil.copy(run / "last.pth.tar", tmp_path / "no_best")
     assert parse_train_args(["--initial-checkpoint", str(tmp_path / "no_best")]).initial_checkpoint == str(

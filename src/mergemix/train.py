@@ -226,8 +226,10 @@ class Trainer:
         args.num_classes, args.img_size = self.data.num_classes, self.data.img_size
         self.model = models.create(args.model, num_classes=args.num_classes, img_size=args.img_size,
                                    in_chans=self.data.in_chans, drop_rate=args.drop, drop_path_rate=args.drop_path,
-                                   model_kwargs=args.model_kwargs, pretrained=args.pretrained,
-                                   initial_checkpoint=args.initial_checkpoint)
+                                   # a resume replaces the starting weights: neither the hub nor a file that
+                                   # may be gone since is needed again
+                                   model_kwargs=args.model_kwargs, pretrained=args.pretrained and resumed is None,
+                                   initial_checkpoint=args.initial_checkpoint if resumed is None else None)
 
         self.objective, self.unused_options = build_objective(args, args.num_classes, self.generator)
         if args.batch_size < 2 and self.objective.pairs_images:
