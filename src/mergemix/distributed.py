@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,21 @@ def any_true(flags: list[bool], ctx: Context) -> list[bool]:
     t = torch.tensor([float(f) for f in flags], device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+def on_main(fn: Callable[[], T], ctx: Context, what: str) -> T | None:
+    """``fn()`` on rank 0 only (its result there, None elsewhere); the ``ConfigError`` it raises is every
+    rank's, since the others would otherwise wait for it in their next collective and fail with a
+    connection error of their own. ``what``: what rank 0 did, for the other ranks' message."""
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except ConfigError as e:
+            error = e
+    if any_true([error is not None], ctx)[0]:
+        raise error or ConfigError(f"rank 0 could not {what} (its error says why)")
+    return result
 
 
 def gather(obj: Any, ctx: Context) -> list[Any]:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import checkpoint, data, models
 from .config import (ECE_BINS, ArgumentParser, HelpFormatter, KeyValues, add_data_flags, add_device_flag, as_dict,
                      check_limits, key_value, train_defaults)
-from .distributed import Context, any_true, cleanup, setup
+from .distributed import Context, cleanup, on_main, setup
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .tome import patch_tome, tokens_per_block
 
@@ -180,7 +180,8 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ctx = setup(cli.device)
     made = None
     try:
-        made = _claim_folder(out, ctx)
+        # rank 0 makes the folder and checks it can write there before the pass, not after it
+        made = on_main(lambda: checkpoint.make_dir(out, "--output"), ctx, f"write to {out}")
         return _evaluate_checkpoint(cli, ckpt, path, args, out, ctx)
     except BaseException:
         # a failed evaluation leaves no folder it made; one whose results are written keeps them
@@ -189,20 +190,6 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise
     finally:
         cleanup()
-
-
-def _claim_folder(out: Path, ctx: Context) -> Path | None:
-    """Rank 0 creates ``out`` and checks it can write there, before the pass (``make_dir``'s result);
-    its refusal is every rank's error, as the others would otherwise wait for it in the pass."""
-    made, error = None, None
-    if ctx.is_main:
-        try:
-            made = checkpoint.make_dir(out, "--output")
-        except ConfigError as e:
-            error = e
-    if any_true([error is not None], ctx)[0]:
-        raise error or ConfigError(f"rank 0 could not write to {out} (its error says why)")
-    return made
 
 
 def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Path, args: argparse.Namespace,

@@ -333,16 +333,7 @@ class Trainer:
 
     def _claim_run_dir(self) -> None:
         """Rank 0 opens the run folder; its refusal is every rank's error."""
-        error = None
-        if self.ctx.is_main:
-            try:
-                self._open_run_dir()
-            except ConfigError as e:
-                error = e
-        # the other processes would otherwise wait in their first collective for a rank 0 that has
-        # left, and fail with a connection error of their own
-        if distributed.any_true([error is not None], self.ctx)[0]:
-            raise error or ConfigError(f"rank 0 could not open {self.run_dir} (its error says why)")
+        distributed.on_main(self._open_run_dir, self.ctx, f"open {self.run_dir}")
 
     # -- run folder and checkpoints ------------------------------------------------------------
 
