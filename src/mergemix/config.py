@@ -210,14 +210,8 @@ def add_device_flag(parser: argparse._ActionsContainer) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
 
 
-def build_train_parser() -> argparse.ArgumentParser:
-    """The ``mergemix train`` parser; defaults are the digits recipe."""
-    p = ArgumentParser(
-        prog="mergemix train", description="Train a timm ViT with a mixing method (default: MergeMix on digits).",
-        formatter_class=HelpFormatter)
-    p.add_argument("-c", "--config", default=None, help="YAML recipe whose keys are these flags' names")
-
-    g = p.add_argument_group("data")
+def _data_group(g: argparse._ArgumentGroup) -> None:
+    """The data set, its subset and its augmentation."""
     add_data_flags(g, "digits", "data set (digits ships with scikit-learn)")
     g.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of N images")
     g.add_argument("--workers", type=int, default=None, help="loader processes (default: 0 for in-memory data, else 4 or the CPUs, if fewer)")
@@ -232,7 +226,9 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="resize interpolation (RGB data)")
     g.add_argument("--crop-pct", type=float, default=None, help="eval centre-crop fraction (RGB data)")
 
-    g = p.add_argument_group("model")
+
+def _model_group(g: argparse._ArgumentGroup) -> None:
+    """The timm model and its starting weights."""
     g.add_argument("--model", default=DEFAULT_MODEL, help="any timm model name")
     g.add_argument("--model-kwargs", nargs="*", type=key_value, default=None, action=KeyValues,
                    help="extra timm.create_model kwargs, e.g. patch_size=4 depth=6 embed_dim=96 num_heads=3 "
@@ -246,7 +242,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop", type=float, default=0.0, help="dropout rate (timm's drop_rate)")
     g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
 
-    g = p.add_argument_group("optimisation")
+
+def _optimisation_group(g: argparse._ArgumentGroup) -> None:
+    """Epochs, batch, optimizer, learning-rate schedule, label smoothing."""
     g.add_argument("--epochs", type=int, default=40, help="training epochs")
     g.add_argument("--batch-size", "-b", type=int, default=32, help="per process")
     g.add_argument("--eval-batch-size", type=int, default=None, help="default: 2 x --batch-size")
@@ -275,7 +273,9 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="step the schedule per epoch, not per update (plateau always does: it waits for an evaluation)")
     g.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
 
-    g = p.add_argument_group("mixing")
+
+def _mixing_group(g: argparse._ArgumentGroup) -> None:
+    """The method and its options."""
     g.add_argument("--mix", default="mergemix", help="mixing method (see `mergemix methods`)")
     g.add_argument("--mix-alpha", type=float, default=None,
                    help="Beta(alpha, alpha) of the method (option alpha; default: the method's, see `mergemix methods`)")
@@ -307,7 +307,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--mix-opt", action="append", type=key_value, default=[],
                    help="any other method option, key=value (repeatable)")
 
-    g = p.add_argument_group("run")
+
+def _run_group(g: argparse._ArgumentGroup) -> None:
+    """Where the run goes and how it is seeded, computed (AMP, compile, EMA), evaluated and logged."""
     g.add_argument("--output", default="output", help="parent folder of the run folder")
     g.add_argument("--experiment", default=None, help="run folder name (default: DATE-TIME-dataset-model-mix)")
     g.add_argument("--resume", default=None, help="checkpoint (or run folder) to continue from")
@@ -334,6 +336,17 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="every N epochs, draw the first step's mixing as a `mergemix viz` grid "
                         "(mix_samples/epochNNN.png; 0: never)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    """The ``mergemix train`` parser; defaults are the digits recipe."""
+    p = ArgumentParser(
+        prog="mergemix train", description="Train a timm ViT with a mixing method (default: MergeMix on digits).",
+        formatter_class=HelpFormatter)
+    p.add_argument("-c", "--config", default=None, help="YAML recipe whose keys are these flags' names")
+    for title, add_flags in (("data", _data_group), ("model", _model_group), ("optimisation", _optimisation_group),
+                             ("mixing", _mixing_group), ("run", _run_group)):
+        add_flags(p.add_argument_group(title))
     return p
 
 
