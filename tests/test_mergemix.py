@@ -8,6 +8,7 @@ from test_tome import cls_attention_direct
 import mergemix.mix as mix
 from mergemix import mask as M
 from mergemix.mix import sample_lam
+from mergemix.mix.mergemix import default_readout_block
 from mergemix.mix import mixed_targets, smooth_one_hot, soft_cross_entropy
 from mergemix.tome import forward_readout, tome_options
 
@@ -428,3 +429,42 @@ def test_one_device_data_parallel_trains_as_the_bare_model_and_several_devices_a
     wrapped.device_ids = [0, 1]  # as on a 2-GPU machine
     with pytest.raises(ValueError, match="DataParallel over 2 devices is not supported.*DistributedDataParallel"):
         mix.create("mergemix", 10).prepare(wrapped)
+
+
+def test_method_defaults():
+    """DESIGN §2.1: proportional attention on by default; §2.3: read-out block ⌊0.75·depth⌋ − 1."""
+    model = tiny_vit()
+    mix.create("mergemix", 10).prepare(model)
+    assert model.tome.prop_attn is True
+    # by hand: ⌊0.75·2⌋ − 1 = 0, ⌊0.75·10⌋ − 1 = 6 (rounding 7.5 would give 7), ⌊0.75·24⌋ − 1 = 17; depth 1 clamps to 0
+    assert [default_readout_block(d) for d in (1, 2, 4, 10, 12, 24)] == [0, 0, 2, 6, 8, 17]
+
+
+@pytest.mark.parametrize("aux", ["clean", "none"])
+def test_mask_comes_from_the_merged_sequence_when_training_unmerged(aux):
+    """merge_train=False unmerges only the training forward: the mask is still read out on the
+    ToMe-merged sequence (17 − 3 − 3 tokens enter block 2) and recovered through its source matrix."""
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10, aux_loss=aux, merge_train=False, r=[3, 3, 2, 0], readout_block=2,
+                     generator=torch.Generator().manual_seed(0))
+    obj.prepare(model)
+    out = obj(model, *batch())
+    ro = out.extras["readout"]
+    assert ro.attn.shape == (6, 17 - 6) and (ro.size > 1).any()
+    assert torch.allclose(out.scores, torch.einsum("bkl,bk->bl", ro.source, ro.attn))
+
+
+def test_mixup_aux_loss_draws_its_own_partners_and_lambda():
+    """aux_loss='mixup' adds a plain MixUp(0.8) batch with its own derangement and λ, drawn after
+    MergeMix's partner and λ (replayed from the same seed), not MergeMix's partner reused."""
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10, aux_loss="mixup", generator=torch.Generator().manual_seed(0))
+    obj.prepare(model)
+    out = obj(model, *batch())
+    replay = torch.Generator().manual_seed(0)
+    partner = M.derangement(6, replay)
+    sample_lam(1.0, replay)
+    mix_partner = M.derangement(6, replay)
+    assert torch.equal(out.partner, partner) and torch.equal(out.extras["mixup_partner"], mix_partner)
+    assert out.extras["mixup_lam"] == pytest.approx(sample_lam(0.8, replay))
+    assert not torch.equal(mix_partner, partner)  # this seed draws two different derangements

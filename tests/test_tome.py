@@ -561,3 +561,34 @@ def test_inductor_leaves_the_matching_sort_to_aten_on_cuda():
         _, code = run_and_get_code(torch.compile(model), torch.randn(4, 3, 32, 32, device="cuda"))
     code = "\n".join(code)
     assert "mergemix.argsort_descending" in code and "sort_with_index" not in code
+
+
+def test_matching_metric_is_the_head_averaged_keys_of_the_timm_block():
+    """ToMe's similarity metric (DESIGN §1) is the block's attention keys averaged over heads: computed
+    here from timm's own unpatched block-0 modules, matched with the (hand-checked) matching rule, it
+    predicts exactly which patches block 0 merges, prefix tokens excluded."""
+    plain = make("distilled")  # 2 prefix tokens
+    model = patch_tome(copy.deepcopy(plain), [4, 0, 0, 0], readout_block=1)
+    x = torch.randn(3, 3, 32, 32)
+    attn, npt = plain.blocks[0].attn, plain.num_prefix_tokens
+    t = module_inputs(plain, x, attn)[0]  # normed tokens entering block 0's attention
+    B, N, _ = t.shape
+    with torch.no_grad():
+        model(x)
+        k = attn.k_norm(attn.qkv(t).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)[1])
+    m = bipartite_matching(k[:, :, npt:].mean(1), 4, num_prefix=npt)
+    assert torch.equal(model.tome_readout.index, merged_positions(m)[:, npt:])
+
+
+def test_attention_dropout_only_in_training():
+    """timm drops attention weights only in training mode: in eval a patched model is deterministic
+    and, unmerged, timm's own; in training, merged, the dropout still acts."""
+    plain = make("deit", attn_drop_rate=0.5)
+    model = patch_tome(copy.deepcopy(plain), r=0, readout_block=1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), plain(x), atol=1e-5)
+        patch_tome(model, r=2, readout_block=1)
+        assert torch.equal(model(x), model(x))
+        model.train()
+        assert not torch.allclose(model(x), model(x), atol=1e-3)
