@@ -12,6 +12,7 @@ from timm.data.mixup import cutmix_bbox_and_lam, mixup_target, rand_bbox
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
+import mergemix.mix.fmix as fmix_mod
 import mergemix.mix.mixer as mixer_mod
 import mergemix.mix.mixup as mixup_mod
 import mergemix.mix.saliencymix as saliency_mod
@@ -446,3 +447,24 @@ def test_each_methods_shape_option_reaches_its_masks(monkeypatch):
     for cells, side in ((2, 16), (8, 4)):
         mask = mixed("gridmix", grid_sizes=(cells, cells)).mask
         assert constant_on(mask, side) and not constant_on(mask, 2 * side), cells
+
+
+def test_resizemix_draws_lambda_one_minus_tau_squared_and_labels_by_the_rounded_box():
+    """τ = 0.3 on 32x32: λ = 1 − 0.09 = 0.91, but the pasted box is round(9.6) = 10 px a side: λ̂ = 1 − 100/1024."""
+    from mergemix.mix.resizemix import resizemix_batch
+
+    x, partner = torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 0])
+    mixed = resizemix_batch(x, partner, 0.3, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mixed.lam, torch.full((3,), 0.91))
+    torch.testing.assert_close(mixed.lam_hat, torch.full((3,), 1 - 100 / 1024))
+    assert (mixed.mask == 0).flatten(1).sum(1).tolist() == [100, 100, 100]
+
+
+def test_fmix_keeps_floor_lam_own_pixels_and_records_lam(monkeypatch):
+    """λ = 0.3 on 12x10: each mask keeps ⌊0.3·120⌋ = 36 own pixels (the brightest noise), the partner the other 84."""
+    monkeypatch.setattr(fmix_mod, "sample_lam", lambda alpha, generator=None: 0.3)
+    x = torch.randn(4, 3, 12, 10)
+    mixed = create("fmix", NUM_CLASSES, generator=torch.Generator().manual_seed(0)).paste(x, torch.tensor([1, 2, 3, 0]))
+    assert mixed.mask.flatten(1).sum(1).tolist() == [36.0] * 4
+    torch.testing.assert_close(mixed.lam, torch.full((4,), 0.3))
+    torch.testing.assert_close(mixed.lam_hat, torch.full((4,), 0.3))

@@ -273,3 +273,17 @@ def test_evaluate_starts_a_cuda_graph_generation_before_every_batch(monkeypatch)
                                          batch_size=2)
     evaluate(Recorder(), loader, 3, 15, torch.device("cpu"), show=False)
     assert events == ["mark", "forward"] * 3
+
+
+def test_confidence_on_an_fp32_linspace_edge_lands_where_torchmetrics_puts_it():
+    # 5 equal logits give a confidence of fp32(0.2) = 0.2000000030; torchmetrics' fp32 linspace puts
+    # the 15-bin edge 3/15 at 0.2000000179, so these samples fall in bin 2 [2/15, 3/15), not bin 3
+    uniform, peaked = torch.zeros(4, 5), torch.tensor([[0.2, 0, 0, 0, 0]] * 4)  # peaked: p = 0.2339, in bin 3
+    logits, target = torch.cat([uniform, peaked]), torch.tensor([0] * 4 + [1] * 4)  # uniform right, peaked wrong
+    assert torch.softmax(logits, 1).max(1).values[0].item() == torch.tensor(0.2).item()
+    p = torch.softmax(peaked, 1).max(1).values[0].item()
+    # own bins: gaps 0.8 (4 right at 0.2) and p (4 wrong at p); merged into one bin it would be (0.2 + p) / 2 - 0.5
+    assert expected_calibration_error(logits, target, 15) == pytest.approx((4 * 0.8 + 4 * p) / 8, abs=1e-6)
+    assert maximum_calibration_error(logits, target, 15) == pytest.approx(0.8, abs=1e-6)
+    assert expected_calibration_error(logits, target, 15) == pytest.approx(
+        torchmetrics_ce(logits, target, 15, "l1"), abs=1e-6)
