@@ -214,6 +214,25 @@ def test_compare_groups_only_runs_that_differ_in_their_seed(tmp_path, capsys):
                                                               "cutmix [decay_epochs=[90]]": "2"}
 
 
+def test_an_evaluation_from_before_eval_recorded_the_model_groups_with_a_newer_one(tmp_path, capsys):
+    """results.json gained model, model_kwargs and img_size (the model as built): an older one lacks
+    them and stands for the checkpoint's own, so two seeds evaluated the same way are one group."""
+    trained = {"mix": "mergemix", "model": "vit_tiny", "model_kwargs": {"depth": 2}, "img_size": 8}
+    dirs = []
+    for name, seed, new in (("old", 0, {}), ("new", 1, {"model": "vit_tiny", "model_kwargs": {"depth": 2},
+                                                        "img_size": 8, "data_dir": None})):
+        make_run(tmp_path, name, "mergemix", seed)
+        (tmp_path / name / "args.yaml").unlink()
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        results.update(method="mergemix", seed=seed, weights="state_dict", dataset="digits", ece_bins=15,
+                       checkpoint=f"/x/run{seed}/model_best.pth.tar", train_args={**trained, "seed": seed}, **new)
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+        dirs.append(str(tmp_path / name))
+    assert main([*dirs, "--out", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert [row[0] for row in table_rows(out[out.index("| method | runs |"):]).values()] == ["2"]
+
+
 def test_an_evaluation_folder_counts_with_its_training_settings_apart_from_training_runs(tmp_path, capsys):
     dirs = []
     for name, seed in (("e0", 0), ("e1", 1)):  # what `mergemix eval` writes: no args.yaml, the run's args inside

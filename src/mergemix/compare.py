@@ -66,7 +66,7 @@ def _mean_epoch_time(summary_csv: Path) -> float:
     """Mean of the ``epoch_time`` column (seconds); NaN if the file, the column or its numbers are missing."""
     if not summary_csv.is_file():
         return math.nan
-    times = [float(t) for t in read_summary(summary_csv).get("epoch_time", ()) if math.isfinite(t)]
+    times = [t for t in read_summary(summary_csv).get("epoch_time", ()) if math.isfinite(t)]
     return statistics.fmean(times) if times else math.nan
 
 
@@ -129,7 +129,9 @@ def load_run(run_dir: str | Path) -> Run:
     if isinstance(args, dict):  # a training run
         settings = _settings(args)
     elif isinstance(results.get("train_args"), dict) and results["train_args"]:  # an evaluation
-        evaluated = {k: results.get(k) for k in EVALUATION_KEYS if k != "checkpoint"}
+        # a results.json from before eval recorded the model as built stands for the checkpoint's own
+        trained_as = {k: results["train_args"].get(k) for k in ("model", "model_kwargs", "img_size")}
+        evaluated = {k: results.get(k, trained_as.get(k)) for k in EVALUATION_KEYS if k != "checkpoint"}
         evaluated["checkpoint"] = Path(str(results.get("checkpoint", ""))).name  # model_best or last
         settings = {**_settings(results["train_args"]), "evaluated": evaluated}
     else:  # nothing says what it trained: a group of its own
