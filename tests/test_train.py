@@ -279,6 +279,8 @@ def test_timm_optimizer_and_clipping_flags_reach_the_update(tmp_path):
 
     adamw = step("adamw", "--opt-betas", "0.8", "0.95", "--opt-eps", "1e-6")["optimizer"]["param_groups"][0]
     assert (tuple(adamw["betas"]), adamw["eps"]) == ((0.8, 0.95), 1e-6)
+    # Adafactor keeps its one beta as beta1, not in betas: taken, not refused as unused
+    assert step("adafactor", "--opt", "adafactor", "--opt-betas", "0.9")["optimizer"]["param_groups"][0]["beta1"] == 0.9
     # timm's "momentum" is plain SGD (its "sgd" is Nesterov's, which needs a momentum)
     sgd = ["--opt", "momentum", "--lr", "1", "--momentum", "0", "--weight-decay", "0", "--sched", "none", "--clip-grad", "1e-6"]
     start = step("start", *sgd, "--lr", "1e-30")["state_dict"]  # the same initial weights, (all but) unmoved

@@ -191,7 +191,7 @@ def _rows_csv(rows: list[dict[str, float]]) -> str:
 
 def trained(epochs: int, steps: int = 0) -> str:
     """'3 epochs', '1 epoch and 4 steps': how far a checkpoint got."""
-    return f"{epochs} epoch{'s' * (epochs != 1)}" + (f" and {steps} steps" if steps else "")
+    return f"{epochs} epoch{'s' * (epochs != 1)}" + (f" and {steps} step{'s' * (steps != 1)}" if steps else "")
 
 
 def epoch_line(row: dict[str, Any], epochs: int) -> str:
@@ -310,7 +310,8 @@ class Trainer:
         except (TypeError, ValueError) as e:  # an unknown name, or a setting the optimizer refuses
             raise ConfigError(f"--opt {args.opt}: {e}") from None
         # timm drops betas an optimizer has no use for (SGD: all; AdamW: a third) without a word
-        kept = self.optimizer.defaults.get("betas", ())
+        defaults = self.optimizer.defaults  # Adafactor keeps its one beta as beta1, not in betas
+        kept = defaults.get("betas") or tuple(b for b in map(defaults.get, ("beta1", "beta2", "beta3")) if b is not None)
         if args.opt_betas and len(kept) < len(args.opt_betas):
             takes = f"takes {len(kept)} --opt-betas" if kept else "takes no --opt-betas"
             raise ConfigError(f"--opt {args.opt} ({type(self.optimizer).__name__}) {takes}, got "
