@@ -14,7 +14,6 @@ import copy
 import difflib
 import functools
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +139,19 @@ class KeyValues(argparse.Action):
         setattr(namespace, self.dest, earlier + list(values))
 
 
+class StoreOnce(argparse.Action):
+    """A list flag (``nargs="+"``) that may be given once: argparse would keep its last use only and drop
+    the first's values without a word."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        # the default object itself (the flag's, a recipe's, a checkpoint's) until this command line gives it
+        if getattr(namespace, self.dest, self.default) is not self.default:
+            parser.error(f"{option_string} given more than once, and only the last would count: give it once, "
+                         f"with all its values")
+        setattr(namespace, self.dest, values)
+
+
 def as_dict(value: Any, what: str) -> dict[str, Any]:
     """A ``key=value`` list (from flags) or a mapping (from YAML) -> dict."""
     if value is None:
@@ -172,19 +184,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
-
-    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-                         ) -> tuple[argparse.Namespace, list[str]]:
-        argv = sys.argv[1:] if args is None else list(args)
-        # a flag taking a list (--opt-betas 0.9 0.99) keeps only its last use: refuse a second one rather
-        # than drop the first's values without a word (KeyValues flags take every use's items instead)
-        for action in self._actions:
-            if type(action) is argparse._StoreAction and action.nargs in ("*", "+") and action.option_strings:
-                uses = sum(arg.split("=", 1)[0] in action.option_strings for arg in argv)
-                if uses > 1:
-                    self.error(f"{action.option_strings[0]} given {uses} times, and only the last would count: "
-                               f"give it once, with all its values")
-        return super().parse_known_args(argv, namespace)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -253,7 +252,8 @@ def _optimisation_group(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--weight-decay", type=float, default=0.05, help="weight decay")
     g.add_argument("--momentum", type=float, default=0.9, help="for SGD-like optimizers")
     g.add_argument("--opt-eps", type=float, default=None, help="optimizer epsilon (default: the optimizer's)")
-    g.add_argument("--opt-betas", type=float, nargs="+", default=None, help="optimizer betas (default: the optimizer's)")
+    g.add_argument("--opt-betas", type=float, nargs="+", default=None, action=StoreOnce,
+                   help="optimizer betas (default: the optimizer's)")
     g.add_argument("--clip-grad", type=float, default=None, help="clip gradients at this value (see --clip-mode)")
     g.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"),
                    help="what --clip-grad bounds: the total norm, each value, or adaptive clipping (timm's modes)")
@@ -263,7 +263,8 @@ def _optimisation_group(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--decay-epochs", type=float, default=90.0, help="step: epochs between decays; wsd/rsqrt: the "
                    "decay phase, in epochs or below 1 as a fraction of the epochs after warm-up (the default, "
                    "timm's 90, suits step: for these, set it, e.g. 0.2)")
-    g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], help="multistep: decay epochs")
+    g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], action=StoreOnce,
+                   help="multistep: decay epochs")
     g.add_argument("--decay-rate", type=float, default=0.1, help="step/multistep/plateau: decay factor; poly: power")
     g.add_argument("--patience-epochs", type=int, default=10, help="plateau: epochs without improvement before a decay")
     g.add_argument("--warmup-epochs", type=int, default=3, help="linear warm-up from --warmup-lr")
