@@ -275,7 +275,8 @@ EVALUATION_KEYS = ("checkpoint", "weights", "model", "model_kwargs", "img_size",
 
 def _evaluation_settings(cli: argparse.Namespace, path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The ``EVALUATION_KEYS`` this evaluation writes into results.json (None where it writes none):
-    the model as built (its kwargs, saved and overridden, and image size: None for the data set's),
+    the model as built (its kwargs, saved and overridden, and image size: the saved or ``--img-size`` one,
+    None only for a weights file that records none, which runs at the data set's),
     and the data folder read, absolute (None for digits, or without one: the data set's own place)."""
     merged = cli.merge_num is not None
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir and args.dataset != "digits" else None

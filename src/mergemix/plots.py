@@ -335,7 +335,8 @@ def mix_grid(x: Tensor, step_output: Any, path: str | Path, mean: Sequence[float
     token and the boundaries between patches held by different tokens, over the original in grey),
     mask, mixed image. A column whose field is
     absent for this method (e.g. CutMix has no scores or read-out) is left out. Each panel is
-    200 x 200 px; ``title`` (the method, the weights) goes above them, in 30 px more.
+    200 x 200 px; ``title`` (the method, the weights) goes above them, in 30 px more (16 px per further
+    line where it wraps to the figure's width).
     """
     n = min(x.shape[0], max_samples)
     panels = _mix_panels(x, step_output, n, mean, std, patch_size)
