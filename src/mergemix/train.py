@@ -219,6 +219,7 @@ class Trainer:
         else:  # cuDNN times its kernels per shape; untimed, it ran DeiT-S's patch embedding as a slow implicit sgemm
             torch.backends.cudnn.benchmark = True
 
+        self.run_dir = Path(args.output) / args.experiment  # claimed last: what fails before leaves no folder
         resumed = checkpoint.load(args.resume) if args.resume else None  # read first: its data must be this run's
         if resumed is not None:
             self._check_latest(resumed)
@@ -259,7 +260,6 @@ class Trainer:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(compiled, device_ids=ids)
         # last: whatever fails above leaves no folder behind; from here on train() removes it
-        self.run_dir = Path(args.output) / args.experiment
         self._claim_run_dir()
         if args.resume:  # said once the run folder accepted it
             p = self.progress
@@ -341,7 +341,7 @@ class Trainer:
     def _open_run_dir(self) -> None:
         args = self.args
         checkpoint.check_names(self.run_dir, "--output/--experiment")  # before exists() raises on such a name
-        continuing = args.resume and Path(args.resume).resolve().parent == self.run_dir.resolve()
+        continuing = self._continuing()
         if not continuing and (self.run_dir / checkpoint.LAST).exists():
             # only a run's own checkpoint may continue in its folder: anything else would overwrite it
             raise ConfigError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir}, "
@@ -359,12 +359,15 @@ class Trainer:
         if args.resume:
             self._carry_best(Path(args.resume))
 
+    def _continuing(self) -> bool:
+        """Whether --resume goes on in the checkpoint's own run folder."""
+        return bool(self.args.resume) and Path(self.args.resume).resolve().parent == self.run_dir.resolve()
+
     def _check_latest(self, resumed: dict[str, Any]) -> None:
         """A run goes on in its own folder from its latest checkpoint: from an older one (a model_best.pth.tar
         behind last.pth.tar) it would overwrite the epochs after it. An unreadable last.pth.tar is no bar."""
-        path, run_dir = Path(self.args.resume).resolve(), Path(self.args.output) / self.args.experiment
-        last = run_dir / checkpoint.LAST
-        if path.parent != run_dir.resolve() or path == last.resolve() or not last.is_file():
+        run_dir, last = self.run_dir, self.run_dir / checkpoint.LAST
+        if not self._continuing() or Path(self.args.resume).resolve() == last.resolve() or not last.is_file():
             return
         try:
             latest = checkpoint.load(last)
