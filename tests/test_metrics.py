@@ -287,3 +287,23 @@ def test_confidence_on_an_fp32_linspace_edge_lands_where_torchmetrics_puts_it():
     assert maximum_calibration_error(logits, target, 15) == pytest.approx(0.8, abs=1e-6)
     assert expected_calibration_error(logits, target, 15) == pytest.approx(
         torchmetrics_ce(logits, target, 15, "l1"), abs=1e-6)
+
+
+def test_rejects_probabilities_and_bad_targets_with_one_line_errors():
+    """Probabilities would pass through a second softmax and give a near-uniform confidence (ECE
+    and NLL silently wrong); out-of-range or float targets would give torch's errors (a device-side
+    assert on CUDA)."""
+    logits, target = random_logits(64, 10, 2.0, seed=3)
+    metric = EvalMetrics(10)
+    with pytest.raises(ValueError, match=r"probabilities .*torch\.log\(probs\)"):
+        metric.update(torch.softmax(logits, dim=1), target)
+    # their log is accepted and gives the logits' figures back
+    assert_same(classification_metrics(torch.softmax(logits, dim=1).log(), target),
+                classification_metrics(logits, target), rel=1e-5)
+    with pytest.raises(ValueError, match="target holds class 10, outside 0..9"):
+        metric.update(logits, torch.full((64,), 10))
+    with pytest.raises(ValueError, match="target holds class -1"):
+        classification_metrics(logits, torch.full((64,), -1))
+    with pytest.raises(ValueError, match="integer dtype"):
+        classification_metrics(logits, target.float())
+    assert int(metric.n) == 0  # nothing half-added

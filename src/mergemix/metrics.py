@@ -78,6 +78,26 @@ def maximum_calibration_error(logits: Tensor, target: Tensor, n_bins: int = 15) 
     return _calibration_errors(_bin_sums(*_top_label(logits, target), n_bins))[1]
 
 
+def _check_inputs(logits: Tensor, target: Tensor) -> None:
+    """One-line errors for inputs that would otherwise give wrong figures without a word, or a
+    device-side assert: logits (N, C) of raw scores, target (N,) class indices in [0, C)."""
+    if logits.ndim != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits (N, C) and target (N,), got {tuple(logits.shape)} and {tuple(target.shape)}")
+    if target.is_floating_point() or target.dtype == torch.bool:
+        raise ValueError(f"target must hold class indices (an integer dtype), got {target.dtype}")
+    if target.numel():
+        low, high = int(target.min()), int(target.max())
+        if low < 0 or high >= logits.shape[1]:
+            raise ValueError(f"target holds class {low if low < 0 else high}, outside 0..{logits.shape[1] - 1} "
+                             f"for {logits.shape[1]} logits per row")
+        rows = logits.detach().float()
+        if (logits.shape[1] > 1 and bool(((rows >= 0) & (rows <= 1)).all())
+                and float((rows.sum(dim=1) - 1).abs().max()) <= 1e-3):
+            # their softmax is near-uniform: top-1 stays right, but ECE, NLL and Brier would all be wrong
+            raise ValueError("these rows are probabilities (each in [0, 1], summing to 1), not logits: "
+                             "pass their log, torch.log(probs), whose softmax gives them back")
+
+
 def _batch_stats(logits: Tensor, target: Tensor, n_bins: int) -> dict[str, Tensor]:
     """Sum-reducible statistics of one batch: logits (N, C), target (N,) class indices.
 
@@ -85,8 +105,7 @@ def _batch_stats(logits: Tensor, target: Tensor, n_bins: int) -> dict[str, Tenso
     ``_bin_sums``), and scalars ``correct1``, ``correct5`` (top-min(5, C)), ``nll_sum``,
     ``brier_sum``, ``n``, ``nonfinite`` (rows with a NaN or infinite logit: their figures mean nothing).
     """
-    if logits.ndim != 2 or target.shape != logits.shape[:1]:
-        raise ValueError(f"expected logits (N, C) and target (N,), got {tuple(logits.shape)} and {tuple(target.shape)}")
+    _check_inputs(logits, target)
     logits = logits.float()
     confidence, correct = _top_label(logits, target)
     k = min(5, logits.shape[1])
