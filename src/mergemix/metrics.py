@@ -172,8 +172,8 @@ class EvalMetrics(Metric):
     """Every figure of ``classification_metrics``, accumulated over batches and synced across ranks.
 
     All states are sums (``dist_reduce_fx='sum'``), fp64, on the metric's device. ``update(logits,
-    target)`` takes (N, C) logits (any float dtype) and (N,) class indices; ``compute()`` returns
-    the keys of ``classification_metrics`` plus ``bins``, the per-bin lists of the ``n_bins``
+    target)`` takes (N, C) logits (any float dtype; rows of probabilities are refused) and (N,)
+    class indices; ``compute()`` returns the keys of ``classification_metrics`` plus ``bins``, the per-bin lists of the ``n_bins``
     reliability diagram (see ``reliability_bins``).
     """
 
