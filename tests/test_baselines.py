@@ -429,3 +429,21 @@ def test_a_training_step_on_a_gpu_never_synchronises(name, options):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.loss).item()
+
+
+@pytest.mark.parametrize("name", BASELINES + ["mergemix", "none"])
+def test_an_objective_serves_the_one_model_it_prepared(name):
+    """Its settings (read-out block, merge schedule, patch grid) are the prepared model's: a second
+    model is refused, the same model (or its wrapper) again is not, and a model that failed to
+    prepare leaves the objective free."""
+    obj, model = objective(name), tiny_vit()
+    if name in ATTENTION + ["mergemix"]:
+        pooled = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32,
+                                   num_heads=2, num_classes=NUM_CLASSES, class_token=False, global_pool="avg")
+        with pytest.raises(ValueError, match="class token"):
+            obj.prepare(pooled)
+    assert obj.prepare(model) is model
+    obj.prepare(torch.compile(model))  # a wrapper of the same model (compiled lazily: nothing runs)
+    with pytest.raises(ValueError, match=f"this {name} objective is already prepared for another model"):
+        obj.prepare(tiny_vit())
+    assert torch.isfinite(obj(model, *batch()).loss)

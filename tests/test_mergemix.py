@@ -213,14 +213,17 @@ def test_state_dict_keys_unchanged_and_loadable():
     model.load_state_dict(plain.state_dict())
 
 
-def test_prepare_resolves_the_model_dependent_defaults_for_each_model():
-    """read-out block ⌊0.75·depth⌋ − 1 and merge_num half the patches, of the model prepared last."""
+def test_prepare_resolves_the_model_dependent_defaults():
+    """read-out block ⌊0.75·depth⌋ − 1 and merge_num half the patches, of the model prepared."""
     obj = mix.create("mergemix", 10)
     obj.prepare(tiny_vit())  # depth 4, 16 patches
     assert (obj.readout_block, obj.merge_num) == (2, 8)
     deeper = timm.create_model("deit_tiny_patch16_224", img_size=64, patch_size=8, depth=8, embed_dim=48,
                                num_heads=3, num_classes=10)
+    obj = mix.create("mergemix", 10)
     obj.prepare(deeper)  # depth 8, 64 patches
+    assert (obj.readout_block, obj.merge_num) == (5, 32)
+    obj.prepare(deeper)  # again: the same settings
     assert (obj.readout_block, obj.merge_num) == (5, 32)
 
 

@@ -78,8 +78,8 @@ class ReadsAttention:
 
     readout_block: int
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        return attach_readout(super().prepare(model), self.readout_block)  # type: ignore[misc]
+    def patch_model(self, net: nn.Module) -> None:
+        attach_readout(net, self.readout_block)
 
     def step(self, model: nn.Module, y: Tensor, mixed: Mixed) -> StepOutput:
         """PairMixer's step, with the (B, L) CLS attention over the mixed images (the labels' source) as

@@ -11,6 +11,7 @@ import math
 import numbers
 import types
 import typing
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -190,7 +191,7 @@ class Objective:
 
     Subclasses set ``name`` and ``description``, ``passes`` (the cost of a step) where it is more
     than the default "1 fwd + 1 bwd", and implement ``mixed_step``. ``prepare(model)`` is called once, before the
-    model is wrapped in DDP or compiled, so attention-based methods can patch it.
+    model is wrapped in DDP or compiled; attention-based methods patch the model in ``patch_model``.
     ``mixup_enabled`` switches mixing off: a call then takes ``clean_step``, plain label-smoothed CE.
     """
 
@@ -207,15 +208,34 @@ class Objective:
         self.smoothing = smoothing
         self.generator = generator
         self.mixup_enabled = True
+        self._prepared: weakref.ref[nn.Module] | None = None  # the model prepare() patched, if any
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Check (and, in subclasses, patch) ``model`` once before training; returns it."""
-        if getattr(unwrap(model), "distilled_training", False):
+        """Check ``model`` and patch it (``patch_model``) once before training; returns it.
+
+        An objective serves one model: the settings it resolves while patching (read-out block,
+        merges per block, patch grid) are that model's, so preparing a second model is refused.
+        """
+        net = unwrap(model)
+        if self.prepared_model not in (None, net):
+            raise ValueError(f"this {self.name} objective is already prepared for another model, whose "
+                             f"settings it keeps: create one objective per model")
+        if getattr(net, "distilled_training", False):
             # timm's distilled DeiT then returns (logits, distillation logits): two heads for two losses
             raise ValueError("the model is a distilled DeiT in distillation training (set_distilled_training(True)), "
                              "whose forward returns two heads' logits; these objectives train one: call "
                              "model.set_distilled_training(False) (its forward then averages the heads)")
+        self.patch_model(net)
+        self._prepared = weakref.ref(net)  # only once patched: a model that failed leaves the objective free
         return model
+
+    @property
+    def prepared_model(self) -> nn.Module | None:
+        """The model (unwrapped) that ``prepare`` patched; None before."""
+        return None if self._prepared is None else self._prepared()
+
+    def patch_model(self, net: nn.Module) -> None:
+        """``prepare``'s method-specific part: patch the unwrapped model ``net`` in place (here: nothing)."""
 
     def clean_step(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         """Plain label-smoothed CE: the step when mixing is switched off.

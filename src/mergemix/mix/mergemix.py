@@ -66,32 +66,27 @@ class MergeMix(Objective):
         check_positive(merge_every=merge_every)
         self.alpha, self.mixup_alpha = alpha, mixup_alpha
         self.merge_num, self.r, self.merge_every, self.readout_block = merge_num, r, merge_every, readout_block
-        # as given: prepare() resolves the model-dependent defaults anew for each model
-        self._requested = {"merge_num": merge_num, "readout_block": readout_block}
         self._schedule: list[int] = []  # merges per block, known once prepare() patched a model
         self.lam_policy, self.aux_loss, self.score = lam_policy, aux_loss, score
         self.merge_train, self.prop_attn = merge_train, prop_attn
         self.passes = PASSES[aux_loss]
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """Patch ``model`` for merging with a read-out; merge_num defaults to half the patches.
+    def patch_model(self, net: nn.Module) -> None:
+        """Patch ``net`` for merging with a read-out; merge_num defaults to half the patches.
 
         Merging and the read-out are switched on only inside a training step: outside it (for
         evaluation, or anyone calling the model) the patched model computes what timm's does.
         """
-        net = unwrap(super().prepare(model))
         depth = len(getattr(net, "blocks", ()))
-        block, merge_num = self._requested["readout_block"], self._requested["merge_num"]
         # negative: counted from the end, as Python indexes
+        block = self.readout_block
         self.readout_block = default_readout_block(depth) if block is None else resolve_block(net, block)
-        if merge_num is None and self.r is None:
-            merge_num = getattr(getattr(net, "patch_embed", None), "num_patches", 0) // 2
-        self.merge_num = merge_num
+        if self.merge_num is None and self.r is None:
+            self.merge_num = getattr(getattr(net, "patch_embed", None), "num_patches", 0) // 2
         patch_tome(net, self.r, merge_num=self.merge_num, merge_every=self.merge_every,
                    prop_attn=self.prop_attn, readout_block=self.readout_block, score=self.score)
         self._schedule = list(net.tome.r)
         configure_tome(net, merge=False, readout=False)
-        return model
 
     def notes(self) -> list[str]:
         schedule, notes = self._schedule, []

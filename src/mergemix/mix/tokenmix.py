@@ -25,7 +25,6 @@ from ..mask import keep_count, to_device, upsample_mask
 from ..tome import patch_grid, patch_size
 from . import register
 from .attention import ReadsAttention, attention_lam_hat
-from ..models import unwrap
 from .base import check_positive, sample_lam
 from .boxes import box_mask
 from .mixer import Mixed, PairMixer, masked_batch
@@ -68,7 +67,6 @@ class TokenMix(ReadsAttention, PairMixer):
     description = "TokenMix: partner tokens in random blocks at patch resolution, labels by CLS attention mass"
     passes = "1 fwd + 1 bwd (attention read from the same forward)"
     default_alpha = 1.0
-    net: nn.Module | None = None
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None,
                  prob: float = 1.0, alpha: float | None = None, min_block: int = 4, max_aspect: float = 3.0,
@@ -77,17 +75,12 @@ class TokenMix(ReadsAttention, PairMixer):
         check_positive(min_block=min_block, max_aspect=max_aspect)
         self.min_block, self.max_aspect, self.readout_block = min_block, max(max_aspect, 1 / max_aspect), readout_block
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """Patch for the read-out and keep the model: its patch grid at each batch's image size is where the masks are drawn."""
-        super().prepare(model)
-        self.net = unwrap(model)
-        return model
-
     def paste(self, x: Tensor, partner: Tensor) -> Mixed:
-        if self.net is None:
+        net = self.prepared_model
+        if net is None:
             raise RuntimeError("tokenmix draws its masks on the model's patch grid: call objective.prepare(model) first")
         # the grid of this batch's image size (models with dynamic_img_size take several)
-        grid, patch = patch_grid(self.net, x.shape[-2:]), patch_size(self.net)
+        grid, patch = patch_grid(net, x.shape[-2:]), patch_size(net)
         B, L = x.shape[0], grid[0] * grid[1]
         lam = sample_lam(self.alpha, self.generator)
         count = keep_count(1.0 - lam, L, B, x.device)  # ⌊(1−λ)·L⌋ as the masks of MergeMix count
