@@ -108,10 +108,10 @@ def test_inputs_a_custom_loop_gets_wrong_are_refused_by_name(name):
                          (y.float(), "integer class indices"), (torch.full_like(y, NUM_CLASSES), r"in \[0, 10\)")]:
         with pytest.raises(ValueError, match=words):
             obj(model, x, bad_y)
-    with pytest.raises(ValueError, match="a batch of images"):
+    with pytest.raises(ValueError, match="a batch of float images"):
         obj(model, x[0], y)
     if hasattr(obj, "mixer"):  # timm's contract too: an unbatched image is not three images
-        with pytest.raises(ValueError, match="a batch of images"):
+        with pytest.raises(ValueError, match="a batch of float images"):
             obj.mixer(x[0], y[:3])
     # one logit would broadcast into a zero loss; 0: no head, the forward gives 32 features
     for outputs, width in ((1, 1), (0, 32), (1000, 1000)):
@@ -447,3 +447,44 @@ def test_an_objective_serves_the_one_model_it_prepared(name):
     with pytest.raises(ValueError, match=f"this {name} objective is already prepared for another model"):
         obj.prepare(tiny_vit())
     assert torch.isfinite(obj(model, *batch()).loss)
+
+
+@pytest.mark.parametrize("name", ["cutmix", "transmix", "mergemix"])
+def test_labels_of_any_integer_dtype_train_as_int64_and_images_must_be_float(name):
+    """uint8 labels (from numpy) gave torch's scatter error; the step is the int64 labels' step."""
+    model, (x, y) = tiny_vit(), batch(6)
+    losses = []
+    for labels in (y, y.to(torch.uint8), y.int()):
+        obj = objective(name, seed=3)
+        obj.prepare(model)
+        losses.append(obj(model, x, labels).loss)
+    assert losses[0] == losses[1] == losses[2]
+    assert torch.equal(objective("cutmix", seed=1).mixer(x, y.to(torch.uint8))[1], objective("cutmix", seed=1).mixer(x, y)[1])
+    with pytest.raises(ValueError, match="expected a batch of float images"):
+        obj(model, x.to(torch.uint8), y)
+
+
+def test_create_names_the_option_it_does_not_take():
+    with pytest.raises(TypeError, match=r"mixup has no option mixup_alpha \(did you mean alpha\?\); its options: "
+                                        r"alpha, prob, smoothing"):
+        create("mixup", NUM_CLASSES, mixup_alpha=1.0)
+    with pytest.raises(TypeError, match=r"mergemix has no option merge_nums \(did you mean merge_num\?\)"):
+        create("mergemix", NUM_CLASSES, merge_nums=8)
+
+
+@pytest.mark.parametrize("name", ["cutmix", "transmix", "mergemix"])
+def test_a_step_refuses_a_model_patched_again_or_another_model(name):
+    """Another objective's prepare() or patch_tome() replaces the model's merging settings (MergeMix
+    then trained unmerged with the other read-out block, without a word): the step says so."""
+    from mergemix.tome import patch_tome
+
+    model, xy = tiny_vit(), batch()
+    obj = objective(name)
+    obj.prepare(model)
+    with pytest.raises(ValueError, match=f"this {name} objective was prepared for another model"):
+        obj(tiny_vit(), *xy)
+    patch_tome(model, merge_num=4)
+    with pytest.raises(ValueError, match=f"patched again after this {name} objective prepared it"):
+        obj(model, *xy)
+    obj.prepare(model)  # prepared again: its own settings back
+    assert torch.isfinite(obj(model, *xy).loss)

@@ -284,7 +284,7 @@ def test_resuming_into_a_new_folder_brings_the_best_checkpoint_along(run, tmp_pa
 
 @pytest.mark.parametrize("flags, fragment", [
     (["--model", "vit_tiny_patch16_2244"], "unknown model"),
-    (["--mix", "mergemixx"], "unknown method"),
+    (["--mix", "mergemixx"], "--mix: unknown mixing method 'mergemixx'; choose one of"),
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["--model", "resnet18", "--model-kwargs"], "need a timm VisionTransformer, not a ResNet: pick a ViT"),
     (["--mix", "transmix", "--model", "resnet18", "--model-kwargs"], "--mix transmix does not fit resnet18"),
@@ -326,6 +326,7 @@ def test_resuming_into_a_new_folder_brings_the_best_checkpoint_along(run, tmp_pa
     (["--experiment", ""], "--experiment must be a folder name, got ''"),
     (["--experiment", "a/b"], "--experiment must be a folder name, got 'a/b': set the parent folder with --output"),
     (["--mix-opt", "bogus=1"], "--mix mergemix has no option bogus; its options: alpha, aux_loss, lam_policy"),
+    (["--mix-opt", "merge_nums=8"], "--mix mergemix has no option merge_nums (did you mean merge_num?); its options"),
     # method options: checked when the method is created, naming the option
     (["--mix-alpha", "-1"], "--mix mergemix: alpha must be a finite number > 0, got -1.0"),
     (["--mix-opt", "alpha=-1"], "--mix mergemix: alpha must be a finite number > 0, got -1"),

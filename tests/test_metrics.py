@@ -307,3 +307,18 @@ def test_rejects_probabilities_and_bad_targets_with_one_line_errors():
     with pytest.raises(ValueError, match="integer dtype"):
         classification_metrics(logits, target.float())
     assert int(metric.n) == 0  # nothing half-added
+    for figure in (expected_calibration_error, maximum_calibration_error):  # the public helpers check too
+        with pytest.raises(ValueError, match="probabilities"):
+            figure(torch.softmax(logits, dim=1), target)
+        with pytest.raises(ValueError, match="outside 0..9"):
+            figure(logits, target + 10)
+    # a 2-class batch of one whose logits happen to sum to 1 is too likely to be refused
+    assert classification_metrics(torch.tensor([[0.3, 0.7]]), torch.tensor([1]))["top1"] == 100.0
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_targets_of_any_integer_dtype_give_the_int64_figures(dtype):
+    logits, target = random_logits(64, 10, 2.0, seed=4)
+    metric = EvalMetrics(10)
+    metric.update(logits, target.to(dtype))
+    assert_same(metric.compute(), classification_metrics(logits, target))

@@ -122,7 +122,8 @@ def derangement(batch_size: int, generator: torch.Generator | None = None, devic
     returns: (B,) long, partner[i] != i.
     """
     if batch_size < 2:
-        raise ValueError(f"mixing needs a batch of at least 2 samples to pair them, got {batch_size}")
+        raise ValueError(f"mixing needs a batch of at least 2 samples to pair them, got {batch_size} "
+                         f"(a DataLoader's last batch: drop_last=True)")
     perm = torch.randperm(batch_size, generator=generator)
     shift = int(torch.randint(1, batch_size, (1,), generator=generator))
     partner = torch.empty_like(perm)

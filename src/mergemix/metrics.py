@@ -66,6 +66,7 @@ def expected_calibration_error(logits: Tensor, target: Tensor, n_bins: int = 15)
     logits: (N, C); target: (N,) class indices. Equals torchmetrics'
     ``MulticlassCalibrationError(C, n_bins, norm='l1')`` on the softmax of ``logits``.
     """
+    _check_inputs(logits, target)
     return _calibration_errors(_bin_sums(*_top_label(logits, target), n_bins))[0]
 
 
@@ -75,12 +76,14 @@ def maximum_calibration_error(logits: Tensor, target: Tensor, n_bins: int = 15) 
     logits: (N, C); target: (N,) class indices. Equals torchmetrics'
     ``MulticlassCalibrationError(C, n_bins, norm='max')`` on the softmax of ``logits``.
     """
+    _check_inputs(logits, target)
     return _calibration_errors(_bin_sums(*_top_label(logits, target), n_bins))[1]
 
 
 def _check_inputs(logits: Tensor, target: Tensor) -> None:
     """One-line errors for inputs that would otherwise give wrong figures without a word, or a
-    device-side assert: logits (N, C) of raw scores, target (N,) class indices in [0, C)."""
+    device-side assert: logits (N, C) of raw scores, target (N,) class indices in [0, C), any
+    integer dtype."""
     if logits.ndim != 2 or target.shape != logits.shape[:1]:
         raise ValueError(f"expected logits (N, C) and target (N,), got {tuple(logits.shape)} and {tuple(target.shape)}")
     if target.is_floating_point() or target.dtype == torch.bool:
@@ -91,7 +94,8 @@ def _check_inputs(logits: Tensor, target: Tensor) -> None:
             raise ValueError(f"target holds class {low if low < 0 else high}, outside 0..{logits.shape[1] - 1} "
                              f"for {logits.shape[1]} logits per row")
         rows = logits.detach().float()
-        if (logits.shape[1] > 1 and bool(((rows >= 0) & (rows <= 1)).all())
+        # from 8 values on, logits that happen to look so are too unlikely to matter (a 2-class batch of 1 is not)
+        if (rows.numel() >= 8 and logits.shape[1] > 1 and bool(((rows >= 0) & (rows <= 1)).all())
                 and float((rows.sum(dim=1) - 1).abs().max()) <= 1e-3):
             # their softmax is near-uniform: top-1 stays right, but ECE, NLL and Brier would all be wrong
             raise ValueError("these rows are probabilities (each in [0, 1], summing to 1), not logits: "
@@ -106,7 +110,7 @@ def _batch_stats(logits: Tensor, target: Tensor, n_bins: int) -> dict[str, Tenso
     ``brier_sum``, ``n``, ``nonfinite`` (rows with a NaN or infinite logit: their figures mean nothing).
     """
     _check_inputs(logits, target)
-    logits = logits.float()
+    logits, target = logits.float(), target.long()  # one_hot takes int64 only
     confidence, correct = _top_label(logits, target)
     k = min(5, logits.shape[1])
     top5 = logits.topk(k, dim=1).indices.eq(target[:, None]).any(dim=1)

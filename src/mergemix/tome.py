@@ -146,7 +146,7 @@ def patch_tome(model: nn.Module, r: int | Sequence[int] | None = None, *, merge_
 
     r: tokens merged per block (int) or a per-block list; merge_num: total tokens merged, spread
     as a decreasing schedule over every ``merge_every``-th block. readout_block: 0-based index of the block whose CLS attention is
-    read out (None: no read-out). score: "cls_row" (the CLS query's attention over the tokens)
+    read out (negative: counted from the end, -1 the last; None: no read-out). score: "cls_row" (the CLS query's attention over the tokens)
     or "cls_col" (each token's attention to CLS). Adds no parameters; calling it again
     reconfigures. Returns the model; a wrapped one (torch.compile, DDP) has the model inside patched.
     """
@@ -155,8 +155,11 @@ def patch_tome(model: nn.Module, r: int | Sequence[int] | None = None, *, merge_
     depth = len(model.blocks)
     num_patches = model.patch_embed.num_patches
     schedule = resolve_schedule(num_patches, depth, r, merge_num, merge_every)
-    if readout_block is not None and not 0 <= readout_block < depth:
-        raise ValueError(f"read-out block {readout_block} is out of range for a model with {depth} blocks (0..{depth - 1})")
+    if readout_block is not None:
+        if not -depth <= readout_block < depth:
+            raise ValueError(f"read-out block {readout_block} is out of range for a model with {depth} blocks "
+                             f"(0..{depth - 1}, or {-depth}..-1 counted from the end)")
+        readout_block %= depth  # negative: counted from the end, as Python indexes
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     if readout_block is not None and model.cls_token is None:

@@ -117,14 +117,15 @@ def build_objective(args: argparse.Namespace, num_classes: int,
     """The method's objective with the options its ``__init__`` takes; returns (objective, ignored options)."""
     from . import mix
 
-    if args.mix not in mix.available():
-        raise ConfigError(f"unknown method --mix {args.mix!r}; choose one of: {', '.join(mix.available())}")
-    accepted = set(mix.accepted_options(mix.get_class(args.mix)))
-    options, unused = config.method_options(args, accepted)
-    foreign = sorted(set(args.mix_opt) - accepted)
-    if foreign:
-        takes = ", ".join(sorted(accepted - {"num_classes", "generator"}))
-        raise ConfigError(f"--mix {args.mix} has no option {', '.join(foreign)}; its options: {takes}")
+    try:
+        cls = mix.get_class(args.mix)
+    except ValueError as e:
+        raise ConfigError(f"--mix: {e}") from None
+    try:
+        mix.check_option_names(cls, args.mix_opt)  # flags set only options a method takes; --mix-opt any
+    except TypeError as e:
+        raise ConfigError(f"--mix {e}") from None  # "--mix mergemix has no option ..."
+    options, unused = config.method_options(args, set(mix.accepted_options(cls)))
     try:
         return mix.create(args.mix, num_classes, generator=generator, **options), unused
     except (TypeError, ValueError) as e:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from .base import (Objective, StepOutput, accepted_options, check_option_types, mixed_targets, sample_lam,
-                   smooth_one_hot, soft_cross_entropy)
+from .base import (Objective, StepOutput, accepted_options, check_option_names, check_option_types, method_options,
+                   mixed_targets, sample_lam, smooth_one_hot, soft_cross_entropy)
 
 _REGISTRY: dict[str, type[Objective]] = {}
 T = TypeVar("T", bound=type[Objective])
@@ -40,6 +40,7 @@ def create(name: str, num_classes: int, **options: Any) -> Objective:
     Unknown or ill-typed options raise ``TypeError``, out-of-range ones ``ValueError``, each naming the option.
     """
     cls = get_class(name)
+    check_option_names(cls, options)
     check_option_types(cls, options)
     return cls(num_classes=num_classes, **options)
 
@@ -47,5 +48,5 @@ def create(name: str, num_classes: int, **options: Any) -> Objective:
 from . import mergemix, plain  # noqa: E402,F401  (importing a method module registers it)
 from . import fmix, gridmix, mixup, resizemix, saliencymix, smmix, smoothmix, tokenmix, transmix  # noqa: E402,F401,E501
 
-__all__ = ["Objective", "StepOutput", "accepted_options", "available", "create", "get_class", "register",
-           "mixed_targets", "sample_lam", "smooth_one_hot", "soft_cross_entropy"]
+__all__ = ["Objective", "StepOutput", "accepted_options", "available", "check_option_names", "create", "get_class",
+           "method_options", "register", "mixed_targets", "sample_lam", "smooth_one_hot", "soft_cross_entropy"]

@@ -28,29 +28,6 @@ def attention_mass(scores: Tensor, keep: Tensor, eps: float = 1e-12) -> Tensor:
     return (scores * keep.float()).sum(dim=1) / scores.sum(dim=1).clamp_min(eps)
 
 
-def resolve_block(model: nn.Module, readout_block: int) -> int:
-    """The 0-based index of ``readout_block`` in ``model``'s blocks (negative counts from the end: -1 is the last).
-
-    ValueError naming the value given when the model has no such block; a model without blocks
-    (not a ViT) is left to ``patch_tome`` to refuse.
-    """
-    depth = len(getattr(unwrap(model), "blocks", ()))
-    if depth and not -depth <= readout_block < depth:
-        raise ValueError(f"read-out block {readout_block} is out of range for a model with {depth} blocks "
-                         f"(0..{depth - 1}, or {-depth}..-1 counted from the end)")
-    return readout_block + depth if readout_block < 0 else readout_block
-
-
-def attach_readout(model: nn.Module, readout_block: int) -> nn.Module:
-    """Patch a timm VisionTransformer (no merging) to leave its CLS attention at ``readout_block``.
-
-    readout_block: 0-based, negative counts from the end (-1: the last block).
-    Raises ValueError if the model is not a timm VisionTransformer, has no class token or no such block.
-    """
-    patch_tome(unwrap(model), r=0, readout_block=resolve_block(model, readout_block))
-    return model
-
-
 def last_readout(model: nn.Module) -> Readout:
     """The read-out the model's last forward left (attention detached); RuntimeError if it left none."""
     readout = getattr(unwrap(model), "tome_readout", None)
@@ -79,7 +56,8 @@ class ReadsAttention:
     readout_block: int
 
     def patch_model(self, net: nn.Module) -> None:
-        attach_readout(net, self.readout_block)
+        """Read-out at ``readout_block`` (negative: counted from the end), no merging."""
+        patch_tome(net, r=0, readout_block=self.readout_block)
 
     def step(self, model: nn.Module, y: Tensor, mixed: Mixed) -> StepOutput:
         """PairMixer's step, with the (B, L) CLS attention over the mixed images (the labels' source) as

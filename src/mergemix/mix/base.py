@@ -6,13 +6,14 @@ The training loop calls ``objective(model, x, y)`` once per step and back-propag
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import math
 import numbers
 import types
 import typing
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -76,16 +77,18 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-def check_batch(x: Tensor, y: Tensor, num_classes: int) -> None:
-    """ValueError unless x is (B, C, H, W) images and y (B,) integer class indices below ``num_classes``
-    (the range is checked only for labels on the CPU: elsewhere it would wait for the device)."""
-    if x.ndim != 4:
-        raise ValueError(f"expected a batch of images (B, C, H, W), got shape {tuple(x.shape)}")
+def check_batch(x: Tensor, y: Tensor, num_classes: int) -> Tensor:
+    """ValueError unless x is (B, C, H, W) float images and y (B,) integer class indices below
+    ``num_classes`` (the range is checked only for labels on the CPU: elsewhere it would wait for the
+    device). Returns y as int64, the dtype torch's one-hot and scatter take (uint8 labels from numpy)."""
+    if x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"expected a batch of float images (B, C, H, W), got {x.dtype} of shape {tuple(x.shape)}")
     if y.shape != x.shape[:1] or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise ValueError(f"expected labels as ({x.shape[0]},) integer class indices, got {y.dtype} of shape "
                          f"{tuple(y.shape)} (one-hot or soft targets: pass their argmax)")
     if y.device.type == "cpu" and y.numel() and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got {int(y.min())}..{int(y.max())}")
+    return y.long()
 
 
 def derive_seed(generator: torch.Generator | None) -> int:
@@ -172,6 +175,23 @@ def accepted_options(cls: type) -> list[str]:
     return names
 
 
+def method_options(cls: type) -> list[str]:
+    """The options a user sets on a method: ``accepted_options`` but the class count and the generator."""
+    return [k for k in accepted_options(cls) if k not in ("num_classes", "generator")]
+
+
+def check_option_names(cls: type, names: Iterable[str]) -> None:
+    """TypeError naming the options among ``names`` that method ``cls`` does not take, with the
+    closest option for a misspelt one and every option it takes."""
+    unknown = sorted(set(names) - set(accepted_options(cls)))
+    if unknown:
+        options = sorted(method_options(cls))
+        close = difflib.get_close_matches(unknown[0], options, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise TypeError(f"{getattr(cls, 'name', cls.__name__)} has no option {', '.join(unknown)}{hint}; "
+                        f"its options: {', '.join(options)}")
+
+
 def check_option_types(cls: type, options: dict[str, Any]) -> None:
     """TypeError naming the first option whose value does not have the type ``cls.__init__`` annotates.
 
@@ -209,6 +229,7 @@ class Objective:
         self.generator = generator
         self.mixup_enabled = True
         self._prepared: weakref.ref[nn.Module] | None = None  # the model prepare() patched, if any
+        self._patch: Any = None
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Check ``model`` and patch it (``patch_model``) once before training; returns it.
@@ -227,6 +248,7 @@ class Objective:
                              "model.set_distilled_training(False) (its forward then averages the heads)")
         self.patch_model(net)
         self._prepared = weakref.ref(net)  # only once patched: a model that failed leaves the objective free
+        self._patch = getattr(net, "tome", None)  # the settings patch_model left (ToMe's), checked at each step
         return model
 
     @property
@@ -249,15 +271,31 @@ class Objective:
         """The method's training step: x (B, C, H, W) images, y (B,) class indices -> loss, logits and what it mixed."""
         raise NotImplementedError
 
+    def _check_patch(self, model: nn.Module) -> None:
+        """ValueError when ``model`` is not the one ``prepare`` patched, or its merging settings are no
+        longer those ``prepare`` set (another objective prepared it, or ``patch_tome`` re-patched it,
+        since): the step would run with settings that are not this objective's."""
+        if self._prepared is None:
+            return
+        net = unwrap(model)
+        if net is not self.prepared_model:
+            raise ValueError(f"this {self.name} objective was prepared for another model: call it with that "
+                             f"model (or its DDP / compiled wrapper), or create one objective per model")
+        if getattr(net, "tome", None) is not self._patch:
+            raise ValueError(f"the model was patched again after this {self.name} objective prepared it (by another "
+                             f"objective's prepare() or by patch_tome()) and would train with those settings: "
+                             f"prepare it again, or patch a copy (copy.deepcopy(model)) for merged evaluation")
+
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         """One training step's loss: ``mixed_step``, or ``clean_step`` while ``mixup_enabled`` is False."""
-        check_batch(x, y, self.num_classes)
+        y = check_batch(x, y, self.num_classes)
+        self._check_patch(model)
         return self.mixed_step(model, x, y) if self.mixup_enabled else self.clean_step(model, x, y)
 
     def defaults(self) -> dict[str, Any]:
         """This instance's options and their values (``mergemix methods`` prints them): every keyword its
         ``__init__`` chain takes, kept as an attribute of the same name, but the class count and generator."""
-        return {k: getattr(self, k) for k in accepted_options(type(self)) if k not in ("num_classes", "generator")}
+        return {k: getattr(self, k) for k in method_options(type(self))}
 
     def notes(self) -> list[str]:
         """After ``prepare``: settings that run but likely not as the user means (printed by ``train``)."""

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from .. import mask as M
 from ..tome import SCORES, Readout, configure_tome, forward_readout, patch_tome, tome_options
 from . import register
-from .attention import resolve_block
 from ..models import unwrap
 from .base import (Objective, StepOutput, check_non_negative, check_positive, mixed_targets, sample_lam,
                    smooth_one_hot, soft_cross_entropy)
@@ -78,14 +77,12 @@ class MergeMix(Objective):
         evaluation, or anyone calling the model) the patched model computes what timm's does.
         """
         depth = len(getattr(net, "blocks", ()))
-        # negative: counted from the end, as Python indexes
-        block = self.readout_block
-        self.readout_block = default_readout_block(depth) if block is None else resolve_block(net, block)
+        block = default_readout_block(depth) if self.readout_block is None else self.readout_block
         if self.merge_num is None and self.r is None:
             self.merge_num = getattr(getattr(net, "patch_embed", None), "num_patches", 0) // 2
         patch_tome(net, self.r, merge_num=self.merge_num, merge_every=self.merge_every,
-                   prop_attn=self.prop_attn, readout_block=self.readout_block, score=self.score)
-        self._schedule = list(net.tome.r)
+                   prop_attn=self.prop_attn, readout_block=block, score=self.score)
+        self.readout_block, self._schedule = net.tome.readout_block, list(net.tome.r)  # negative ones resolved
         configure_tome(net, merge=False, readout=False)
 
     def notes(self) -> list[str]:
@@ -93,13 +90,14 @@ class MergeMix(Objective):
         if any(schedule) and not any(schedule[: self.readout_block]):
             notes.append(f"the read-out block {self.readout_block} comes before any merge (merges per block: "
                          f"{schedule}): MergeMix's mask is then a plain top-k of the attention; a later "
-                         f"--readout-block reads merged tokens")
+                         f"readout_block (--readout-block) reads merged tokens")
         if any(schedule) and self.aux_loss == "none" and self.merge_train and not self.prop_attn:
             # measured: 61.2 % plain against 69.6 % merged for one such Fashion-MNIST run (README)
             notes.append(f"aux_loss none without proportional attention trains on bias-free merged forwards "
                          f"only, and plain evaluation can score points below the model merged as it trained: "
-                         f"--eval-merged evaluates it both ways; afterwards, mergemix eval --checkpoint RUN "
-                         f"--merge-num {self.merge_num} --merge-every {self.merge_every} --no-prop-attn")
+                         f"--eval-merged evaluates it both ways (objective.trained_forward(model) in a loop of "
+                         f"your own); afterwards, mergemix eval --checkpoint RUN --merge-num {self.merge_num} "
+                         f"--merge-every {self.merge_every} --no-prop-attn")
         return notes
 
     def trained_forward(self, model: nn.Module) -> contextlib.AbstractContextManager | None:

@@ -154,7 +154,7 @@ class ImageMixer(PairMixer):
     def mixer(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """timm's Mixup contract: (B, C, H, W) images, (B,) labels -> mixed images, (B, num_classes) soft
         targets (rows sum to 1, label smoothing folded in). Unmixed when ``mixup_enabled`` is False."""
-        check_batch(x, y, self.num_classes)
+        y = check_batch(x, y, self.num_classes)
         if not self.mixup_enabled:
             return x, smooth_one_hot(y, self.num_classes, self.smoothing)
         mixed = self.mix(x)
