@@ -89,7 +89,7 @@ def test_sigterm_mid_epoch_writes_a_checkpoint_that_resumes_to_the_same_end(refe
 
 
 def test_each_rank_draws_its_own_partners_and_masks() -> None:
-    # what Trainer does on process `rank` of a torchrun job (seed + rank), without launching one
+    # what Trainer does on process `rank` of a torchrun job (its process_seed), without launching one
     args = config.parse_train_args(["--experiment", "x", "--model-kwargs", *TINY_KWARGS])
     model = models.create(args.model, num_classes=10, img_size=16, in_chans=1, model_kwargs=args.model_kwargs)
     g = torch.Generator().manual_seed(0)

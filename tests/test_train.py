@@ -165,6 +165,43 @@ def test_resume_with_another_process_count_does_not_repeat_the_first_draws(tmp_p
     assert FirstDraw.draws[1] != FirstDraw.draws[0] and FirstDraw.draws[1] == expected
 
 
+def test_resume_inside_an_epoch_with_another_process_count_keeps_the_epochs_loss_so_far(tmp_path, capsys):
+    """The checkpoint's per-rank loss sums and time of the epoch so far count in its row, however many
+    processes wrote them: the row's loss is every step's mean."""
+    def train(*extra: str) -> int:
+        return cli.main(["train", "--output", str(tmp_path), *TINY, "--mix", "none", "--batch-size", "32",
+                         "--train-subset", "128", *extra])
+
+    rows = {}
+    for name, partial in [("none", [{"loss_sum": 0.0, "loss_count": 0, "epoch_time": 0.0}] * 2),
+                          ("two", [{"loss_sum": 10.0, "loss_count": 2, "epoch_time": 50.0},
+                                   {"loss_sum": 30.0, "loss_count": 2, "epoch_time": 60.0}])]:
+        assert train("--experiment", name, "--epochs", "1") == 0  # 4 steps an epoch
+        ckpt = torch.load(tmp_path / name / "last.pth.tar", map_location="cpu", weights_only=True)
+        # as two processes would write it 2 steps into epoch 1
+        ckpt.update(epoch=0, step=2, global_step=6, rng=ckpt["rng"] * 2, partial=partial)
+        checkpoint.save(ckpt, tmp_path / name / "last.pth.tar")
+        assert train("--resume", str(tmp_path / name), "--epochs", "2") == 0
+        rows[name] = list(csv.DictReader((tmp_path / name / "summary.csv").open()))[-1]
+    own = 2 * float(rows["none"]["train_loss"])  # the 2 steps after the resume, the same draws in both
+    assert float(rows["two"]["train_loss"]) == pytest.approx((40.0 + own) / 6, rel=1e-5)
+    assert float(rows["two"]["epoch_time"]) > 60.0 > float(rows["none"]["epoch_time"])
+
+
+def test_process_seeds_are_the_seed_on_rank_0_and_repeat_no_other_seeds_streams():
+    from mergemix.distributed import process_seed
+
+    seeds = [process_seed(seed, rank) for seed in range(20) for rank in range(4)]
+    assert [process_seed(seed, 0) for seed in range(20)] == list(range(20))  # one process: the seed's draws
+    assert len(set(seeds)) == 80  # seed + rank gave 23 values: rank 1 of seed 0 drew rank 0 of seed 1's
+
+
+def test_the_largest_seed_trains(tmp_path):
+    """The epoch's loader seed (the process's seed x 100003 + epoch) overflowed torch's 64 bits."""
+    assert cli.main(["train", "--output", str(tmp_path), "--experiment", "big", *TINY, "--epochs", "1",
+                     "--batch-size", "32", "--train-subset", "64", "--seed", str(2**63 - 1 - 2**31)]) == 0
+
+
 class NaNAfter(NoMix):
     """Plain CE whose loss turns NaN at the 15th call (epoch 1, step 3 with 12 steps an epoch)."""
 

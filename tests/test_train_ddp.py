@@ -28,7 +28,7 @@ def test_torchrun_two_processes(tmp_path):
     assert done.stdout.count("final ") == 1  # rank 0 alone reports
     ckpt = torch.load(run / "last.pth.tar", map_location="cpu", weights_only=True)
     gen = [r["generator"] for r in ckpt["rng"]]
-    assert len(gen) == 2 and not torch.equal(gen[0], gen[1])  # seed + rank: ranks draw different masks
+    assert len(gen) == 2 and not torch.equal(gen[0], gen[1])  # each rank its own seed: different masks
 
     # each process evaluated its own shard; synced, the bins hold all 360 digits eval images once, and the
     # figures are those of one process evaluating the same weights alone

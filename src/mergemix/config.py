@@ -97,8 +97,8 @@ LIMITS = {
     "drop_path": Limit(0, 1, high_open=True), "decay_epochs": Limit(0, low_open=True), "decay_rate": Limit(0),
     "patience_epochs": Limit(0), "opt_eps": Limit(0, low_open=True), "model_ema_decay": Limit(0, 1),
     "num_samples": Limit(2, note="each image needs a partner"),
-    # torch seeds are 64-bit signed; a resume reseeds at seed + rank + steps done, which needs headroom
-    "seed": Limit(0, 2**63 - 1 - 2**31, note="process r uses seed + r"),
+    # torch seeds are 64-bit signed; a resume reseeds at the process's seed + steps done, which needs headroom
+    "seed": Limit(0, 2**63 - 1 - 2**31, note="a resume adds the steps done"),
 }
 
 
@@ -314,7 +314,7 @@ def _run_group(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--output", default="output", help="parent folder of the run folder")
     g.add_argument("--experiment", default=None, help="run folder name (default: DATE-TIME-dataset-model-mix)")
     g.add_argument("--resume", default=None, help="checkpoint (or run folder) to continue from")
-    g.add_argument("--seed", type=int, default=42, help="seed; process r uses seed + r")
+    g.add_argument("--seed", type=int, default=42, help="seed (of rank 0; under torchrun, rank r > 0 uses one derived from seed and r)")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
     add_device_flag(g)
     g.add_argument("--amp", action="store_true", help="mixed precision")

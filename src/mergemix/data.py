@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from .distributed import process_seed
 from .errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -374,7 +375,7 @@ def train_loader(bundle: DataBundle, batch_size: int, workers: int, rank: int, w
     sampler = ResumableSampler(bundle.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     return DataLoader(bundle.train, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                       pin_memory=device.type == "cuda", persistent_workers=False,
-                      generator=torch.Generator().manual_seed(seed + rank))
+                      generator=torch.Generator().manual_seed(process_seed(seed, rank)))
 
 
 def loader_workers(bundle: DataBundle, requested: int | None) -> int:

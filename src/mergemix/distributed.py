@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -32,6 +33,13 @@ class Context:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """Process ``rank``'s seed: ``seed`` itself on rank 0 (what a one-process run draws); on rank r > 0 one
+    derived from (seed, r), below 2³², so that no rank repeats another seed's streams (``seed + r`` would:
+    rank 1 of seed 42 drew what rank 0 of seed 43 draws, and a sweep over seeds shared its draws)."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -83,13 +91,13 @@ def barrier(ctx: Context) -> None:
         dist.barrier()
 
 
-def mean(value: float, ctx: Context) -> float:
-    """Mean of a float over processes."""
+def sums(values: list[float], ctx: Context) -> list[float]:
+    """Element-wise sums of a few floats over processes."""
     if not ctx.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t)
-    return float(t) / ctx.world_size
+    return t.tolist()
 
 
 def any_true(flags: list[bool], ctx: Context) -> list[bool]:

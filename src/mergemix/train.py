@@ -163,13 +163,15 @@ def seed_everything(seed: int) -> None:
 
 
 def seed_process(seed: int, rank: int) -> torch.Generator:
-    """Seed this process's global RNGs with ``seed + rank``; return the objective's generator, seeded the same.
+    """Seed this process's global RNGs with ``distributed.process_seed(seed, rank)``; return the objective's
+    generator, seeded the same.
 
     Every process draws its own partners, λ and masks; rank 0 of a run with seed s draws what a
     one-process run with seed s draws.
     """
-    seed_everything(seed + rank)
-    return torch.Generator().manual_seed(seed + rank)
+    seed = distributed.process_seed(seed, rank)
+    seed_everything(seed)
+    return torch.Generator().manual_seed(seed)
 
 
 def prepare_model(objective: Objective, model: nn.Module, args: argparse.Namespace) -> nn.Module:
@@ -474,8 +476,14 @@ class Trainer:
         else:
             self.log(f"note   the checkpoint was written by {len(rng)} process(es), this run has "
                      f"{self.ctx.world_size}; random streams restart from the seed")
-            seed_everything(args.seed + self.ctx.rank + p.global_step)
-            self.generator.manual_seed(args.seed + self.ctx.rank + p.global_step)  # not epoch 0's draws again
+            # the epoch's loss so far goes on in rank 0's sums (the epoch's row adds every rank's)
+            if self.ctx.is_main:
+                p.loss_sum = sum(r["loss_sum"] for r in partial)
+                p.loss_count = sum(r["loss_count"] for r in partial)
+            p.epoch_time = max((r["epoch_time"] for r in partial), default=0.0)
+            seed = distributed.process_seed(args.seed, self.ctx.rank) + p.global_step  # not epoch 0's draws again
+            seed_everything(seed)
+            self.generator.manual_seed(seed)
         # the optimizer holds the checkpoint schedule's last rate; set this schedule's (the call in
         # the schedule's own unit acts, the other does nothing)
         self.scheduler.step(p.epoch)
@@ -520,7 +528,8 @@ class Trainer:
         sampler = self.train_loader.sampler
         sampler.set_epoch(p.epoch)
         sampler.skip = p.step * args.batch_size
-        self.train_loader.generator.manual_seed((args.seed + ctx.rank) * 100_003 + p.epoch)
+        # modulo 2⁶⁴, the seeds torch takes: a large --seed would overflow
+        self.train_loader.generator.manual_seed((distributed.process_seed(args.seed, ctx.rank) * 100_003 + p.epoch) % 2**64)
         self.objective.mixup_enabled = not (args.mixup_off_epoch and p.epoch >= args.mixup_off_epoch)
         self.train_model.train()
         total = p.step + len(self.train_loader)
@@ -613,10 +622,11 @@ class Trainer:
         return self._finish(evaluated)
 
     def _epoch_row(self, evaluated: dict[str, dict[str, Any]], eval_start: float) -> dict[str, Any]:
-        """The epoch's summary.csv row: train loss (mean over processes), the figures of each evaluated
+        """The epoch's summary.csv row: train loss (mean over every process's steps), the figures of each evaluated
         model ("plain" unprefixed, "merged_", "ema_"), learning rate, and time (training plus evaluation)."""
         p = self.progress
-        row = {"epoch": p.epoch, "train_loss": distributed.mean(p.loss_sum / max(p.loss_count, 1), self.ctx)}
+        loss_sum, loss_count = distributed.sums([p.loss_sum, p.loss_count], self.ctx)
+        row = {"epoch": p.epoch, "train_loss": loss_sum / max(loss_count, 1)}
         for prefix, name in (("", "plain"), ("merged_", "merged"), ("ema_", "ema")):
             if name in evaluated:
                 m = evaluated[name]
