@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -18,6 +19,7 @@ import yaml
 from PIL import Image
 
 from mergemix import cli, mix
+from mergemix.errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 from mergemix.mix.mergemix import MergeMix
 from mergemix.mix.plain import NoMix
 from mergemix.train import SUMMARY_FIELDS
@@ -693,3 +695,44 @@ def test_running_out_of_memory_prints_one_line_with_what_to_lower(monkeypatch, c
     monkeypatch.setitem(cli.COMMANDS, "train", raising(RuntimeError("mat1 and mat2 shapes cannot be multiplied")))
     with pytest.raises(RuntimeError, match="shapes"):  # a bug, not a size: its traceback stays
         cli.main(["train"])
+
+
+@pytest.mark.parametrize("error, every_rank", [
+    (lambda: ConfigError("bad flag"), False), (lambda: CheckpointError("no such file"), False),
+    (lambda: Interrupted(signal.SIGINT, Path("run/last.pth.tar")), False),
+    # one process's own trouble (its shard's corrupt image, its non-finite loss): every process says it
+    (lambda: DataError("corrupt image"), True), (lambda: TrainingError("loss is nan"), True),
+])
+def test_under_torchrun_an_error_every_process_raises_alike_is_printed_once_per_machine(
+        monkeypatch, capsys, error, every_rank):
+    def fail(argv):
+        raise error()
+
+    monkeypatch.setitem(cli.COMMANDS, "train", fail)
+    printed = {}
+    for rank, local_rank in [(0, 0), (1, 1), (8, 0)]:  # rank 8: the first of a second machine
+        monkeypatch.setenv("WORLD_SIZE", "16"), monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+        monkeypatch.setenv("RANK", str(rank)), monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        assert cli.main(["train"]) == (130 if error().__class__ is Interrupted else error().exit_code)
+        printed[rank] = capsys.readouterr().err
+    assert printed[0] and printed[8].startswith("[rank 8] ") and bool(printed[1]) == every_rank
+
+
+def test_the_stop_line_under_torchrun_resumes_with_as_many_processes(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4"), monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert str(Interrupted(signal.SIGTERM, Path("r/last.pth.tar"))) == (
+        "stopped by SIGTERM; resume with: torchrun --standalone --nproc_per_node 4 -m mergemix train --resume "
+        "r/last.pth.tar")
+    monkeypatch.setenv("WORLD_SIZE", "16"), monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert "torchrun --nnodes 2 --nproc_per_node 8 (and this launch's rendezvous flags) -m mergemix train" in str(
+        Interrupted(signal.SIGTERM, Path("r/last.pth.tar")))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert str(Interrupted(signal.SIGINT, Path("r"))) == "stopped by SIGINT; resume with: mergemix train --resume r"
+
+
+@pytest.mark.parametrize("command", ["viz", "compare", "methods"])
+def test_one_process_commands_refuse_torchrun(monkeypatch, capsys, command):
+    """Each process would do the whole job (viz wrote its figure twice under 2 processes)."""
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("LOCAL_RANK", "0")
+    assert cli.main([command]) == 2
+    assert capsys.readouterr().err == f"error: mergemix {command} runs in one process: run it without torchrun\n"

@@ -11,7 +11,7 @@ import re
 import sys
 from typing import Callable, Sequence
 
-from .errors import Interrupted, MergeMixError
+from .errors import ConfigError, Interrupted, MergeMixError
 
 USAGE = """usage: mergemix {train,eval,methods,viz,compare} [flags]
 
@@ -71,6 +71,7 @@ def _compare(argv: Sequence[str]) -> int:
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": _train, "eval": _eval, "methods": _methods, "viz": _viz, "compare": _compare,
 }
+DISTRIBUTED = ("train", "eval")  # the commands that run under torchrun (PyTorch DDP)
 
 
 def one_line(err: BaseException) -> str:
@@ -110,15 +111,21 @@ def run_command(command: str, argv: Sequence[str] | None = None) -> int:
     rest = list(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
     tag = f"[rank {rank}] " if rank else ""
+    # an error every process of a torchrun job raises alike is printed once per machine
+    quiet = int(os.environ.get("LOCAL_RANK", "0")) != 0
     try:
+        if command not in DISTRIBUTED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(f"mergemix {command} runs in one process: run it without torchrun")
         return COMMANDS[command](rest)
     except MergeMixError as e:
         if "--debug" in rest:
             raise
-        print(f"{tag}error: {one_line(e)}", file=sys.stderr)
+        if not (quiet and e.every_process_alike):
+            print(f"{tag}error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     except Interrupted as e:
-        print(f"{tag}{e}", file=sys.stderr)
+        if not quiet:
+            print(f"{tag}{e}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print(f"{tag}interrupted", file=sys.stderr)
