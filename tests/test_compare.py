@@ -212,6 +212,15 @@ def test_compare_groups_only_runs_that_differ_in_their_seed(tmp_path, capsys):
     groups = table_rows(out[out.index("| method | runs |"):])
     assert {name: row[0] for name, row in groups.items()} == {"cutmix [decay_epochs=90]": "2",
                                                               "cutmix [decay_epochs=[90]]": "2"}
+    # --batch-size is per process: 2 processes x 16 is not 1 x 16 (a results.json without world_size: one process)
+    dirs = [run("w0", 0, batch_size=16), run("w1", 1, batch_size=16), run("w2", 2, batch_size=16)]
+    results = json.loads((tmp_path / "w2" / "results.json").read_text())
+    (tmp_path / "w2" / "results.json").write_text(json.dumps({**results, "world_size": 2}))
+    (tmp_path / "w1" / "results.json").write_text(json.dumps({**results, "world_size": 1}))
+    assert main([*dirs, "--out", str(tmp_path / "w.png")]) == 0
+    out = capsys.readouterr().out
+    groups = table_rows(out[out.index("| method | runs |"):])
+    assert {name: row[0] for name, row in groups.items()} == {"cutmix [world_size=1]": "2", "cutmix [world_size=2]": "1"}
 
 
 def test_an_evaluation_from_before_eval_recorded_the_model_groups_with_a_newer_one(tmp_path, capsys):

@@ -126,8 +126,8 @@ def load_run(run_dir: str | Path) -> Run:
             args = yaml.safe_load(checkpoint.read_text(args_path))
         except yaml.YAMLError as err:
             raise DataError(f"{args_path}: invalid YAML ({str(err).splitlines()[0]})") from None
-    if isinstance(args, dict):  # a training run
-        settings = _settings(args)
+    if isinstance(args, dict):  # a training run; --batch-size is per process, so the process count is a setting too
+        settings = {**_settings(args), "world_size": results.get("world_size", 1)}
     elif isinstance(results.get("train_args"), dict) and results["train_args"]:  # an evaluation
         # a results.json from before eval recorded the model as built stands for the checkpoint's own
         trained_as = {k: results["train_args"].get(k) for k in ("model", "model_kwargs", "img_size")}
