@@ -166,15 +166,16 @@ def error_line(capsys) -> str:
     return err[0]
 
 
-def test_eval_rejects_a_mismatched_model_or_data(run, tmp_path, capsys):
+def test_eval_and_viz_reject_a_mismatched_model_or_data(run, tmp_path, capsys):
     assert cli.main(["eval", "--checkpoint", str(run), "--model", "vit_small_patch16_224"]) == 2
     assert "holds a vit_tiny_patch16_224" in error_line(capsys)
     from test_data import make_imagefolder
 
     make_imagefolder(tmp_path / "folder")
-    assert cli.main(["eval", "--checkpoint", str(run), "--dataset", "imagefolder",
-                     "--data-dir", str(tmp_path / "folder")]) == 2
-    assert "classifies 10 classes" in error_line(capsys)
+    for command in (["eval"], ["viz", "-n", "2"]):  # viz builds the model as eval does (it failed in the step)
+        assert cli.main([*command, "--checkpoint", str(run), "--dataset", "imagefolder",
+                         "--data-dir", str(tmp_path / "folder")]) == 2
+        assert "classifies 10 classes" in error_line(capsys)
 
 
 def test_corrupt_checkpoint_is_one_line(run, tmp_path, capsys):

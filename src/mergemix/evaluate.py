@@ -164,6 +164,26 @@ def check_classes(ckpt: dict[str, Any], bundle: data.DataBundle, path: str | Pat
                               f"{', '.join(now)} ({', '.join(differ)} differ): {fix}")
 
 
+def model_for(args: argparse.Namespace, bundle: data.DataBundle, ckpt: dict[str, Any] | None, path: str | Path,
+              key: str = "state_dict") -> nn.Module:
+    """The model ``args`` describe, built for ``bundle``'s images, with the weights ``ckpt[key]`` (None: as
+    initialised); ``CheckpointError`` when the checkpoint classifies other classes than the data has."""
+    num_classes = args.num_classes or bundle.num_classes
+    if num_classes != bundle.num_classes:
+        raise CheckpointError(f"the checkpoint classifies {num_classes} classes but {args.dataset} has "
+                              f"{bundle.num_classes}: use it on the data set it was trained for")
+    if ckpt is not None:
+        check_classes(ckpt, bundle, path)
+    model = models.create(args.model, num_classes=num_classes, img_size=args.img_size or bundle.img_size,
+                          in_chans=bundle.in_chans, model_kwargs=args.model_kwargs)
+    if ckpt is not None:
+        if ckpt.get(key) is None:
+            raise CheckpointError(f"{path} holds no {key}" + (" (trained without --model-ema)" if key == "state_dict_ema"
+                                                              else ""))
+        checkpoint.load_weights(model, ckpt[key], str(path))
+    return model
+
+
 def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``mergemix eval``: rebuild, load, evaluate, write results."""
     cli = build_eval_parser().parse_args(argv)
@@ -197,17 +217,8 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
     """Build the model of ``ckpt``, evaluate it on this process's shard (metrics synced over the
     processes under torchrun) and, on rank 0, write and print the results."""
     bundle = data.build(args, with_train=False)
-    num_classes = args.num_classes or bundle.num_classes
-    if num_classes != bundle.num_classes:
-        raise CheckpointError(f"the checkpoint classifies {num_classes} classes but {args.dataset} has "
-                              f"{bundle.num_classes}: evaluate it on the data set it was trained for")
-    check_classes(ckpt, bundle, path)
-    model = models.create(args.model, num_classes=num_classes, img_size=args.img_size or bundle.img_size,
-                          in_chans=bundle.in_chans, model_kwargs=args.model_kwargs)
-    key = "state_dict_ema" if cli.use_ema else "state_dict"
-    if ckpt.get(key) is None:
-        raise CheckpointError(f"{path} holds no {key}" + (" (trained without --model-ema)" if cli.use_ema else ""))
-    checkpoint.load_weights(model, ckpt[key], str(path))
+    model = model_for(args, bundle, ckpt, path, "state_dict_ema" if cli.use_ema else "state_dict")
+    num_classes = bundle.num_classes
     merging = merge_for_eval(model, cli.merge_num, cli.merge_every, cli.prop_attn) if cli.merge_num is not None else {}
     model.to(ctx.device)
     workers = data.loader_workers(bundle, cli.workers)

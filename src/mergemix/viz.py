@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, data, models
+from . import checkpoint, data
 from .config import (METHOD_OPTION_FLAGS, ArgumentParser, HelpFormatter, KeyValues, add_data_flags, add_device_flag,
                      as_dict, check_limits, key_value, parse_train_args)
 from .distributed import setup
 from .errors import ConfigError
-from .evaluate import check_classes, run_args
+from .evaluate import model_for, run_args
 from .mix import StepOutput
 from .models import unwrap
 from .plots import check_figure_out, mix_grid
@@ -112,14 +112,8 @@ def run_viz(cli: argparse.Namespace) -> Path:
     images, labels = zip(*(dataset[i] for i in picks.tolist()))
     x, y = torch.stack(images).to(device), torch.as_tensor(labels).to(device)
 
-    num_classes = args.num_classes or bundle.num_classes
-    if ckpt is not None:
-        check_classes(ckpt, bundle, cli.checkpoint)
-    model = models.create(args.model, num_classes=num_classes, img_size=args.img_size or bundle.img_size,
-                          in_chans=bundle.in_chans, model_kwargs=args.model_kwargs)
-    if ckpt is not None:
-        checkpoint.load_weights(model, ckpt["state_dict"], str(cli.checkpoint))
-    objective, _ = build_objective(args, num_classes, torch.Generator().manual_seed(cli.seed))
+    model = model_for(args, bundle, ckpt, cli.checkpoint)
+    objective, _ = build_objective(args, bundle.num_classes, torch.Generator().manual_seed(cli.seed))
     model = prepare_model(objective, model, args).to(device).eval()
     with torch.no_grad():
         out = objective(model, x, y)
