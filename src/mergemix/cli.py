@@ -41,7 +41,7 @@ def _eval(argv: Sequence[str]) -> int:
 
 def _methods(argv: Sequence[str]) -> int:
     from . import mix
-    from .config import ArgumentParser
+    from .config import ArgumentParser, train_defaults
 
     ArgumentParser(prog="mergemix methods", description="List the mixing methods (--mix names), the cost of a "
                    "step and each method's options with their defaults.").parse_args(argv)
@@ -49,10 +49,9 @@ def _methods(argv: Sequence[str]) -> int:
         objective = mix.create(name, num_classes=10)
         print(f"{name:<12} {objective.passes:<16} {objective.description}")
         for key, value in objective.defaults().items():
-            print(f"{'':<14}{key} = {value}")
-    print("\nThese are the library's defaults (mix.create). mergemix train passes its own --smoothing "
-          "(default 0.0,\nthe digits recipe); MergeMix's merge_num and readout_block, None here, resolve "
-          "per model to half\nthe patches and block ⌊0.75·depth⌋ − 1.")
+            print(f"{'':<14}{key} = {value}" + (f"  (resolved per model: {objective.per_model[key]})" if key in objective.per_model else ""))
+    print(f"\nThese are the library's defaults (mix.create). mergemix train passes its own --smoothing "
+          f"(default {train_defaults().smoothing}).")
     return 0
 
 
@@ -103,12 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(argv[0], argv[1:])
 
 
-def run_command(command: str, argv: Sequence[str] | None = None) -> int:
-    """Run ``mergemix COMMAND ARGV`` (``argv`` None: ``sys.argv[1:]``); returns the exit code.
+def run_command(command: str, argv: Sequence[str]) -> int:
+    """Run ``mergemix COMMAND ARGV``; returns the exit code.
 
     Input errors print one ``error: ...`` line and return their exit code (``--debug``: raised instead).
     """
-    rest = list(sys.argv[1:] if argv is None else argv)
+    rest = list(argv)
     rank = int(os.environ.get("RANK", "0"))
     tag = f"[rank {rank}] " if rank else ""
     # an error every process of a torchrun job raises alike is printed once per machine

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import checkpoint, config, data, distributed, models
+from . import checkpoint, config, data, distributed, mix, models
 from .errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from .evaluate import RESULT_KEYS, autocast, autocast_dtype, check_classes, evaluate, summary_line, write_results
 from .mix.base import Objective
@@ -115,8 +115,6 @@ def schedule_notes(args: argparse.Namespace) -> list[str]:
 def build_objective(args: argparse.Namespace, num_classes: int,
                     generator: torch.Generator) -> tuple[Objective, dict[str, Any]]:
     """The method's objective with the options its ``__init__`` takes; returns (objective, ignored options)."""
-    from . import mix
-
     try:
         cls = mix.get_class(args.mix)
     except ValueError as e:
@@ -237,12 +235,13 @@ class Trainer:
 
         self.objective, self.unused_options = build_objective(args, args.num_classes, self.generator)
         if args.batch_size < 2 and self.objective.pairs_images:
+            unpaired = " or ".join(n for n in mix.available() if not mix.get_class(n).pairs_images)
             raise ConfigError(f"--batch-size {args.batch_size}: --mix {args.mix} pairs every image with another "
-                              f"of its batch, so it needs at least 2 per process; raise --batch-size or use --mix none")
+                              f"of its batch, so it needs at least 2 per process; raise --batch-size or use --mix {unpaired}")
         self.model = prepare_model(self.objective, self.model, args).to(ctx.device)
         if args.eval_merged and self.objective.trained_forward(self.model) is None:
             raise ConfigError(f"--eval-merged evaluates the model merged as it trained, but --mix {args.mix} "
-                              f"trains its mixed forward unmerged (MergeMix merges it unless --no-merge-train or --merge-num 0)")
+                              f"with these options trains unmerged forwards (`mergemix methods` lists each method's options)")
 
         workers = data.loader_workers(self.data, args.workers)
         self.train_loader = data.train_loader(self.data, args.batch_size, workers, ctx.rank, ctx.world_size,

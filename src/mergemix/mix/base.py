@@ -219,6 +219,7 @@ class Objective:
     description: ClassVar[str] = ""
     passes: ClassVar[str] = "1 fwd + 1 bwd"
     pairs_images: ClassVar[bool] = True  # mixes each image with a partner from its batch (needs at least 2)
+    per_model: ClassVar[dict[str, str]] = {}  # options whose default prepare() resolves per model, and to what
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None):
         if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) or num_classes < 1:

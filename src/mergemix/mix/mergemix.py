@@ -41,9 +41,21 @@ def default_readout_block(depth: int) -> int:
 
 @register
 class MergeMix(Objective):
+    """MergeMix (module docstring: one step). Options:
+
+    alpha: λ ~ Beta(α, α), the kept share of patches; merge_num: tokens merged in all (None: half the
+    patches) or r: tokens merged per block (an int or a per-block list), not both; merge_every: merge
+    in every k-th block only; readout_block: the block whose CLS attention gives the mask (None:
+    ⌊0.75·depth⌋ − 1; negative: from the end); score: "cls_row" (CLS's attention to each token) or
+    "cls_col" (each token's to CLS); lam_policy: λ̂ as the kept "area" or the reference's "gaussian";
+    aux_loss: "clean", "mixup" or "none" (see ``PASSES``); mixup_alpha: the MixUp auxiliary's α;
+    merge_train: merge in the mixed training forwards too; prop_attn: ToMe's proportional attention.
+    """
+
     name = "mergemix"
     description = "attention on the ToMe-merged sequence, recovered to patches, keeps the top ⌊λL⌋ patches"
     passes = PASSES["clean"]
+    per_model = {"merge_num": "half the patches", "readout_block": "block ⌊0.75·depth⌋ − 1"}
 
     def __init__(self, num_classes: int, smoothing: float = 0.1, generator: torch.Generator | None = None,
                  alpha: float = 1.0, merge_num: int | None = None, r: int | list[int] | None = None,
