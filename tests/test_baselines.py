@@ -10,7 +10,7 @@ from test_tome import cls_attention_direct
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mergemix.mask import patch_fraction
-from mergemix.mix import available, create, get_class
+from mergemix.mix import available, create
 from mergemix.mix.attention import attention_mass
 from mergemix.mix.base import smooth_one_hot
 

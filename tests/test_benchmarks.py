@@ -10,7 +10,7 @@ import torch
 from benchmark_scripts import ROOT, load
 
 
-def test_step_time_ratios(tmp_path, capsys):
+def test_step_time_ratios(tmp_path):
     step_time = load("step_time")
     out = tmp_path / "st.json"
     tiny = ["--model-kwargs", "patch_size=8", "depth=2", "embed_dim=32", "num_heads=2", "--img-size", "32",
@@ -90,7 +90,7 @@ def test_step_time_tag_names_the_default_file(tmp_path, monkeypatch):
             step_time.parse_args(["--tag", bad])
 
 
-def test_step_time_times_merging_without_proportional_attention_side_by_side(tmp_path, monkeypatch):
+def test_step_time_times_merging_without_proportional_attention_side_by_side(monkeypatch):
     """--prop-attn on off: each MergeMix configuration and the merged evaluation with ToMe's
     log-size attention bias and without it, the latter labelled 'noprop' and really run without it."""
     import argparse

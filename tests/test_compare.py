@@ -9,9 +9,14 @@ import pytest
 import torch
 import yaml
 
-from mergemix.compare import main
+from mergemix import cli
 from mergemix.errors import MergeMixError
 from mergemix.metrics import EvalMetrics
+
+
+def main(argv: list[str]) -> int:
+    """``mergemix compare ARGV``'s exit code (bad input: one error line, as the console script)."""
+    return cli.main(["compare", *argv])
 
 
 def make_run(root, name: str, mix: str, seed: int, epoch_times=(2.0, 4.0), bins: bool = True) -> dict:
@@ -142,7 +147,7 @@ def test_compare_writes_the_format_its_suffix_names(tmp_path, suffix, magic):
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == [fig.name]  # no temporary file left
 
 
-def test_compare_takes_debug(tmp_path, capsys):
+def test_compare_takes_debug(tmp_path):
     make_run(tmp_path, "a", "cutmix", seed=0)
     assert main([str(tmp_path / "a"), "--debug", "--out", str(tmp_path / "fig.png")]) == 0
     with pytest.raises(MergeMixError, match="no such run directory"):

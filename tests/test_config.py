@@ -54,7 +54,7 @@ def test_cifar_recipe_is_the_papers():
     assert (args.merge_num, args.readout_block, args.clip_grad) == (98, 8, 5.0)
 
 
-def test_default_model_kwargs_belong_to_the_default_model(tmp_path):
+def test_default_model_kwargs_belong_to_the_default_model():
     assert parse().model_kwargs == config.DEFAULT_MODEL_KWARGS
     assert parse("--model", "vit_small_patch16_224").model_kwargs == {}
     # given alone, --model-kwargs change the digits ViT's kwargs (a named model starts from none)

@@ -165,7 +165,7 @@ def test_resume_with_another_process_count_does_not_repeat_the_first_draws(tmp_p
     assert FirstDraw.draws[1] != FirstDraw.draws[0] and FirstDraw.draws[1] == expected
 
 
-def test_resume_inside_an_epoch_with_another_process_count_keeps_the_epochs_loss_so_far(tmp_path, capsys):
+def test_resume_inside_an_epoch_with_another_process_count_keeps_the_epochs_loss_so_far(tmp_path):
     """The checkpoint's per-rank loss sums and time of the epoch so far count in its row, however many
     processes wrote them: the row's loss is every step's mean."""
     def train(*extra: str) -> int:

@@ -5,12 +5,17 @@ import matplotlib.image as mpimg
 import pytest
 import torch
 
-from mergemix import mix, models, viz
+from mergemix import cli, mix, models, viz
 from mergemix.config import build_train_parser
 from mergemix.train import prepare_model
-from mergemix.viz import main, mix_grid
+from mergemix.viz import mix_grid
 
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4", "embed_dim=32", "depth=4", "num_heads=2"]
+
+
+def main(argv: list[str]) -> int:
+    """``mergemix viz ARGV``'s exit code (bad input: one error line, as the console script)."""
+    return cli.main(["viz", *argv])
 
 
 def grid_shape(path) -> tuple[int, int]:

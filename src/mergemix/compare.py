@@ -27,7 +27,7 @@ from .errors import DataError
 from .evaluate import EVALUATION_KEYS
 from .plots import check_figure_out, overlay_reliability, read_summary
 
-__all__ = ["Run", "command", "load_run", "main", "markdown_table", "method_table"]
+__all__ = ["Run", "command", "load_run", "markdown_table", "method_table"]
 
 
 @dataclass
@@ -259,10 +259,3 @@ def command(argv: Sequence[str]) -> int:
         overlay_reliability(named_bins, tmp)
     print(f"\nreliability diagrams: {args.out}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``mergemix compare ARGS``; returns the exit code (bad input: one ``error: ...`` line on stderr, 2)."""
-    from .cli import run_command
-
-    return run_command("compare", argv)

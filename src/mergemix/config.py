@@ -206,14 +206,27 @@ def add_data_flags(parser: argparse._ActionsContainer, default: str | None, data
 
 
 def add_device_flag(parser: argparse._ActionsContainer) -> None:
+    """--device, as every command that runs a model takes it."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+
+
+def add_workers_flag(parser: argparse._ActionsContainer) -> None:
+    """--workers, as every command that loads a data set through a DataLoader takes it."""
+    parser.add_argument("--workers", type=int, default=None,
+                        help="loader processes (default: 0 for in-memory data, else 4 or the CPUs, if fewer)")
+
+
+def add_amp_flags(parser: argparse._ActionsContainer) -> None:
+    """--amp and --amp-dtype, as train and eval take them."""
+    parser.add_argument("--amp", action="store_true", help="mixed precision")
+    parser.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"), help="autocast dtype with --amp")
 
 
 def _data_group(g: argparse._ArgumentGroup) -> None:
     """The data set, its subset and its augmentation."""
     add_data_flags(g, "digits", "data set (digits ships with scikit-learn)")
     g.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of N images")
-    g.add_argument("--workers", type=int, default=None, help="loader processes (default: 0 for in-memory data, else 4 or the CPUs, if fewer)")
+    add_workers_flag(g)
     g.add_argument("--img-size", type=int, default=None, help="input size (default: the data set's native size)")
     g.add_argument("--aa", default=None, help="RandAugment policy for RGB data, e.g. rand-m7-mstd0.5-inc1")
     g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability (RGB data)")
@@ -317,8 +330,7 @@ def _run_group(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--seed", type=int, default=42, help="seed (of rank 0; under torchrun, rank r > 0 uses one derived from seed and r)")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
     add_device_flag(g)
-    g.add_argument("--amp", action="store_true", help="mixed precision")
-    g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"), help="autocast dtype with --amp")
+    add_amp_flags(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs, "
@@ -531,9 +543,10 @@ def method_options(args: argparse.Namespace, accepted: set[str]) -> tuple[dict[s
     """
     named = {opt: getattr(args, flag) for flag, opt in METHOD_OPTION_FLAGS.items() if getattr(args, flag) is not None}
     flag_of = {opt: flag for flag, opt in METHOD_OPTION_FLAGS.items()}
-    # timm's --mixup / --cutmix set the α of the method of that name, which calls it plain `alpha`
+    # timm's --mixup / --cutmix (mixup_alpha, cutmix_alpha) set the α of the method of that name, which
+    # calls it plain `alpha`
     own = f"{args.mix}_alpha"
-    if args.mix in ("mixup", "cutmix") and own in named:
+    if own in named:
         if named.get("alpha", named[own]) != named[own]:
             raise ConfigError(f"--mix-alpha {named['alpha']} and --{args.mix} {named[own]} both set {args.mix}'s "
                               f"alpha: give one")

@@ -19,11 +19,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Context:
-    """This process's place in the run: its rank, the number of processes, its GPU index and device."""
+    """This process's place in the run: its rank, the number of processes and its device (on a GPU:
+    the one of its local rank)."""
 
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -76,7 +76,7 @@ def setup(device_name: str) -> Context:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return Context(rank, world_size, local_rank, device)
+    return Context(rank, world_size, device)
 
 
 def cleanup() -> None:

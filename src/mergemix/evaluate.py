@@ -17,8 +17,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, data, models
-from .config import (ECE_BINS, ArgumentParser, HelpFormatter, KeyValues, add_data_flags, add_device_flag, as_dict,
-                     check_limits, key_value, train_defaults)
+from .config import (ECE_BINS, ArgumentParser, HelpFormatter, KeyValues, add_amp_flags, add_data_flags,
+                     add_device_flag, add_workers_flag, as_dict, check_limits, key_value, train_defaults)
 from .distributed import Context, cleanup, on_main, setup
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .tome import patch_tome, tokens_per_block
@@ -100,11 +100,9 @@ def build_eval_parser() -> argparse.ArgumentParser:
                    help="override the checkpoint's saved image size (default: the saved one, else the data set's)")
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights (state_dict_ema)")
     p.add_argument("--batch-size", "-b", type=int, default=256, help="per process")
-    p.add_argument("--workers", type=int, default=None,
-                   help="loader processes (default: 0 for in-memory data, else 4 or the CPUs, if fewer)")
+    add_workers_flag(p)
     add_device_flag(p)
-    p.add_argument("--amp", action="store_true", help="mixed precision")
-    p.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"), help="autocast dtype with --amp")
+    add_amp_flags(p)
     p.add_argument("--ece-bins", type=int, default=ECE_BINS,
                    help="equal-width confidence bins of ECE, MCE and the reliability diagram")
     p.add_argument("--merge-num", type=int, default=None,

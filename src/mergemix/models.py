@@ -88,11 +88,11 @@ def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_ra
         pretrained = True
     try:
         with _quiet_hub():
-            model = _construct(name, pretrained, kwargs, model_kwargs or {})
+            model = _construct(name, pretrained, kwargs, model_kwargs)
     except Exception as e:
         if not pretrained or isinstance(e, TypeError):
             # no weights loaded: the constructor rejected an argument (a TypeError, an assert, a division by 0...)
-            given = " ".join(f"{k}={v}" for k, v in (model_kwargs or {}).items())
+            given = " ".join(f"{k}={v}" for k, v in model_kwargs.items())
             raise ConfigError(f"model {name} cannot be built with --model-kwargs {given} ({_reason(e)}): "
                               "check the names and values its timm constructor takes") from None
         if isinstance(e, (OSError, RuntimeError, ValueError)):

@@ -377,6 +377,7 @@ class ToMeMixin:
         return x
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        """timm's pooling of x (B, K, C) to (B, C); over merged tokens, "avg" is the size-weighted mean."""
         size, npt = self.tome_size, self.num_prefix_tokens
         merged = size is not None and size.shape == (x.shape[0], x.shape[1] - npt)
         if merged:  # reset_classifier may have changed the pooling since patch_tome checked it
@@ -391,6 +392,8 @@ class ToMeMixin:
         return ((x * size[..., None]).sum(1) / size.sum(1, keepdim=True)).to(x.dtype)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """(B, C, H, W) images -> (B, num_classes) logits; a read-out-only forward returns the read-out's
+        (B, K) CLS attention instead."""
         x = self.forward_features(x, attn_mask, is_causal)
         if x is None:  # read-out only: the blocks after it never ran
             return self.tome_readout.attn

@@ -26,7 +26,7 @@ from .plots import check_figure_out, mix_grid
 from .tome import patch_size
 from .train import build_objective, prepare_model
 
-__all__ = ["build_parser", "command", "draw_step", "main", "mix_grid", "run_viz"]
+__all__ = ["build_parser", "command", "draw_step", "mix_grid", "run_viz"]
 
 DEFAULT_SAMPLES = 8  # rows of a grid
 
@@ -128,10 +128,3 @@ def command(argv: Sequence[str]) -> int:
     """``mergemix viz`` without the error handling of ``cli.main`` (bad input raises ``MergeMixError``)."""
     print(f"wrote {run_viz(build_parser().parse_args(argv))}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``mergemix viz ARGS``; returns the exit code (bad input: one ``error: ...`` line on stderr, 2)."""
-    from .cli import run_command
-
-    return run_command("viz", argv)

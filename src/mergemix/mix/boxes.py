@@ -1,4 +1,4 @@
-"""Box geometry shared by the box methods (CutMix, SaliencyMix, ResizeMix, SMMix), as pure tensor functions.
+"""Box geometry shared by the box methods (CutMix, SaliencyMix, ResizeMix, SMMix, TokenMix), as pure tensor functions.
 
 A box is a row (y0, y1, x0, x1) of a (B, 4) long tensor: half-open pixel ranges [y0, y1) x [x0, x1).
 Random draws come from the caller's CPU ``torch.Generator`` and are moved to ``device``.
