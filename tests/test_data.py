@@ -314,3 +314,10 @@ def test_default_workers_decode_files_on_at_most_the_cpus_there_are(cpus, expect
     assert data.loader_workers(files, None) == expected
     assert data.loader_workers(files, 7) == 7  # --workers as given
     assert data.loader_workers(data.DataBundle(None, [], 2, 16, 3, (0.5,), (0.5,), in_memory=True), None) == 0
+
+
+def test_every_dataset_the_flags_offer_has_a_loader():
+    """config lists --dataset's choices by hand (it imports no torch): they must not drift from data's."""
+    from mergemix import config
+
+    assert set(data.LOADERS) == set(config.DATASETS) and set(data.GREY_DATASETS) <= set(config.DATASETS)

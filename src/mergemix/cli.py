@@ -49,7 +49,8 @@ def _methods(argv: Sequence[str]) -> int:
         objective = mix.create(name, num_classes=10)
         print(f"{name:<12} {objective.passes:<16} {objective.description}")
         for key, value in objective.defaults().items():
-            print(f"{'':<14}{key} = {value}" + (f"  (resolved per model: {objective.per_model[key]})" if key in objective.per_model else ""))
+            resolved = f"  (resolved per model: {objective.per_model[key]})" if key in objective.per_model else ""
+            print(f"{'':<14}{key} = {value}{resolved}")
     print(f"\nThese are the library's defaults (mix.create). mergemix train passes its own --smoothing "
           f"(default {train_defaults().smoothing}).")
     return 0

@@ -201,9 +201,12 @@ def load_fashion_mnist(data_dir: str | None, download: bool, img_size: int | Non
 RGB_AUGMENTATION_FLAGS = ("aa", "reprob", "remode", "recount", "color_jitter", "interpolation", "crop_pct")
 
 
+GREY_DATASETS = ("digits", "fashion-mnist")  # augmented their own fixed way: timm's RGB flags do not apply
+
+
 def ignored_augmentation(args: argparse.Namespace, defaults: argparse.Namespace) -> list[str]:
     """The RGB augmentation flags set away from ``defaults`` on a data set that does not take them."""
-    if args.dataset not in ("digits", "fashion-mnist"):
+    if args.dataset not in GREY_DATASETS:
         return []
     return [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in RGB_AUGMENTATION_FLAGS
             if getattr(args, k) != getattr(defaults, k)]
@@ -320,24 +323,32 @@ def load_imagefolder(args: argparse.Namespace, with_train: bool = True) -> DataB
                       classes=tuple(test.classes))
 
 
+# every --dataset: (args, with_train) -> its bundle
+LOADERS: dict[str, Callable[[argparse.Namespace, bool], DataBundle]] = {
+    "digits": lambda args, with_train: load_digits(args.img_size),
+    "fashion-mnist": lambda args, with_train: load_fashion_mnist(args.data_dir, args.download, args.img_size),
+    "cifar10": lambda args, with_train: load_cifar(args),
+    "cifar100": lambda args, with_train: load_cifar(args),
+    "imagefolder": load_imagefolder,
+}
+
+
+def reads_data_dir(dataset: str) -> bool:
+    """Whether ``dataset`` is read from --data-dir (digits ships with scikit-learn)."""
+    return dataset != "digits"
+
+
 def build(args: argparse.Namespace, with_train: bool = True) -> DataBundle:
     """The data set named by ``args.dataset`` (with ``--train-subset`` applied). ``with_train=False``
     is for evaluation: an image folder then needs no ``train/`` split (other data sets load it anyway,
     since they hold both splits in one place or normalise with the training statistics)."""
     data_dir = Path(args.data_dir) if args.data_dir else None
-    if args.dataset != "digits" and data_dir is not None and data_dir.exists() and not data_dir.is_dir():
+    if reads_data_dir(args.dataset) and data_dir is not None and data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"data directory {data_dir} is a file, not a directory: pass --data-dir DIR, the directory "
                         f"that holds the {args.dataset} files")
-    if args.dataset == "digits":
-        bundle = load_digits(args.img_size)
-    elif args.dataset == "fashion-mnist":
-        bundle = load_fashion_mnist(args.data_dir, args.download, args.img_size)
-    elif args.dataset in CIFAR_STATS:
-        bundle = load_cifar(args)
-    elif args.dataset == "imagefolder":
-        bundle = load_imagefolder(args, with_train)
-    else:
+    if args.dataset not in LOADERS:
         raise DataError(f"unknown dataset {args.dataset!r}")
+    bundle = LOADERS[args.dataset](args, with_train)
     if getattr(args, "train_subset", None) is not None and bundle.train is not None:
         n = len(bundle.train)
         if not 0 < args.train_subset <= n:

@@ -288,7 +288,7 @@ def _evaluation_settings(cli: argparse.Namespace, path: Path, args: argparse.Nam
     None only for a weights file that records none, which runs at the data set's),
     and the data folder read, absolute (None for digits, or without one: the data set's own place)."""
     merged = cli.merge_num is not None
-    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir and args.dataset != "digits" else None
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir and data.reads_data_dir(args.dataset) else None
     return {"checkpoint": str(path.resolve()), "weights": "state_dict_ema" if cli.use_ema else "state_dict",
             "model": args.model, "model_kwargs": json.loads(json.dumps(args.model_kwargs)),  # as results.json holds it
             "img_size": args.img_size, "dataset": args.dataset, "data_dir": data_dir, "ece_bins": cli.ece_bins,

@@ -659,7 +659,7 @@ class Trainer:
         ignored = data.ignored_augmentation(args, config.train_defaults())
         if ignored:
             self.log(f"note   {', '.join(ignored)}: ignored, {args.dataset} has its own fixed augmentation "
-                     f"(these flags shape the RGB data sets': cifar10, cifar100, imagefolder)")
+                     f"(these flags shape the RGB data sets': {', '.join(d for d in data.LOADERS if d not in data.GREY_DATASETS)})")
         for note in schedule_notes(args) + self.objective.notes():
             self.log(f"note   {note}")
         self.log(f"train  {args.epochs} epochs x {self.steps_per_epoch} steps, batch {args.batch_size} x "
