@@ -183,6 +183,20 @@ def model_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def profile_parser(doc: str | None, reps: int) -> argparse.ArgumentParser:
+    """The flags merge_profile.py and train_profile.py share (device, model, batch, merge_num, repetitions,
+    compile, output), DeiT-S at batch 256 and 98 merged tokens by default; each script adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--model", type=model_name, default="deit_small_patch16_224")
+    p.add_argument("--batch-size", type=at_least(1), default=256)
+    p.add_argument("--merge-num", type=at_least(0), default=98)
+    p.add_argument("--reps", type=at_least(1), default=reps)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--out", type=output_file, default=None)
+    return p
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work, so that a wall-clock time covers it."""
     if device.type == "cuda":

@@ -22,22 +22,14 @@ import timm
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_common import (as_graph, at_least, device, median_ms, merged_copy, model_name, one_line_errors, output_file,
-                          save_json, sync)
+from bench_common import as_graph, at_least, median_ms, merged_copy, one_line_errors, profile_parser, save_json, sync
 from mergemix.mix.mergemix import default_readout_block
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", type=device, default="cpu")
-    p.add_argument("--model", type=model_name, default="deit_small_patch16_224")
-    p.add_argument("--batch-size", type=at_least(1), default=256)
-    p.add_argument("--merge-num", type=at_least(0), default=98)
+    p = profile_parser(__doc__, reps=20)
     p.add_argument("--readout-block", type=at_least(0), default=None,
                    help="0-based block the source index is tracked to (default: the library's, 8 of 12 blocks)")
-    p.add_argument("--reps", type=at_least(1), default=20)
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--out", type=output_file, default=None)
     return p.parse_args(argv)
 
 

@@ -24,9 +24,10 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
@@ -298,16 +299,11 @@ def eval_throughput(base_model, x, merge_num, args, device, autocast) -> dict:
     return out
 
 
-@one_line_errors
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = args.device
-    torch.manual_seed(args.seed)
-    base = models.create(args.model or DEFAULT_MODEL, num_classes=args.num_classes, img_size=args.img_size,
-                         in_chans=3, model_kwargs=model_kwargs(args))
+def build_runners(args: argparse.Namespace, base: nn.Module, merge_num: int, device: torch.device) -> list[Runner]:
+    """One Runner per configuration (CutMix always among them: the ratios' baseline), checked first:
+    a merge schedule or method that does not fit the model fails before minutes of timing."""
     L = base.patch_embed.num_patches
-    merge_num = args.merge_num if args.merge_num is not None else L // 2
-    for k in args.merge_every:  # before minutes of timing, not at the merged evaluation after them
+    for k in args.merge_every:
         try:
             resolve_schedule(L, len(base.blocks), merge_num=merge_num, merge_every=k)
         except ValueError as e:
@@ -315,21 +311,20 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods or mix.available()
     if "cutmix" not in methods:
         methods = ["cutmix", *methods]
-    autocast = functools.partial(amp_autocast, device, getattr(torch, args.amp) if args.amp else None)
-
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
-    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
-
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as training does (see Trainer)
-    configs = configurations(methods, merge_num, args.mergemix_configs, args.merge_every, args.prop_attn)
     runners = []
-    for label, method, options in configs:
+    for label, method, options in configurations(methods, merge_num, args.mergemix_configs, args.merge_every,
+                                                 args.prop_attn):
         try:
             runners.append(Runner(label, method, options, base, args, device))
         except ValueError as e:  # a method that does not fit the model (e.g. its read-out block)
             raise ConfigError(f"{label} does not fit {args.model or DEFAULT_MODEL}: {e}") from None
+    return runners
+
+
+def time_steps(runners: list[Runner], x: Tensor, y: Tensor, autocast: Callable, args: argparse.Namespace,
+               device: torch.device) -> None:
+    """Warm each runner up, then time ``args.steps`` rounds of one step per runner, interleaved so that
+    a slow spell of the machine falls on every configuration alike."""
     for r in tqdm(runners, desc="warm-up", file=sys.stderr):
         t = time.perf_counter()
         for _ in range(args.warmup):
@@ -343,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in runners:
             r.times.append(r.step(x, y, autocast, device))
 
+
+def step_rows(runners: list[Runner]) -> dict[str, dict[str, Any]]:
+    """Each configuration's figures, its median step time also as a ratio to CutMix's."""
     cutmix = statistics.median(next(r for r in runners if r.label == "cutmix").times)
     rows = {}
     for r in runners:
@@ -351,6 +349,52 @@ def main(argv: list[str] | None = None) -> int:
                          "ratio_to_cutmix": med / cutmix, "peak_memory_mb": r.peak / 2**20 if r.peak else None,
                          "warmup_s": r.warmup_s, "step_ms": [round(t * 1e3, 2) for t in r.times],
                          "kernel_ops_fwd_bwd": r.kernel_ops}
+    return rows
+
+
+def output_path(args: argparse.Namespace, device: torch.device) -> Path:
+    """--out, else ``results/step_time_<device>[_compiled][_<mode>][_blocks][_every..][_noprop..][_<tag>].json``."""
+    if args.out:
+        return args.out
+    tag = "cuda" if device.type == "cuda" else "cpu"
+    mode = f"_{args.compile_mode}" if args.compile_mode not in (None, "default") else ""
+    scope = "_blocks" if args.compile_scope == "blocks" else ""
+    every = "" if args.merge_every == [1] else "_every" + "-".join(map(str, args.merge_every))
+    prop = "" if args.prop_attn == [True] else "_noprop" if args.prop_attn == [False] else "_prop-on-off"
+    suffix = f"_{args.tag}" if args.tag else ""
+    return RESULTS / f"step_time_{tag}{'_compiled' if args.compile else ''}{mode}{scope}{every}{prop}{suffix}.json"
+
+
+def mask_work(runners: list[Runner], x: Tensor, device: torch.device, steps: int) -> dict[str, Any] | None:
+    """The mask work as a share of a MergeMix step: of the `clean` one, the method's default, when it
+    ran, else of the first MergeMix configuration (so a GPU run can time `none` alone); None without one."""
+    mergemix_runners = sorted((r for r in runners if r.label.startswith("mergemix[")),
+                              key=lambda r: r.label != "mergemix[clean,merge]")
+    if not mergemix_runners:
+        return None
+    mm = mergemix_runners[0]
+    mask_s = mask_work_seconds(mm, x, device, max(steps, 5))
+    return {"ms": mask_s * 1e3, "share_of_mergemix_step": mask_s / statistics.median(mm.times), "measured_on": mm.label}
+
+
+@one_line_errors
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = args.device
+    torch.manual_seed(args.seed)
+    base = models.create(args.model or DEFAULT_MODEL, num_classes=args.num_classes, img_size=args.img_size,
+                         in_chans=3, model_kwargs=model_kwargs(args))
+    L = base.patch_embed.num_patches
+    merge_num = args.merge_num if args.merge_num is not None else L // 2
+    runners = build_runners(args, base, merge_num, device)
+    autocast = functools.partial(amp_autocast, device, getattr(torch, args.amp) if args.amp else None)
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as training does (see Trainer)
+    time_steps(runners, x, y, autocast, args, device)
+
     result = {
         **provenance(device, torch.get_num_threads()),
         "settings": {"model": args.model or DEFAULT_MODEL, "model_kwargs": model_kwargs(args), "img_size": args.img_size,
@@ -359,33 +403,19 @@ def main(argv: list[str] | None = None) -> int:
                      "merge_every": args.merge_every, "prop_attn": args.prop_attn,
                      "warmup": args.warmup, "steps": args.steps,
                      "cudnn_benchmark": torch.backends.cudnn.benchmark},
-        "configs": rows,
+        "configs": step_rows(runners),
     }
-    tag = "cuda" if device.type == "cuda" else "cpu"
-    mode = f"_{args.compile_mode}" if args.compile_mode not in (None, "default") else ""
-    scope = "_blocks" if args.compile_scope == "blocks" else ""
-    every = "" if args.merge_every == [1] else "_every" + "-".join(map(str, args.merge_every))
-    prop = "" if args.prop_attn == [True] else "_noprop" if args.prop_attn == [False] else "_prop-on-off"
-    suffix = f"_{args.tag}" if args.tag else ""
-    out = args.out or RESULTS / f"step_time_{tag}{'_compiled' if args.compile else ''}{mode}{scope}{every}{prop}{suffix}.json"
+    out = output_path(args, device)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.compile:  # the training passes' compile figures, kept even if the rest runs out of time
         result.update(compile_record())
     write(result, out)  # the step times are kept even if the rest runs out of time
-    # the mask work is a share of a MergeMix step: of the `clean` one, the method's default, when it
-    # ran, else of the first MergeMix configuration (so a GPU run can time `none` alone)
-    mergemix_runners = sorted((r for r in runners if r.label.startswith("mergemix[")),
-                              key=lambda r: r.label != "mergemix[clean,merge]")
-    if mergemix_runners:
-        mm = mergemix_runners[0]
-        mask_s = mask_work_seconds(mm, x, device, max(args.steps, 5))
-        result["mask_work"] = {"ms": mask_s * 1e3, "share_of_mergemix_step": mask_s / statistics.median(mm.times),
-                               "measured_on": mm.label}
+    if (work := mask_work(runners, x, device, args.steps)) is not None:
+        result["mask_work"] = work
     result["eval_throughput"] = eval_throughput(base, x, merge_num, args, device, autocast)
     if args.compile:  # now with the evaluation's graphs
         result.update(compile_record())
-    table = write(result, out)
-    print(table)
+    print(write(result, out))
     return 0
 
 

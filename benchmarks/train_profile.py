@@ -20,24 +20,16 @@ from typing import Sequence
 import timm
 import torch
 
-from bench_common import (at_least, device, median_ms, merged_copy, model_name, one_line_errors, output_file, save_json,
-                          sync)
+from bench_common import at_least, median_ms, merged_copy, one_line_errors, profile_parser, save_json, sync
 from mergemix.config import COMPILE_MODES
 from mergemix.errors import ConfigError
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", type=device, default="cpu")
-    p.add_argument("--model", type=model_name, default="deit_small_patch16_224")
+    p = profile_parser(__doc__, reps=10)
     p.add_argument("--img-size", type=at_least(1), default=224)
-    p.add_argument("--batch-size", type=at_least(1), default=256)
-    p.add_argument("--merge-num", type=at_least(0), default=98)
-    p.add_argument("--reps", type=at_least(1), default=10)
     p.add_argument("--rows", type=at_least(1), default=25, help="kernels kept per profile")
-    p.add_argument("--no-compile", action="store_true")
     p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES, help="torch.compile mode")
-    p.add_argument("--out", type=output_file, default=None)
     args = p.parse_args(argv)
     if args.no_compile and args.compile_mode is not None:
         p.error("--compile-mode has no effect with --no-compile; drop one of them")
