@@ -405,16 +405,19 @@ def _mix_panels(x: Tensor, out: Any, n: int, mean: Sequence[float] | None, std: 
     return panels
 
 
-def _title_strip(fig: Figure, title: str, line: float = 0.16, fontsize: int = 9) -> None:
+TITLE_LINE_IN = 0.16  # height of each title line after the first (the first takes 0.3 in), for 9-point text
+
+
+def _title_strip(fig: Figure, title: str) -> None:
     """Put ``title`` in a strip added on top, wrapped to fit the figure's width: the panels keep their
-    size and place in inches. One line takes 0.3 in, each further line ``line`` in more."""
-    text = fig.text(0.5, 1.0, title, ha="center", va="center", fontsize=fontsize)
+    size and place in inches. One line takes 0.3 in, each further line ``TITLE_LINE_IN`` more."""
+    text = fig.text(0.5, 1.0, title, ha="center", va="center", fontsize=9)
     renderer = FigureCanvasAgg(fig).get_renderer()
     chars = len(title)
     while chars > 8 and text.get_window_extent(renderer).width > 0.96 * fig.bbox.width:
         chars = int(0.9 * chars)
         text.set_text("\n".join(textwrap.wrap(title, chars)))
-    height, head = fig.get_figheight(), 0.3 + line * text.get_text().count("\n")
+    height, head = fig.get_figheight(), 0.3 + TITLE_LINE_IN * text.get_text().count("\n")
     fig.set_figheight(height + head)
     shrink = height / (height + head)
     for ax in fig.axes:
