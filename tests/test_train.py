@@ -202,6 +202,25 @@ def test_the_largest_seed_trains(tmp_path):
                      "--batch-size", "32", "--train-subset", "64", "--seed", str(2**63 - 1 - 2**31)]) == 0
 
 
+def test_a_kill_between_the_last_and_the_best_checkpoint_loses_no_best_checkpoint(tmp_path):
+    """_save writes last.pth.tar, then model_best.pth.tar: a run killed between the two, resumed in its
+    folder, gets its best epoch's checkpoint back from last.pth.tar (a learning rate of 1e-12 leaves
+    the weights as they were, so no later epoch beats it and writes one)."""
+    def train(*extra: str) -> int:
+        return cli.main(["train", "--output", str(tmp_path), *TINY, "--mix", "none", "--batch-size", "32",
+                         "--train-subset", "64", "--lr", "1e-12", "--min-lr", "1e-12", *extra])
+
+    assert train("--experiment", "r", "--epochs", "2") == 0
+    run = tmp_path / "r"
+    last = torch.load(run / "last.pth.tar", map_location="cpu", weights_only=True)
+    last["best"] = {"top1": last["metric"], "epoch": last["epoch"]}  # its epoch was the best one ...
+    checkpoint.save(last, run / "last.pth.tar")
+    (run / "model_best.pth.tar").unlink()  # ... and the kill came before its model_best.pth.tar
+    assert train("--resume", str(run), "--epochs", "3") == 0
+    best = torch.load(run / "model_best.pth.tar", map_location="cpu", weights_only=True)
+    assert best["epoch"] == last["epoch"] == json.loads((run / "results.json").read_text())["best_epoch"]
+
+
 class NaNAfter(NoMix):
     """Plain CE whose loss turns NaN at the 15th call (epoch 1, step 3 with 12 steps an epoch)."""
 

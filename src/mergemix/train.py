@@ -153,6 +153,14 @@ def load_scheduler_state(scheduler: Scheduler, state: dict[str, Any]) -> None:
                 setattr(scheduler.lr_scheduler, key, plateau[key])
 
 
+def _holds_epoch(path: Path, epoch: int) -> bool:
+    """Whether ``path`` is a readable checkpoint written at the end of ``epoch``."""
+    try:
+        return path.is_file() and checkpoint.load(path).get("epoch") == epoch
+    except CheckpointError:
+        return False
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's (which takes 32 bits) and torch's global generators."""
     random.seed(seed)
@@ -355,9 +363,8 @@ class Trainer:
         self.made_dir = checkpoint.make_dir(self.run_dir, "--output")
         if args.resume:
             checkpoint.clear_temporaries(self.run_dir)  # a kill mid-write leaves one behind
-        if continuing:  # the folder's args.yaml changes with its next checkpoint, not before (see _save)
-            return
-        self._write_args()
+        if not continuing:  # the folder's args.yaml changes with its next checkpoint, not before (see _save)
+            self._write_args()
         if args.resume:
             self._carry_best(Path(args.resume))
 
@@ -385,19 +392,20 @@ class Trainer:
         checkpoint.write_text(self.run_dir / "args.yaml", yaml.safe_dump(config.recipe(self.args), sort_keys=False))
 
     def _carry_best(self, resumed: Path) -> None:
-        """A run resumed into a new folder brings the checkpoint of its best epoch so far, so that the
-        folder holds the model its results call best even if no later epoch beats it."""
-        p = self.progress
-        if p.best_epoch < 0:
+        """The run's folder holds the checkpoint of the epoch its results call best: a run resumed into a new
+        folder brings it along, even if no later epoch beats it; one resumed in its own folder gets it back
+        when a stop came between writing last.pth.tar and model_best.pth.tar (see ``_save``)."""
+        p, best = self.progress, self.run_dir / checkpoint.BEST
+        if p.best_epoch < 0 or _holds_epoch(best, p.best_epoch):
             return
         # the resumed checkpoint holds the best weights if it was written at the end of the best epoch
         source = resumed if p.step == 0 and p.best_epoch == p.epoch - 1 else resumed.parent / checkpoint.BEST
-        if source.is_file() and (source == resumed or checkpoint.load(source).get("epoch") == p.best_epoch):
-            with checkpoint.atomic_path(self.run_dir / checkpoint.BEST) as tmp:
+        if source.resolve() != best.resolve() and (source == resumed or _holds_epoch(source, p.best_epoch)):
+            with checkpoint.atomic_path(best) as tmp:
                 shutil.copyfile(source, tmp)
         else:
             self.log(f"note   the best epoch so far ({p.best_epoch}) has no checkpoint next to {resumed}; "
-                     f"{self.run_dir / checkpoint.BEST} will hold the first later epoch that beats it")
+                     f"{best} will hold the first later epoch that beats it")
 
     def _state(self, completed_epoch: int, metric: float | None) -> dict[str, Any] | None:
         """The checkpoint dict (on rank 0; None elsewhere). Collective: every process must call it."""
@@ -496,7 +504,7 @@ class Trainer:
         self._write_args()
         checkpoint.write_text(self.run_dir / "summary.csv", _rows_csv(self.progress.rows))
         checkpoint.save(state, self.run_dir / checkpoint.LAST)
-        if best:
+        if best:  # a kill before this write: the resume copies last.pth.tar here (_carry_best)
             checkpoint.save(state, self.run_dir / checkpoint.BEST)
 
     # -- the loop ------------------------------------------------------------------------------
