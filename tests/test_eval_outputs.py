@@ -329,3 +329,19 @@ def test_eval_checks_its_output_before_the_pass_and_leaves_no_folder_it_made_whe
     monkeypatch.setattr(evaluate_module, "summary_line", lambda metrics: nan())
     assert evaluate("--checkpoint", str(run), "--output", str(tmp_path / "late")) == 1
     assert set(files(tmp_path / "late")) == {"results.json", "reliability.png"}
+
+
+def test_an_img_size_equal_to_the_checkpoints_is_the_evaluation_without_it(tmp_path):
+    """--img-size N on a checkpoint trained at N builds the same model as no flag: the same default folder
+    (an -img<N> one would hold a second copy of the same figures)."""
+    args = build_train_parser().parse_args(["--model", "vit_tiny_patch16_224", "--img-size", "16"])
+    args.model_kwargs = KWARGS
+    model = models.create(args.model, num_classes=10, img_size=16, in_chans=1, model_kwargs=KWARGS)
+    run = tmp_path / "sized"
+    run.mkdir()
+    torch.save({"epoch": 0, "arch": args.model, "state_dict": model.state_dict(), "args": vars(args)},
+               run / "model_best.pth.tar")
+    assert evaluate("--checkpoint", str(run)) == 0
+    assert evaluate("--checkpoint", str(run), "--img-size", "16") == 0
+    assert sorted(p.name for p in run.iterdir()) == ["eval-model_best-digits", "model_best.pth.tar"]
+    assert json.loads((run / "eval-model_best-digits" / "results.json").read_text())["img_size"] == 16

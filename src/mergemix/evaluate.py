@@ -193,6 +193,8 @@ def run_eval(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cli.merge_every = 1 if cli.merge_every is None else cli.merge_every
     path = checkpoint.resolve(cli.checkpoint, best=True)
     ckpt = checkpoint.load_weights_file(path)
+    if cli.img_size is not None and cli.img_size == (ckpt.get("args") or {}).get("img_size"):
+        cli.img_size = None  # the checkpoint's own size: the evaluation without the flag, in its folder
     args = run_args(ckpt, cli)
     out = eval_folder(cli, path, args)
     ctx = setup(cli.device)
@@ -250,7 +252,7 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
 def eval_folder(cli: argparse.Namespace, path: Path, args: argparse.Namespace) -> Path:
     """Where ``mergemix eval`` of checkpoint ``path`` writes: ``--output``, else a folder next to the
     checkpoint named after it, the data set, the merging and any of EMA weights, AMP, a bin count
-    other than 15 and an ``--img-size``, so that evaluations of one checkpoint in other ways keep their
+    other than 15 and an ``--img-size`` other than the checkpoint's, so that evaluations of one checkpoint in other ways keep their
     own results; never a training run's folder, nor one that holds another evaluation (other data,
     ``--model-kwargs``: choose ``--output``)."""
     if cli.output:
