@@ -109,6 +109,44 @@ def test_model_kwargs_at_a_resume_change_the_resumed_models_key_by_key(tmp_path)
     assert resumed.model_kwargs == {"depth": 2, "embed_dim": 64}
 
 
+
+def test_a_recipe_beats_the_resumed_checkpoints_args_and_flags_beat_both(tmp_path):
+    """README's precedence: defaults < the resumed checkpoint's args < `-c` recipe < command-line
+    flags. The checkpoint trained 3 epochs at lr 0.5, the recipe asks for 5 epochs: 5; --epochs 7: 7;
+    the lr the recipe leaves out stays the checkpoint's."""
+    import torch
+
+    ckpt = tmp_path / "last.pth.tar"
+    torch.save({"state_dict": {}, "args": {"epochs": 3, "lr": 0.5}}, ckpt)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 5\n")
+    assert parse("--resume", str(ckpt)).epochs == 3
+    layered = parse("--resume", str(ckpt), "-c", str(recipe))
+    assert (layered.epochs, layered.lr) == (5, 0.5)
+    assert parse("--resume", str(ckpt), "-c", str(recipe), "--epochs", "7").epochs == 7
+
+
+def test_a_resume_trains_on_in_the_folder_a_recipe_names(tmp_path):
+    """--resume continues in the checkpoint's own folder unless --output/--experiment name another,
+    and a recipe naming one counts as well as a flag: `experiment: fork` trains on in <output>/fork
+    (the output the run was saved with), `output: DIR` in DIR/<the run's saved experiment name>.
+    Neither is the folder the checkpoint lives in, where a resume without them trains on."""
+    import torch
+
+    run = tmp_path / "runs" / "orig"
+    run.mkdir(parents=True)
+    ckpt = run / "last.pth.tar"
+    torch.save({"state_dict": {}, "args": {"output": str(tmp_path / "runs"), "experiment": "orig"}}, ckpt)
+    resumed = config.parse_train_args(["--resume", str(run)])
+    assert (resumed.output, resumed.experiment) == (str(tmp_path / "runs"), "orig")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("experiment: fork\n")
+    forked = config.parse_train_args(["--resume", str(run), "-c", str(recipe)])
+    assert (forked.output, forked.experiment) == (str(tmp_path / "runs"), "fork")
+    recipe.write_text(f"output: {tmp_path / 'elsewhere'}\n")
+    moved = config.parse_train_args(["--resume", str(run), "-c", str(recipe)])
+    assert (moved.output, moved.experiment) == (str(tmp_path / "elsewhere"), "orig")
+
 @pytest.mark.parametrize("text, fragment", [
     ("epochs: 3\nbatch_sise: 4\n", "batch_sise (did you mean batch_size?)"),
     ("epochs: [3\n", "invalid YAML"),

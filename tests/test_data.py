@@ -321,3 +321,38 @@ def test_every_dataset_the_flags_offer_has_a_loader():
     from mergemix import config
 
     assert set(data.LOADERS) == set(config.DATASETS) and set(data.GREY_DATASETS) <= set(config.DATASETS)
+
+
+def test_the_training_order_is_shuffled_and_changes_with_the_epoch():
+    """Labels 0..n-1 on n blank images, so a batch's labels are the indices the sampler drew: an
+    epoch's order is a permutation of every index (none dropped, one process, n a multiple of the
+    batch), not 0..n-1 in turn, and epochs 0 and 1 draw different permutations of the same indices."""
+    n = 40
+    bundle = data.DataBundle(data.TensorImages(torch.zeros(n, 1, 4, 4), torch.arange(n), 0.0, 1.0),
+                             data.TensorImages(torch.zeros(4, 1, 4, 4), torch.arange(4), 0.0, 1.0),
+                             num_classes=n, img_size=4, in_chans=1, mean=(0.0,), std=(1.0,), in_memory=True)
+    loader = data.train_loader(bundle, 8, 0, 0, 1, seed=0, device=torch.device("cpu"))
+    orders = []
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        orders.append([i for _, y in loader for i in y.tolist()])
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    assert orders[0] != list(range(n)) and orders[1] != list(range(n))
+    assert orders[0] != orders[1]
+
+
+def test_imagefolder_augments_the_training_split_only(tmp_path):
+    """timm's training transform crops a random region and flips at random, its evaluation transform
+    takes a fixed centre crop: drawn three times (under three torch seeds) an evaluation image comes back as the
+    same tensor, a training image (the same file) does not."""
+    make_imagefolder(tmp_path, per_class=1, size=20)
+    bundle = data.build(args_for(dataset="imagefolder", data_dir=str(tmp_path), img_size=16))
+    draws = {}
+    for split in ("train", "eval"):
+        images = []
+        for seed in (0, 1, 2):
+            torch.manual_seed(seed)
+            images.append(getattr(bundle, split)[0][0])
+        draws[split] = images
+    assert all(torch.equal(draws["eval"][0], x) for x in draws["eval"][1:])
+    assert not all(torch.equal(draws["train"][0], x) for x in draws["train"][1:])

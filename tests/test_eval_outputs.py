@@ -95,6 +95,18 @@ def test_eval_replaces_its_own_results_only(run, tmp_path, capsys):
     assert set(files(lone)) == {"weights.pth.tar", "results.json", "reliability.png"}
 
 
+def test_another_runs_checkpoint_of_the_same_name_does_not_replace_an_evaluation(run, tmp_path, capsys):
+    """Every run saves a last.pth.tar: what tells run A's from run B's is the run folder that holds
+    it. Evaluated into the --output that holds A's evaluation, B's last.pth.tar (a run folder of
+    another name, the same file name) is refused, naming A's checkpoint, and A's results stay."""
+    out = tmp_path / "ev"
+    assert evaluate("--checkpoint", str(run / "last.pth.tar"), "--output", str(out)) == 0
+    before = files(out)
+    other = shutil.copytree(run, tmp_path / "other-run")
+    assert evaluate("--checkpoint", str(other / "last.pth.tar"), "--output", str(out)) == 2
+    assert f"--output {out} holds another evaluation (checkpoint {run / 'last.pth.tar'})" in error_line(capsys)
+    assert files(out) == before
+
 def test_eval_default_folder_names_the_checkpoint(run, capsys):
     # evaluating model_best after last must not replace last's results
     assert evaluate("--checkpoint", str(run / "last.pth.tar")) == 0
