@@ -13,16 +13,20 @@ from mergemix.config import build_train_parser
 KWARGS = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
 
+def save_checkpoint(path, *flags: str, epoch: int = 1) -> None:
+    """An untrained tiny digits ViT's checkpoint as training saves it, with the training args of ``flags``."""
+    args = build_train_parser().parse_args(["--model", "vit_tiny_patch16_224", *flags])
+    args.model_kwargs = KWARGS
+    model = models.create(args.model, num_classes=10, img_size=16, in_chans=1, model_kwargs=KWARGS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": epoch, "arch": args.model, "state_dict": model.state_dict(), "args": vars(args)}, path)
+
+
 @pytest.fixture
 def run(tmp_path):
     """A run folder as ``mergemix train`` leaves it (an untrained tiny ViT on digits as its checkpoints)."""
-    args = build_train_parser().parse_args(["--model", "vit_tiny_patch16_224", "--mix", "cutmix"])
-    args.model_kwargs = KWARGS
-    model = models.create(args.model, num_classes=10, img_size=16, in_chans=1, model_kwargs=KWARGS)
     run = tmp_path / "run"
-    run.mkdir()
-    torch.save({"epoch": 1, "arch": args.model, "state_dict": model.state_dict(), "args": vars(args)},
-               run / "last.pth.tar")
+    save_checkpoint(run / "last.pth.tar", "--mix", "cutmix")
     shutil.copy(run / "last.pth.tar", run / "model_best.pth.tar")
     (run / "args.yaml").write_text("mix: cutmix\n")
     (run / "summary.csv").write_text("epoch,eval_top1\n0,10.0\n1,11.0\n")
@@ -346,13 +350,8 @@ def test_eval_checks_its_output_before_the_pass_and_leaves_no_folder_it_made_whe
 def test_an_img_size_equal_to_the_checkpoints_is_the_evaluation_without_it(tmp_path):
     """--img-size N on a checkpoint trained at N builds the same model as no flag: the same default folder
     (an -img<N> one would hold a second copy of the same figures)."""
-    args = build_train_parser().parse_args(["--model", "vit_tiny_patch16_224", "--img-size", "16"])
-    args.model_kwargs = KWARGS
-    model = models.create(args.model, num_classes=10, img_size=16, in_chans=1, model_kwargs=KWARGS)
     run = tmp_path / "sized"
-    run.mkdir()
-    torch.save({"epoch": 0, "arch": args.model, "state_dict": model.state_dict(), "args": vars(args)},
-               run / "model_best.pth.tar")
+    save_checkpoint(run / "model_best.pth.tar", "--img-size", "16", epoch=0)
     assert evaluate("--checkpoint", str(run)) == 0
     assert evaluate("--checkpoint", str(run), "--img-size", "16") == 0
     assert sorted(p.name for p in run.iterdir()) == ["eval-model_best-digits", "model_best.pth.tar"]
