@@ -558,3 +558,99 @@ def test_one_sgd_update_lowers_the_loss_of_its_images(tmp_path, method):
         with torch.no_grad():
             losses[name] = F.cross_entropy(model(x), y).item()
     assert losses["after"] < losses["start"] - 0.01, losses
+
+
+def test_a_tie_keeps_the_first_epoch_of_the_top_score_as_the_best(tmp_path):
+    """Best means strictly better: at a learning rate of 1e-12 the weights stay as they were, every epoch
+    scores the same top-1, and the first of them stays best (model_best.pth.tar and results.json), as
+    timm's CheckpointSaver keeps its first checkpoint of a metric until another beats it."""
+    assert cli.main(["train", "--output", str(tmp_path), "--experiment", "tie", *TINY, "--mix", "none", "--epochs",
+                     "2", "--batch-size", "32", "--train-subset", "64", "--lr", "1e-12", "--min-lr", "1e-12"]) == 0
+    run = tmp_path / "tie"
+    assert len({r["eval_top1"] for r in summary(run)}) == 1  # the premise: equal scores
+    best = torch.load(run / checkpoint.BEST, map_location="cpu", weights_only=True)
+    assert best["epoch"] == json.loads((run / "results.json").read_text())["best_epoch"] == 0
+
+
+class ZeroAfterFirst(NoMix):
+    """Plain CE at the first call, the loss times 0 (a graph whose gradient is 0) from the second on; keeps
+    the weights each call is handed."""
+
+    name = "zero_after_first_test"
+    calls: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, model, x, y):
+        ZeroAfterFirst.calls.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        out = super().__call__(model, x, y)
+        if len(ZeroAfterFirst.calls) > 1:
+            out.loss = out.loss * 0.0
+        return out
+
+
+def test_each_update_applies_its_own_gradient_only(tmp_path, monkeypatch):
+    """Gradients are cleared before each backward: one plain SGD update whose loss has a zero gradient leaves
+    the weights where the update before it left them; kept, the first update's gradient would move them again."""
+    monkeypatch.setitem(mix._REGISTRY, ZeroAfterFirst.name, ZeroAfterFirst)
+    monkeypatch.setattr(ZeroAfterFirst, "calls", [])
+    assert cli.main(["train", "--output", str(tmp_path), "--experiment", "z", *TINY, "--mix", ZeroAfterFirst.name,
+                     "--epochs", "1", "--batch-size", "32", "--train-subset", "64", "--opt", "momentum", "--momentum",
+                     "0", "--weight-decay", "0", "--sched", "none", "--lr", "0.1"]) == 0
+    start, after_first = ZeroAfterFirst.calls  # 2 steps
+    final = torch.load(tmp_path / "z" / "last.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
+    assert max((after_first[k] - w).abs().max().item() for k, w in start.items()) > 1e-4  # the first step moved them
+    assert all(torch.equal(final[k], w) for k, w in after_first.items())
+
+
+class RecordLabels(NoMix):
+    """Plain CE that records the labels of every batch it trains on."""
+
+    name = "record_labels_test"
+    seen: list[list[int]] = []
+
+    def __call__(self, model, x, y):
+        RecordLabels.seen.append(y.tolist())
+        return super().__call__(model, x, y)
+
+
+def test_each_epoch_shuffles_its_images_anew(tmp_path, monkeypatch):
+    """The sampler's order follows the epoch (DistributedSampler's set_epoch): two epochs over the same 64
+    digits see them in different orders; without it every epoch replays the first one's batches."""
+    monkeypatch.setitem(mix._REGISTRY, RecordLabels.name, RecordLabels)
+    monkeypatch.setattr(RecordLabels, "seen", [])
+    assert cli.main(["train", "--output", str(tmp_path), "--experiment", "s", *TINY, "--mix", RecordLabels.name,
+                     "--epochs", "2", "--batch-size", "32", "--train-subset", "64"]) == 0
+    seen = RecordLabels.seen
+    assert len(seen) == 4  # 2 epochs x 2 steps
+    first, second = seen[0] + seen[1], seen[2] + seen[3]
+    assert sorted(first) == sorted(second)  # the same images ...
+    assert first != second  # ... in another order
+
+
+def test_the_epoch_loss_is_the_mean_over_steps_whatever_the_log_interval(tmp_path):
+    """--log-interval sets how often losses are checked, not what the epoch's mean counts: 4 steps checked
+    after each one or in groups of 3 and 1 give the same train_loss."""
+    rows = {}
+    for interval in ("1", "3"):
+        assert cli.main(["train", "--output", str(tmp_path), "--experiment", interval, *TINY, "--mix", "none",
+                         "--epochs", "1", "--batch-size", "16", "--train-subset", "64", "--log-interval", interval]) == 0
+        rows[interval] = summary(tmp_path / interval)
+    assert float(rows["3"][0].pop("train_loss")) == pytest.approx(float(rows["1"][0].pop("train_loss")), rel=1e-6)
+    assert rows["3"] == rows["1"]
+
+
+def test_fp16_clipping_bounds_the_unscaled_gradient(tmp_path):
+    """Under fp16 the gradients are the loss scaler's (x 65536 at first) until unscaled: clipping by norm must
+    come after unscaling, so one plain SGD update (lr 1) moves the weights by exactly the bound, not by
+    the bound over the scale."""
+    def step(name: str, *flags: str) -> dict:
+        assert cli.main(["train", "--output", str(tmp_path), "--experiment", name, *TINY, "--mix", "none", "--amp",
+                         "--amp-dtype", "float16", "--epochs", "1", "--batch-size", "32", "--train-subset", "32",
+                         "--opt", "momentum", "--momentum", "0", "--weight-decay", "0", "--sched", "none",
+                         "--clip-grad", "1e-3", "--clip-mode", "norm", *flags]) == 0
+        ckpt = torch.load(tmp_path / name / "last.pth.tar", map_location="cpu", weights_only=True)
+        assert ckpt["amp_scaler"]["scale"] > 1  # the scaler is active here (on CPU too)
+        return ckpt["state_dict"]
+
+    start, after = step("start", "--lr", "1e-30"), step("after", "--lr", "1")
+    moved = torch.cat([(after[k] - w).flatten() for k, w in start.items() if w.is_floating_point()])
+    assert moved.norm().item() == pytest.approx(1e-3, rel=0.01)

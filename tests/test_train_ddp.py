@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -24,7 +25,12 @@ def test_torchrun_two_processes(tmp_path):
     run = tmp_path / "ddp"
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2
-    assert len(list(csv.DictReader((run / "summary.csv").open()))) == 2
+    rows = list(csv.DictReader((run / "summary.csv").open()))
+    assert len(rows) == 2
+    # the first epoch's train_loss is the mean over both processes' steps (their sums and counts added up):
+    # near chance for MergeMix's two cross-entropies (mixed and clean), 2 ln 10, where one process's
+    # count under both sums, or its sum over both counts, would double or halve it
+    assert abs(float(rows[0]["train_loss"]) - 2 * math.log(10)) < 0.5, rows[0]
     assert done.stdout.count("final ") == 1  # rank 0 alone reports
     ckpt = torch.load(run / "last.pth.tar", map_location="cpu", weights_only=True)
     gen = [r["generator"] for r in ckpt["rng"]]
