@@ -597,7 +597,7 @@ def test_error_raised_in_a_loader_worker_is_still_one_line(tmp_path, capsys):
     assert "cannot read image" in error_line(capsys) and not (tmp_path / "w").exists()
 
 
-def test_initial_checkpoint_keeps_a_fitting_head_and_resets_another(run):
+def test_initial_checkpoint_keeps_a_fitting_head_and_resets_another_and_takes_the_plain_weights(run, tmp_path):
     from mergemix import models
 
     state = torch.load(run / "last.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
@@ -609,6 +609,14 @@ def test_initial_checkpoint_keeps_a_fitting_head_and_resets_another(run):
                           initial_checkpoint=str(run / "last.pth.tar"))
     assert other.head.weight.shape == (5, 32)  # new head; position embeddings resampled for 16 px
     assert torch.equal(other.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+    # the plain weights, as the best epoch was picked on them: timm's file loading took an EMA first
+    with_ema = {**torch.load(run / "last.pth.tar", map_location="cpu", weights_only=True),
+                "state_dict_ema": {k: v + 1 for k, v in state.items()}}
+    torch.save(with_ema, tmp_path / "ema.pth.tar")
+    plain = models.create("vit_tiny_patch16_224", num_classes=10, img_size=16, in_chans=1, model_kwargs=kwargs,
+                          initial_checkpoint=str(tmp_path / "ema.pth.tar"))
+    assert all(torch.equal(v, state[k]) for k, v in plain.state_dict().items())
+    assert "state_dict" not in plain.pretrained_cfg  # no second copy of the weights kept
 
 
 def test_initial_checkpoint_takes_a_run_folder_as_eval_does(run, tmp_path):

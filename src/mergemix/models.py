@@ -98,6 +98,9 @@ def create(name: str, *, num_classes: int, img_size: int, in_chans: int, drop_ra
         if isinstance(e, (OSError, RuntimeError, ValueError)):
             raise _weights_error(name, e, initial_checkpoint) from None
         raise  # anything else while loading weights is a bug: keep its traceback
+    for attr in ("pretrained_cfg", "default_cfg"):  # loaded: the config need not keep a second copy of the weights
+        if isinstance(cfg := getattr(model, attr, None), dict):
+            cfg.pop("state_dict", None)
     _check_patches(model, name)
     return model
 
@@ -147,7 +150,9 @@ def _reason(err: BaseException) -> str:
 
 
 def _file_overlay(name: str, path: Path) -> dict[str, Any]:
-    """timm pretrained-config overlay that loads ``path``.
+    """timm pretrained-config overlay that loads the weights of ``path``: its plain ``state_dict`` (timm's
+    file loading would take a ``state_dict_ema`` first, and our checkpoints pick the best epoch on the
+    plain weights).
 
     It keeps the file's classifier when its size fits and declares the file's input channels, so
     timm adapts the first convolution only when the data has another channel count.
@@ -158,7 +163,7 @@ def _file_overlay(name: str, path: Path) -> dict[str, Any]:
         state_dict = load_state_dict(str(path), use_ema=False)
     except Exception as e:  # torch.load of an arbitrary file: anything can come out
         raise checkpoint.unreadable(path, e, "--initial-checkpoint") from None
-    overlay: dict[str, Any] = dict(file=str(path))
+    overlay: dict[str, Any] = dict(state_dict=state_dict)
     classifier = get_pretrained_cfg_value(name, "classifier")
     head = state_dict.get(f"{classifier}.weight") if isinstance(classifier, str) else None
     if head is not None:
