@@ -356,3 +356,14 @@ def test_imagefolder_augments_the_training_split_only(tmp_path):
         draws[split] = images
     assert all(torch.equal(draws["eval"][0], x) for x in draws["eval"][1:])
     assert not all(torch.equal(draws["train"][0], x) for x in draws["train"][1:])
+
+
+def test_rand_augment_at_full_magnitude_runs_with_the_installed_pillow():
+    """timm's RandAugment (the DeiT recipe's rand-m9-mstd0.5-inc1 reaches magnitude 10 through its noise)
+    posterizes to 0 bits there, which Pillow 13 refuses: the ImageNet recipe crashed in its first steps."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+
+    image = Image.fromarray(np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3))
+    out = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(image)
+    assert np.asarray(out).max() == 0  # 0 bits kept: black, as timm means it
