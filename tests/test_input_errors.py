@@ -167,3 +167,6 @@ def test_offline_pretrained_is_one_line_without_the_hubs_retry_warnings(monkeypa
     assert "HF_HUB_OFFLINE=1" in line
     assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
     assert hub_logging.get_verbosity() == verbosity
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # already offline: the advice is the other way round
+    assert train(tmp_path, "--pretrained") == 2
+    assert "from the hub's cache (cannot find" in (line := error_line(capsys)) and "unset HF_HUB_OFFLINE" in line

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -134,6 +135,10 @@ def _weights_error(name: str, err: BaseException, initial_checkpoint: str | None
         return CheckpointError(f"--initial-checkpoint {initial_checkpoint} does not fit {name} ({reason}): give the "
                                f"architecture it holds (--model, --model-kwargs); only the classifier and the "
                                f"position embeddings may differ")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):  # the hub's own reading of it
+        return CheckpointError(f"could not load pretrained weights for {name} from the hub's cache ({reason}; "
+                               f"HF_HUB_OFFLINE is set, so nothing is downloaded): use --initial-checkpoint FILE, "
+                               f"or unset HF_HUB_OFFLINE to download them")
     return CheckpointError(f"could not load pretrained weights for {name} from the hub ({reason}): "
                            f"offline? use --initial-checkpoint FILE, or set HF_HUB_OFFLINE=1 to take weights "
                            f"from the hub's cache alone, without waiting on the network")
