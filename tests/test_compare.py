@@ -287,3 +287,12 @@ def test_an_evaluation_folder_counts_with_its_training_settings_apart_from_train
                         "evaluated.ece_bins=10", 'evaluated.data_dir="/data/imagenet-v2"', "evaluated.img_size=32")
             if not any(n in name for name in names)] == []
     assert "different bin counts (10, 15)" in out.err
+
+
+def test_the_legend_names_runs_relative_to_the_folder_that_holds_them_all(tmp_path):
+    """Absolute run paths pushed the reliability legend off the figure's left edge."""
+    from mergemix.compare import legend_names
+
+    assert legend_names(["/home/me/exp/runs/a", "/home/me/exp/runs/b/"]) == ["a", "b"]
+    assert legend_names(["/home/me/exp/r/a", "/home/me/exp/s/a"]) == ["r/a", "s/a"]
+    assert legend_names([str(tmp_path / "only")]) == ["only"]

@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import numbers
+import os
 import statistics
 import sys
 from collections.abc import Sequence
@@ -226,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def legend_names(folders: list[str]) -> list[str]:
+    """Run folders as a figure's legend names them: relative to the deepest folder that holds them all, so
+    that absolute paths (/home/me/experiments/...) do not push the legend off the figure; as given where
+    the names would no longer be distinct."""
+    try:
+        common = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in folders]) if folders else ""
+    except ValueError:  # on Windows, folders on different drives
+        return folders
+    names = [os.path.relpath(os.path.abspath(f), common) for f in folders]
+    return names if len(set(names)) == len(names) else folders
+
+
 def command(argv: Sequence[str]) -> int:
     """``mergemix compare`` without the error handling of ``cli.main`` (bad input raises a ``MergeMixError``:
     ``ConfigError`` for flags, ``DataError`` for run files)."""
@@ -243,7 +256,8 @@ def command(argv: Sequence[str]) -> int:
     if len(bins) > 1:
         print(f"note: the runs' ECEs use different bin counts ({', '.join(map(str, sorted(bins)))}): "
               f"they do not compare exactly", file=sys.stderr)
-    named_bins = {f"{r.label} ({r.method})": r.bins for r in runs if r.bins}
+    with_bins = [r for r in runs if r.bins]
+    named_bins = {f"{name} ({r.method})": r.bins for name, r in zip(legend_names([r.label for r in with_bins]), with_bins)}
     if named_bins:  # a figure is to be written: check where before printing anything
         checkpoint.make_dir(Path(args.out).parent, "--out")
     print(markdown_table(runs))
