@@ -654,3 +654,14 @@ def test_fp16_clipping_bounds_the_unscaled_gradient(tmp_path):
     start, after = step("start", "--lr", "1e-30"), step("after", "--lr", "1")
     moved = torch.cat([(after[k] - w).flatten() for k, w in start.items() if w.is_floating_point()])
     assert moved.norm().item() == pytest.approx(1e-3, rel=0.01)
+
+
+def test_a_model_that_sees_a_patch_or_two_gets_a_note(tmp_path, capsys):
+    """vit_tiny_patch16_224 named by hand on 16-px digits sees one patch (the default run's kwargs set patch 4)."""
+    assert cli.main(["train", "--output", str(tmp_path), "--experiment", "one", "--model", "vit_tiny_patch16_224",
+                     "--model-kwargs", "depth=1", "--epochs", "1", "--batch-size", "32", "--train-subset", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "1 patches of 16x16" in out and "cuts the 16x16 images into 1 patch(es)" in out
+    assert cli.main(["train", "--output", str(tmp_path), "--experiment", "sixteen", *TINY, "--epochs", "1",
+                     "--batch-size", "32", "--train-subset", "64"]) == 0
+    assert "patch(es)" not in capsys.readouterr().out

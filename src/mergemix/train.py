@@ -660,6 +660,11 @@ class Trainer:
         self.log(f"data   {args.dataset}: {len(d.train)} train / {len(d.eval)} eval images, "
                  f"{d.img_size}x{d.img_size}x{d.in_chans}, {d.num_classes} classes")
         self.log(f"model  {args.model}: {models.describe(self.model)}")
+        patches = getattr(getattr(self.model, "patch_embed", None), "num_patches", None)
+        if patches is not None and patches < 4:  # e.g. a 224-px model's patch 16 on 16-px digits
+            self.log(f"note   {args.model} cuts the {d.img_size}x{d.img_size} images into {patches} patch(es): "
+                     f"patch-level mixing and merging have next to nothing to work with; --model-kwargs "
+                     f"patch_size=N gives patches of N pixels")
         self.log(f"mix    {args.mix} ({self.objective.passes}) {self.objective.defaults() or ''}")
         if self.unused_options:
             self.log(f"note   --mix {args.mix} takes no {', '.join(f'{k}={v}' for k, v in self.unused_options.items())}: "
