@@ -178,6 +178,17 @@ def test_eval_and_viz_reject_a_mismatched_model_or_data(run, tmp_path, capsys):
         assert "classifies 10 classes" in error_line(capsys)
 
 
+def test_eval_on_another_data_set_whose_classes_fit_says_so(run, tmp_path, capsys):
+    from test_data import write_fashion
+
+    write_fashion(tmp_path / "fashion")
+    assert cli.main(["eval", "--checkpoint", str(run), "--dataset", "fashion-mnist",
+                     "--data-dir", str(tmp_path / "fashion")]) == 0
+    assert "note   the checkpoint was trained on digits; these figures are on fashion-mnist" in capsys.readouterr().out
+    assert cli.main(["eval", "--checkpoint", str(run)]) == 0
+    assert "note" not in capsys.readouterr().out
+
+
 def test_corrupt_checkpoint_is_one_line(run, tmp_path, capsys):
     broken = tmp_path / "broken.pth.tar"
     broken.write_bytes((run / "last.pth.tar").read_bytes()[:5000])

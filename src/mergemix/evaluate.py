@@ -246,6 +246,9 @@ def _evaluate_checkpoint(cli: argparse.Namespace, ckpt: dict[str, Any], path: Pa
         tokens = merging["tokens_per_block"]
         tome += f": {tokens[0]} tokens into the first block, {tokens[-1]} into the last"
     print(f"{summary_line(metrics)}  ({n} images, {n / seconds:.0f} img/s{tome}) -> {out}/results.json")
+    trained_on = (ckpt.get("args") or {}).get("dataset")
+    if trained_on and trained_on != args.dataset:  # allowed (the classes fit), but rarely meant
+        print(f"note   the checkpoint was trained on {trained_on}; these figures are on {args.dataset} (--dataset)")
     return results
 
 
