@@ -225,6 +225,11 @@ def test_prepare_resolves_the_model_dependent_defaults():
     assert (obj.readout_block, obj.merge_num) == (5, 32)
     obj.prepare(deeper)  # again: the same settings
     assert (obj.readout_block, obj.merge_num) == (5, 32)
+    # a model that fails leaves them as given (its merge_num was half its own patches)
+    obj = mix.create("mergemix", 10, readout_block=7)
+    with pytest.raises(ValueError, match="read-out block 7 is out of range"):
+        obj.prepare(tiny_vit())
+    assert (obj.readout_block, obj.merge_num) == (7, None)
 
 
 @pytest.mark.parametrize("aux", ["clean", "mixup", "none"])

@@ -247,9 +247,12 @@ class Objective:
             raise ValueError("the model is a distilled DeiT in distillation training (set_distilled_training(True)), "
                              "whose forward returns two heads' logits; these objectives train one: call "
                              "model.set_distilled_training(False) (its forward then averages the heads)")
+        before = getattr(net, "tome", None)
         self.patch_model(net)
         self._prepared = weakref.ref(net)  # only once patched: a model that failed leaves the objective free
-        self._patch = getattr(net, "tome", None)  # the settings patch_model left (ToMe's), checked at each step
+        # the settings patch_model left (ToMe's), checked at each step; None for a method that patches nothing
+        after = getattr(net, "tome", None)
+        self._patch = after if after is not before else None
         return model
 
     @property
@@ -272,11 +275,15 @@ class Objective:
         """The method's training step: x (B, C, H, W) images, y (B,) class indices -> loss, logits and what it mixed."""
         raise NotImplementedError
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy or a pickle is prepared for no model (a weak reference neither copies nor pickles)."""
+        return {**self.__dict__, "_prepared": None, "_patch": None}
+
     def _check_patch(self, model: nn.Module) -> None:
         """ValueError when ``model`` is not the one ``prepare`` patched, or its merging settings are no
         longer those ``prepare`` set (another objective prepared it, or ``patch_tome`` re-patched it,
         since): the step would run with settings that are not this objective's."""
-        if self._prepared is None:
+        if self._prepared is None or self._patch is None:  # a method that patched nothing: any model will do
             return
         net = unwrap(model)
         if net is not self.prepared_model:

@@ -90,11 +90,13 @@ class MergeMix(Objective):
         """
         depth = len(getattr(net, "blocks", ()))
         block = default_readout_block(depth) if self.readout_block is None else self.readout_block
-        if self.merge_num is None and self.r is None:
-            self.merge_num = getattr(getattr(net, "patch_embed", None), "num_patches", 0) // 2
-        patch_tome(net, self.r, merge_num=self.merge_num, merge_every=self.merge_every,
+        merge_num = self.merge_num
+        if merge_num is None and self.r is None:
+            merge_num = getattr(getattr(net, "patch_embed", None), "num_patches", 0) // 2
+        patch_tome(net, self.r, merge_num=merge_num, merge_every=self.merge_every,
                    prop_attn=self.prop_attn, readout_block=block, score=self.score)
-        self.readout_block, self._schedule = net.tome.readout_block, list(net.tome.r)  # negative ones resolved
+        # resolved only once the model took them: a model that fails leaves the options as given
+        self.merge_num, self.readout_block, self._schedule = merge_num, net.tome.readout_block, list(net.tome.r)
         configure_tome(net, merge=False, readout=False)
 
     def notes(self) -> list[str]:
