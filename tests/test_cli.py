@@ -756,3 +756,24 @@ def test_one_process_commands_refuse_torchrun(monkeypatch, capsys, command):
     monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("LOCAL_RANK", "0")
     assert cli.main([command]) == 2
     assert capsys.readouterr().err == f"error: mergemix {command} runs in one process: run it without torchrun\n"
+
+
+def test_under_torchrun_a_flag_class_error_one_process_may_meet_alone_is_printed_by_it(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """A step that fails on this process's batch (a ConfigError) or its own hub download (a
+    CheckpointError): the process that meets it says so, local rank 0 or not; a flag error it does not."""
+    class FailsAtFirstStep(NoMix):
+        name = "fails_test"
+
+        def __call__(self, model, x, y):
+            raise ValueError("boom")
+
+    monkeypatch.setitem(mix._REGISTRY, FailsAtFirstStep.name, FailsAtFirstStep)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # as the second process of a machine prints (one process runs)
+    assert train(tmp_path, "x", "--mix", "fails_test") == 2
+    assert "--mix fails_test failed at epoch 0 step 0: boom" in capsys.readouterr().err
+    assert train(tmp_path, "x", "--lr", "inf") == 2
+    assert capsys.readouterr().err == ""
+    from mergemix.models import _weights_error
+
+    assert not _weights_error("vit_tiny_patch16_224", OSError("timed out"), None).every_process_alike

@@ -14,11 +14,17 @@ class MergeMixError(Exception):
     """Base class; ``str(err)`` is the one line the user sees (say what is wrong and how to fix it).
 
     ``every_process_alike``: under torchrun every process raises the same error (it comes from the
-    flags and files they all read alike), so one process per machine prints it.
+    flags and files they all read alike), so one process per machine prints it; an error of such a
+    class that one process may meet alone (its batch, its download) passes ``every_process_alike=False``.
     """
 
     exit_code = 2
     every_process_alike = False
+
+    def __init__(self, message: str, *, every_process_alike: bool | None = None):
+        super().__init__(message)
+        if every_process_alike is not None:
+            self.every_process_alike = every_process_alike
 
 
 class ConfigError(MergeMixError):

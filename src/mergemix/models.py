@@ -129,7 +129,8 @@ def _quiet_hub() -> Iterator[None]:
 
 
 def _weights_error(name: str, err: BaseException, initial_checkpoint: str | None) -> CheckpointError:
-    """The one-line error for weights that could not be loaded into a freshly built model."""
+    """The one-line error for weights that could not be loaded into a freshly built model (from the hub:
+    every process downloads its own, so one may fail alone)."""
     reason = _reason(err)
     if initial_checkpoint:
         return CheckpointError(f"--initial-checkpoint {initial_checkpoint} does not fit {name} ({reason}): give the "
@@ -138,10 +139,12 @@ def _weights_error(name: str, err: BaseException, initial_checkpoint: str | None
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):  # the hub's own reading of it
         return CheckpointError(f"could not load pretrained weights for {name} from the hub's cache ({reason}; "
                                f"HF_HUB_OFFLINE is set, so nothing is downloaded): use --initial-checkpoint FILE, "
-                               f"or unset HF_HUB_OFFLINE to download them")
+                               f"or unset HF_HUB_OFFLINE to download them",
+                               every_process_alike=False)
     return CheckpointError(f"could not load pretrained weights for {name} from the hub ({reason}): "
                            f"offline? use --initial-checkpoint FILE, or set HF_HUB_OFFLINE=1 to take weights "
-                           f"from the hub's cache alone, without waiting on the network")
+                           f"from the hub's cache alone, without waiting on the network",
+                           every_process_alike=False)
 
 
 def _reason(err: BaseException) -> str:

@@ -554,7 +554,8 @@ class Trainer:
                 with autocast(ctx.device, self.amp_dtype):
                     out = self.objective(self.train_model, x, y)
             except ValueError as e:
-                raise ConfigError(f"--mix {args.mix} failed at epoch {p.epoch} step {p.step}: {e}") from None
+                raise ConfigError(f"--mix {args.mix} failed at epoch {p.epoch} step {p.step}: {e}",
+                                  every_process_alike=False) from None  # this process's batch
             if args.save_mix_samples and p.step == 0 and p.epoch % args.save_mix_samples == 0 and ctx.is_main:
                 from .viz import draw_step
 
