@@ -88,18 +88,22 @@ def _check_inputs(logits: Tensor, target: Tensor) -> None:
         raise ValueError(f"expected logits (N, C) and target (N,), got {tuple(logits.shape)} and {tuple(target.shape)}")
     if target.is_floating_point() or target.dtype == torch.bool:
         raise ValueError(f"target must hold class indices (an integer dtype), got {target.dtype}")
-    if target.numel():
+    if not target.numel():
+        return
+    classes, rows = logits.shape[1], logits.detach().float()
+    out_of_range = ((target < 0) | (target >= classes)).any()
+    # from 8 values on, logits that happen to look so are too unlikely to matter (a 2-class batch of one is not)
+    probabilities = (((rows >= 0) & (rows <= 1)).all() & ((rows.sum(dim=1) - 1).abs().amax() <= 1e-3)
+                     & (rows.numel() >= 8 and classes > 1))
+    bad_target, looks_like_probabilities = torch.stack([out_of_range, probabilities]).tolist()  # one sync a batch
+    if bad_target:
         low, high = int(target.min()), int(target.max())
-        if low < 0 or high >= logits.shape[1]:
-            raise ValueError(f"target holds class {low if low < 0 else high}, outside 0..{logits.shape[1] - 1} "
-                             f"for {logits.shape[1]} logits per row")
-        rows = logits.detach().float()
-        # from 8 values on, logits that happen to look so are too unlikely to matter (a 2-class batch of 1 is not)
-        if (rows.numel() >= 8 and logits.shape[1] > 1 and bool(((rows >= 0) & (rows <= 1)).all())
-                and float((rows.sum(dim=1) - 1).abs().max()) <= 1e-3):
-            # their softmax is near-uniform: top-1 stays right, but ECE, NLL and Brier would all be wrong
-            raise ValueError("these rows are probabilities (each in [0, 1], summing to 1), not logits: "
-                             "pass their log, torch.log(probs), whose softmax gives them back")
+        raise ValueError(f"target holds class {low if low < 0 else high}, outside 0..{classes - 1} "
+                         f"for {classes} logits per row")
+    if looks_like_probabilities:
+        # their softmax is near-uniform: top-1 stays right, but ECE, NLL and Brier would all be wrong
+        raise ValueError("these rows are probabilities (each in [0, 1], summing to 1), not logits: "
+                         "pass their log, torch.log(probs), whose softmax gives them back")
 
 
 def _batch_stats(logits: Tensor, target: Tensor, n_bins: int) -> dict[str, Tensor]:
