@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -161,8 +162,12 @@ def test_resume_with_another_process_count_does_not_repeat_the_first_draws(tmp_p
     checkpoint.save(ckpt, tmp_path / "r" / "last.pth.tar")
     assert train("--resume", str(tmp_path / "r"), "--epochs", "2") == 0
     assert "written by 2 process(es), this run has 1; random streams restart" in capsys.readouterr().out
-    expected = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(3 + 0 + 4)))  # 4 steps done
+    def first_draw(seed: int) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)))
+
+    expected = first_draw(int(np.random.SeedSequence([3, 0, 4]).generate_state(1)[0]))  # seed 3, rank 0, 4 steps done
     assert FirstDraw.draws[1] != FirstDraw.draws[0] and FirstDraw.draws[1] == expected
+    assert FirstDraw.draws[1] != first_draw(3 + 4)  # seed + steps would replay a fresh run of seed 7
 
 
 def test_resume_inside_an_epoch_with_another_process_count_keeps_the_epochs_loss_so_far(tmp_path):

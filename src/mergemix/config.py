@@ -97,8 +97,8 @@ LIMITS = {
     "drop_path": Limit(0, 1, high_open=True), "decay_epochs": Limit(0, low_open=True), "decay_rate": Limit(0),
     "patience_epochs": Limit(0), "opt_eps": Limit(0, low_open=True), "model_ema_decay": Limit(0, 1),
     "num_samples": Limit(2, note="each image needs a partner"),
-    # torch seeds are 64-bit signed; a resume reseeds at the process's seed + steps done, which needs headroom
-    "seed": Limit(0, 2**63 - 1 - 2**31, note="a resume adds the steps done"),
+    # torch seeds are 64-bit (the bound once left room for the steps a resume added to the seed)
+    "seed": Limit(0, 2**63 - 1 - 2**31),
 }
 
 

@@ -35,11 +35,14 @@ class Context:
         return self.world_size > 1
 
 
-def process_seed(seed: int, rank: int) -> int:
-    """Process ``rank``'s seed: ``seed`` itself on rank 0 (what a one-process run draws); on rank r > 0 one
-    derived from (seed, r), below 2³², so that no rank repeats another seed's streams (``seed + r`` would:
-    rank 1 of seed 42 drew what rank 0 of seed 43 draws, and a sweep over seeds shared its draws)."""
-    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+def process_seed(seed: int, rank: int, steps_done: int = 0) -> int:
+    """Process ``rank``'s seed: ``seed`` itself on rank 0 of a fresh run (what a one-process run draws);
+    otherwise one derived from (seed, rank, steps_done), below 2³², so that no rank repeats another
+    seed's streams (``seed + r`` would: rank 1 of seed 42 drew what rank 0 of seed 43 draws, and a sweep
+    over seeds shared its draws), nor, after a resume that restarts the streams, a fresh run's."""
+    if rank == 0 and steps_done == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank, steps_done]).generate_state(1)[0])
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -488,7 +488,7 @@ class Trainer:
                 p.loss_sum = sum(r["loss_sum"] for r in partial)
                 p.loss_count = sum(r["loss_count"] for r in partial)
             p.epoch_time = max((r["epoch_time"] for r in partial), default=0.0)
-            seed = distributed.process_seed(args.seed, self.ctx.rank) + p.global_step  # not epoch 0's draws again
+            seed = distributed.process_seed(args.seed, self.ctx.rank, p.global_step)  # not epoch 0's draws again
             seed_everything(seed)
             self.generator.manual_seed(seed)
         # the optimizer holds the checkpoint schedule's last rate; set this schedule's (the call in
