@@ -363,7 +363,7 @@ class Trainer:
         self.made_dir = checkpoint.make_dir(self.run_dir, "--output")
         if args.resume:
             checkpoint.clear_temporaries(self.run_dir)  # a kill mid-write leaves one behind
-        if not continuing:  # the folder's args.yaml changes with its next checkpoint, not before (see _save)
+        if not continuing:  # a new folder gets its args.yaml now; a run's own folder with its next checkpoint (_save)
             self._write_args()
         if args.resume:
             self._carry_best(Path(args.resume))
