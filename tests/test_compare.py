@@ -264,6 +264,8 @@ def test_an_evaluation_folder_counts_with_its_training_settings_apart_from_train
     assert table_rows(out)[dirs[0]][0] == "mergemix"  # the method, not "?"
     groups = table_rows(out[out.index("| method | runs |"):])
     assert [row[0] for row in groups.values()] == ["2", "1"]  # the two evaluations; the training run alone
+    # named by their kind alone, not by a null for each key the other kind lacks (world_size=null, ...)
+    assert list(groups) == ["mergemix [evaluated]", "mergemix [training run]"]
     assert "different bin counts" not in capsys.readouterr().err
     # seed 0's checkpoint evaluated other ways: in fp16, merged with and without the bias, over 10 bins,
     # on another data folder, at another image size; each a group of its own, and the 10 bins noted

@@ -171,7 +171,7 @@ def seed_groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
     for key, group in groups.items():
         mine = group[0].settings
         others = [g[0].settings for k, g in groups.items() if k != key and g[0].method == group[0].method]
-        differ = sorted({k for o in others for k in mine.keys() | o.keys() if mine.get(k) != o.get(k)})
+        differ = sorted({k for o in others for k in mine.keys() | o.keys() if _sets_apart(k, mine, o)})
         detail = ", ".join(_difference(k, mine, others) for k in differ)
         named[group[0].method + (f" [{detail}]" if detail else "")] = group
     return named
@@ -187,11 +187,22 @@ def _as_floats(value: Any) -> Any:
     return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
 
 
+def _sets_apart(key: str, mine: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether ``key`` names the difference of two groups' settings. A key only one of them has comes
+    from a training run against an evaluation (world_size, say, is a training run's): of those only
+    ``evaluated`` names it, once, rather than a null for every key the other kind lacks."""
+    if (key in mine) != (key in other):
+        return key == "evaluated"
+    return mine.get(key) != other.get(key)
+
+
 def _difference(key: str, mine: dict[str, Any], others: list[dict[str, Any]]) -> str:
     """How setting ``key`` sets ``mine`` apart: ``key=value``; for a mapping (an evaluation's
     settings), only its entries that differ from the other groups' (``evaluated.prop_attn=false``),
     or the bare key where no other group has such a mapping."""
     value = mine.get(key)
+    if key == "evaluated" and value is None:
+        return "training run"
     if not isinstance(value, dict):
         return f"{key}={json.dumps(value, default=str)}"
     peers = [o[key] for o in others if isinstance(o.get(key), dict) and o[key] != value]
