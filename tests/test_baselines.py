@@ -169,13 +169,18 @@ def test_prob_zero_leaves_the_batch_unmixed(name):
 def test_timm_mixer_contract(name):
     x, y = batch(B=4)
     obj = objective(name)
-    x_mixed, targets = obj.mixer(x, y)
+    mixup_fn = obj.mixer  # used as timm's train.py uses its Mixup
+    x_mixed, targets = mixup_fn(x, y)
     assert x_mixed.shape == x.shape and targets.shape == (4, NUM_CLASSES)
     torch.testing.assert_close(targets.sum(1), torch.ones(4))
     assert targets.min() >= 0.1 / NUM_CLASSES - 1e-7  # label smoothing folded in
-    obj.mixup_enabled = False
-    x_off, t_off = obj.mixer(x, y)
+    assert mixup_fn.mixup_enabled
+    mixup_fn.mixup_enabled = False  # what timm's train.py does at --mixup-off-epoch: the mixer's own flag
+    assert not obj.mixup_enabled and not obj.mixer.mixup_enabled
+    x_off, t_off = mixup_fn(x, y)
     assert x_off is x and torch.equal(t_off, smooth_one_hot(y, NUM_CLASSES, 0.1))
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, NUM_CLASSES))
+    assert obj(linear, x, y).x_mixed is None  # the objective's own step stops mixing too (its clean step)
 
 
 @pytest.mark.parametrize("name", AREA_LABELLED)

@@ -18,8 +18,8 @@ from .base import (Objective, StepOutput, check_batch, check_positive, check_pro
                    mixed_targets, smooth_one_hot, soft_cross_entropy)
 from .boxes import box_mask, boxes_at, paste_windows
 
-__all__ = ["ImageMixer", "Mixed", "PairMixer", "check_interval", "device_generator", "masked_batch", "unmixed",
-           "window_batch"]
+__all__ = ["ImageMixer", "Mixed", "PairMixer", "TimmMixupFn", "check_interval", "device_generator", "masked_batch",
+           "unmixed", "window_batch"]
 
 
 @dataclass
@@ -148,12 +148,36 @@ class PairMixer(Objective):
         return self.step(model, y, self.mix(x))
 
 
-class ImageMixer(PairMixer):
-    """A method that needs no model; it also follows timm's ``mixer(x, y)`` contract."""
+class TimmMixupFn:
+    """A plain mixer as timm's ``mixup_fn``: ``x, soft_targets = fn(x, y)``, and ``fn.mixup_enabled``
+    reads and switches the mixer's own flag (timm's ``train.py`` sets it False at ``--mixup-off-epoch``)."""
 
-    def mixer(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """timm's Mixup contract: (B, C, H, W) images, (B,) labels -> mixed images, (B, num_classes) soft
-        targets (rows sum to 1, label smoothing folded in). Unmixed when ``mixup_enabled`` is False."""
+    def __init__(self, mixer: ImageMixer):
+        self._mixer = mixer
+
+    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self._mixer.mix_with_targets(x, y)
+
+    @property
+    def mixup_enabled(self) -> bool:
+        return self._mixer.mixup_enabled
+
+    @mixup_enabled.setter
+    def mixup_enabled(self, enabled: bool) -> None:
+        self._mixer.mixup_enabled = enabled
+
+
+class ImageMixer(PairMixer):
+    """A method that needs no model; ``mixer`` is it as timm's ``Mixup`` (``mixup_fn``)."""
+
+    @property
+    def mixer(self) -> TimmMixupFn:
+        """This mixer behind timm's ``Mixup`` contract: ``x, soft_targets = obj.mixer(x, y)``."""
+        return TimmMixupFn(self)
+
+    def mix_with_targets(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) images, (B,) labels -> mixed images, (B, num_classes) soft targets (rows sum to 1,
+        label smoothing folded in). Unmixed when ``mixup_enabled`` is False."""
         y = check_batch(x, y, self.num_classes)
         if not self.mixup_enabled:
             return x, smooth_one_hot(y, self.num_classes, self.smoothing)
