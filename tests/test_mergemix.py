@@ -85,6 +85,29 @@ def test_mask_keeps_patches_with_highest_timm_cls_attention(aux):
     assert_keeps_highest(direct, kept_patches(out))
 
 
+def test_mask_of_non_square_images_and_patches_covers_the_patch_each_score_is_for():
+    """(24, 40) images in (4, 8) patches, a 6 x 5 grid: the mask keeps the patches of the highest
+    timm CLS attention, each covering its own 4 x 8 pixels in row-major grid order (a grid or patch
+    taken the other way round would put the scores on other pixels)."""
+    def vit():
+        torch.manual_seed(0)
+        return timm.create_model("deit_tiny_patch16_224", img_size=(24, 40), patch_size=(4, 8), depth=4,
+                                 embed_dim=48, num_heads=3, num_classes=10)
+    plain, model = vit(), vit()
+    obj = mix.create("mergemix", 10, r=[0, 0, 3, 3], readout_block=2, generator=torch.Generator().manual_seed(0))
+    obj.prepare(model)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 3, 24, 40, generator=g), torch.randint(0, 10, (6,), generator=g)
+    out = obj(model, x, y)
+    with torch.no_grad():
+        direct = cls_attention_direct(plain, x, 2)[:, 1:]
+    assert torch.allclose(out.scores, direct, atol=1e-6)
+    keep = out.mask[:, 0, ::4, ::8].flatten(1).bool()  # (6, 30): one pixel per patch
+    assert_keeps_highest(direct, keep)
+    by_hand = keep.float().view(6, 1, 6, 5).repeat_interleave(4, dim=2).repeat_interleave(8, dim=3)
+    assert torch.equal(out.mask, by_hand)
+
+
 def test_mask_keeps_patches_with_highest_recovered_attention_when_merged():
     """With merges before the read-out block, each patch scores the read-out attention of the
     token holding it (Sᵀ·A, written here as an einsum) and the mask keeps the top ones."""

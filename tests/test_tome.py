@@ -17,17 +17,25 @@ MODELS = {
     "layerscale": ("deit3_small_patch16_224", {}),
     "distilled": ("deit_tiny_distilled_patch16_224", {}),
     "registers_qknorm": ("vit_small_patch16_224", {"reg_tokens": 2, "qk_norm": True}),
+    "pre_norm": ("vit_small_patch16_224", {"pre_norm": True}),  # CLIP-style: norm_pre before the blocks
+    "non_square": ("vit_small_patch16_224", {"img_size": (24, 40), "patch_size": (4, 8)}),  # a 6x5 grid
 }
 
 
 def make(name: str, **extra) -> torch.nn.Module:
     arch, kw = MODELS[name]
     torch.manual_seed(0)
-    model = timm.create_model(arch, img_size=32, patch_size=8, depth=4, num_classes=5, **kw, **extra).eval()
+    kw = {"img_size": 32, "patch_size": 8, **kw}
+    model = timm.create_model(arch, depth=4, num_classes=5, **kw, **extra).eval()
     for mod in model.modules():  # deit3 starts LayerScale at 1e-6, which would hide the residual branches
         if isinstance(mod, LayerScale):
             torch.nn.init.uniform_(mod.gamma, 0.5, 1.5)
     return model
+
+
+def images(model: torch.nn.Module, batch_size: int) -> torch.Tensor:
+    """Random images of the size ``model`` was built for."""
+    return torch.randn(batch_size, 3, *model.patch_embed.img_size)
 
 
 def attention_probs(attn, t):
@@ -66,7 +74,7 @@ def cls_attention_direct(model, x, block, score="cls_row"):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_r0_equals_timm(name):
     model = make(name)
-    x = torch.randn(3, 3, 32, 32)
+    x = images(model, 3)
     with torch.no_grad():
         ref = model(x)
         keys = list(model.state_dict())
@@ -85,7 +93,7 @@ def test_merged_source_partitions_patches(name):
     r = [3, 2, 2, 1]
     patch_tome(model, r, readout_block=2)
     with torch.no_grad():
-        model(torch.randn(4, 3, 32, 32))
+        model(images(model, 4))
     ro = model.tome_readout
     K = npt + L - sum(r[:2])
     assert ro.attn.shape == (4, K) and ro.size.shape == (4, K) and ro.index.shape == (4, L)
@@ -221,6 +229,33 @@ def test_readout_aligned_with_timm_block(name, score):
     assert torch.allclose(ro.attn, direct, atol=1e-5)
     assert torch.allclose(recover(ro.attn, ro.source), direct[:, npt:], atol=1e-5)
     assert torch.allclose(recover(ro.attn, ro.index), direct[:, npt:], atol=1e-5)
+
+
+@pytest.mark.parametrize("score, explicit", [("cls_row", (2, 3, 1, 15)), ("cls_col", (2, 3, 15, 15))])
+def test_merged_forward_keeps_fused_attention_but_in_the_readout_block(monkeypatch, score, explicit):
+    """DESIGN §2.1: proportional attention as SDPA's additive mask in every block; one explicit
+    softmax, the read-out block's (cls_row: the CLS query row only; cls_col: its whole matrix instead
+    of SDPA)."""
+    model = patch_tome(make("deit"), [0, 2, 2, 2], readout_block=2, score=score)
+    masks, softmaxed = [], []
+    sdpa, softmax = F.scaled_dot_product_attention, torch.Tensor.softmax
+
+    def recording_sdpa(q, k, v, attn_mask=None, **kw):
+        masks.append(None if attn_mask is None else tuple(attn_mask.shape))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    def recording_softmax(t, *args, **kw):
+        softmaxed.append(tuple(t.shape))
+        return softmax(t, *args, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    monkeypatch.setattr(torch.Tensor, "softmax", recording_softmax)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    # 17 tokens (CLS and 16 patches) enter blocks 0 and 1, 15 block 2, 13 block 3; sizes bias the keys
+    # from the first merge (after block 1's attention) on
+    fused = [None, None, (2, 1, 1, 15), (2, 1, 1, 13)]
+    assert masks == (fused if score == "cls_row" else fused[:2] + fused[3:])
+    assert softmaxed == [explicit]
 
 
 def test_readout_source_ignores_later_merges():
