@@ -366,6 +366,27 @@ def test_every_option_a_method_takes_is_listed_with_the_value_it_was_given():
         assert create(name, NUM_CLASSES, **given).defaults() == {**defaults, **given}, name
 
 
+# DESIGN §2.7: OpenMixup's defaults for CIFAR-100 DeiT, and timm's DeiT recipe (MixUp 0.8 / CutMix 1.0, 50/50)
+OPENMIXUP_DEFAULTS = {
+    "mixup": {"alpha": 0.8},
+    "cutmix": {"alpha": 2.0},
+    "deit": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "switch_prob": 0.5},
+    "fmix": {"alpha": 1.0},
+    "saliencymix": {"alpha": 0.2},
+    "gridmix": {"alpha": 1.0},
+    "resizemix": {"alpha": 1.0, "scope": (0.1, 0.8)},
+    "transmix": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "switch_prob": 0.8},
+    "mergemix": {"mixup_alpha": 0.8},  # its mixup auxiliary, as the reference code's
+}
+
+
+@pytest.mark.parametrize("name", list(OPENMIXUP_DEFAULTS))
+def test_default_options_are_the_spec_s(name):
+    defaults = create(name, NUM_CLASSES).defaults()
+    assert {k: defaults[k] for k in OPENMIXUP_DEFAULTS[name]} == OPENMIXUP_DEFAULTS[name]
+    assert defaults["smoothing"] == 0.1  # the library's label smoothing, as timm's Mixup (DESIGN §2.6)
+
+
 class HostTraffic(TorchDispatchMode):
     """Records what would make the CPU wait for an accelerator: blocking copies from the host to
     it, and values read back from it. The meta device stands in for the GPU (it has no data, so a

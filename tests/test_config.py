@@ -237,6 +237,16 @@ def test_timm_mixup_and_cutmix_flags_set_the_alpha_of_the_method_of_that_name():
     assert used == {"mixup_alpha": 0.3, "cutmix_alpha": 0.7}
 
 
+def test_timm_mixing_probability_flags_reach_the_method():
+    """timm's --mixup-prob and --mixup-switch-prob (DESIGN §2.9) set the method's prob and switch_prob."""
+    from mergemix import mix
+
+    args = parse("--mix", "deit", "--mixup-prob", "0.3", "--mixup-switch-prob", "0.9")
+    used, unused = config.method_options(args, accepted=set(mix.accepted_options(mix.get_class("deit"))))
+    objective = mix.create("deit", 10, **used)
+    assert (objective.prob, objective.switch_prob, unused) == (0.3, 0.9, {})
+
+
 def test_parse_value():
     assert [config.parse_value(t) for t in ("4", "0.5", "1e-3", "true", "[1, 2]", "null", "none", "cls_row")] == [
         4, 0.5, 1e-3, True, [1, 2], None, "none", "cls_row"]
