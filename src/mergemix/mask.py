@@ -43,9 +43,10 @@ def topk_mask(scores: Tensor, lam: Tensor | float) -> Tensor:
     """Keep the ⌊λ·L⌋ highest-scoring patches of each row.
 
     scores: (B, L); lam: scalar or (B,) in [0, 1].
-    returns: (B, L) float mask with exactly ⌊λ_b·L⌋ ones in row b. Patches of one merged token tie;
-    where the cut falls inside a token, the sort (not a stable one) picks which of its patches stay,
-    so that choice may differ between devices.
+    returns: (B, L) float mask with exactly ⌊λ_b·L⌋ ones in row b (a λ_b·L less than ``KEEP_TOLERANCE``
+    below an integer counts as that integer, so that a λ rounded in floats keeps its patch). Patches of
+    one merged token tie; where the cut falls inside a token, the sort (not a stable one) picks which of
+    its patches stay, so that choice may differ between devices.
     """
     B, L = scores.shape
     keep = keep_count(lam, L, B, scores.device)
