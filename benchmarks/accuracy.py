@@ -112,7 +112,7 @@ MODES = {  # ablations: the datasets on which the MergeMix ablations run too
     "long": {"datasets": ["digits", "fashion-mnist"], "seeds": 3, "ablations": ["fashion-mnist"]},
     # equal_time: MergeMix's share of the epochs that costs what CutMix's whole run does, where it is not
     # EQUAL_TIME's: ~1.2x CutMix per epoch in these tables' first, loaded timings (small-data 4.8 vs 3.9 s,
-    # tokens 55.3 vs 45.1 s); measured alone later, 1.19x (0.97x CutMix's run) and 1.37x (1.10x)
+    # tokens 55.3 vs 45.1 s); measured alone later, 1.21x (0.97x CutMix's run) and 1.37x (1.10x)
     "small-data": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": [], "equal_time": 0.8},
     "tokens": {"datasets": ["fashion-mnist"], "seeds": 3, "ablations": ["fashion-mnist"], "fast_recipe": True,
                "equal_time": 0.8},

@@ -1,4 +1,4 @@
-"""MergeMix runs evaluated plain and merged the way they trained, per label, paired by seed.
+r"""MergeMix runs evaluated plain and merged the way they trained, per label, paired by seed.
 
     python benchmarks/eval_as_trained.py --name fashion-mnist_tokens-long_as-trained \
         --runs benchmarks/runs/tokens-long/fashion-mnist-mergemix_aux-none*-s?

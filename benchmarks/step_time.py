@@ -1,4 +1,4 @@
-"""Training-step cost of every mixing method, as ratios to CutMix measured in the same run.
+r"""Training-step cost of every mixing method, as ratios to CutMix measured in the same run.
 
     python benchmarks/step_time.py                       # CPU, small ViT
     python benchmarks/step_time.py --device cuda --model deit_small_patch16_224 --img-size 224 \

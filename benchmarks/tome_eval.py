@@ -1,4 +1,4 @@
-"""ToMe at inference: one trained checkpoint evaluated plain and merged at several merge_num.
+r"""ToMe at inference: one trained checkpoint evaluated plain and merged at several merge_num.
 
     python benchmarks/tome_eval.py --checkpoint benchmarks/runs/tokens-long/fashion-mnist-mergemix-s0 \
         --merge-nums 0 8 16 24 32 40 --merge-every 1 2 3 --name fashion-mnist_tome
