@@ -468,3 +468,120 @@ def test_fmix_keeps_floor_lam_own_pixels_and_records_lam(monkeypatch):
     assert mixed.mask.flatten(1).sum(1).tolist() == [36.0] * 4
     torch.testing.assert_close(mixed.lam, torch.full((4,), 0.3))
     torch.testing.assert_close(mixed.lam_hat, torch.full((4,), 0.3))
+
+
+@pytest.mark.parametrize("name", ["mixup", "cutmix", "deit"])
+def test_prob_is_the_share_of_batches_mixed(name):
+    """prob = 0.3 (timm's mixup_prob): over 400 batches the mixed share is 0.3 within 5 binomial
+    standard errors (a method that mixes always, or with probability 1 − prob, is far outside)."""
+    obj = create(name, NUM_CLASSES, generator=torch.Generator().manual_seed(0), prob=0.3)
+    x = torch.randn(2, 3, 8, 8)
+    mixed = sum(obj.mix(x).kind != "none" for _ in range(400)) / 400
+    assert abs(mixed - 0.3) < 5 * math.sqrt(0.3 * 0.7 / 400)
+
+
+@pytest.mark.parametrize("name, small, large", [
+    ("mixup", {"alpha": 0.05}, {"alpha": 50.0}),
+    ("cutmix", {"alpha": 0.05}, {"alpha": 50.0}),
+    ("fmix", {"alpha": 0.05}, {"alpha": 50.0}),
+    ("gridmix", {"alpha": 0.05}, {"alpha": 50.0}),
+    ("deit", {"mixup_alpha": 0.05, "cutmix_alpha": 50.0, "switch_prob": 0.0},
+     {"mixup_alpha": 50.0, "cutmix_alpha": 0.05, "switch_prob": 0.0}),
+    ("deit", {"mixup_alpha": 50.0, "cutmix_alpha": 0.05, "switch_prob": 1.0},
+     {"mixup_alpha": 0.05, "cutmix_alpha": 50.0, "switch_prob": 1.0}),
+])
+def test_each_alpha_option_shapes_the_lam_its_branch_draws(name, small, large):
+    """λ ~ Beta(α, α) from the α of the branch that mixes: α = 50 keeps every λ within 0.5 ± 0.2 (each
+    draw fails with p < 1e-4), α = 0.05 pushes most λ within 0.1 of 0 or 1 (about 9% fall between)."""
+    x = torch.randn(2, 3, 8, 8)
+
+    def lams(options):
+        obj = create(name, NUM_CLASSES, generator=torch.Generator().manual_seed(0), **options)
+        return torch.stack([obj.mix(x).lam[0] for _ in range(40)])
+
+    assert ((lams(large) - 0.5).abs() < 0.2).all()
+    assert ((lams(small) - 0.5).abs() < 0.4).float().mean() < 1 / 3
+
+
+def test_cutmix_box_centres_reach_every_row_and_column():
+    """Centres are uniform over all H x W pixels: on a 10 x 30 image, 1 x 3 boxes (λ = 0.99) drawn 3000
+    times cover every pixel, the last row and the right-hand columns included."""
+    from mergemix.mix.boxes import cutmix_boxes
+
+    assert cut_size(0.99, (10, 30)) == (1, 3)
+    boxes = cutmix_boxes(0.99, 3000, (10, 30), torch.Generator().manual_seed(0))
+    covered = (box_mask(boxes, (10, 30)) == 0).any(dim=0)
+    assert covered.all()
+
+
+@pytest.mark.parametrize("size", [(9, 11), (8, 7)])
+def test_fourier_masks_have_the_image_size_for_odd_sides(size):
+    noise = fourier_noise(2, size, 3.0, torch.Generator().manual_seed(0))
+    assert noise.shape == (2, *size)
+    mask = fourier_masks(noise, 0.4)
+    assert (mask.flatten(1).sum(1) == math.floor(0.4 * size[0] * size[1])).all()
+
+
+def test_resizemix_keeps_the_aspect_of_non_square_images():
+    """τ = 0.5 on 20 x 40 images: the partner is shrunk to 10 x 20 px, λ̂ = 1 − 200/800."""
+    from mergemix.mix.resizemix import resizemix_batch
+
+    x, partner = torch.randn(3, 3, 20, 40), torch.tensor([1, 2, 0])
+    mixed = resizemix_batch(x, partner, 0.5, torch.Generator().manual_seed(0))
+    small = F.interpolate(x[partner], size=(10, 20), mode="bilinear", align_corners=False, antialias=True)
+    for b in range(3):
+        ys, xs = (mixed.mask[b, 0] == 0).nonzero(as_tuple=True)
+        assert (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) == (10, 20)
+        torch.testing.assert_close(mixed.x[b, :, ys.min():ys.max() + 1, xs.min():xs.max() + 1], small[b])
+    torch.testing.assert_close(mixed.lam_hat, torch.full((3,), 0.75))
+
+
+def test_block_token_mask_reaches_every_token():
+    """One-token blocks (count 1, min_block 1) at a uniform place: 3000 samples on a 4 x 5 grid take
+    every token, the last row and column included."""
+    taken = block_token_mask(torch.ones(3000, dtype=torch.long), (4, 5), torch.Generator().manual_seed(0), min_block=1)
+    assert (taken.sum(1) == 1).all() and taken.amax(dim=0).eq(1).all()
+
+
+def test_block_token_mask_proposes_blocks_of_at_least_min_block_tokens():
+    """count = min_block = 16: each proposal has area 16 before its sides are rounded (h = round(√(16a)),
+    w = round(√(16/a)), a ∈ [1/3, 3]), so an accepted block holds 12..16 tokens; never a small one."""
+    taken = block_token_mask(torch.full((300,), 16), (8, 8), torch.Generator().manual_seed(0), min_block=16, rounds=1)
+    sizes = taken.sum(1)
+    assert (sizes > 0).sum() > 100 and ((sizes == 0) | (sizes >= 12)).all()
+
+
+def test_deit_and_transmix_switch_to_cutmix_as_design_says():
+    """DESIGN §2.7: DeiT switches 50/50, TransMix 0.8 to CutMix: 400 batches each within 5 standard errors."""
+    x = torch.randn(2, 3, 8, 8)
+    for name, p in (("deit", 0.5), ("transmix", 0.8)):
+        obj = create(name, NUM_CLASSES, generator=torch.Generator().manual_seed(0))
+        share = sum(obj.mix(x).kind == "cutmix" for _ in range(400)) / 400
+        assert abs(share - p) < 5 * math.sqrt(p * (1 - p) / 400), name
+
+
+def test_spectral_residual_prefers_a_small_spot_to_a_large_bright_region():
+    """Hou & Zhang's point: a large bright region is expected (its log spectrum is smooth), a small odd
+    spot is not. The left half is 2.0 brighter, a 4 x 4 spot on the right only 1.5: the saliency peak is
+    the spot, where the brightest pixels (the plain amplitude without the residual) lie in the left half."""
+    background = torch.randn(1, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    x = 0.3 * F.interpolate(background, size=(48, 48), mode="bilinear").repeat(1, 3, 1, 1)
+    x[..., :, :24] += 2.0
+    x[..., 36:40, 36:40] += 1.5
+    cy, cx = saliency_peaks(spectral_residual(x), (48, 48))
+    assert 34 <= cy[0] < 42 and 34 <= cx[0] < 42
+
+
+def test_attention_swap_takes_the_window_the_partner_attends_to_most():
+    """Hand-built 4 x 4 maps where each image attends to a different place: image 0 most to the top-left
+    2 x 2 window and least to the bottom-right one, image 1 most to the top-right and least to the
+    bottom-left. Image 0 gets image 1's top-right window over its bottom-right one, and vice versa."""
+    x = torch.arange(2 * 16 * 16, dtype=torch.float32).view(2, 1, 16, 16)
+    scores = torch.zeros(2, 16)
+    scores[0, [0, 1, 4, 5]], scores[0, 15] = 1.0, -1.0
+    scores[1, [2, 3, 6, 7]], scores[1, 12] = 1.0, -1.0
+    mixed = attention_swap(x, torch.tensor([1, 0]), scores, (4, 4), (4, 4), 0.75)  # 2 x 2 patch windows
+    expected = x.clone()
+    expected[0, 0, 8:16, 8:16] = x[1, 0, 0:8, 8:16]
+    expected[1, 0, 8:16, 0:8] = x[0, 0, 0:8, 0:8]
+    assert torch.equal(mixed.x, expected)
