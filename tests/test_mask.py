@@ -128,3 +128,18 @@ def test_attention_mask_by_hand():
     assert torch.equal(patch_mask, torch.tensor([[1.0, 0.0, 0.0, 1.0]]))
     expected = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])  # cropped to 4x3
     assert torch.equal(pixels, expected[None, None])
+
+
+def test_fills_grid_reads_height_and_width_in_their_own_order():
+    """A 2x3 grid of 4x5-pixel patches (ph=4, pw=5) covers exactly 8x15 pixels; 15x8 or 10x12 is not it."""
+    assert M.fills_grid((8, 15), (2, 3), (4, 5))
+    assert not M.fills_grid((15, 8), (2, 3), (4, 5)) and not M.fills_grid((10, 12), (2, 3), (4, 5))
+    assert not M.fills_grid((7, 15), (2, 3), (4, 5))  # one row short: padded up to whole patches
+
+
+def test_lam_hat_area_of_a_pixel_mask_is_its_kept_pixel_share():
+    """(B, 1, H, W) pixel masks, non-square: 6 of 24 and 20 of 24 pixels kept."""
+    mask = torch.zeros(2, 1, 4, 6)
+    mask[0, 0, :1] = 1
+    mask[1, 0, :, 1:] = 1
+    assert torch.allclose(M.lam_hat_area(mask), torch.tensor([6 / 24, 20 / 24]))

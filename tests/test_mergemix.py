@@ -499,3 +499,32 @@ def test_mixup_aux_loss_draws_its_own_partners_and_lambda():
     assert torch.equal(out.partner, partner) and torch.equal(out.extras["mixup_partner"], mix_partner)
     assert out.extras["mixup_lam"] == pytest.approx(sample_lam(0.8, replay))
     assert not torch.equal(mix_partner, partner)  # this seed draws two different derangements
+
+
+def test_clean_aux_step_reports_the_clean_pass_logits():
+    """With aux_loss='clean' the step's logits are the clean forward's (base.StepOutput: MergeMix's clean
+    pass where it runs one), recomputed here on the unmixed batch, not the mixed forward's."""
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10, aux_loss="clean", generator=torch.Generator().manual_seed(0))
+    obj.prepare(model)
+    x, y = batch()
+    out = obj(model, x, y)
+    with torch.no_grad(), tome_options(model, merge=True):
+        clean, mixed = model(x), model(out.x_mixed)
+    assert torch.allclose(out.logits, clean, atol=1e-5)
+    assert not torch.allclose(out.logits, mixed, atol=1e-3)
+
+
+def test_gaussian_label_is_the_partners_when_the_mask_keeps_no_patch(monkeypatch):
+    """λ = 0.06 on 16 patches keeps ⌊0.96⌋ = 0 of them: every image is all partner, and the gaussian
+    λ̂ (whose min-max is undefined when nothing is kept, DESIGN §2.5) gives the own class weight 0."""
+    import mergemix.mix.mergemix as mergemix_module
+
+    monkeypatch.setattr(mergemix_module, "sample_lam", lambda alpha, generator: 0.06)
+    model = tiny_vit()
+    obj = mix.create("mergemix", 10, lam_policy="gaussian", generator=torch.Generator().manual_seed(0))
+    obj.prepare(model)
+    x, y = batch()
+    out = obj(model, x, y)
+    assert out.mask.sum() == 0 and torch.equal(out.x_mixed, x[out.partner])
+    assert torch.equal(out.lam_hat, torch.zeros(6))

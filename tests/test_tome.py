@@ -627,3 +627,16 @@ def test_attention_dropout_only_in_training():
         assert torch.equal(model(x), model(x))
         model.train()
         assert not torch.allclose(model(x), model(x), atol=1e-3)
+
+
+def test_negative_readout_block_counts_from_the_end():
+    """readout_block=-1 is the last block, as Python indexes: the read-out there is timm's own CLS
+    attention of block 3 (of 4), computed from the unpatched modules."""
+    plain = make("deit")
+    x = torch.randn(2, 3, 32, 32)
+    model = patch_tome(copy.deepcopy(plain), r=0, readout_block=-1)
+    assert model.tome.readout_block == 3
+    with torch.no_grad():
+        model(x)
+    assert model.tome_readout is not None
+    assert torch.allclose(model.tome_readout.attn, cls_attention_direct(plain, x, 3), atol=1e-5)
