@@ -332,3 +332,31 @@ def test_mergemix_flag_choices_are_the_methods_own():
     assert set(actions["lam_policy"].choices) == set(LAM_POLICIES)
     assert set(actions["aux_loss"].choices) == set(AUX_LOSSES)
     assert set(actions["score"].choices) == set(SCORES)
+
+
+def test_bundled_recipes_by_name_from_any_folder(tmp_path, monkeypatch):
+    """After a pip install there is no configs/ folder at hand: -c takes a recipe's name."""
+    assert set(config.bundled_recipes()) == {p.stem for p in (REPO / "configs").glob("*.yaml")}
+    by_path = vars(parse("-c", str(REPO / "configs" / "fashion_mnist.yaml")))
+    monkeypatch.chdir(tmp_path)
+    for name in ("fashion_mnist", "fashion_mnist.yaml"):
+        assert {**vars(parse("-c", name)), "config": None} == {**by_path, "config": None}
+    # a file of that name in the working folder comes first
+    (tmp_path / "fashion_mnist").write_text("epochs: 3\n")
+    assert parse("-c", "fashion_mnist").epochs == 3
+    # a name that is neither says which names there are; a path in a folder is never taken for a name
+    for missing in ("fashion", "configs/fashion_mnist.yaml"):
+        with pytest.raises(ConfigError, match="no such file; the bundled recipes are cifar100_deit_s, digits, "
+                                              "fashion_mnist, imagenet_deit_s"):
+            parse("-c", missing)
+
+
+def test_every_package_and_recipe_is_in_the_distribution():
+    """pyproject lists the packages by hand (configs/ is mapped in as mergemix.configs): a new subpackage
+    left out of that list would be missing from a wheel."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(REPO / "src").parts) for p in (REPO / "src").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == on_disk | {"mergemix.configs"}
+    assert setuptools["package-dir"]["mergemix.configs"] == "configs"
+    assert setuptools["package-data"]["mergemix.configs"] == ["*.yaml"]

@@ -13,6 +13,7 @@ import collections
 import copy
 import difflib
 import functools
+import importlib.resources
 import math
 import time
 from dataclasses import dataclass
@@ -356,7 +357,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="mergemix train", description="Train a timm ViT with a mixing method (default: MergeMix on digits).",
         formatter_class=HelpFormatter)
-    p.add_argument("-c", "--config", default=None, help="YAML recipe whose keys are these flags' names")
+    p.add_argument("-c", "--config", default=None,
+                   help="YAML recipe whose keys are these flags' names: a file, or a bundled recipe's name "
+                        f"({', '.join(sorted(bundled_recipes()))})")
     for title, add_flags in (("data", _data_group), ("model", _model_group), ("optimisation", _optimisation_group),
                              ("mixing", _mixing_group), ("run", _run_group)):
         add_flags(p.add_argument_group(title))
@@ -409,11 +412,30 @@ def _convert(action: argparse.Action, key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {key} must be of type {action.type.__name__}, got {value!r}") from None
 
 
+def bundled_recipes() -> dict[str, Path]:
+    """The recipes that come with the package (``configs/`` of the repository), by name."""
+    folder = importlib.resources.files("mergemix.configs")
+    return {f.name.removesuffix(".yaml"): Path(str(f)) for f in folder.iterdir() if f.name.endswith(".yaml")}
+
+
+def recipe_path(name: str | Path) -> Path:
+    """The file ``-c`` names: a path that exists, else a bundled recipe's name (``fashion_mnist``, with
+    or without ``.yaml``), so that recipes work after a pip install too; else ``name`` as given."""
+    path = Path(name)
+    if path.exists() or path.parent != Path("."):
+        return path
+    return bundled_recipes().get(path.name.removesuffix(".yaml"), path)
+
+
 def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Read a YAML recipe into flag defaults; unknown keys and ill-typed values are errors."""
-    path = Path(path)
+    """Read a YAML recipe (a file, or a bundled recipe's name) into flag defaults; unknown keys and
+    ill-typed values are errors."""
+    path = recipe_path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"cannot read config {path}: no such file; the bundled recipes are "
+                          f"{', '.join(sorted(bundled_recipes()))} (e.g. -c fashion_mnist)") from None
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:
