@@ -516,7 +516,9 @@ def test_methods_lists_every_registered_method(capsys):
     assert cli.main(["methods"]) == 0
     out = capsys.readouterr().out
     for name in mix.available():
-        assert f"\n{name} " in f"\n{out}"
+        objective = mix.create(name, 10)
+        # the name and its description on one line, the cost on the next, whatever the cost's length
+        assert f"\n{name:<13} {objective.description}\n{'':<14}cost per step: {objective.passes}\n" in f"\n{out}"
 
 
 def test_python_dash_m_and_usage():

@@ -323,17 +323,6 @@ def test_a_recipe_that_is_not_text_is_one_line(tmp_path):
         parse("-c", str(recipe))
 
 
-def test_mergemix_flag_choices_are_the_methods_own():
-    """config.py spells the choices out to keep `--help` free of torch imports: they must not drift."""
-    from mergemix.mix.mergemix import AUX_LOSSES, LAM_POLICIES
-    from mergemix.tome import SCORES
-
-    actions = {a.dest: a for a in config.build_train_parser()._actions}
-    assert set(actions["lam_policy"].choices) == set(LAM_POLICIES)
-    assert set(actions["aux_loss"].choices) == set(AUX_LOSSES)
-    assert set(actions["score"].choices) == set(SCORES)
-
-
 def test_bundled_recipes_by_name_from_any_folder(tmp_path, monkeypatch):
     """After a pip install there is no configs/ folder at hand: -c takes a recipe's name."""
     assert set(config.bundled_recipes()) == {p.stem for p in (REPO / "configs").glob("*.yaml")}

@@ -47,7 +47,8 @@ def _methods(argv: Sequence[str]) -> int:
                    "step and each method's options with their defaults.").parse_args(argv)
     for name in mix.available():
         objective = mix.create(name, num_classes=10)
-        print(f"{name:<12} {objective.passes:<16} {objective.description}")
+        print(f"{name:<13} {objective.description}")
+        print(f"{'':<14}cost per step: {objective.passes}")
         for key, value in objective.defaults().items():
             resolved = f"  (resolved per model: {objective.per_model[key]})" if key in objective.per_model else ""
             print(f"{'':<14}{key} = {value}{resolved}")
