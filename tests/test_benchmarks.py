@@ -772,3 +772,203 @@ def test_provenance_commit_is_dirty_for_changed_code_not_for_written_results(tmp
     assert common.git_commit(tmp_path) == head
     (tmp_path / "train.py").write_text("a = 2\n")
     assert common.git_commit(tmp_path) == head + "-dirty"
+
+
+def _runs(seeds, top1, ece, nll, brier, epoch_time):
+    """One fake run per seed, as run_one returns them."""
+    return [{"seed": s, "top1": t, "ece": e, "nll": nll, "brier": brier, "epoch_time": et}
+            for s, t, e, et in zip(seeds, top1, ece, epoch_time)]
+
+
+def _hand_table():
+    """Three fake runs per method, figures chosen so that mean, sample std and paired SE are exact by hand."""
+    return {"mergemix": _runs([0, 1, 2], [80.0, 82.0, 84.0], [0.10, 0.12, 0.14], 0.6, 0.25, [2.0, 3.0, 4.0]),
+            # listed out of seed order: 83 is seed 2's
+            "cutmix": _runs([2, 0, 1], [83.0, 78.0, 79.0], [0.20, 0.20, 0.20], 0.7, 0.35, [2.0, 2.0, 2.0]),
+            "none": _runs([0, 1, 2], [85.0, 86.0, 87.0], [0.05, 0.05, 0.05], 0.5, 0.15, [1.0, 1.0, 1.0])}
+
+
+def test_accuracy_table_by_hand_mean_sample_std_order_and_cutmix_time():
+    """By hand: mergemix 80, 82, 84 -> 82 ± 2; cutmix 78, 79, 83 -> 80 ± √7 = 2.65 (√(14/3) = 2.16 were the
+    population std); none 85, 86, 87 -> 86 ± 1. Rows by descending top-1 (none, mergemix, cutmix); s/epoch
+    3.0, 2.0, 1.0, so × CutMix time 1.50, 1.00, 0.50. Paired with mergemix by seed: none +5, +4, +3 ->
+    +4 ± 1/√3 = 0.58; cutmix (seeds 0, 1, 2) -2, -3, -1 -> -2 ± 0.58; rows by descending difference."""
+    accuracy = load("accuracy")
+    raw = _hand_table()
+    table = {label: accuracy.aggregate(runs) for label, runs in raw.items()}
+    assert table["cutmix"]["top1"] == pytest.approx(80.0) and table["cutmix"]["top1_std"] == pytest.approx(7 ** 0.5)
+    assert table["mergemix"]["ece_std"] == pytest.approx(0.02) and table["mergemix"]["epoch_time"] == pytest.approx(3.0)
+    text = accuracy.markdown("digits", "quick", table, raw, ["--epochs", "8"])
+    main, paired = text.split("Paired by seed")
+    rows = [line for line in main.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert rows == ["| none | 3 | 86.00 ± 1.00 | 0.0500 ± 0.0000 | 0.5000 | 0.1500 | 1.0 | 0.50 |",
+                    "| mergemix | 3 | 82.00 ± 2.00 | 0.1200 ± 0.0200 | 0.6000 | 0.2500 | 3.0 | 1.50 |",
+                    "| cutmix | 3 | 80.00 ± 2.65 | 0.2000 ± 0.0000 | 0.7000 | 0.3500 | 2.0 | 1.00 |"]
+    rows = [line for line in paired.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert rows == ["| none | 3 | +4.00 ± 0.58 | +5.00, +4.00, +3.00 | -0.0700 ± 0.0115 |",
+                    "| cutmix | 3 | -2.00 ± 0.58 | -2.00, -3.00, -1.00 | +0.0800 ± 0.0115 |"]
+    # without a CutMix row there is no ratio to show
+    del table["cutmix"], raw["cutmix"]
+    assert "| 3.0 | – |" in accuracy.markdown("digits", "quick", table, raw, ["--epochs", "8"])
+
+
+def test_accuracy_figure_puts_each_row_at_its_ece_and_top1_with_its_stds_as_bars():
+    """One point per row at (ECE, top-1), horizontal bar ± the ECE std, vertical bar ± the top-1 std, and
+    its label at that point."""
+    import matplotlib.pyplot as plt
+    accuracy = load("accuracy")
+    table = {label: accuracy.aggregate(runs) for label, runs in _hand_table().items()}
+    fig = accuracy.figure("digits", "quick", ["--epochs", "8"], table)
+    ax = fig.axes[0]
+    for container, (label, t) in zip(ax.containers, table.items()):
+        data_line, _, (xbars, ybars) = container.lines
+        assert data_line.get_xydata().tolist() == [[t["ece"], t["top1"]]]
+        (x_segment,), (y_segment,) = xbars.get_segments(), ybars.get_segments()
+        assert x_segment.ravel().tolist() == pytest.approx([t["ece"] - t["ece_std"], t["top1"], t["ece"] + t["ece_std"], t["top1"]])
+        assert y_segment.ravel().tolist() == pytest.approx([t["ece"], t["top1"] - t["top1_std"], t["ece"], t["top1"] + t["top1_std"]])
+    assert {a.get_text(): tuple(a.xy) for a in ax.texts} == {label: (t["ece"], t["top1"]) for label, t in table.items()}
+    plt.close(fig)
+
+
+def test_accuracy_run_one_reads_the_mean_epoch_time_of_a_finished_run(tmp_path):
+    """A finished run is read, not rerun: its s/epoch is the mean of summary.csv's epochs (1, 2, 6 s -> 3, where
+    the median would be 2)."""
+    accuracy = load("accuracy")
+    run = tmp_path / "digits-none-s0"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"top1": 90.0, "seed": 0}))
+    (run / "summary.csv").write_text("epoch,epoch_time\n0,1.0\n1,2.0\n2,6.0\n")
+    assert accuracy.run_one(["--never-run"], run, 1) == {"top1": 90.0, "seed": 0, "epoch_time": 3.0, "epochs": 3}
+
+
+def test_accuracy_equal_time_rounds_the_share_of_the_epochs():
+    """Quick mode trains 8 epochs: 0.6 of them is 4.8, so equal time is 5 epochs (not 4.8 cut down to 4)."""
+    accuracy = load("accuracy")
+    assert accuracy.plan("quick", "digits", accuracy.RECIPES["digits"]["quick"], None)["mergemix[equal time]"][-1] == "5"
+
+
+def test_median_ms_times_in_ms_after_a_warm_up_and_takes_the_median(monkeypatch):
+    """Each fn is called once untimed, then the calls alternate; the figure is the median in ms of the timed
+    calls: a at 1, 2, 9 ms -> 2 (the mean would be 4), b at 5, 4, 3 ms -> 4."""
+    common = load("bench_common")
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    durations = iter([0.001, 0.005, 0.002, 0.004, 0.009, 0.003])
+
+    def seconds(fn, device):
+        fn()
+        return next(durations)
+    monkeypatch.setattr(common, "seconds", seconds)
+    assert common.median_ms(fns, torch.device("cpu"), 3) == pytest.approx({"a": 2.0, "b": 4.0})
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+
+
+class _Runner:
+    """What step_rows and mask_work read of a step_time Runner."""
+
+    def __init__(self, label, times):
+        from types import SimpleNamespace
+        self.label, self.times = label, times
+        self.objective = SimpleNamespace(name=label.split("[")[0], passes="1 fwd + 1 bwd")
+        self.peak, self.warmup_s, self.kernel_ops = None, 1.0, None
+
+
+def test_step_rows_are_medians_as_ratios_to_cutmix_wherever_it_ran():
+    """By hand: CutMix's steps 2, 10, 4 ms -> median 4 (mean 5.33); MixUp's 4, 6, 20 -> median 6, so 1.50 x CutMix.
+    CutMix is not the first runner (`--methods mixup cutmix` runs it second)."""
+    step_time = load("step_time")
+    runners = [_Runner("mixup", [0.004, 0.006, 0.020]), _Runner("cutmix", [0.002, 0.010, 0.004])]
+    rows = step_time.step_rows(runners)
+    assert rows["mixup"]["median_step_ms"] == pytest.approx(6.0) and rows["mixup"]["ratio_to_cutmix"] == pytest.approx(1.5)
+    assert rows["cutmix"]["median_step_ms"] == pytest.approx(4.0) and rows["cutmix"]["ratio_to_cutmix"] == 1.0
+    assert rows["mixup"]["step_ms"] == [4.0, 6.0, 20.0]  # every timed step
+
+
+def test_mask_work_is_a_share_of_the_clean_mergemix_steps_median(monkeypatch):
+    """The mask work (1 ms, stubbed) over the median step of mergemix[clean,merge] (10, 20, 60 ms -> 20; the mean
+    would be 30): 5 %, shown as such in the table."""
+    step_time = load("step_time")
+    monkeypatch.setattr(step_time, "mask_work_seconds", lambda runner, x, device, reps: 0.001)
+    runners = [_Runner("cutmix", [0.01] * 3), _Runner("mergemix[none,merge]", [0.001] * 3),
+               _Runner("mergemix[clean,merge]", [0.010, 0.020, 0.060])]
+    work = step_time.mask_work(runners, None, torch.device("cpu"), 3)
+    assert work == {"ms": pytest.approx(1.0), "share_of_mergemix_step": pytest.approx(0.05),
+                    "measured_on": "mergemix[clean,merge]"}
+    settings = {"model": "m", "model_kwargs": {}, "img_size": 32, "num_patches": 16, "batch_size": 4, "amp": None,
+                "compile": False, "merge_num": 8, "steps": 3}
+    table = step_time.markdown({"device": "cpu", "settings": settings, "configs": step_time.step_rows(runners),
+                                "mask_work": work})
+    assert "Mask work (recover + top-k + upsample + mix): 1.00 ms, 5.0 % of a mergemix[clean,merge] step." in table
+
+
+def test_step_time_table_lists_configurations_by_ascending_ratio():
+    step_time = load("step_time")
+    settings = {"model": "m", "model_kwargs": {}, "img_size": 32, "num_patches": 16, "batch_size": 4, "amp": None,
+                "compile": False, "merge_num": 8, "steps": 3}
+    rows = step_time.step_rows([_Runner("mergemix[clean,merge]", [0.016] * 3), _Runner("cutmix", [0.010] * 3),
+                                _Runner("mixup", [0.009] * 3)])
+    table = step_time.markdown({"device": "cpu", "settings": settings, "configs": rows})
+    assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "passes" not in line] == [
+        "| mixup", "| cutmix", "| mergemix[clean,merge]"]
+    assert "| mixup | 1 fwd + 1 bwd | 9.0 | 0.90 |" in table and "| mergemix[clean,merge] | 1 fwd + 1 bwd | 16.0 | 1.60 |" in table
+
+
+def test_eval_throughput_is_images_over_the_median_forward(monkeypatch):
+    """Five rounds (at least 5) of plain and merged, alternating: plain at 1, 1, 1, 1, 6 s -> median 1 s, 4 images/s
+    (the mean, 2 s, would give 2); merged at 0.5 s but one 3 s round -> 8 images/s, 2.00 x plain."""
+    import argparse
+    import contextlib
+
+    import timm
+
+    step_time = load("step_time")
+    durations = iter([1.0, 0.5, 1.0, 0.5, 1.0, 3.0, 1.0, 0.5, 6.0, 0.5])
+    monkeypatch.setattr(step_time, "seconds", lambda fn, device: next(durations))
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                             num_classes=3)
+    args = argparse.Namespace(merge_every=[1], prop_attn=[True], compile=False, compile_scope="model",
+                              compile_mode=None, steps=2)
+    ev = step_time.eval_throughput(base, torch.randn(4, 3, 32, 32), 4, args, torch.device("cpu"), contextlib.nullcontext)
+    assert ev["plain_images_per_s"] == 4.0 and ev["merged_images_per_s"] == 8.0 and ev["merged_speedup"] == 2.0
+
+
+def test_eval_as_trained_summary_and_baselines_by_hand():
+    """Three seeds by hand: plain 70, 72, 74 -> 72 ± 2; merged 71, 72, 76 -> 73 ± √7 = 2.65 (sample std);
+    merged - plain 1, 0, 2 -> +1 ± 1/√3 = 0.58. Against a baseline listed out of seed order, with a seed the rows
+    lack: 65, 66, 60 for seeds 0, 1, 2 -> their top-1 63.67, merged - theirs 6, 6, 16 -> +9.33 ± √(100/3)/√3 = 3.33."""
+    as_trained = load("eval_as_trained")
+    merging = {"merge_num": 6, "merge_every": 2, "prop_attn": False, "merge_train": True}
+    rows = [{"seed": s, "merging": merging, "plain": {"top1": p, "ece": 0.1, "nll": 0.5},
+             "merged": {"top1": m, "ece": 0.2, "nll": 0.6}} for s, p, m in ((0, 70.0, 71.0), (1, 72.0, 72.0), (2, 74.0, 76.0))]
+    s = as_trained.summary(rows)
+    assert s["seeds"] == [0, 1, 2] and s["merge_num"] == 6
+    assert (s["plain_top1"], s["plain_top1_std"]) == (pytest.approx(72.0), pytest.approx(2.0))
+    assert (s["merged_top1"], s["merged_top1_std"]) == (pytest.approx(73.0), pytest.approx(7 ** 0.5))
+    assert s["diffs"] == [1.0, 0.0, 2.0] and s["diff_top1"] == pytest.approx(1.0) and s["diff_top1_se"] == pytest.approx(3 ** -0.5)
+    vs = as_trained.against_baselines(rows, {"cut": {2: 60.0, 0: 65.0, 5: 99.0, 1: 66.0}})["cut"]
+    assert vs["seeds"] == [0, 1, 2] and vs["diffs"] == [6.0, 6.0, 16.0]
+    assert vs["baseline_top1"] == pytest.approx(191 / 3) and vs["mean"] == pytest.approx(28 / 3)
+    assert vs["se"] == pytest.approx(10 / 3)
+    text = as_trained.markdown({"fast": {**s, "vs": {"cut": vs}}})
+    assert ("| fast | 3 | 6 tokens, every 2 block(s), bias off | 72.00 ± 2.00 | 73.00 ± 2.65 | +1.00 ± 0.58 | 0.1000 "
+            "| 0.2000 |") in text
+    assert "| fast | cut | 3 | 63.67 | +9.33 ± 3.33 | +6.00, +6.00, +16.00 |" in text
+
+
+def test_tome_eval_speedups_are_each_points_images_per_s_over_the_plain_pass():
+    """Plain 100 images/s, merged 150 and 200: 1.50 and 2.00 x plain, in the table and on the figure's x axis."""
+    import matplotlib.pyplot as plt
+    tome_eval = load("tome_eval")
+    plain = {"merge_num": None, "merge_every": None, "prop_attn": None, "tokens_per_block": None, "top1": 70.0,
+             "ece": 0.2, "nll": 1.0, "brier": 0.4, "images_per_s": 100.0}
+    merged = [{"merge_num": n, "merge_every": 1, "prop_attn": True, "tokens_per_block": [17, 17 - n], "top1": 70.0 - n,
+               "ece": 0.2, "nll": 1.0, "brier": 0.4, "images_per_s": ips} for n, ips in ((4, 150.0), (8, 200.0))]
+    report = {"model": "vit", "dataset": "digits", "checkpoint": "ckpt", "num_images": 10, "num_tokens": 17,
+              "points": [plain, *merged]}
+    table = tome_eval.markdown(report)
+    assert "| 100 | 1.00 |" in table and "| 150 | 1.50 |" in table and "| 200 | 2.00 |" in table
+    fig = tome_eval.figure(report)
+    top1_axis, _, tokens_axis = fig.axes
+    assert top1_axis.lines[0].get_xydata().tolist() == [[1.5, 66.0], [2.0, 62.0]]
+    assert tokens_axis.lines[0].get_xydata().tolist() == [[15.0, 1.5], [13.0, 2.0]]
+    plt.close(fig)

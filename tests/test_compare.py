@@ -298,3 +298,19 @@ def test_the_legend_names_runs_relative_to_the_folder_that_holds_them_all(tmp_pa
     assert legend_names(["/home/me/exp/runs/a", "/home/me/exp/runs/b/"]) == ["a", "b"]
     assert legend_names(["/home/me/exp/r/a", "/home/me/exp/s/a"]) == ["r/a", "s/a"]
     assert legend_names([str(tmp_path / "only")]) == ["only"]
+
+
+def test_compare_epoch_time_is_the_mean_and_a_group_skips_figures_a_run_lacks(tmp_path, capsys):
+    """Epochs of 1, 2 and 6 s: 3.00 s per epoch (the median would be 2). Two seeds of one setting, one without
+    summary.csv: the group's time is the other run's alone (3.00, no spread), not a dash."""
+    a = make_run(tmp_path, "mm-s0", "mergemix", seed=0, epoch_times=(1.0, 2.0, 6.0))
+    b = make_run(tmp_path, "mm-s1", "mergemix", seed=1)
+    (tmp_path / "mm-s1" / "summary.csv").unlink()
+    assert main([str(tmp_path / "mm-s0"), str(tmp_path / "mm-s1"), "--out", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert table_rows(out)[str(tmp_path / "mm-s0")][-1] == "3.00" and table_rows(out)[str(tmp_path / "mm-s1")][-1] == "–"
+    group = table_rows(out[out.index("| method | runs |"):])["mergemix"]
+    top1 = [a["top1"], b["top1"]]
+    assert group == ["2", f"{statistics.fmean(top1):.2f} ± {statistics.stdev(top1):.2f}",
+                     f"{statistics.fmean([a['ece'], b['ece']]):.4f} ± {statistics.stdev([a['ece'], b['ece']]):.4f}",
+                     f"{statistics.fmean([a['nll'], b['nll']]):.4f} ± {statistics.stdev([a['nll'], b['nll']]):.4f}", "3.00"]
