@@ -779,3 +779,82 @@ def test_under_torchrun_a_flag_class_error_one_process_may_meet_alone_is_printed
     from mergemix.models import _weights_error
 
     assert not _weights_error("vit_tiny_patch16_224", OSError("timed out"), None).every_process_alike
+
+
+def test_drop_path_and_the_class_count_build_the_model_timm_builds():
+    """models.create hands --drop-path and the class count to timm: the same blocks' drop-path rates, the
+    same parameters and, with timm's weights loaded, the same outputs as timm.create_model's own model."""
+    from mergemix import models
+
+    small = {"patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2}
+    ours = models.create("vit_tiny_patch16_224", num_classes=7, img_size=16, in_chans=1, drop_path_rate=0.3,
+                         model_kwargs=small)
+    theirs = timm.create_model("vit_tiny_patch16_224", num_classes=7, img_size=16, in_chans=1, drop_path_rate=0.3,
+                               **small)
+
+    def drop_path(model):
+        return [getattr(block.drop_path1, "drop_prob", 0.0) for block in model.blocks]
+
+    assert drop_path(ours) == pytest.approx(drop_path(theirs)) and max(drop_path(ours)) == pytest.approx(0.3)
+    ours.load_state_dict(theirs.state_dict())  # strict: the same parameters, the head's 7 classes too
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x), theirs.eval()(x))
+
+
+def test_a_stopped_or_interrupted_command_exits_with_128_plus_the_signal(monkeypatch, capsys):
+    """The shell's convention: SIGTERM 143, SIGINT (Ctrl-C, a KeyboardInterrupt) 130; one line on stderr."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False), monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for error, code, line in ((Interrupted(signal.SIGTERM, Path("r/last.pth.tar")), 128 + signal.SIGTERM,
+                               "stopped by SIGTERM; resume with: mergemix train --resume r/last.pth.tar\n"),
+                              (KeyboardInterrupt(), 128 + signal.SIGINT, "interrupted\n")):
+        def stop(argv, error=error):
+            raise error
+
+        monkeypatch.setitem(cli.COMMANDS, "train", stop)
+        assert cli.main(["train"]) == code
+        said = capsys.readouterr()
+        assert (said.out, said.err) == ("", line)
+
+
+def test_pretrained_weights_keep_the_class_count(monkeypatch):
+    """--pretrained builds the model for the data's classes (timm then drops the hub's 1000-class head);
+    timm's weight loading is stubbed here: no network in tests."""
+    from timm.models import _builder
+
+    from mergemix import models
+
+    monkeypatch.setattr(_builder, "load_pretrained", lambda *args, **kwargs: None)
+    model = models.create("vit_tiny_patch16_224", num_classes=7, img_size=16, in_chans=1, pretrained=True,
+                          model_kwargs={"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2})
+    assert model.head.out_features == 7 and model.num_classes == 7
+
+
+def test_grey_initial_checkpoint_starts_an_rgb_model_that_sees_grey_images_alike(tmp_path):
+    """A 1-channel file for 3-channel data: timm adapts the stem from the channels the file holds, so an
+    RGB image whose three channels are one grey image gives the grey model's output."""
+    from mergemix import models
+
+    small = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    grey = models.create("vit_tiny_patch16_224", num_classes=10, img_size=16, in_chans=1, model_kwargs=small)
+    torch.save({"state_dict": grey.state_dict()}, tmp_path / "grey.pth")
+    rgb = models.create("vit_tiny_patch16_224", num_classes=10, img_size=16, in_chans=3, model_kwargs=small,
+                        initial_checkpoint=str(tmp_path / "grey.pth"))
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(rgb.eval()(x.expand(-1, 3, -1, -1)), grey.eval()(x), atol=1e-5)
+
+
+def test_an_error_a_loader_worker_reraises_is_its_own_last_line():
+    """torch re-raises a worker's error with the worker's traceback in its message: keep the error's own words."""
+    from torch._utils import ExceptionWrapper
+
+    try:
+        raise DataError("cannot read image a.png (truncated)")
+    except DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as raised:
+        wrapped.reraise()
+    assert "Original Traceback" in str(raised.value)
+    assert cli.one_line(raised.value) == "cannot read image a.png (truncated)"

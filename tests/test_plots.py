@@ -322,3 +322,71 @@ def test_plots_draw_with_agg_and_leave_the_global_backend_alone(tmp_path):
         assert matplotlib.get_backend().lower() == "svg"
     finally:
         matplotlib.use(BACKEND)
+
+
+def test_reliability_diagram_gap_bars_span_their_bins_and_the_histogram_marks_the_overall_figures(tmp_path,
+                                                                                                    monkeypatch):
+    """The gap bars are as wide as the bins they sit on; the lines over the histogram stand at the overall
+    accuracy and the count-weighted mean confidence of HAND_BINS: (10 * 0.4 + 30 * 0.45 + 50 * 0.7 + 40 * 0.8
+    + 20 * 0.95) / 150 = 0.69 and (10 * 0.3 + 30 * 0.5 + 50 * 0.7 + 40 * 0.9 + 20 * 1.0) / 150 = 109 / 150."""
+    drawn = drawn_figures(monkeypatch)
+    reliability_diagram(HAND_BINS, tmp_path / "r.png")
+    top, bottom = drawn[0].axes
+    gap = {c.get_label(): c.patches for c in top.containers}["gap to mean confidence"]
+    assert [p.get_width() for p in gap] == pytest.approx([0.2] * 4)
+    marks = {line.get_label(): line.get_xdata() for line in bottom.lines}
+    assert set(marks) == {"accuracy 69.0%", "mean confidence 72.7%"}
+    assert list(marks["accuracy 69.0%"]) == pytest.approx([0.69, 0.69])
+    assert list(marks["mean confidence 72.7%"]) == pytest.approx([109 / 150] * 2)
+
+
+def test_training_curves_draw_each_column_under_its_name(tmp_path, monkeypatch):
+    """Each curve's values are its own column of summary.csv (written here by hand)."""
+    csv_path = tmp_path / "summary.csv"
+    rows = [dict(epoch=e, train_loss=3.0 - e, eval_loss=2.5 - e / 2, eval_top1=40 + 8 * e, eval_top5=70 + 4 * e,
+                 eval_ece=0.2 - 0.02 * e, ema_eval_top1=30 + 5 * e, ema_eval_ece=0.3 - 0.01 * e) for e in range(3)]
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    drawn = drawn_figures(monkeypatch)
+    training_curves(csv_path, tmp_path / "c.png")
+    drawn_columns = [{line.get_label(): list(line.get_ydata()) for line in ax.lines} for ax in drawn[0].axes]
+    column = {key: [row[key] for row in rows] for key in rows[0]}
+    assert drawn_columns == [
+        {"train (objective)": column["train_loss"], "eval (cross-entropy)": column["eval_loss"]},
+        {"eval top-1": column["eval_top1"], "eval top-5": column["eval_top5"],
+         "EMA eval top-1": column["ema_eval_top1"]},
+        {"eval ECE": pytest.approx(column["eval_ece"]), "EMA eval ECE": pytest.approx(column["ema_eval_ece"])},
+    ]
+
+
+def test_mix_grid_panels_show_the_steps_tensors(tmp_path, monkeypatch):
+    """Each panel's image is the tensor it names, computed here by hand: the original and its partner
+    un-normalised (x * std + mean, clipped to [0, 1]), the scores on the 3 x 4 patch grid of a 24 x 32
+    image (8 px patches), the mask as given (1: the sample's own pixels), the mixed image, and λ, λ̂."""
+    drawn = drawn_figures(monkeypatch)
+    x, out = fake_step(B=3, C=3, H=24, W=32, patch=8, attention=True)
+    out.lam, out.lam_hat = torch.tensor([0.11, 0.22, 0.33]), torch.tensor([0.66, 0.77, 0.88])
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    mix_grid(x, out, tmp_path / "grid.png", mean=mean, std=std, patch_size=8)
+    axes = np.asarray(drawn[0].axes).reshape(3, 6)
+
+    def shown(images: torch.Tensor) -> np.ndarray:  # (C, H, W) normalised -> (H, W, C) in [0, 1]
+        pixels = images.numpy().transpose(1, 2, 0) * np.array(std) + np.array(mean)
+        return np.clip(pixels, 0, 1)
+
+    for b, (original, partner, attention, _, mask, mixed) in enumerate(axes):
+        j = (b - 1) % 3  # fake_step's partners: torch.roll(arange(3), 1)
+        assert np.allclose(original.images[0].get_array(), shown(x[b]), atol=1e-6)
+        assert partner.get_title() == f"partner #{j}"
+        assert np.allclose(partner.images[0].get_array(), shown(x[j]), atol=1e-6)
+        assert attention.images[0].get_array().shape == (3, 4)
+        assert np.allclose(attention.images[0].get_array(), out.scores[b].numpy().reshape(3, 4))
+        top_left = np.zeros((24, 32))
+        top_left[:12, :16] = 1
+        assert np.array_equal(mask.images[0].get_array(), top_left)
+        assert mask.get_title() == "mask (kept 0.25)"
+        assert np.allclose(mixed.images[0].get_array(), shown(out.x_mixed[b]), atol=1e-6)
+        assert not np.allclose(mixed.images[0].get_array(), shown(x[b]), atol=1e-3)
+        assert mixed.get_title() == f"mixed λ={0.11 * (b + 1):.2f} λ̂={0.66 + 0.11 * b:.2f}"

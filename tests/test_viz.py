@@ -174,3 +174,85 @@ def test_model_kwargs_without_a_model_change_the_digits_vits():
     assert alone.model_kwargs == {**DEFAULT_MODEL_KWARGS, "depth": 2}
     named = _fresh_args(build_parser().parse_args(["--model", "vit_small_patch16_224", "--model-kwargs", "depth=2"]))
     assert named.model_kwargs == {"depth": 2}
+
+
+def recorded_steps(monkeypatch) -> list[dict]:
+    """What viz hands ``draw_step`` (the batch, the step's output, the model, the title), each call; it still draws."""
+    steps, draw = [], viz.draw_step
+
+    def record(x, out, model, path, mean, std, max_samples=viz.DEFAULT_SAMPLES, title=None):
+        steps.append(dict(x=x, out=out, model=model, title=title, training=[m.training for m in model.modules()]))
+        return draw(x, out, model, path, mean, std, max_samples=max_samples, title=title)
+
+    monkeypatch.setattr(viz, "draw_step", record)
+    return steps
+
+
+def test_viz_seed_picks_the_images_and_the_partners_and_lambda(tmp_path, monkeypatch):
+    """Another --seed, other images and, for them, other partners and λ; the same seed, the same step;
+    and the model is drawn in eval mode (no dropout, no drop path)."""
+    steps = recorded_steps(monkeypatch)
+    for seed in (5, 6, 5):
+        assert main(["--mix", "cutmix", *TINY, "-n", "8", "--seed", str(seed), "--out", str(tmp_path / "g.png"),
+                     "--device", "cpu"]) == 0
+    first, other, again = steps
+    assert torch.equal(first["x"], again["x"]) and torch.equal(first["out"].partner, again["out"].partner)
+    assert not torch.equal(first["x"], other["x"])
+    assert not torch.equal(first["out"].partner, other["out"].partner)
+    assert not torch.equal(torch.as_tensor(first["out"].lam), torch.as_tensor(other["out"].lam))
+    assert not any(t for step in steps for t in step["training"])
+    assert "untrained model" in first["title"] and ", seed 5" in first["title"]
+
+
+def test_viz_split_train_draws_training_images(tmp_path, monkeypatch):
+    steps = recorded_steps(monkeypatch)
+    for split in ("eval", "train"):
+        assert main(["--mix", "none", *TINY, "-n", "4", "--split", split, "--out", str(tmp_path / "g.png"),
+                     "--device", "cpu"]) == 0
+    eval_x, train_x = (step["x"] for step in steps)
+    assert eval_x.shape == train_x.shape and not torch.equal(eval_x, train_x)
+    assert "train split" in steps[1]["title"]
+
+
+def test_viz_draws_a_row_for_each_of_more_than_eight_samples(tmp_path):
+    out = tmp_path / "g.png"
+    assert main(["--mix", "cutmix", *TINY, "-n", "10", "--out", str(out), "--device", "cpu"]) == 0
+    assert grid_shape(out) == (10 * 200 + 30, 4 * 200)
+
+
+def test_viz_draws_a_run_folders_best_checkpoint_with_its_weights(tmp_path, monkeypatch):
+    """A run folder means its model_best.pth.tar (not last.pth.tar): the model drawn holds its weights."""
+    args = build_train_parser().parse_args([*TINY[:2], "--mix", "cutmix"])
+    args.model_kwargs = dict(patch_size=4, embed_dim=32, depth=4, num_heads=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {}
+    for name in ("model_best.pth.tar", "last.pth.tar"):
+        torch.manual_seed(len(name))  # two different initialisations
+        model = models.create(args.model, num_classes=10, img_size=16, in_chans=1, model_kwargs=args.model_kwargs)
+        saved[name] = model.state_dict()
+        torch.save({"epoch": 1, "arch": args.model, "state_dict": saved[name], "args": vars(args)}, run / name)
+    steps = recorded_steps(monkeypatch)
+    assert main(["--checkpoint", str(run), "-n", "2", "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 0
+    [step] = steps
+    drawn = models.unwrap(step["model"]).state_dict()
+    assert all(torch.equal(drawn[k], v) for k, v in saved["model_best.pth.tar"].items())
+    assert not torch.equal(drawn["head.weight"], saved["last.pth.tar"]["head.weight"])
+    assert f"weights of {run}" in step["title"] and "untrained" not in step["title"]
+
+
+def test_viz_another_mix_leaves_the_checkpoints_method_options_behind(tmp_path, monkeypatch):
+    """The checkpoint's --mix-opt items are its method's: drawn with it, but not handed to another --mix."""
+    args = build_train_parser().parse_args([*TINY[:2], "--mix", "mergemix"])
+    args.model_kwargs = dict(patch_size=4, embed_dim=32, depth=4, num_heads=2)
+    args.mix_opt = {"lam_policy": "gaussian"}
+    model = models.create(args.model, num_classes=10, img_size=16, in_chans=1, model_kwargs=args.model_kwargs)
+    ckpt = tmp_path / "ckpt.pth.tar"
+    torch.save({"epoch": 1, "arch": args.model, "state_dict": model.state_dict(), "args": vars(args)}, ckpt)
+    built = []
+    monkeypatch.setattr(viz, "prepare_model", lambda objective, model, args: built.append(objective) or
+                        prepare_model(objective, model, args))
+    assert main(["--checkpoint", str(ckpt), "-n", "2", "--out", str(tmp_path / "a.png"), "--device", "cpu"]) == 0
+    assert main(["--checkpoint", str(ckpt), "--mix", "cutmix", "-n", "2", "--out", str(tmp_path / "b.png"),
+                 "--device", "cpu"]) == 0
+    assert [type(o).__name__ for o in built] == ["MergeMix", "CutMix"] and built[0].lam_policy == "gaussian"
