@@ -381,7 +381,7 @@ OPENMIXUP_DEFAULTS = {
 
 
 @pytest.mark.parametrize("name", list(OPENMIXUP_DEFAULTS))
-def test_default_options_are_the_spec_s(name):
+def test_default_options_are_those_of_the_spec(name):
     defaults = create(name, NUM_CLASSES).defaults()
     assert {k: defaults[k] for k in OPENMIXUP_DEFAULTS[name]} == OPENMIXUP_DEFAULTS[name]
     assert defaults["smoothing"] == 0.1  # the library's label smoothing, as timm's Mixup (DESIGN §2.6)

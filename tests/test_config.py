@@ -330,11 +330,15 @@ def test_bundled_recipes_by_name_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in ("fashion_mnist", "fashion_mnist.yaml"):
         assert {**vars(parse("-c", name)), "config": None} == {**by_path, "config": None}
-    # a file of that name in the working folder comes first
+    # a folder of that name is not a recipe; a file of the working folder (name, else name.yaml) comes first
+    (tmp_path / "digits").mkdir()
+    assert parse("-c", "digits").epochs == 40
+    (tmp_path / "fashion_mnist.yaml").write_text("epochs: 4\n")
+    assert parse("-c", "fashion_mnist").epochs == 4 and parse("-c", "fashion_mnist.yaml").epochs == 4
     (tmp_path / "fashion_mnist").write_text("epochs: 3\n")
     assert parse("-c", "fashion_mnist").epochs == 3
-    # a name that is neither says which names there are; a path in a folder is never taken for a name
-    for missing in ("fashion", "configs/fashion_mnist.yaml"):
+    # a name that is neither says which names there are; a path (a folder in it, or ./) is never taken for a name
+    for missing in ("fashion", "configs/fashion_mnist.yaml", "./cifar100_deit_s"):
         with pytest.raises(ConfigError, match="no such file; the bundled recipes are cifar100_deit_s, digits, "
                                               "fashion_mnist, imagenet_deit_s"):
             parse("-c", missing)

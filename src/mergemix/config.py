@@ -1,9 +1,9 @@
 """Command-line flags for ``mergemix train``, after timm's ``train.py``, with YAML recipes.
 
 Precedence, lowest first: the built-in defaults (which are the digits recipe, ``configs/digits.yaml``),
-the arguments saved in the checkpoint given to ``--resume``, the YAML file given to ``-c``, and
-the flags on the command line. A recipe's keys are the flags' names with ``_`` or ``-``
-(``batch_size: 64``); an unknown key is an error. ``args.yaml`` of a run is itself a recipe: it
+the arguments saved in the checkpoint given to ``--resume``, the YAML recipe given to ``-c`` (a file,
+or the name of one of the bundled recipes of ``configs/``), and the flags on the command line. A
+recipe's keys are the flags' names with ``_`` or ``-`` (``batch_size: 64``); an unknown key is an error. ``args.yaml`` of a run is itself a recipe: it
 leaves out the run's folder name, so using it starts a new run.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import collections
 import copy
 import difflib
 import functools
-import importlib.resources
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,7 +359,7 @@ def build_train_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     p.add_argument("-c", "--config", default=None,
                    help="YAML recipe whose keys are these flags' names: a file, or a bundled recipe's name "
-                        f"({', '.join(sorted(bundled_recipes()))})")
+                        f"({', '.join(bundled_recipes()) or 'none installed'})")
     for title, add_flags in (("data", _data_group), ("model", _model_group), ("optimisation", _optimisation_group),
                              ("mixing", _mixing_group), ("run", _run_group)):
         add_flags(p.add_argument_group(title))
@@ -412,19 +412,29 @@ def _convert(action: argparse.Action, key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {key} must be of type {action.type.__name__}, got {value!r}") from None
 
 
+# The recipes of configs/: installed inside the package (a wheel maps configs/ to mergemix/configs), or
+# at the top of a source checkout (an editable install, or src/ on PYTHONPATH)
+RECIPE_FOLDERS = (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parents[2] / "configs")
+
+
 def bundled_recipes() -> dict[str, Path]:
-    """The recipes that come with the package (``configs/`` of the repository), by name."""
-    folder = importlib.resources.files("mergemix.configs")
-    return {f.name.removesuffix(".yaml"): Path(str(f)) for f in folder.iterdir() if f.name.endswith(".yaml")}
+    """The recipes that come with mergemix (``configs/`` of the repository), by name."""
+    folder = next((f for f in RECIPE_FOLDERS if f.is_dir()), None)
+    return {} if folder is None else {f.stem: f for f in sorted(folder.glob("*.yaml"))}
 
 
 def recipe_path(name: str | Path) -> Path:
-    """The file ``-c`` names: a path that exists, else a bundled recipe's name (``fashion_mnist``, with
-    or without ``.yaml``), so that recipes work after a pip install too; else ``name`` as given."""
-    path = Path(name)
-    if path.exists() or path.parent != Path("."):
-        return path
-    return bundled_recipes().get(path.name.removesuffix(".yaml"), path)
+    """The file ``-c`` names. A path (it holds a folder separator or starts with ``.``) as given; a bare
+    name is a file of the working folder (``name``, else ``name.yaml``), else a bundled recipe's name
+    (``fashion_mnist``, with or without ``.yaml``), so that recipes work after a pip install too."""
+    text = str(name)
+    if any(sep and sep in text for sep in (os.sep, os.altsep, "/")) or text.startswith("."):
+        return Path(text)
+    stem = text.removesuffix(".yaml")
+    for local in (Path(text), Path(f"{stem}.yaml")):
+        if local.is_file():
+            return local
+    return bundled_recipes().get(stem, Path(text))
 
 
 def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -435,7 +445,7 @@ def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"cannot read config {path}: no such file; the bundled recipes are "
-                          f"{', '.join(sorted(bundled_recipes()))} (e.g. -c fashion_mnist)") from None
+                          f"{', '.join(bundled_recipes()) or 'not installed'} (e.g. -c fashion_mnist)") from None
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:

@@ -53,7 +53,7 @@ class MergeMix(Objective):
     """
 
     name = "mergemix"
-    description = "MergeMix: CLS attention on the ToMe-merged sequence, recovered to patches, keeps the top ⌊λL⌋"
+    description = "MergeMix: ToMe-merged CLS attention, recovered to patches, keeps the top ⌊λL⌋ patches"
     passes = PASSES["clean"]
     per_model = {"merge_num": "half the patches", "readout_block": "block ⌊0.75·depth⌋ − 1"}
 

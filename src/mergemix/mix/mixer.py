@@ -168,7 +168,7 @@ class TimmMixupFn:
 
 
 class ImageMixer(PairMixer):
-    """A method that needs no model; ``mixer`` is it as timm's ``Mixup`` (``mixup_fn``)."""
+    """A method that needs no model; ``mixer`` offers it in the place of timm's ``Mixup`` (``mixup_fn``)."""
 
     @property
     def mixer(self) -> TimmMixupFn:
