@@ -90,6 +90,16 @@ def test_step_time_tag_names_the_default_file(tmp_path, monkeypatch):
             step_time.parse_args(["--tag", bad])
 
 
+def step_settings(**changes) -> dict:
+    """A step_time result's settings: a small CPU run, with ``changes``."""
+    return {"model": "m", "model_kwargs": {}, "img_size": 32, "num_patches": 16, "batch_size": 4, "amp": None,
+            "compile": False, "merge_num": 8, "steps": 3, **changes}
+
+
+DEIT_S_GPU = {"img_size": 224, "num_patches": 196, "batch_size": 256, "amp": "bfloat16", "compile": True,
+              "merge_num": 98, "steps": 10}
+
+
 def test_step_time_times_merging_without_proportional_attention_side_by_side(monkeypatch):
     """--prop-attn on off: each MergeMix configuration and the merged evaluation with ToMe's
     log-size attention bias and without it, the latter labelled 'noprop' and really run without it."""
@@ -126,8 +136,7 @@ def test_step_time_times_merging_without_proportional_attention_side_by_side(mon
         assert (prop(x) - noprop(x)).abs().max() > 1e-4
     # the run's file and table say which it timed
     assert step_time.parse_args(["--prop-attn", "off"]).prop_attn == [False]
-    settings = {"model": "m", "model_kwargs": {}, "img_size": 32, "num_patches": 16, "batch_size": 4, "amp": None,
-                "compile": False, "merge_num": 4, "steps": 1, "prop_attn": [True, False]}
+    settings = step_settings(merge_num=4, steps=1, prop_attn=[True, False])
     row = {"passes": "p", "median_step_ms": 1.0, "ratio_to_cutmix": 1.0, "peak_memory_mb": None, "warmup_s": 1.0}
     table = step_time.markdown({"device": "cpu", "settings": settings, "configs": {"cutmix": row}})
     assert "proportional attention on and off (noprop)" in table
@@ -135,8 +144,7 @@ def test_step_time_times_merging_without_proportional_attention_side_by_side(mon
 
 def test_step_time_table_omits_peak_memory_under_cuda_graph_replay():
     step_time = load("step_time")
-    settings = {"model": "m", "model_kwargs": {}, "img_size": 224, "num_patches": 196, "batch_size": 256,
-                "amp": "bfloat16", "compile": True, "compile_mode": None, "merge_num": 98, "steps": 10}
+    settings = step_settings(**DEIT_S_GPU, compile_mode=None)
     row = {"passes": "1 fwd + 1 bwd", "median_step_ms": 30.0, "ratio_to_cutmix": 1.0, "peak_memory_mb": 8988.0,
            "warmup_s": 24.0}
     result = {"device": "gpu", "settings": settings, "configs": {"cutmix": row}}
@@ -244,17 +252,20 @@ def test_accuracy_keeps_rows_of_an_earlier_table_with_the_same_recipe(tmp_path):
     assert {label: row["jobs"] for label, row in table.items()} == {"none": 3, "cutmix": 1, "mergemix": 2}
 
 
+def _runs(seeds, top1, ece, nll, brier, epoch_time):
+    """One fake run per seed, as run_one returns them."""
+    return [{"seed": s, "top1": t, "ece": e, "nll": nll, "brier": brier, "epoch_time": et}
+            for s, t, e, et in zip(seeds, top1, ece, epoch_time)]
+
+
 def test_accuracy_sets_every_row_against_mergemix_paired_by_seed():
     accuracy = load("accuracy")
 
-    def run(seed, top1, ece):
-        return {"seed": seed, "top1": top1, "ece": ece, "nll": 1.0, "brier": 0.5, "epoch_time": 1.0}
-
-    raw = {"mergemix": [run(0, 70.0, 0.10), run(1, 72.0, 0.12), run(2, 71.0, 0.11)],
+    raw = {"mergemix": _runs([0, 1, 2], [70.0, 72.0, 71.0], [0.10, 0.12, 0.11], 1.0, 0.5, [1.0] * 3),
            # listed out of seed order, and with a seed MergeMix did not run
-           "none": [run(2, 72.0, 0.05), run(0, 71.0, 0.06), run(1, 72.0, 0.07), run(7, 99.0, 0.0)],
-           "cutmix": [run(1, 69.0, 0.20)],
-           "mixup": [run(5, 60.0, 0.3)]}  # no seed in common: no row
+           "none": _runs([2, 0, 1, 7], [72.0, 71.0, 72.0, 99.0], [0.05, 0.06, 0.07, 0.0], 1.0, 0.5, [1.0] * 4),
+           "cutmix": _runs([1], [69.0], [0.20], 1.0, 0.5, [1.0]),
+           "mixup": _runs([5], [60.0], [0.3], 1.0, 0.5, [1.0])}  # no seed in common: no row
     diffs = accuracy.paired_differences(raw, "mergemix")
     assert set(diffs) == {"none", "cutmix"}
     none = diffs["none"]["top1"]
@@ -671,8 +682,7 @@ def test_step_time_table_shows_the_hand_captured_graphs_and_the_compile_counters
     """A compiled CUDA run's extra figures: the uncompiled forwards replayed as CUDA graphs, the
     yardstick for the compiled evaluation, and the compile counters."""
     step_time = load("step_time")
-    settings = {"model": "m", "model_kwargs": {}, "img_size": 224, "num_patches": 196, "batch_size": 256,
-                "amp": "bfloat16", "compile": True, "compile_mode": "reduce-overhead", "merge_num": 98, "steps": 10}
+    settings = step_settings(**DEIT_S_GPU, compile_mode="reduce-overhead")
     ev = {"plain_first_call_s": 2.0, "plain_images_per_s": 27000.0, "merged_every2_first_call_s": 75.0,
           "merged_every2_images_per_s": 17000.0, "merged_every2_speedup": 17000 / 27000,
           "plain_eager_graph_images_per_s": 21000.0, "merged_every2_eager_graph_images_per_s": 23600.0}
@@ -772,12 +782,6 @@ def test_provenance_commit_is_dirty_for_changed_code_not_for_written_results(tmp
     assert common.git_commit(tmp_path) == head
     (tmp_path / "train.py").write_text("a = 2\n")
     assert common.git_commit(tmp_path) == head + "-dirty"
-
-
-def _runs(seeds, top1, ece, nll, brier, epoch_time):
-    """One fake run per seed, as run_one returns them."""
-    return [{"seed": s, "top1": t, "ece": e, "nll": nll, "brier": brier, "epoch_time": et}
-            for s, t, e, et in zip(seeds, top1, ece, epoch_time)]
 
 
 def _hand_table():
@@ -894,8 +898,7 @@ def test_mask_work_is_a_share_of_the_clean_mergemix_steps_median(monkeypatch):
     work = step_time.mask_work(runners, None, torch.device("cpu"), 3)
     assert work == {"ms": pytest.approx(1.0), "share_of_mergemix_step": pytest.approx(0.05),
                     "measured_on": "mergemix[clean,merge]"}
-    settings = {"model": "m", "model_kwargs": {}, "img_size": 32, "num_patches": 16, "batch_size": 4, "amp": None,
-                "compile": False, "merge_num": 8, "steps": 3}
+    settings = step_settings()
     table = step_time.markdown({"device": "cpu", "settings": settings, "configs": step_time.step_rows(runners),
                                 "mask_work": work})
     assert "Mask work (recover + top-k + upsample + mix): 1.00 ms, 5.0 % of a mergemix[clean,merge] step." in table
@@ -903,8 +906,7 @@ def test_mask_work_is_a_share_of_the_clean_mergemix_steps_median(monkeypatch):
 
 def test_step_time_table_lists_configurations_by_ascending_ratio():
     step_time = load("step_time")
-    settings = {"model": "m", "model_kwargs": {}, "img_size": 32, "num_patches": 16, "batch_size": 4, "amp": None,
-                "compile": False, "merge_num": 8, "steps": 3}
+    settings = step_settings()
     rows = step_time.step_rows([_Runner("mergemix[clean,merge]", [0.016] * 3), _Runner("cutmix", [0.010] * 3),
                                 _Runner("mixup", [0.009] * 3)])
     table = step_time.markdown({"device": "cpu", "settings": settings, "configs": rows})
