@@ -24,10 +24,10 @@ BASELINES = IMAGE_FREE + ATTENTION
 AREA_LABELLED = ["cutmix", "resizemix", "fmix", "gridmix", "saliencymix"]
 
 
-def tiny_vit() -> nn.Module:
+def tiny_vit(**extra) -> nn.Module:
     torch.manual_seed(0)
     return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32,
-                             num_heads=2, num_classes=NUM_CLASSES)
+                             num_heads=2, num_classes=NUM_CLASSES, **extra)
 
 
 def batch(B: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -528,18 +528,13 @@ def test_a_step_refuses_a_model_patched_again_or_another_model(name):
 def test_attention_methods_score_the_patch_tokens_of_a_model_with_registers():
     """With two register tokens after CLS (3 prefix tokens), the scores and TransMix's labels are timm's
     CLS attention over the 16 patch tokens only: the prefix tokens' columns are left out."""
-    def vit():
-        torch.manual_seed(0)
-        return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32,
-                                 num_heads=2, num_classes=NUM_CLASSES, reg_tokens=2)
-
-    model = vit()
+    model = tiny_vit(reg_tokens=2)
     assert model.num_prefix_tokens == 3
     obj = objective("transmix", switch_prob=1.0)
     obj.prepare(model)
     x, y = batch()
     out = obj(model, x, y)
-    attn = cls_attention_direct(vit(), out.x_mixed, 1)[:, 3:]
+    attn = cls_attention_direct(tiny_vit(reg_tokens=2), out.x_mixed, 1)[:, 3:]
     torch.testing.assert_close(out.scores, attn)
     torch.testing.assert_close(out.lam_hat, attention_mass(attn, patch_fraction(out.mask, (4, 4))))
 
@@ -547,17 +542,12 @@ def test_attention_methods_score_the_patch_tokens_of_a_model_with_registers():
 def test_transmix_label_of_images_padded_to_whole_patches_counts_real_pixels_only():
     """30x22 px under 8 px patches (dynamic_img_pad): a 4x3 grid whose last row and column are partly
     padding. A patch's kept share is over its real pixels (a slice of the mask clips to them)."""
-    def vit():
-        torch.manual_seed(0)
-        return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32,
-                                 num_heads=2, num_classes=NUM_CLASSES, dynamic_img_size=True, dynamic_img_pad=True)
-
-    model = vit()
+    model = tiny_vit(dynamic_img_size=True, dynamic_img_pad=True)
     obj = objective("transmix", switch_prob=1.0)
     obj.prepare(model)
     x, y = torch.randn(5, 3, 30, 22, generator=torch.Generator().manual_seed(3)), torch.arange(5)
     out = obj(model, x, y)
     kept = torch.stack([out.mask[:, 0, i * 8:(i + 1) * 8, j * 8:(j + 1) * 8].mean((1, 2))
                         for i in range(4) for j in range(3)], dim=1)  # (B, 12)
-    attn = cls_attention_direct(vit(), out.x_mixed, 1)[:, 1:]
+    attn = cls_attention_direct(tiny_vit(dynamic_img_size=True, dynamic_img_pad=True), out.x_mixed, 1)[:, 1:]
     torch.testing.assert_close(out.lam_hat, attention_mass(attn, kept))

@@ -13,10 +13,10 @@ from mergemix.mix import mixed_targets, smooth_one_hot, soft_cross_entropy
 from mergemix.tome import forward_readout, tome_options
 
 
-def tiny_vit():
+def tiny_vit(**changes):
     torch.manual_seed(0)
-    return timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=48,
-                             num_heads=3, num_classes=10)
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
+    return timm.create_model("deit_tiny_patch16_224", **{**kwargs, **changes})
 
 
 def batch(B=6):
@@ -89,11 +89,7 @@ def test_mask_of_non_square_images_and_patches_covers_the_patch_each_score_is_fo
     """(24, 40) images in (4, 8) patches, a 6 x 5 grid: the mask keeps the patches of the highest
     timm CLS attention, each covering its own 4 x 8 pixels in row-major grid order (a grid or patch
     taken the other way round would put the scores on other pixels)."""
-    def vit():
-        torch.manual_seed(0)
-        return timm.create_model("deit_tiny_patch16_224", img_size=(24, 40), patch_size=(4, 8), depth=4,
-                                 embed_dim=48, num_heads=3, num_classes=10)
-    plain, model = vit(), vit()
+    plain, model = tiny_vit(img_size=(24, 40), patch_size=(4, 8)), tiny_vit(img_size=(24, 40), patch_size=(4, 8))
     obj = mix.create("mergemix", 10, r=[0, 0, 3, 3], readout_block=2, generator=torch.Generator().manual_seed(0))
     obj.prepare(model)
     g = torch.Generator().manual_seed(2)
