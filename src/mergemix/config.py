@@ -3,8 +3,9 @@
 Precedence, lowest first: the built-in defaults (which are the digits recipe, ``configs/digits.yaml``),
 the arguments saved in the checkpoint given to ``--resume``, the YAML recipe given to ``-c`` (a file,
 or the name of one of the bundled recipes of ``configs/``), and the flags on the command line. A
-recipe's keys are the flags' names with ``_`` or ``-`` (``batch_size: 64``); an unknown key is an error. ``args.yaml`` of a run is itself a recipe: it
-leaves out the run's folder name, so using it starts a new run.
+recipe's keys are the flags' names with ``_`` or ``-`` (``batch_size: 64``); an unknown key is an
+error. ``args.yaml`` of a run is itself a recipe: it leaves out the run's folder name, so using it
+starts a new run.
 """
 from __future__ import annotations
 
